@@ -1,0 +1,1 @@
+"""pyflanneld: subnet leases in etcd and the VXLAN / host-gw data plane."""

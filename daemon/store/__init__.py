@@ -1,0 +1,1 @@
+"""Lease stores: one implementation per etcd API behind the Store interface."""

@@ -1,0 +1,1 @@
+"""pyflannel-driver: Docker remote NetworkDriver + IpamDriver."""
