@@ -1,0 +1,15 @@
+"""Data-plane backends behind one small interface; `for_config` picks the one the network config names."""
+from __future__ import annotations
+
+from .base import Backend, PeerEntries
+from .hostgw import HostGwBackend
+from .vxlan import VxlanBackend
+
+BACKENDS = {cls.type: cls for cls in (VxlanBackend, HostGwBackend)}
+
+
+def for_config(config, ext, kernel, state_dir) -> Backend:
+    return BACKENDS[config.backend_type](config, ext, kernel, state_dir)
+
+
+__all__ = ["Backend", "PeerEntries", "for_config", "BACKENDS"]

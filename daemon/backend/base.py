@@ -1,0 +1,53 @@
+"""The backend interface: set up the host's devices, then say which kernel entries each peer lease needs."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..config import NetworkConfig
+from ..iface import ExternalInterface
+from ..netlink import FdbEntry, Kernel, Neighbor, Route
+from ..store.base import Lease
+
+
+@dataclass(frozen=True)
+class PeerEntries:
+    """What one peer lease puts in the kernel, in the order it goes in (neighbor, FDB, route)."""
+    route: Route
+    neighbor: Neighbor | None = None
+    fdb: FdbEntry | None = None
+
+
+class Backend(abc.ABC):
+    type: ClassVar[str]
+
+    def __init__(self, config: NetworkConfig, ext: ExternalInterface, kernel: Kernel, state_dir: str):
+        self.config = config
+        self.ext = ext
+        self.kernel = kernel
+        self.state_dir = state_dir
+
+    @property
+    @abc.abstractmethod
+    def mtu(self) -> int:
+        """The MTU containers on this host must use."""
+
+    @property
+    def overlay_ifindex(self) -> int | None:
+        """The device whose neighbor and FDB tables belong to us, if the backend has one."""
+        return None
+
+    @abc.abstractmethod
+    def prepare(self) -> dict | None:
+        """Create or adopt the backend's devices; returns the BackendData to publish in our lease."""
+
+    def attach(self, lease: Lease) -> None:
+        """Our lease is known (or changed): give the devices their addresses."""
+
+    @abc.abstractmethod
+    def entries_for(self, lease: Lease) -> PeerEntries | None:
+        """The kernel entries that carry traffic to a peer, or None when this backend cannot reach it."""
+
+    def _direct_route(self, lease: Lease) -> Route:
+        return Route(lease.subnet, lease.public_ip, self.ext.index)

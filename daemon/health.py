@@ -1,0 +1,52 @@
+"""/healthz (the main loop is alive) and /readyz (lease held, kernel programmed, etcd reachable)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Health:
+    """Shared between the main loop (writer) and the HTTP server (reader)."""
+
+    def __init__(self, stall_after: float = 30.0):
+        self.stall_after = stall_after
+        self.last_tick = time.monotonic()
+        self.lease: str | None = None
+        self.programmed = False
+        self.etcd_ok = False
+
+    def tick(self):
+        self.last_tick = time.monotonic()
+
+    def healthy(self) -> tuple[bool, dict]:
+        age = time.monotonic() - self.last_tick
+        return age < self.stall_after, {"main_loop_seconds_since_tick": round(age, 3)}
+
+    def ready(self) -> tuple[bool, dict]:
+        state = {"lease": self.lease, "programmed": self.programmed, "etcd_reachable": self.etcd_ok}
+        return bool(self.lease and self.programmed and self.etcd_ok), state
+
+
+def serve(health: Health, host: str, port: int) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            checks = {"/healthz": health.healthy, "/readyz": health.ready}
+            if self.path not in checks:
+                self.send_error(404)
+                return
+            ok, body = checks[self.path]()
+            data = json.dumps({"ok": ok, **body}).encode()
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
+    return server

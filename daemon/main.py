@@ -1,0 +1,220 @@
+"""pyflanneld: wire store → lease manager → backend → reconciler, and run the main loop.
+
+One thread (the main loop) owns the kernel; a watcher thread turns etcd's watch into lease events on a queue.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+from pyflannel import subnetenv
+
+from . import backend as backends
+from . import config as netconfig
+from . import flags as cli_flags
+from . import iface, masq
+from .errors import ConfigError, UserError
+from .health import Health, serve
+from .lease import LeaseManager, LeaseWatcher
+from .netlink import Kernel
+from .reconciler import Reconciler
+from .store.base import LeaseEvent, LeaseNotFound, StoreError
+from .store.etcdv2 import EtcdV2Store
+
+log = logging.getLogger("pyflanneld")
+
+RENEW_RETRY = timedelta(minutes=1)
+WATCH_POLL_SECONDS = 30.0
+MAX_BACKOFF = 10.0
+
+
+def with_backoff(what: str, fn, health: Health | None = None, stop: threading.Event | None = None):
+    """Call fn until the store answers, saying what failed and when it is tried again."""
+    delay = 0.5
+    while True:
+        try:
+            result = fn()
+            if health:
+                health.etcd_ok = True
+            return result
+        except StoreError as e:
+            if health:
+                health.etcd_ok = False
+            log.warning("%s: %s; retrying in %.1fs", what, e, delay)
+        if stop is not None and stop.wait(delay):
+            raise SystemExit(0)
+        if stop is None:
+            time.sleep(delay)
+        delay = min(delay * 2, MAX_BACKOFF)
+
+
+class Daemon:
+    def __init__(self, flags: cli_flags.Flags):
+        self.flags = flags
+        self.stop = threading.Event()
+        self.events: queue.Queue = queue.Queue()
+        self.health = Health()
+        self.store = EtcdV2Store(flags.etcd_endpoints, flags.etcd_prefix, certfile=flags.etcd_certfile,
+                                 keyfile=flags.etcd_keyfile, cafile=flags.etcd_cafile,
+                                 username=flags.etcd_username, password=flags.etcd_password)
+        self.kernel = Kernel()
+
+    # --- start-up --------------------------------------------------------------------------------------------
+    def load_config(self) -> netconfig.NetworkConfig:
+        def read():
+            try:
+                return self.store.network_config()
+            except LeaseNotFound:
+                raise StoreError(f"no network config at {self.flags.etcd_prefix}/config; write one, e.g. "
+                                 f"etcdctl set {self.flags.etcd_prefix}/config '{{\"Network\": \"10.5.0.0/16\"}}'")
+        text = with_backoff("reading the network config", read, self.health, self.stop)
+        return netconfig.parse(text)
+
+    def previous_subnet(self):
+        try:
+            return subnetenv.read(self.flags.subnet_file).lease
+        except subnetenv.SubnetEnvError:
+            return None
+
+    def start(self) -> None:
+        f = self.flags
+        if f.healthz_port:
+            serve(self.health, f.healthz_ip, f.healthz_port)
+        self.config = self.load_config()
+        self.ext = iface.choose(self.kernel, f.iface, f.iface_regex, f.public_ip)
+        log.info("external interface %s (%s), public IP %s", self.ext.name, self.ext.address, self.ext.public_ip)
+        self.backend = backends.for_config(self.config, self.ext, self.kernel, f.state_dir)
+        backend_data = self.backend.prepare()
+        self.leases = LeaseManager(self.store, self.config, self.ext.public_ip, self.backend.type, backend_data)
+        preferred = self.previous_subnet()
+        with_backoff("acquiring a lease", lambda: self.leases.acquire(preferred), self.health, self.stop)
+        self.use_lease()
+        self.reconciler = Reconciler(self.kernel, self.backend)
+        peers, position = with_backoff("listing leases", self.store.leases, self.health, self.stop)
+        self.watcher = LeaseWatcher(self.store, {p.subnet: p for p in peers}, position)
+        self.reconciler.reconcile(self.peers())
+        self.health.programmed = True
+        threading.Thread(target=self.watch_loop, name="watch", daemon=True).start()
+
+    def use_lease(self) -> None:
+        """Our lease is new or changed: devices, subnet.env and masquerading follow it."""
+        lease = self.leases.lease
+        self.backend.attach(lease)
+        env = subnetenv.for_lease(self.config.network, lease.subnet, self.backend.mtu, self.flags.ip_masq)
+        subnetenv.write(self.flags.subnet_file, env)
+        if self.flags.ip_masq:
+            masq.install(self.config.network, lease.subnet)
+        self.health.lease = str(lease.subnet)
+        log.info("lease %s, subnet.env written to %s (MTU %d)", lease.subnet, self.flags.subnet_file,
+                 self.backend.mtu)
+
+    def peers(self):
+        own = self.leases.lease.subnet
+        return [lease for subnet, lease in self.watcher.known.items() if subnet != own]
+
+    # --- threads ---------------------------------------------------------------------------------------------
+    def watch_loop(self) -> None:
+        lost = False
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                events = self.watcher.resync() if lost else self.watcher.poll(WATCH_POLL_SECONDS)
+                if lost:
+                    log.info("etcd is back: watch resumed")
+                lost, delay = False, 0.5
+                self.health.etcd_ok = True
+            except StoreError as e:
+                if not lost:
+                    log.warning("watch: %s; kernel state kept as is, retrying", e)
+                lost = True
+                self.health.etcd_ok = False
+                self.stop.wait(delay)
+                delay = min(delay * 2, 2.0)  # come back within 2 s of etcd's return
+                continue
+            for event in events:
+                self.events.put(event)
+
+    def run(self) -> None:
+        next_reconcile = time.monotonic() + self.flags.reconcile_interval
+        margin = timedelta(minutes=self.flags.subnet_lease_renew_margin)
+        next_renew = self.leases.renew_due(margin)
+        while not self.stop.is_set():
+            self.health.tick()
+            now = time.monotonic()
+            waits = [next_reconcile - now, 1.0]
+            if next_renew is not None:
+                waits.append((next_renew - datetime.now(timezone.utc)).total_seconds())
+            try:
+                event = self.events.get(timeout=max(0.0, min(waits)))
+            except queue.Empty:
+                event = None
+            if event is not None:
+                self.handle(event)
+                continue
+            if next_renew is not None and datetime.now(timezone.utc) >= next_renew:
+                next_renew = self.renew(margin)
+            if time.monotonic() >= next_reconcile:
+                self.reconciler.reconcile(self.peers())
+                next_reconcile = time.monotonic() + self.flags.reconcile_interval
+
+    def handle(self, event: LeaseEvent) -> None:
+        own = self.leases.lease.subnet
+        if event.lease.subnet == own:
+            if event.kind == LeaseEvent.REMOVED:
+                self.reacquire()
+            return
+        if event.kind == LeaseEvent.ADDED:
+            self.reconciler.apply_peer(event.lease)
+        else:
+            self.reconciler.remove_peer(event.lease.subnet)
+
+    def reacquire(self) -> None:
+        before = self.leases.lease.subnet
+        with_backoff("re-acquiring our lease", self.leases.reacquire, self.health, self.stop)
+        if self.leases.lease.subnet != before:
+            self.use_lease()
+        self.reconciler.reconcile(self.peers())
+
+    def renew(self, margin: timedelta):
+        try:
+            before = self.leases.lease.subnet
+            self.leases.renew()
+            if self.leases.lease.subnet != before:
+                self.use_lease()
+            return self.leases.renew_due(margin)
+        except StoreError as e:
+            log.warning("renewing lease %s failed: %s; retrying in a minute", self.leases.lease.subnet, e)
+            return datetime.now(timezone.utc) + RENEW_RETRY
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    flags = cli_flags.parse(sys.argv[1:] if argv is None else argv)
+    try:
+        daemon = Daemon(flags)
+    except ValueError as e:
+        log.error("%s", e)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop.set())
+    try:
+        daemon.start()
+        daemon.run()
+    except (UserError, ConfigError) as e:
+        log.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    except SystemExit as e:
+        return e.code or 0
+    log.info("stopped; kernel state and lease kept for the next start")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""What the lease manager needs from a store; one implementation per etcd API."""
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Iterator
+
+from ..subnets import IPv4Network
+
+LEASE_TTL_SECONDS = 24 * 3600
+
+
+class StoreError(Exception):
+    """The store could not be reached or answered with an error; the caller retries."""
+
+
+class LeaseExists(Exception):
+    """compare-and-swap lost: somebody holds that subnet already."""
+
+
+class LeaseNotFound(Exception):
+    pass
+
+
+class HistoryLost(Exception):
+    """The watch fell behind the store's history (v2 index cleared, v3 compacted): re-list and diff."""
+
+
+@dataclass
+class Lease:
+    subnet: IPv4Network
+    public_ip: str
+    backend_type: str
+    backend_data: dict | None = None
+    expiration: datetime | None = None  # None: no TTL, an admin reservation
+    extra: dict = field(default_factory=dict)  # attributes we do not interpret, kept on rewrite
+
+    @property
+    def vtep_mac(self) -> str | None:
+        return (self.backend_data or {}).get("VtepMAC")
+
+    def attrs_json(self) -> str:
+        """The value exactly as flannel writes it (key order and null PublicIPv6 included)."""
+        value = {"PublicIP": self.public_ip, "PublicIPv6": None, "BackendType": self.backend_type,
+                 "BackendData": self.backend_data}
+        value.update({k: v for k, v in self.extra.items() if k not in value})
+        return json.dumps(value, separators=(",", ":"))
+
+    @classmethod
+    def from_attrs(cls, subnet: IPv4Network, text: str, expiration: datetime | None) -> "Lease":
+        """Parse a lease value; raises ValueError on a value no flannel would write."""
+        attrs = json.loads(text)
+        if not isinstance(attrs, dict) or not isinstance(attrs.get("PublicIP"), str):
+            raise ValueError("lease value has no PublicIP")
+        data = attrs.get("BackendData")
+        if data is not None and not isinstance(data, dict):
+            raise ValueError("lease BackendData is not an object")
+        known = {"PublicIP", "PublicIPv6", "BackendType", "BackendData"}
+        return cls(subnet, attrs["PublicIP"], attrs.get("BackendType") or "vxlan", data, expiration,
+                   {k: v for k, v in attrs.items() if k not in known})
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    ADDED = "added"
+    REMOVED = "removed"
+    kind: str
+    lease: Lease
+
+
+class Store(abc.ABC):
+    """Network config and subnet leases under one prefix (flannel's schema)."""
+
+    @abc.abstractmethod
+    def network_config(self) -> str:
+        """The raw JSON of <prefix>/config; LeaseNotFound when absent."""
+
+    @abc.abstractmethod
+    def leases(self) -> tuple[list[Lease], int]:
+        """All leases and the store position to watch from."""
+
+    @abc.abstractmethod
+    def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
+        """Create only if the key does not exist (compare-and-swap); LeaseExists otherwise."""
+
+    @abc.abstractmethod
+    def update_lease(self, lease: Lease, ttl: int | None) -> Lease:
+        """Rewrite an existing lease (renewal); LeaseNotFound when it is gone."""
+
+    @abc.abstractmethod
+    def delete_lease(self, subnet: IPv4Network) -> None:
+        pass
+
+    @abc.abstractmethod
+    def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
+        """Events after `position` (waits up to `timeout` s for the first) and the next position.
+
+        HistoryLost when the store no longer has that position."""

@@ -1,0 +1,128 @@
+"""The etcd v2 API (flannel < 0.18's schema) through python-etcd."""
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime, timezone
+from urllib.parse import urlparse
+
+import etcd
+import urllib3
+
+from ..subnets import IPv4Network, lease_key, parse_lease_key
+from .base import HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+_REMOVALS = ("delete", "expire", "compareAndDelete")
+
+
+_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?")
+
+
+def _expiration(node) -> datetime | None:
+    """etcd's RFC 3339 expiration (nanoseconds, Z) as an aware datetime; None for a key without TTL."""
+    match = node.ttl is not None and node.expiration and _RFC3339.match(node.expiration)
+    if not match:
+        return None
+    fraction = (match.group(2) or "0")[:6].ljust(6, "0")
+    return datetime.fromisoformat(f"{match.group(1)}.{fraction}").replace(tzinfo=timezone.utc)
+
+
+class _WatchIdle(Exception):
+    """A long poll ended without an event."""
+
+
+class EtcdV2Store(Store):
+    def __init__(self, endpoints: list[str], prefix: str = "/coreos.com/network", *, certfile=None, keyfile=None,
+                 cafile=None, username=None, password=None, timeout: float = 5.0):
+        self.prefix = prefix.rstrip("/")
+        self.endpoints = endpoints
+        hosts = []
+        scheme = "http"
+        for url in endpoints:
+            u = urlparse(url)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise ValueError(f"-etcd-endpoints: {url!r} is not an http(s)://host:port URL")
+            scheme = u.scheme
+            hosts.append((u.hostname, u.port or 2379))
+        cert = (certfile, keyfile) if certfile else None
+        self._kw = dict(host=tuple(hosts), protocol=scheme, cert=cert, ca_cert=cafile, username=username,
+                        password=password, allow_reconnect=len(hosts) > 1, read_timeout=timeout)
+        self.client = self._new_client()
+        self._watch_client = self._new_client()
+
+    def _new_client(self):
+        return etcd.Client(**self._kw)
+
+    def _key(self, subnet: IPv4Network) -> str:
+        return f"{self.prefix}/subnets/{lease_key(subnet)}"
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except etcd.EtcdWatchTimedOut:
+            raise _WatchIdle() from None
+        except etcd.EtcdKeyNotFound as e:
+            raise LeaseNotFound(str(e)) from None
+        except etcd.EtcdAlreadyExist as e:
+            raise LeaseExists(str(e)) from None
+        except etcd.EtcdEventIndexCleared as e:
+            raise HistoryLost(str(e)) from None
+        except (etcd.EtcdException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise StoreError(f"etcd at {', '.join(self.endpoints)}: {e}") from None
+
+    def network_config(self) -> str:
+        return self._call(self.client.read, f"{self.prefix}/config").value
+
+    def _lease_from(self, node) -> Lease | None:
+        subnet = parse_lease_key(node.key)
+        if subnet is None or node.dir:
+            return None
+        try:
+            return Lease.from_attrs(subnet, node.value, _expiration(node))
+        except ValueError as e:
+            log.warning("ignoring lease %s: %s", node.key, e)
+            return None
+
+    def leases(self) -> tuple[list[Lease], int]:
+        try:
+            result = self._call(self.client.read, f"{self.prefix}/subnets", recursive=True)
+        except LeaseNotFound:
+            # No lease yet: the position is etcd's current index, read from the config key.
+            result = self._call(self.client.read, f"{self.prefix}/config")
+            return [], result.etcd_index
+        leases = [lease for lease in map(self._lease_from, result.leaves) if lease]
+        return leases, result.etcd_index
+
+    def _write(self, lease: Lease, ttl: int | None, **cas) -> Lease:
+        result = self._call(self.client.write, self._key(lease.subnet), lease.attrs_json(), ttl=ttl, **cas)
+        lease.expiration = _expiration(result)
+        return lease
+
+    def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
+        return self._write(lease, ttl, prevExist=False)
+
+    def update_lease(self, lease: Lease, ttl: int | None) -> Lease:
+        return self._write(lease, ttl, prevExist=True)
+
+    def delete_lease(self, subnet: IPv4Network) -> None:
+        try:
+            self._call(self.client.delete, self._key(subnet))
+        except LeaseNotFound:
+            pass
+
+    def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
+        try:
+            result = self._call(self._watch_client.read, f"{self.prefix}/subnets", recursive=True, wait=True,
+                                waitIndex=position + 1, timeout=timeout)
+        except _WatchIdle:
+            return [], position
+        subnet = parse_lease_key(result.key)
+        if subnet is None:
+            return [], result.modifiedIndex
+        if result.action in _REMOVALS:
+            lease = Lease(subnet, "", "")
+            return [LeaseEvent(LeaseEvent.REMOVED, lease)], result.modifiedIndex
+        lease = self._lease_from(result)
+        return ([LeaseEvent(LeaseEvent.ADDED, lease)] if lease else []), result.modifiedIndex
