@@ -1,0 +1,173 @@
+"""IpamDriver: the address pool is this host's flannel lease, read from subnet.env.
+
+    pool     = FLANNEL_SUBNET's network          e.g. 10.5.34.0/24
+    gateway  = FLANNEL_SUBNET's address          e.g. 10.5.34.1 (the first address of the lease; lives on the bridge)
+    PoolID   = "pyflannel/10.5.34.0/24"          stable: identical RequestPool calls get identical answers
+
+Container addresses are handed out from the rest of the lease (network and broadcast addresses excluded), in
+round-robin order so a just-released address is not reused at once (stale ARP entries in peers), and persisted in
+the driver state. The gateway is never "allocated": requesting it always succeeds and releasing it does nothing,
+so Docker's rollback of a refused `network create` cannot take the gateway away from the network that uses it.
+
+A pool's leftover allocations are dropped by ReleasePool only when no pyflannel network uses the lease any more.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from pyflannel import subnetenv
+
+from . import validation as v
+from .errors import RefusedError, UnavailableError, ValidationError
+from .state import StateStore
+
+log = logging.getLogger(__name__)
+
+POOL_ID_PREFIX = "pyflannel/"
+LOCAL_ADDRESS_SPACE = "pyflannel-local"
+GLOBAL_ADDRESS_SPACE = "pyflannel-global"
+HOW_TO_CREATE = "docker network create -d pyflannel --ipam-driver pyflannel NAME"
+
+
+class LeaseSource:
+    """Reads subnet.env at every call, so the driver follows pyflanneld without a restart."""
+
+    def __init__(self, path: str = subnetenv.DEFAULT_PATH):
+        self.path = path
+
+    def current(self) -> subnetenv.SubnetEnv:
+        try:
+            env = subnetenv.read(self.path)
+        except subnetenv.SubnetEnvError as e:
+            raise UnavailableError(f"no flannel lease on this host: {e}") from None
+        if env.lease.num_addresses < 4:
+            raise UnavailableError(f"{self.path}: lease {env.lease} is too small to hold a gateway and containers")
+        return env
+
+
+def pool_id(lease: ipaddress.IPv4Network) -> str:
+    return f"{POOL_ID_PREFIX}{lease}"
+
+
+def gateway_data(env: subnetenv.SubnetEnv) -> dict:
+    return {v.GATEWAY_TYPE: str(env.subnet)}
+
+
+class Ipam:
+    def __init__(self, store: StateStore, lease: LeaseSource):
+        self.store = store
+        self.lease = lease
+
+    # --- capabilities ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def capabilities() -> dict:
+        return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+
+    @staticmethod
+    def default_address_spaces() -> dict:
+        return {"LocalDefaultAddressSpace": LOCAL_ADDRESS_SPACE, "GlobalDefaultAddressSpace": GLOBAL_ADDRESS_SPACE}
+
+    # --- pools ------------------------------------------------------------------------------------------------------
+
+    def request_pool(self, req: v.RequestPool) -> dict:
+        if req.v6:
+            raise RefusedError("IPv6 is not supported by pyflannel: create the network without --ipv6")
+        if req.address_space not in ("", LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE):
+            raise ValidationError("AddressSpace", f"unknown address space {req.address_space!r} (pyflannel has "
+                                                  f"{LOCAL_ADDRESS_SPACE!r} and {GLOBAL_ADDRESS_SPACE!r})")
+        env = self.lease.current()
+        if req.pool is not None and req.pool != env.lease:
+            raise RefusedError(
+                f"subnet {req.pool} is not this host's flannel lease {env.lease}: pyflannel hands out only the "
+                f"lease pyflanneld got for this host. Create the network without --subnet: `{HOW_TO_CREATE}`")
+        if req.sub_pool is not None and req.sub_pool != env.lease:
+            raise RefusedError(f"SubPool {req.sub_pool} (--ip-range) is not supported: pyflannel hands out the "
+                               f"whole lease {env.lease}. Create the network without --ip-range: `{HOW_TO_CREATE}`")
+        pid = pool_id(env.lease)
+        with self.store.transaction() as st:
+            st["pools"].setdefault(pid, {"pool": str(env.lease), "allocated": [], "last": None})
+        return {"PoolID": pid, "Pool": str(env.lease), "Data": gateway_data(env)}
+
+    def release_pool(self, req: v.PoolRef) -> dict:
+        with self.store.transaction() as st:
+            pool = st["pools"].get(req.pool_id)
+            if pool is None:
+                return {}
+            users = [nid for nid, n in st["networks"].items() if n.get("pool") == pool["pool"]]
+            if users:
+                # Docker's rollback of a refused second network releases the pool the first one still uses.
+                log.info("ReleasePool %s: kept, network %s still uses it", req.pool_id, users[0][:12])
+                return {}
+            if pool["allocated"]:
+                log.info("ReleasePool %s: dropping %d leftover address(es)", req.pool_id, len(pool["allocated"]))
+            del st["pools"][req.pool_id]
+        return {}
+
+    # --- addresses --------------------------------------------------------------------------------------------------
+
+    def _current_pool(self, pid: str) -> tuple[subnetenv.SubnetEnv, ipaddress.IPv4Network]:
+        env = self.lease.current()
+        if pid == pool_id(env.lease):
+            return env, env.lease
+        if pid.startswith(POOL_ID_PREFIX):
+            raise RefusedError(f"pool {pid[len(POOL_ID_PREFIX):]} is no longer this host's flannel lease (now "
+                               f"{env.lease}; did pyflanneld get a new lease?): remove the network and create it again "
+                               f"with `{HOW_TO_CREATE}`")
+        raise ValidationError("PoolID", f"unknown pool {pid[:80]!r} (pyflannel pool ids look like {pool_id(env.lease)!r})")
+
+    def request_address(self, req: v.RequestAddress) -> dict:
+        env, lease = self._current_pool(req.pool_id)
+        prefix = lease.prefixlen
+        if req.is_gateway:
+            if req.address is not None and req.address != env.gateway:
+                raise RefusedError(f"gateway {req.address} is not possible: the gateway of a pyflannel network is the "
+                                   f"first address of this host's lease, {env.gateway}. Create the network without "
+                                   f"--gateway: `{HOW_TO_CREATE}`")
+            return {"Address": str(env.subnet), "Data": {}}
+        with self.store.transaction() as st:
+            pool = st["pools"].setdefault(req.pool_id, {"pool": str(lease), "allocated": [], "last": None})
+            allocated = set(pool["allocated"])
+            if req.address is not None:
+                ip = req.address
+                if ip not in lease or ip in (lease.network_address, lease.broadcast_address):
+                    raise RefusedError(f"address {ip} is not a host address of this host's lease {lease}")
+                if ip == env.gateway:
+                    raise RefusedError(f"address {ip} is the gateway of this host's lease {lease}")
+                if str(ip) in allocated:
+                    raise RefusedError(f"address {ip} is already in use")
+            else:
+                ip = self._next_free(lease, env.gateway, allocated, pool["last"])
+                if ip is None:
+                    raise RefusedError(f"no free address left in this host's lease {lease} "
+                                       f"({len(allocated)} containers hold addresses)")
+                pool["last"] = str(ip)
+            pool["allocated"] = sorted(allocated | {str(ip)}, key=lambda a: ipaddress.IPv4Address(a))
+        return {"Address": f"{ip}/{prefix}", "Data": {}}
+
+    @staticmethod
+    def _next_free(lease, gateway, allocated: set, last: str | None):
+        first = int(lease.network_address) + 1
+        end = int(lease.broadcast_address)          # exclusive
+        size = end - first
+        start = first
+        if last is not None:
+            last_int = int(ipaddress.IPv4Address(last))
+            if first <= last_int < end:
+                start = last_int + 1
+        for i in range(size):
+            candidate = first + (start - first + i) % size
+            ip = ipaddress.IPv4Address(candidate)
+            if ip != gateway and str(ip) not in allocated:
+                return ip
+        return None
+
+    def release_address(self, req: v.ReleaseAddress) -> dict:
+        with self.store.transaction() as st:
+            pool = st["pools"].get(req.pool_id)
+            if pool is None:
+                return {}
+            if str(req.address) in pool["allocated"]:
+                pool["allocated"].remove(str(req.address))
+        return {}

@@ -1,0 +1,131 @@
+"""The driver's persistent state: one JSON file, replaced atomically, changed only inside a locked transaction.
+
+Docker replays nothing to a network driver after a restart (of dockerd or of the driver), so everything needed to
+answer later calls and to clean up lives here:
+
+    {
+      "version": 1,
+      "networks":  {NetworkID:  {"bridge": "pfl-0123abcd", "pool": "10.5.34.0/24", "gateway": "10.5.34.1/24",
+                                 "mtu_option": 1400 | null}},
+      "endpoints": {EndpointID: {"network": NetworkID, "address": "10.5.34.7/24" | "", "mac": "02:42:...",
+                                 "mac_generated": true, "veth_host": "pfv-...", "veth_container": "pfc-...",
+                                 "joined": false, "sandbox": ""}},
+      "pools":     {PoolID:     {"pool": "10.5.34.0/24", "allocated": ["10.5.34.2", ...], "last": "10.5.34.2"}}
+    }
+
+A transaction holds a thread lock (gunicorn threads) and an flock on state.lock (gunicorn worker processes), reads
+the file, lets the caller change the dict, and writes it back only if it changed and the block raised nothing —
+so a handler that fails half-way never leaves half a change on disk.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import fcntl
+import json
+import os
+import tempfile
+import threading
+import time
+
+from .errors import DriverError, UnavailableError
+
+DEFAULT_STATE_DIR = "/var/lib/pyflannel/driver"
+STATE_VERSION = 1
+STATE_FILE = "state.json"
+LOCK_FILE = "state.lock"
+
+
+class StateError(DriverError):
+    """The state file cannot be read or written; the message names the file."""
+
+
+def empty_state() -> dict:
+    return {"version": STATE_VERSION, "networks": {}, "endpoints": {}, "pools": {}}
+
+
+class StateStore:
+    def __init__(self, state_dir: str = DEFAULT_STATE_DIR, lock_timeout: float = 10.0):
+        self.dir = os.path.abspath(state_dir)
+        self.path = os.path.join(self.dir, STATE_FILE)
+        self.lock_path = os.path.join(self.dir, LOCK_FILE)
+        self.lock_timeout = lock_timeout
+        self._thread_lock = threading.Lock()
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise StateError(f"cannot create state dir {self.dir}: {e.strerror}") from None
+        self.load()  # fail at startup, not at the first Docker call, if the file is unreadable
+
+    def load(self) -> dict:
+        """A snapshot of the state (no lock; for reads that tolerate a concurrent writer)."""
+        try:
+            with open(self.path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return empty_state()
+        except OSError as e:
+            raise StateError(f"cannot read state file {self.path}: {e.strerror}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise StateError(f"state file {self.path} is not valid JSON ({e}); move it away to start with an empty "
+                             f"state (the driver then forgets its networks: remove and recreate them in Docker)") from None
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise StateError(f"state file {self.path} has an unknown format (expected version {STATE_VERSION})")
+        state = empty_state()
+        for key in ("networks", "endpoints", "pools"):
+            if not isinstance(data.get(key, {}), dict):
+                raise StateError(f"state file {self.path}: {key!r} must be an object")
+            state[key] = data.get(key, {})
+        return state
+
+    def _save(self, state: dict) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".state.json.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        deadline = time.monotonic() + self.lock_timeout
+        if not self._thread_lock.acquire(timeout=self.lock_timeout):
+            raise UnavailableError(f"driver state is busy (lock not free after {self.lock_timeout:.0f}s); retry")
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as e:
+                        if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                            raise UnavailableError(f"driver state {self.lock_path} is locked by another process "
+                                                   f"for more than {self.lock_timeout:.0f}s; retry") from None
+                        time.sleep(0.01)
+                state = self.load()
+                before = copy.deepcopy(state)
+                yield state
+                if state != before:
+                    try:
+                        self._save(state)
+                    except OSError as e:
+                        raise StateError(f"cannot write state file {self.path}: {e.strerror}") from None
+            finally:
+                os.close(fd)  # releases the flock
+        finally:
+            self._thread_lock.release()

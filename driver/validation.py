@@ -1,0 +1,334 @@
+"""Request validation: turn Docker's JSON bodies into typed requests, or fail naming the bad field.
+
+Nothing here touches the kernel or the state; the handlers in network.py and ipam.py only ever see the dataclasses
+below. Docker's Go structs serialise nil maps/slices as null and omit a nil IPAMData.Gateway, so null is accepted
+wherever Docker may send it, and means "empty".
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ValidationError
+
+MAX_BODY_BYTES = 1 << 20          # Docker's largest real request is a few kB
+MAX_STRING = 4096
+MAX_MAP_ENTRIES = 256
+MAX_LIST_ITEMS = 16
+
+# Option keys Docker puts in CreateNetwork's Options / generic options.
+OPT_GENERIC = "com.docker.network.generic"
+OPT_ENABLE_IPV6 = "com.docker.network.enable_ipv6"
+OPT_ENABLE_IPV4 = "com.docker.network.enable_ipv4"
+OPT_INTERNAL = "com.docker.network.internal"
+OPT_MTU = "com.docker.network.driver.mtu"
+OPT_PORTMAP = "com.docker.network.portmap"
+REQUEST_ADDRESS_TYPE = "RequestAddressType"
+GATEWAY_TYPE = "com.docker.network.gateway"
+
+_ID = re.compile(r"^[0-9A-Za-z]{12,128}$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+# --- primitive checks ---------------------------------------------------------------------------------------------
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def body_object(body: Any) -> dict:
+    if body is None:
+        raise ValidationError("", "request body is empty: expected a JSON object")
+    if not isinstance(body, dict):
+        raise ValidationError("", f"request body must be a JSON object, got {_type_name(body)}")
+    return body
+
+
+def string(obj: dict, key: str, path: str, *, required: bool = True, max_len: int = MAX_STRING) -> str:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise ValidationError(path, "is missing")
+        return ""
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ValidationError(path, f"must be a string, got {_type_name(value)}")
+    if len(value) > max_len:
+        raise ValidationError(path, f"is longer than {max_len} characters")
+    return value
+
+
+def boolean(obj: dict, key: str, path: str, default: bool = False) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValidationError(path, f"must be true or false, got {_type_name(value)}")
+    return value
+
+
+def mapping(obj: dict, key: str, path: str) -> dict:
+    """An optional JSON object (null or absent = {}), bounded in size."""
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError(path, f"must be an object, got {_type_name(value)}")
+    if len(value) > MAX_MAP_ENTRIES:
+        raise ValidationError(path, f"has more than {MAX_MAP_ENTRIES} entries")
+    return value
+
+
+def string_map(obj: dict, key: str, path: str) -> dict[str, str]:
+    """A map of strings (Docker's map[string]string, e.g. -o key=value options)."""
+    value = mapping(obj, key, path)
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise ValidationError(f"{path}[{k!r}]", f"must be a string, got {_type_name(v)}")
+        if len(v) > MAX_STRING:
+            raise ValidationError(f"{path}[{k!r}]", f"is longer than {MAX_STRING} characters")
+    return value
+
+
+def object_id(obj: dict, key: str) -> str:
+    value = string(obj, key, key)
+    if not _ID.match(value):
+        raise ValidationError(key, f"must be a Docker object id (12-128 letters and digits), got {value[:80]!r}")
+    return value
+
+
+def ipv4_network(value: str, path: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(value, strict=False)
+    except ValueError:
+        raise ValidationError(path, f"must be an IPv4 network like 10.5.34.0/24, got {value[:80]!r}") from None
+
+
+def ipv4_interface(value: str, path: str) -> ipaddress.IPv4Interface:
+    if "/" not in value:
+        raise ValidationError(path, f"must be an IPv4 address with prefix like 10.5.34.7/24, got {value[:80]!r}")
+    try:
+        return ipaddress.IPv4Interface(value)
+    except ValueError:
+        raise ValidationError(path, f"must be an IPv4 address with prefix like 10.5.34.7/24, got {value[:80]!r}") from None
+
+
+def ipv4_address(value: str, path: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValidationError(path, f"must be a plain IPv4 address like 10.5.34.7, got {value[:80]!r}") from None
+
+
+def mac_address(value: str, path: str) -> str:
+    if not _MAC.match(value):
+        raise ValidationError(path, f"must be a MAC address like 02:42:0a:05:22:07, got {value[:80]!r}")
+    return value.lower()
+
+
+# --- NetworkDriver requests ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IPAMData:
+    address_space: str
+    pool: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Interface | None
+    aux_addresses: dict
+
+
+@dataclass(frozen=True)
+class CreateNetwork:
+    network_id: str
+    ipv4: list[IPAMData]
+    ipv6_requested: bool       # IPv6Data non-empty or enable_ipv6 set
+    ipv4_disabled: bool
+    internal: bool
+    mtu_option: int | None     # -o com.docker.network.driver.mtu=N
+    generic: dict
+
+
+def _ipam_data(item: Any, path: str) -> IPAMData:
+    if not isinstance(item, dict):
+        raise ValidationError(path, f"must be an object, got {_type_name(item)}")
+    pool = ipv4_network(string(item, "Pool", f"{path}.Pool"), f"{path}.Pool")
+    gw_text = string(item, "Gateway", f"{path}.Gateway", required=False)
+    gateway = ipv4_interface(gw_text, f"{path}.Gateway") if gw_text else None
+    return IPAMData(address_space=string(item, "AddressSpace", f"{path}.AddressSpace", required=False),
+                    pool=pool, gateway=gateway, aux_addresses=mapping(item, "AuxAddresses", f"{path}.AuxAddresses"))
+
+
+def _ipam_list(body: dict, key: str) -> list:
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValidationError(key, f"must be a list, got {_type_name(value)}")
+    if len(value) > MAX_LIST_ITEMS:
+        raise ValidationError(key, f"has more than {MAX_LIST_ITEMS} items")
+    return value
+
+
+def mtu_value(value: Any, path: str) -> int:
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if text is None or not text.isdigit() or not 68 <= int(text) <= 65535:
+        raise ValidationError(path, f"must be an MTU between 68 and 65535, got {value!r}")
+    return int(text)
+
+
+def create_network(body: Any) -> CreateNetwork:
+    body = body_object(body)
+    network_id = object_id(body, "NetworkID")
+    options = mapping(body, "Options", "Options")
+    generic = mapping(options, OPT_GENERIC, f"Options[{OPT_GENERIC!r}]")
+    mtu_option = None
+    if generic.get(OPT_MTU) not in (None, "", 0):
+        mtu_option = mtu_value(generic[OPT_MTU], f"Options[{OPT_GENERIC!r}][{OPT_MTU!r}]")
+    ipv4 = [_ipam_data(item, f"IPv4Data[{i}]") for i, item in enumerate(_ipam_list(body, "IPv4Data"))]
+    ipv6 = _ipam_list(body, "IPv6Data")
+    enable_ipv6 = boolean(options, OPT_ENABLE_IPV6, f"Options[{OPT_ENABLE_IPV6!r}]")
+    enable_ipv4 = boolean(options, OPT_ENABLE_IPV4, f"Options[{OPT_ENABLE_IPV4!r}]", default=True)
+    internal = boolean(options, OPT_INTERNAL, f"Options[{OPT_INTERNAL!r}]")
+    return CreateNetwork(network_id=network_id, ipv4=ipv4, ipv6_requested=bool(ipv6) or enable_ipv6,
+                         ipv4_disabled=not enable_ipv4, internal=internal, mtu_option=mtu_option, generic=generic)
+
+
+@dataclass(frozen=True)
+class NetworkRef:
+    network_id: str
+
+
+def network_ref(body: Any) -> NetworkRef:
+    body = body_object(body)
+    return NetworkRef(object_id(body, "NetworkID"))
+
+
+@dataclass(frozen=True)
+class EndpointInterface:
+    address: ipaddress.IPv4Interface | None
+    mac: str               # "" when Docker left it to the driver
+
+
+@dataclass(frozen=True)
+class CreateEndpoint:
+    network_id: str
+    endpoint_id: str
+    interface: EndpointInterface | None   # None when Docker sent "Interface": null
+    options: dict
+
+
+def create_endpoint(body: Any) -> CreateEndpoint:
+    body = body_object(body)
+    network_id, endpoint_id = object_id(body, "NetworkID"), object_id(body, "EndpointID")
+    options = mapping(body, "Options", "Options")
+    iface = body.get("Interface")
+    interface = None
+    if iface is not None:
+        if not isinstance(iface, dict):
+            raise ValidationError("Interface", f"must be an object or null, got {_type_name(iface)}")
+        addr_text = string(iface, "Address", "Interface.Address", required=False)
+        v6_text = string(iface, "AddressIPv6", "Interface.AddressIPv6", required=False)
+        if v6_text:
+            raise ValidationError("Interface.AddressIPv6", "IPv6 is not supported by pyflannel")
+        mac_text = string(iface, "MacAddress", "Interface.MacAddress", required=False)
+        interface = EndpointInterface(
+            address=ipv4_interface(addr_text, "Interface.Address") if addr_text else None,
+            mac=mac_address(mac_text, "Interface.MacAddress") if mac_text else "")
+    return CreateEndpoint(network_id, endpoint_id, interface, options)
+
+
+@dataclass(frozen=True)
+class EndpointRef:
+    network_id: str
+    endpoint_id: str
+    options: dict = field(default_factory=dict)
+
+
+def endpoint_ref(body: Any) -> EndpointRef:
+    """Leave, DeleteEndpoint, EndpointOperInfo, Program/RevokeExternalConnectivity."""
+    body = body_object(body)
+    return EndpointRef(object_id(body, "NetworkID"), object_id(body, "EndpointID"),
+                       mapping(body, "Options", "Options"))
+
+
+@dataclass(frozen=True)
+class Join:
+    network_id: str
+    endpoint_id: str
+    sandbox_key: str
+    options: dict
+
+
+def join(body: Any) -> Join:
+    body = body_object(body)
+    return Join(object_id(body, "NetworkID"), object_id(body, "EndpointID"),
+                string(body, "SandboxKey", "SandboxKey", required=False), mapping(body, "Options", "Options"))
+
+
+# --- IpamDriver requests ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RequestPool:
+    address_space: str
+    pool: ipaddress.IPv4Network | None
+    sub_pool: ipaddress.IPv4Network | None
+    options: dict[str, str]
+    v6: bool
+
+
+def request_pool(body: Any) -> RequestPool:
+    body = body_object(body)
+    pool_text = string(body, "Pool", "Pool", required=False)
+    sub_text = string(body, "SubPool", "SubPool", required=False)
+    return RequestPool(address_space=string(body, "AddressSpace", "AddressSpace", required=False),
+                       pool=ipv4_network(pool_text, "Pool") if pool_text else None,
+                       sub_pool=ipv4_network(sub_text, "SubPool") if sub_text else None,
+                       options=string_map(body, "Options", "Options"),
+                       v6=boolean(body, "V6", "V6"))
+
+
+@dataclass(frozen=True)
+class PoolRef:
+    pool_id: str
+
+
+def pool_ref(body: Any) -> PoolRef:
+    body = body_object(body)
+    return PoolRef(string(body, "PoolID", "PoolID"))
+
+
+@dataclass(frozen=True)
+class RequestAddress:
+    pool_id: str
+    address: ipaddress.IPv4Address | None
+    options: dict[str, str]
+
+    @property
+    def is_gateway(self) -> bool:
+        return self.options.get(REQUEST_ADDRESS_TYPE) == GATEWAY_TYPE
+
+
+def _plain_or_cidr(text: str, path: str) -> ipaddress.IPv4Address:
+    # Docker sends a plain IP; accept A.B.C.D/nn too, it costs nothing.
+    return ipv4_interface(text, path).ip if "/" in text else ipv4_address(text, path)
+
+
+def request_address(body: Any) -> RequestAddress:
+    body = body_object(body)
+    pool_id = string(body, "PoolID", "PoolID")
+    text = string(body, "Address", "Address", required=False)
+    return RequestAddress(pool_id, _plain_or_cidr(text, "Address") if text else None,
+                          string_map(body, "Options", "Options"))
+
+
+@dataclass(frozen=True)
+class ReleaseAddress:
+    pool_id: str
+    address: ipaddress.IPv4Address
+
+
+def release_address(body: Any) -> ReleaseAddress:
+    body = body_object(body)
+    pool_id = string(body, "PoolID", "PoolID")
+    return ReleaseAddress(pool_id, _plain_or_cidr(string(body, "Address", "Address"), "Address"))

@@ -1,0 +1,190 @@
+"""Helpers for the driver tests: a throwaway network namespace for the test thread, kernel inspection, a client.
+
+The driver creates bridges and veth pairs in the namespace of the calling thread, so every test that builds the app
+first moves the test thread into a fresh namespace (pyroute2 pushns) and back out afterwards; the namespace is
+removed in the fixture's finalizer, also when the test fails. Nothing is ever created in the root namespace: the
+fixture refuses to yield if the move did not happen.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import uuid
+
+import pytest
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from pyflannel import subnetenv
+
+ROOT_NETNS = os.readlink("/proc/thread-self/ns/net")
+LEASE = "10.5.34.0/24"
+NETWORK = "10.5.0.0/16"
+GATEWAY = "10.5.34.1"
+FLANNEL_MTU = 1450
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+
+
+def new_id(tag: str = "") -> str:
+    """A Docker-like 64-hex-digit id."""
+    return (tag.encode().hex() + uuid.uuid4().hex + uuid.uuid4().hex)[:64]
+
+
+def current_netns() -> str:
+    return os.readlink("/proc/thread-self/ns/net")
+
+
+@contextlib.contextmanager
+def throwaway_netns(tag: str = "drv"):
+    """Create a namespace, move this thread into it, and always come back and remove it."""
+    name = f"pfltest-{tag}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    pr_netns.create(name)
+    pushed = False
+    try:
+        pr_netns.pushns(name)
+        pushed = True
+        if current_netns() == ROOT_NETNS:
+            raise RuntimeError("refusing to run driver tests: still in the root network namespace")
+        yield name
+    finally:
+        if pushed:
+            pr_netns.popns()
+        pr_netns.remove(name)
+        shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+
+
+def write_subnet_env(path, lease: str = LEASE, mtu: int = FLANNEL_MTU) -> str:
+    subnetenv.write(str(path), subnetenv.for_lease(NETWORK, lease, mtu, True))
+    return str(path)
+
+
+# --- kernel inspection (in the current thread's namespace) ---------------------------------------------------------
+
+def link(name: str) -> dict | None:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        msg = ipr.get_links(found[0])[0]
+        master = msg.get("master")
+        master_name = ipr.get_links(master)[0].get("ifname") if master else None
+        return {"kind": msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"), "mtu": msg.get("mtu"),
+                "mac": msg.get("address"), "up": bool(msg["flags"] & 1), "master": master_name,
+                "ipv4": sorted(f"{a.get('address')}/{a['prefixlen']}"
+                               for a in ipr.get_addr(index=found[0], family=socket.AF_INET))}
+
+
+def our_links() -> list[str]:
+    with IPRoute() as ipr:
+        return sorted(l.get("ifname") for l in ipr.get_links() if l.get("ifname").startswith(("pfl-", "pfv-", "pfc-")))
+
+
+def ip_forward() -> str:
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        return f.read().strip()
+
+
+# --- a client speaking Docker's dialect ----------------------------------------------------------------------------
+
+class DockerSide:
+    """Calls the Flask app the way Docker does: POST, no Content-Type, JSON body (or none)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.client = app.test_client()
+
+    def raw(self, method: str, data: bytes = b"", http_method: str = "POST"):
+        resp = self.client.open("/" + method, method=http_method, data=data,
+                                headers={"Accept": "application/vnd.docker.plugins.v1.2+json"})
+        assert resp.content_type == CONTENT_TYPE, resp.data
+        return resp.status_code, json.loads(resp.data)
+
+    def call(self, method: str, body=None):
+        return self.raw(method, b"" if body is None else json.dumps(body).encode())
+
+    def ok(self, method: str, body=None) -> dict:
+        status, reply = self.call(method, body)
+        assert status == 200 and not reply.get("Err"), (method, status, reply)
+        return reply
+
+    def fails(self, method: str, body=None, status: int | None = None) -> str:
+        got, reply = self.call(method, body)
+        assert got != 200 and reply.get("Err"), (method, got, reply)
+        if status is not None:
+            assert got == status, (method, got, reply)
+        if method.startswith("IpamDriver."):
+            assert reply.get("Error") == reply["Err"]
+        assert "Traceback" not in reply["Err"]
+        return reply["Err"]
+
+    # Docker's call sequences -----------------------------------------------------------------------------------
+
+    def create_network(self, network_id: str | None = None, mtu: str | None = None) -> dict:
+        """`docker network create -d pyflannel --ipam-driver pyflannel [-o mtu]`: pool, gateway, CreateNetwork."""
+        network_id = network_id or new_id("n")
+        pool = self.ok("IpamDriver.RequestPool", {"AddressSpace": "pyflannel-local", "Pool": "", "SubPool": "",
+                                                 "Options": {}, "V6": False})
+        gw = self.ok("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "",
+                                                  "Options": {"RequestAddressType": "com.docker.network.gateway"}})
+        generic = {"com.docker.network.driver.mtu": mtu} if mtu else {}
+        self.ok("NetworkDriver.CreateNetwork", network_request(network_id, gateway=gw["Address"], generic=generic,
+                                                               pool=pool["Pool"]))
+        return {"id": network_id, "pool_id": pool["PoolID"], "bridge": "pfl-" + network_id[:8]}
+
+    def run_container(self, net: dict, endpoint_id: str | None = None, mac: str = "") -> dict:
+        """`docker run --network X`: RequestAddress, CreateEndpoint, Join."""
+        endpoint_id = endpoint_id or new_id("e")
+        addr = self.ok("IpamDriver.RequestAddress", {"PoolID": net["pool_id"], "Address": "", "Options": {}})
+        created = self.ok("NetworkDriver.CreateEndpoint", {
+            "NetworkID": net["id"], "EndpointID": endpoint_id, "Options": {},
+            "Interface": {"Address": addr["Address"], "AddressIPv6": "", "MacAddress": mac}})
+        joined = self.ok("NetworkDriver.Join", {"NetworkID": net["id"], "EndpointID": endpoint_id,
+                                               "SandboxKey": f"/var/run/docker/netns/{endpoint_id[:12]}",
+                                               "Options": {}})
+        return {"id": endpoint_id, "address": addr["Address"], "created": created, "joined": joined,
+                "host": "pfv-" + endpoint_id[:10], "container": "pfc-" + endpoint_id[:10]}
+
+    def stop_container(self, net: dict, ep: dict) -> None:
+        ref = {"NetworkID": net["id"], "EndpointID": ep["id"]}
+        self.ok("NetworkDriver.RevokeExternalConnectivity", ref)
+        self.ok("NetworkDriver.Leave", ref)
+        self.ok("NetworkDriver.DeleteEndpoint", ref)
+        self.ok("IpamDriver.ReleaseAddress", {"PoolID": net["pool_id"], "Address": ep["address"].split("/")[0]})
+
+
+def network_request(network_id: str, pool: str = LEASE, gateway: str | None = GATEWAY + "/24",
+                    generic: dict | None = None, **options) -> dict:
+    ipv4 = {"AddressSpace": "pyflannel-local", "Pool": pool, "AuxAddresses": {}}
+    if gateway is not None:
+        ipv4["Gateway"] = gateway
+    opts = {"com.docker.network.generic": generic or {}, "com.docker.network.enable_ipv6": False}
+    opts.update(options)
+    return {"NetworkID": network_id, "Options": opts, "IPv4Data": [ipv4], "IPv6Data": []}
+
+
+# --- fixtures (imported by the test modules) -----------------------------------------------------------------------
+
+@pytest.fixture
+def netns_name():
+    with throwaway_netns() as name:
+        yield name
+
+
+@pytest.fixture
+def subnet_file(tmp_path):
+    return write_subnet_env(tmp_path / "subnet.env")
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    return str(tmp_path / "state")
+
+
+@pytest.fixture
+def docker(netns_name, subnet_file, state_dir):
+    """The driver app inside a throwaway namespace, and a Docker-like client for it."""
+    from pyflannel.driver.routes import create_app
+    return DockerSide(create_app(state_dir, subnet_file))
