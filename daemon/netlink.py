@@ -141,7 +141,7 @@ class Kernel:
                 if f.get("NDA_DST") and f.get("NDA_LLADDR") != "00:00:00:00:00:00"}
 
     def add_fdb(self, e: FdbEntry) -> None:
-        self.ipr.fdb("replace", ifindex=e.ifindex, lladdr=e.mac, dst=e.dst, state=NUD_PERMANENT)
+        self.ipr.fdb("replace", ifindex=e.ifindex, lladdr=e.mac, dst=e.dst, state=NUD_PERMANENT, flags=NTF_SELF)
 
     def delete_fdb(self, e: FdbEntry) -> None:
         self._ignore_missing(self.ipr.fdb, "del", ifindex=e.ifindex, lladdr=e.mac, dst=e.dst)

@@ -47,7 +47,12 @@ class EtcdV2Store(Store):
             scheme = u.scheme
             hosts.append((u.hostname, u.port or 2379))
         cert = (certfile, keyfile) if certfile else None
-        self._kw = dict(host=tuple(hosts), protocol=scheme, cert=cert, ca_cert=cafile, username=username,
+        if len(hosts) == 1:
+            host, port = hosts[0]
+            where = dict(host=host, port=port)
+        else:
+            where = dict(host=tuple(hosts))
+        self._kw = dict(**where, protocol=scheme, cert=cert, ca_cert=cafile, username=username,
                         password=password, allow_reconnect=len(hosts) > 1, read_timeout=timeout)
         self.client = self._new_client()
         self._watch_client = self._new_client()

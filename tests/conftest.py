@@ -1,0 +1,71 @@
+"""Shared fixtures: a real etcd on loopback for unit tests, and the multi-host lab for everything else."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import pytest
+
+from tests.lab import Lab, wait_until
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def etcd_url():
+    """A real etcd (v2 API on) on loopback, for the whole session."""
+    data = tempfile.mkdtemp(prefix="pyflannel-etcd-")
+    client, peer = _free_port(), _free_port()
+    url = f"http://127.0.0.1:{client}"
+    proc = subprocess.Popen(["etcd", "--data-dir", data, "--enable-v2=true", "--listen-client-urls", url,
+                             "--advertise-client-urls", url, "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                             "--initial-cluster", f"default=http://127.0.0.1:{peer}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import urllib.request
+        wait_until("etcd on loopback", lambda: urllib.request.urlopen(url + "/health", timeout=1).status == 200,
+                   timeout=30, interval=0.2)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def etcd_prefix(request):
+    """A fresh key prefix per test, so tests sharing the etcd never see each other's keys."""
+    return f"/test/{request.node.name.replace('[', '_').replace(']', '')}-{os.getpid()}"
+
+
+@pytest.fixture
+def make_lab(request):
+    """Factory for labs; every lab made is torn down, passed or failed, and its logs shown on failure."""
+    labs = []
+
+    def make(hosts: int = 3, **kw) -> Lab:
+        lab = Lab(hosts, **kw)
+        labs.append(lab)
+        return lab
+
+    yield make
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for lab in labs:
+        if failed:
+            print(lab.logs())
+        lab.close()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

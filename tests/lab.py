@@ -1,0 +1,285 @@
+"""The multi-host lab: hosts in network namespaces on an underlay switch, with etcd reachable over the underlay.
+
+Layout (prefix P is unique per lab):
+    P-sw   the "switch": Linux bridge br0 192.0.2.2/24, etcd listening on 192.0.2.2:2379
+    P-h1…  one namespace per host, eth0 192.0.2.11…/24 plugged into the switch
+    P-hNcM "containers": namespaces with eth0 on host N's bridge cbr0 (FLANNEL_SUBNET's gateway)
+
+Everything created is recorded and removed by close(), also after a failure (the pytest fixture calls it).
+Test tooling may use `ip`; product code never does.
+"""
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import netns as pr_netns
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+UNDERLAY = ipaddress.IPv4Network("192.0.2.0/24")
+SWITCH_IP = "192.0.2.2"
+ETCD_URL = f"http://{SWITCH_IP}:2379"
+DEFAULT_CONFIG = {"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}
+
+
+def sh(*args: str, ns: str | None = None, check: bool = True, timeout: float = 30) -> str:
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def wait_until(what: str, fn, timeout: float = 20.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+            if last:
+                return last
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last failure
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@contextlib.contextmanager
+def inside(ns: str):
+    """Run the block's new sockets in namespace `ns` (this thread only)."""
+    pr_netns.pushns(ns)
+    try:
+        yield
+    finally:
+        pr_netns.popns()
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig=signal.SIGKILL, wait: float = 10.0) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+            try:
+                self.popen.wait(wait)
+            except subprocess.TimeoutExpired:
+                os.kill(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(wait)
+
+
+@dataclass
+class Container:
+    ns: str
+    ip: str
+    host: "Host"
+
+
+@dataclass
+class Host:
+    lab: "Lab"
+    name: str
+    ns: str
+    ip: str
+    workdir: Path
+    daemon: Process | None = None
+    containers: list[Container] = field(default_factory=list)
+
+    @property
+    def subnet_file(self) -> Path:
+        return self.workdir / "subnet.env"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
+    def sh(self, *args, **kw) -> str:
+        return sh(*args, ns=self.ns, **kw)
+
+    def start_daemon(self, *extra: str, wait_ready: bool = True) -> Process:
+        args = ["-etcd-endpoints", self.lab.etcd_url, "-iface", "eth0", "-subnet-file", str(self.subnet_file),
+                "--state-dir", str(self.state_dir), "-etcd-prefix", self.lab.prefix_key, *extra]
+        self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", [str(VENV_BIN / "pyflanneld"), *args], ns=self.ns)
+        if wait_ready:
+            wait_until(f"{self.name}'s subnet.env", lambda: self.subnet_file.exists() or not self.daemon.alive(),
+                       timeout=30)
+            assert self.daemon.alive(), f"pyflanneld on {self.name} exited:\n{self.daemon.log()}"
+        return self.daemon
+
+    def subnet_env(self) -> dict:
+        return dict(line.split("=", 1) for line in self.subnet_file.read_text().split())
+
+    def add_bridge(self, name: str = "cbr0") -> None:
+        """A container bridge holding FLANNEL_SUBNET, as the Docker driver or CNI plugin would make it."""
+        env = self.subnet_env()
+        self.sh("ip", "link", "add", name, "type", "bridge")
+        self.sh("ip", "addr", "add", env["FLANNEL_SUBNET"], "dev", name)
+        self.sh("ip", "link", "set", name, "mtu", env["FLANNEL_MTU"], "up")
+
+    def add_container(self, bridge: str = "cbr0") -> Container:
+        env = self.subnet_env()
+        gateway = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"])
+        index = len(self.containers) + 1
+        ip = gateway.ip + index
+        ns = self.lab.add_ns(f"{self.name}c{index}")
+        host_end = f"ve{index}"
+        self.sh("ip", "link", "add", host_end, "mtu", env["FLANNEL_MTU"], "type", "veth", "peer", "name", "eth0",
+                "mtu", env["FLANNEL_MTU"], "netns", ns)
+        self.sh("ip", "link", "set", host_end, "master", bridge, "up")
+        sh("ip", "addr", "add", f"{ip}/{gateway.network.prefixlen}", "dev", "eth0", ns=ns)
+        sh("ip", "link", "set", "eth0", "up", ns=ns)
+        sh("ip", "link", "set", "lo", "up", ns=ns)
+        sh("ip", "route", "add", "default", "via", str(gateway.ip), ns=ns)
+        container = Container(ns, str(ip), self)
+        self.containers.append(container)
+        return container
+
+
+class Lab:
+    def __init__(self, hosts: int = 3, etcd: bool = True):
+        self.tag = f"pf{os.getpid() % 10000}{int(time.time() * 1000) % 1000:03d}"
+        self.prefix_key = "/coreos.com/network"
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
+        self.namespaces: list[str] = []
+        self.processes: list[Process] = []
+        self.hosts: list[Host] = []
+        self.etcd_url = ETCD_URL
+        try:
+            self.switch = self.add_ns("sw")
+            sh("ip", "link", "add", "br0", "type", "bridge", ns=self.switch)
+            sh("ip", "addr", "add", f"{SWITCH_IP}/24", "dev", "br0", ns=self.switch)
+            sh("ip", "link", "set", "br0", "up", ns=self.switch)
+            sh("ip", "link", "set", "lo", "up", ns=self.switch)
+            for i in range(1, hosts + 1):
+                self.add_host()
+            if etcd:
+                self.start_etcd()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- building --------------------------------------------------------------------------------------------
+    def add_ns(self, name: str) -> str:
+        ns = f"{self.tag}-{name}"
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        sh("ip", "link", "set", "lo", "up", ns=ns)
+        return ns
+
+    def add_host(self) -> Host:
+        index = len(self.hosts) + 1
+        name = f"h{index}"
+        ns = self.add_ns(name)
+        ip = str(UNDERLAY.network_address + 10 + index)
+        sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", f"port{index}", "netns", self.switch, ns=ns)
+        sh("ip", "link", "set", f"port{index}", "master", "br0", "up", ns=self.switch)
+        sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", ns=ns)
+        sh("ip", "link", "set", "eth0", "up", ns=ns)
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=ns)
+        workdir = self.workdir / name
+        workdir.mkdir()
+        host = Host(self, name, ns, ip, workdir)
+        self.hosts.append(host)
+        return host
+
+    def spawn(self, name: str, argv: list[str], ns: str | None = None, env: dict | None = None) -> Process:
+        log_path = self.workdir / f"{name}.log"
+        cmd = (["ip", "netns", "exec", ns] if ns else []) + argv
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})})
+        process = Process(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def start_etcd(self) -> Process:
+        data = self.workdir / "etcd"
+        self.etcd = self.spawn("etcd", [
+            "etcd", "--name", "lab", "--data-dir", str(data), "--enable-v2=true",
+            "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
+            "--listen-peer-urls", f"http://{SWITCH_IP}:2380",
+            "--initial-advertise-peer-urls", f"http://{SWITCH_IP}:2380",
+            "--initial-cluster", f"lab=http://{SWITCH_IP}:2380"], ns=self.switch)
+        wait_until("etcd health", lambda: self.etcd_get("/health").get("health") == "true", timeout=30,
+                   interval=0.2)
+        return self.etcd
+
+    # --- etcd, seen from the switch namespace ----------------------------------------------------------------
+    def etcd_get(self, path: str) -> dict:
+        with inside(self.switch):
+            with urllib.request.urlopen(self.etcd_url + path, timeout=5) as r:
+                return json.loads(r.read())
+
+    def etcd_request(self, method: str, key: str, value: str | None = None, **params) -> dict:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        body = f"value={urllib.parse.quote(value)}".encode() if value is not None else None
+        req = urllib.request.Request(f"{self.etcd_url}/v2/keys{key}{'?' + query if query else ''}", data=body,
+                                     method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/x-www-form-urlencoded")
+        with inside(self.switch):
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return json.loads(e.read())
+
+    def set_config(self, config: dict | str = None) -> None:
+        text = config if isinstance(config, str) else json.dumps(config or DEFAULT_CONFIG)
+        self.etcd_request("PUT", f"{self.prefix_key}/config", text)
+
+    def leases(self) -> dict[str, dict]:
+        """subnet key -> the etcd node (value parsed)."""
+        reply = self.etcd_request("GET", f"{self.prefix_key}/subnets", recursive="true")
+        nodes = reply.get("node", {}).get("nodes", [])
+        return {n["key"].rsplit("/", 1)[-1]: {**n, "attrs": json.loads(n["value"])} for n in nodes}
+
+    # --- teardown --------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            with contextlib.suppress(Exception):
+                process.kill(signal.SIGTERM, wait=5)
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+        self.namespaces.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name} (pid {p.pid}) =====\n{p.log()[-4000:]}" for p in self.processes)
+
+
+def ping(src_ns: str, dst_ip: str, tries: int = 3, timeout: int = 1) -> bool:
+    """One echo reply within `tries` single pings (the first may wait for ARP on the way)."""
+    for _ in range(tries):
+        done = subprocess.run(["ip", "netns", "exec", src_ns, "ping", "-c", "1", "-W", str(timeout), "-q", dst_ip],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            return True
+    return False
