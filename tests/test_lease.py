@@ -1,0 +1,115 @@
+"""Lease acquisition and watching against a real etcd (v2 API): flannel's order, CAS, TTLs, re-acquiring."""
+import ipaddress
+import json
+import random
+
+import etcd
+import pytest
+
+from pyflannel.daemon.config import parse
+from pyflannel.daemon.errors import NoFreeSubnet
+from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
+from pyflannel.daemon.store.base import Lease, LeaseEvent, LeaseExists
+from pyflannel.daemon.store.etcdv2 import EtcdV2Store
+
+N = ipaddress.IPv4Network
+DATA = {"VNI": 1, "VtepMAC": "0e:00:00:00:00:01"}
+
+
+@pytest.fixture
+def store(etcd_url, etcd_prefix):
+    s = EtcdV2Store([etcd_url], etcd_prefix)
+    s.client.write(f"{etcd_prefix}/config", '{"Network": "10.5.0.0/16"}')
+    return s
+
+
+def manager(store, ip="192.0.2.11", config='{"Network": "10.5.0.0/16"}', seed=1):
+    return LeaseManager(store, parse(config), ip, "vxlan", DATA, rng=random.Random(seed))
+
+
+def raw(store, subnet):
+    return store.client.read(f"{store.prefix}/subnets/{subnet.network_address}-{subnet.prefixlen}")
+
+
+def test_new_lease_is_created_with_ttl_and_flannel_value(store):
+    lease = manager(store).acquire()
+    node = raw(store, lease.subnet)
+    assert 86000 < node.ttl <= 86400
+    assert json.loads(node.value) == {"PublicIP": "192.0.2.11", "PublicIPv6": None, "BackendType": "vxlan",
+                                      "BackendData": DATA}
+    assert lease.subnet.prefixlen == 24 and lease.subnet.subnet_of(N("10.5.0.0/16"))
+    assert lease.subnet != N("10.5.0.0/24")  # SubnetMin skips the first subnet
+
+
+def test_our_public_ips_lease_is_reused_before_the_subnet_file(store):
+    first = manager(store).acquire()
+    again = manager(store, seed=99).acquire(preferred=N("10.5.77.0/24"))
+    assert again.subnet == first.subnet
+    assert len(store.leases()[0]) == 1
+
+
+def test_previous_subnet_file_is_used_when_free_and_in_range(store):
+    assert manager(store).acquire(preferred=N("10.5.77.0/24")).subnet == N("10.5.77.0/24")
+    other = manager(store, ip="192.0.2.12").acquire(preferred=N("10.5.77.0/24"))
+    assert other.subnet != N("10.5.77.0/24")  # taken: a random free one instead
+    out_of_range = manager(store, ip="192.0.2.13").acquire(preferred=N("10.6.1.0/24"))
+    assert out_of_range.subnet.subnet_of(N("10.5.0.0/16"))
+
+
+def test_reservation_without_ttl_stays_a_reservation(store):
+    key = f"{store.prefix}/subnets/10.5.9.0-24"
+    store.client.write(key, json.dumps({"PublicIP": "192.0.2.11", "BackendType": "vxlan"}))
+    lease = manager(store).acquire()
+    assert lease.subnet == N("10.5.9.0/24")
+    node = store.client.read(key)
+    assert node.ttl is None and json.loads(node.value)["BackendData"] == DATA
+
+
+def test_compare_and_swap_refuses_a_taken_subnet(store):
+    lease = Lease(N("10.5.3.0/24"), "192.0.2.11", "vxlan", DATA)
+    store.create_lease(lease, 60)
+    with pytest.raises(LeaseExists):
+        store.create_lease(Lease(N("10.5.3.0/24"), "192.0.2.12", "vxlan", DATA), 60)
+    assert json.loads(raw(store, N("10.5.3.0/24")).value)["PublicIP"] == "192.0.2.11"
+
+
+def test_no_free_subnet_is_a_clear_error(store):
+    config = '{"Network": "10.5.0.0/16", "SubnetMin": "10.5.1.0", "SubnetMax": "10.5.2.0"}'
+    manager(store, "192.0.2.11", config).acquire()
+    manager(store, "192.0.2.12", config).acquire()
+    with pytest.raises(NoFreeSubnet, match="no free subnet: all 2 leases between SubnetMin 10.5.1.0 and "
+                                           "SubnetMax 10.5.2.0 are taken"):
+        manager(store, "192.0.2.13", config).acquire()
+
+
+def test_lost_lease_is_taken_again_with_the_same_subnet(store):
+    m = manager(store)
+    lease = m.acquire()
+    store.delete_lease(lease.subnet)
+    assert m.renew().subnet == lease.subnet
+    assert json.loads(raw(store, lease.subnet).value)["PublicIP"] == "192.0.2.11"
+
+
+def test_watcher_sees_adds_and_removals_and_resyncs_after_history_loss(store):
+    leases, position = store.leases()
+    watcher = LeaseWatcher(store, {}, position)
+    peer = Lease(N("10.5.8.0/24"), "192.0.2.12", "vxlan", DATA)
+    store.create_lease(peer, 60)
+    events = watcher.poll(timeout=5)
+    assert [(e.kind, e.lease.subnet, e.lease.vtep_mac) for e in events] == [
+        (LeaseEvent.ADDED, peer.subnet, "0e:00:00:00:00:01")]
+    store.delete_lease(peer.subnet)
+    assert [(e.kind, e.lease.subnet) for e in watcher.poll(timeout=5)] == [(LeaseEvent.REMOVED, peer.subnet)]
+    # a position older than etcd's 1000-event window: re-list and diff instead of missing events
+    other = Lease(N("10.5.9.0/24"), "192.0.2.13", "vxlan", DATA)
+    store.create_lease(other, 60)
+    for i in range(1001):
+        store.client.write(f"{store.prefix}/noise", str(i))
+    watcher.position = position
+    events = watcher.poll(timeout=5)
+    assert [(e.kind, e.lease.subnet) for e in events] == [(LeaseEvent.ADDED, other.subnet)]
+
+
+def test_idle_watch_returns_no_events(store):
+    _, position = store.leases()
+    assert store.watch_leases(position, timeout=0.3) == ([], position)

@@ -1,0 +1,32 @@
+"""Subnet arithmetic and flannel's key names."""
+import ipaddress
+import random
+
+from pyflannel.daemon.subnets import candidates, lease_key, parse_lease_key, pick_free
+
+N = ipaddress.IPv4Network
+
+
+def test_lease_key_round_trip():
+    assert lease_key(N("10.5.34.0/24")) == "10.5.34.0-24"
+    assert parse_lease_key("/coreos.com/network/subnets/10.5.34.0-24") == N("10.5.34.0/24")
+    assert parse_lease_key("10.5.34.0-24&fc00::-64") == N("10.5.34.0/24")  # dual-stack key: its v4 part
+    for junk in ("config", "10.5.34.0", "10.5.34.0-x", "10.5.34.7-24", "999.1.1.0-24"):
+        assert parse_lease_key(junk) is None
+
+
+def test_candidates_cover_min_to_max():
+    subnets = list(candidates(N("10.5.1.0/24"), N("10.5.4.0/24")))
+    assert subnets == [N(f"10.5.{i}.0/24") for i in range(1, 5)]
+
+
+def test_pick_free_skips_taken_and_is_random_among_the_first_hundred():
+    taken = [N("10.5.1.0/24"), N("10.5.3.0/24")]
+    picks = {pick_free(N("10.5.1.0/24"), N("10.5.4.0/24"), taken, random.Random(seed)) for seed in range(40)}
+    assert picks == {N("10.5.2.0/24"), N("10.5.4.0/24")}
+    far = {pick_free(N("10.5.1.0/24"), N("10.5.255.0/24"), [], random.Random(s)) for s in range(200)}
+    assert max(int(s.network_address) for s in far) <= int(N("10.5.100.0/24").network_address)
+
+
+def test_pick_free_when_full():
+    assert pick_free(N("10.5.1.0/24"), N("10.5.2.0/24"), [N("10.5.1.0/24"), N("10.5.2.0/24")]) is None
