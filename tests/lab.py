@@ -123,7 +123,8 @@ class Host:
         return sh(*args, ns=self.ns, **kw)
 
     def start_daemon(self, *extra: str, wait_ready: bool = True) -> Process:
-        args = ["-etcd-endpoints", self.lab.etcd_url, "-iface", "eth0", "-subnet-file", str(self.subnet_file),
+        iface = [] if "-iface" in extra else ["-iface", "eth0"]
+        args = ["-etcd-endpoints", self.lab.etcd_url, *iface, "-subnet-file", str(self.subnet_file),
                 "--state-dir", str(self.state_dir), "-etcd-prefix", self.lab.prefix_key, *extra]
         self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", [str(VENV_BIN / "pyflanneld"), *args], ns=self.ns)
         if wait_ready:
