@@ -69,3 +69,23 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def safety_rule():
+    """DEVELOPERS.md's safety rule, checked for the whole run: no VXLAN device or overlay route in the root
+    namespace, and no lab namespace left behind."""
+    def snapshot():
+        links = subprocess.run(["ip", "-o", "-d", "link", "show"], capture_output=True, text=True).stdout
+        routes = subprocess.run(["ip", "route", "show", "proto", "77"], capture_output=True, text=True).stdout
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+        return ({line.split(":")[1].strip() for line in links.splitlines() if " vxlan " in line}, routes.strip(),
+                {n.split()[0] for n in namespaces if n.strip()})
+
+    vxlans_before, _, namespaces_before = snapshot()
+    yield
+    vxlans, routes, namespaces = snapshot()
+    assert vxlans <= vxlans_before, f"VXLAN device left in the root namespace: {vxlans - vxlans_before}"
+    assert not routes, f"pyflannel route in the root namespace: {routes}"
+    leaked = {n for n in namespaces - namespaces_before if n.startswith("pf")}
+    assert not leaked, f"namespaces left behind: {leaked}"
