@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from tests.lab import Lab, wait_until
+from tests.lab import CREATED_NAMESPACES, Lab, wait_until
 
 
 def _free_port() -> int:
@@ -87,5 +87,5 @@ def safety_rule():
     vxlans, routes, namespaces = snapshot()
     assert vxlans <= vxlans_before, f"VXLAN device left in the root namespace: {vxlans - vxlans_before}"
     assert not routes, f"pyflannel route in the root namespace: {routes}"
-    leaked = {n for n in namespaces - namespaces_before if n.startswith("pf")}
+    leaked = CREATED_NAMESPACES & namespaces
     assert not leaked, f"namespaces left behind: {leaked}"

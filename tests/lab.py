@@ -34,6 +34,7 @@ UNDERLAY = ipaddress.IPv4Network("192.0.2.0/24")
 SWITCH_IP = "192.0.2.2"
 ETCD_URL = f"http://{SWITCH_IP}:2379"
 DEFAULT_CONFIG = {"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}
+CREATED_NAMESPACES: set[str] = set()  # every namespace any lab of this process made (the safety check reads it)
 
 
 def sh(*args: str, ns: str | None = None, check: bool = True, timeout: float = 30) -> str:
@@ -190,6 +191,7 @@ class Lab:
         ns = f"{self.tag}-{name}"
         sh("ip", "netns", "add", ns)
         self.namespaces.append(ns)
+        CREATED_NAMESPACES.add(ns)
         sh("ip", "link", "set", "lo", "up", ns=ns)
         return ns
 

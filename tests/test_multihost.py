@@ -163,3 +163,26 @@ def test_peer_gone_while_down_is_cleaned_at_start_and_hand_deletions_restored(ma
     watcher.sh("bridge", "fdb", "del", kernel_entries(watcher)["fdb"].split()[0], "dev", "flannel.1")
     wait_until("route restored", lambda: str(peer_lease) in kernel_entries(watcher)["routes"], timeout=5)
     wait_until("fdb restored", lambda: "dst 192.0.2.12" in kernel_entries(watcher)["fdb"], timeout=5)
+
+
+def test_direct_routing_uses_plain_routes_on_a_shared_segment(make_lab):
+    lab = start_hosts(make_lab, {"Type": "vxlan", "DirectRouting": True}, hosts=2)
+    h1, h2 = lab.hosts
+    h2_lease = ipaddress.IPv4Interface(h2.subnet_env()["FLANNEL_SUBNET"]).network
+    entries = kernel_entries(h1)
+    assert f"{h2_lease} via 192.0.2.12 dev eth0" in entries["routes"]
+    assert "dst 192.0.2.12" not in entries["fdb"] and not entries["neigh"].strip()
+    assert ping(h1.containers[0].ns, h2.containers[1].ip)
+
+
+def test_own_lease_deleted_is_taken_again_with_the_same_subnet(make_lab):
+    lab = start_hosts(make_lab, {"Type": "vxlan"}, hosts=2)
+    h1, h2 = lab.hosts
+    key = ipaddress.IPv4Interface(h1.subnet_env()["FLANNEL_SUBNET"]).network
+    key = f"{key.network_address}-{key.prefixlen}"
+    before = lab.leases()[key]["attrs"]
+    lab.etcd_request("DELETE", f"{lab.prefix_key}/subnets/{key}")
+    wait_until("lease re-created", lambda: key in lab.leases(), timeout=10)
+    assert lab.leases()[key]["attrs"] == before
+    assert h1.daemon.alive()
+    assert ping(h2.containers[0].ns, h1.containers[0].ip)
