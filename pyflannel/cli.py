@@ -1,0 +1,105 @@
+"""`pyflannel`: the operator's view of a host — `pyflannel status [--json]`."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+from pyflannel import subnetenv
+
+
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    from pyflannel.daemon.flags import FLAGS, env_name
+    for name, kind, default, _, text in FLAGS:
+        if name.startswith("etcd-") or name == "subnet-file":
+            parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"),
+                                default=os.environ.get(env_name(name), default), help=text)
+
+
+def _reachable(ip: str) -> bool:
+    ipaddress.IPv4Address(ip)  # only an address from a parsed lease reaches the argv
+    return subprocess.run(["ping", "-c", "1", "-W", "1", "-q", ip], capture_output=True).returncode == 0
+
+
+def collect(args) -> dict:
+    from pyflannel.daemon.netlink import Kernel
+    from pyflannel.daemon.store.base import StoreError
+    from pyflannel.daemon.store.etcdv2 import EtcdV2Store
+
+    report = {"host": {}, "hosts": [], "routes": [], "problems": []}
+    try:
+        env = subnetenv.read(args.subnet_file)
+        report["host"] = {"subnet": str(env.lease), "network": str(env.network), "mtu": env.mtu,
+                          "ipmasq": env.ipmasq, "subnet_file": args.subnet_file}
+    except subnetenv.SubnetEnvError as e:
+        report["problems"].append(str(e))
+        env = None
+    kernel = Kernel()
+    routes = kernel.routes()
+    by_subnet = {r.dst: r for r in routes}
+    report["routes"] = [f"{r.dst} via {r.gateway}{' onlink' if r.onlink else ''}" for r in sorted(
+        routes, key=lambda r: int(r.dst.network_address))]
+    try:
+        store = EtcdV2Store([e for e in args.etcd_endpoints.split(",") if e], args.etcd_prefix,
+                            certfile=args.etcd_certfile, keyfile=args.etcd_keyfile, cafile=args.etcd_cafile,
+                            username=args.etcd_username, password=args.etcd_password)
+        leases, _ = store.leases()
+        report["host"]["etcd"] = "reachable"
+    except (StoreError, ValueError) as e:
+        report["problems"].append(f"etcd: {e}")
+        report["host"]["etcd"] = "unreachable"
+        leases = []
+    now = datetime.now(timezone.utc)
+    own = env.lease if env else None
+    peers = [lease for lease in leases if lease.subnet != own]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        reachable = dict(zip((p.subnet for p in peers), pool.map(lambda p: _reachable(p.public_ip), peers)))
+    for lease in sorted(leases, key=lambda lease: int(lease.subnet.network_address)):
+        expires = (f"{int((lease.expiration - now).total_seconds())}s" if lease.expiration else "never (reserved)")
+        report["hosts"].append({
+            "subnet": str(lease.subnet), "public_ip": lease.public_ip, "vtep_mac": lease.vtep_mac or "",
+            "backend": lease.backend_type, "expires_in": expires, "self": lease.subnet == own,
+            "programmed": lease.subnet == own or lease.subnet in by_subnet,
+            "reachable": True if lease.subnet == own else reachable.get(lease.subnet, False),
+        })
+    if own and leases and not any(h["self"] for h in report["hosts"]):
+        report["problems"].append(f"this host's subnet {own} has no lease in etcd")
+    return report
+
+
+def render(report: dict) -> str:
+    host = report["host"]
+    lines = [f"this host: subnet {host.get('subnet', '?')} of {host.get('network', '?')}, MTU {host.get('mtu', '?')},"
+             f" etcd {host.get('etcd', '?')}", ""]
+    columns = ("subnet", "public_ip", "vtep_mac", "backend", "expires_in", "programmed", "reachable")
+    rows = [[("*" if h["self"] else "") + str(h[c]) if c == "subnet" else
+             ("yes" if h[c] else "NO") if isinstance(h[c], bool) else str(h[c]) for c in columns]
+            for h in report["hosts"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    lines.append("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines += ["", "routes programmed (proto 77):"] + [f"  {r}" for r in report["routes"] or ["none"]]
+    if report["problems"]:
+        lines += ["", "problems:"] + [f"  - {p}" for p in report["problems"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyflannel", description="Inspect a pyflannel host.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    status = sub.add_parser("status", help="hosts, leases, reachability and this host's routes")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_store_flags(status)
+    args = parser.parse_args(argv)
+    report = collect(args)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 1 if report["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
