@@ -36,6 +36,7 @@ VETH_HOST_PREFIX = "pfv-"
 VETH_CONTAINER_PREFIX = "pfc-"
 OUR_PREFIXES = (BRIDGE_PREFIX, VETH_HOST_PREFIX, VETH_CONTAINER_PREFIX)
 IPTABLES_TIMEOUT = 10  # seconds; a hung iptables must not hang Docker
+MAIN_TABLE = 254
 
 
 def bridge_name(network_id: str) -> str:
@@ -82,6 +83,20 @@ class Plumbing:
                     out[name] = {"index": link["index"], "kind": _kind(link), "mtu": link.get("mtu"),
                                  "master": link.get("master"), "mac": link.get("address"),
                                  "up": bool(link["flags"] & 1)}
+        return out
+
+    def routes_overlapping(self, network: ipaddress.IPv4Network) -> list[str]:
+        """Main-table IPv4 routes that overlap `network`, as "dst dev name" (what Docker's overlap check sees)."""
+        out = []
+        with IPRoute() as ipr:
+            names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
+            for route in ipr.route("dump", family=socket.AF_INET):
+                dst = route.get("dst")
+                if route.get("table") != MAIN_TABLE or dst is None or route["dst_len"] == 0:
+                    continue
+                net = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False)
+                if net.overlaps(network):
+                    out.append(f"{net} dev {names.get(route.get('oif'), '?')}")
         return out
 
     # --- bridge -------------------------------------------------------------------------------------------------

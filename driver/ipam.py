@@ -10,11 +10,21 @@ the driver state. The gateway is never "allocated": requesting it always succeed
 so Docker's rollback of a refused `network create` cannot take the gateway away from the network that uses it.
 
 A pool's leftover allocations are dropped by ReleasePool only when no pyflannel network uses the lease any more.
+
+RequestPool refuses (instead of answering the same pool again) in the cases where dockerd would otherwise loop
+forever: for a local-scope network created without --subnet, Docker checks the pool against the host's routes and,
+on overlap, calls RequestPool again and again expecting another pool. So RequestPool fails with a clear message
+  - when this host already has a pyflannel network (its bridge route overlaps the lease: one network per host),
+  - when another main-table route overlaps the lease (only checked when Docker did not name a Pool),
+  - and, as a last resort, after POOL_LOOP_LIMIT requests within POOL_LOOP_WINDOW seconds with no ReleasePool.
 """
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
+import threading
+import time
 
 from pyflannel import subnetenv
 
@@ -28,6 +38,16 @@ POOL_ID_PREFIX = "pyflannel/"
 LOCAL_ADDRESS_SPACE = "pyflannel-local"
 GLOBAL_ADDRESS_SPACE = "pyflannel-global"
 HOW_TO_CREATE = "docker network create -d pyflannel --ipam-driver pyflannel NAME"
+POOL_LOOP_LIMIT = 16
+POOL_LOOP_WINDOW = 10.0  # seconds
+
+
+def existing_network_error(network_id: str, net: dict) -> RefusedError:
+    return RefusedError(
+        f"this host already has a pyflannel network (id {network_id[:12]}, bridge {net['bridge']}, subnet "
+        f"{net['pool']}): pyflannel supports one network per host, because a host has one flannel lease and one "
+        f"bridge. Connect containers to that network, or remove it first. (If `docker network ls --no-trunc` does not "
+        f"list it, the driver's state is stale: stop pyflannel-driver, delete its state.json, start it again.)")
 
 
 class LeaseSource:
@@ -55,9 +75,12 @@ def gateway_data(env: subnetenv.SubnetEnv) -> dict:
 
 
 class Ipam:
-    def __init__(self, store: StateStore, lease: LeaseSource):
+    def __init__(self, store: StateStore, lease: LeaseSource, plumbing=None):
         self.store = store
         self.lease = lease
+        self.plumbing = plumbing          # endpoint.Plumbing, for the route-overlap check; None skips it
+        self._recent = collections.deque()  # times of RequestPool answers not followed by a ReleasePool
+        self._recent_lock = threading.Lock()
 
     # --- capabilities ---------------------------------------------------------------------------------------------
 
@@ -87,10 +110,35 @@ class Ipam:
                                f"whole lease {env.lease}. Create the network without --ip-range: `{HOW_TO_CREATE}`")
         pid = pool_id(env.lease)
         with self.store.transaction() as st:
+            for nid, net in st["networks"].items():
+                raise existing_network_error(nid, net)
+            if req.pool is None and self.plumbing is not None:
+                overlaps = self.plumbing.routes_overlapping(env.lease)
+                if overlaps:
+                    raise RefusedError(
+                        f"this host's flannel lease {env.lease} overlaps the route(s) {', '.join(overlaps)}, so Docker "
+                        f"would refuse the pool: remove the overlapping route, or name the pool explicitly with "
+                        f"`docker network create -d pyflannel --ipam-driver pyflannel --subnet {env.lease} NAME`")
+            self._note_request(env.lease)
             st["pools"].setdefault(pid, {"pool": str(env.lease), "allocated": [], "last": None})
         return {"PoolID": pid, "Pool": str(env.lease), "Data": gateway_data(env)}
 
+    def _note_request(self, lease) -> None:
+        with self._recent_lock:
+            now = time.monotonic()
+            while self._recent and now - self._recent[0] > POOL_LOOP_WINDOW:
+                self._recent.popleft()
+            if len(self._recent) >= POOL_LOOP_LIMIT:
+                self._recent.clear()
+                raise RefusedError(
+                    f"Docker asked for the pool {lease} {POOL_LOOP_LIMIT} times in a row without using it: it rejects "
+                    f"the pool, most likely because it overlaps a route or a nameserver of dockerd's host. Name the "
+                    f"pool explicitly: `docker network create -d pyflannel --ipam-driver pyflannel --subnet {lease} NAME`")
+            self._recent.append(now)
+
     def release_pool(self, req: v.PoolRef) -> dict:
+        with self._recent_lock:
+            self._recent.clear()
         with self.store.transaction() as st:
             pool = st["pools"].get(req.pool_id)
             if pool is None:

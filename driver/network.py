@@ -2,8 +2,9 @@
 
 Decisions (see docs/driver.md):
 - One network per host. A host has one flannel lease and the lease's gateway lives on one bridge, so a second
-  pyflannel network is refused in CreateNetwork with a message naming the existing one. (Docker calls RequestPool
-  before CreateNetwork; the IPAM side keeps answering identically, and its rollback cannot hurt the first network.)
+  pyflannel network is refused with a message naming the existing one: by RequestPool (which Docker calls first;
+  answering the same pool again would make dockerd loop, see ipam.py) and, for networks made with another IPAM
+  driver, by CreateNetwork. Docker's rollback after a refused CreateNetwork cannot hurt the first network.
 - The network's subnet must be this host's lease and its gateway the lease's first address, whoever did the IPAM:
   with `--ipam-driver pyflannel` that is automatic; with another IPAM driver only `--subnet <lease>` is accepted.
 - MTU: FLANNEL_MTU (the overlay's MTU), or the lower `-o com.docker.network.driver.mtu=N`; a higher option is
@@ -21,7 +22,7 @@ import os
 from . import validation as v
 from .endpoint import Plumbing, bridge_name, mac_for, veth_names, BRIDGE_PREFIX, VETH_CONTAINER_PREFIX, VETH_HOST_PREFIX
 from .errors import PlumbingError, RefusedError, UnavailableError, ValidationError
-from .ipam import HOW_TO_CREATE, LeaseSource
+from .ipam import HOW_TO_CREATE, LeaseSource, existing_network_error
 from .state import StateStore
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,8 @@ class NetworkDriver:
             if known is not None:  # repeated call: same answer, repair the bridge if needed
                 self.plumbing.ensure_bridge(known["bridge"], gateway, effective_mtu(env.mtu, known["mtu_option"]))
                 return {}
-            if st["networks"]:
-                other_id, other = next(iter(st["networks"].items()))
-                raise RefusedError(
-                    f"this host already has a pyflannel network (id {other_id[:12]}, bridge {other['bridge']}, subnet "
-                    f"{other['pool']}): pyflannel supports one network per host, because a host has one flannel "
-                    f"lease and one bridge. Connect containers to that network, or remove it first")
+            for other_id, other in st["networks"].items():
+                raise existing_network_error(other_id, other)
             bridge = bridge_name(req.network_id)
             self.plumbing.ensure_bridge(bridge, gateway, effective_mtu(env.mtu, req.mtu_option))
             st["networks"][req.network_id] = {"bridge": bridge, "pool": str(env.lease), "gateway": str(gateway),

@@ -54,8 +54,9 @@ def create_app(state_dir: str = DEFAULT_STATE_DIR, subnet_file: str = subnetenv.
     """Build the app. With reconcile=True (the default) the kernel is first brought in line with the saved state."""
     store = StateStore(state_dir, lock_timeout=lock_timeout)
     lease = LeaseSource(subnet_file)
-    network = NetworkDriver(store, lease, plumbing or Plumbing())
-    ipam = Ipam(store, lease)
+    plumbing = plumbing or Plumbing()
+    network = NetworkDriver(store, lease, plumbing)
+    ipam = Ipam(store, lease, plumbing)
     if reconcile:
         network.reconcile()
 

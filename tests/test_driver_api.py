@@ -306,24 +306,47 @@ def test_unsupported_network_kinds_are_refused(docker, options, words):
     assert our_links() == []
 
 
-def test_second_network_is_refused_and_its_rollback_harms_nothing(docker):
+def test_second_network_is_refused_and_the_first_unharmed(docker):
     first = docker.create_network()
     ep = docker.run_container(first)
-    # docker network create #2: RequestPool, gateway, CreateNetwork (refused), then Docker rolls back.
-    pool = docker.ok("IpamDriver.RequestPool", {"Pool": ""})
-    assert pool["PoolID"] == first["pool_id"]
-    gw = docker.ok("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "",
-                                                "Options": {"RequestAddressType": "com.docker.network.gateway"}})
-    err = docker.fails("NetworkDriver.CreateNetwork", network_request(new_id()), 409)
-    assert "one network per host" in err and first["id"][:12] in err and first["bridge"] in err
-    docker.ok("IpamDriver.ReleaseAddress", {"PoolID": pool["PoolID"], "Address": gw["Address"].split("/")[0]})
-    docker.ok("IpamDriver.ReleasePool", {"PoolID": pool["PoolID"]})
-    # the first network still has its bridge, gateway and its container's address
+    # docker network create #2 starts with RequestPool: refused there (answering the same pool again would make
+    # dockerd loop, its bridge route overlaps the pool), with or without --subnet
+    for pool in ("", LEASE):
+        err = docker.fails("IpamDriver.RequestPool", {"Pool": pool}, 409)
+        assert "one network per host" in err and first["id"][:12] in err and first["bridge"] in err
+    # with another IPAM driver, CreateNetwork refuses it
+    err = docker.fails("NetworkDriver.CreateNetwork", network_request(new_id(), gateway=None), 409)
+    assert "one network per host" in err
+    # a stray rollback (ReleaseAddress of the gateway, ReleasePool) takes nothing from the first network
+    docker.ok("IpamDriver.ReleaseAddress", {"PoolID": first["pool_id"], "Address": GATEWAY})
+    docker.ok("IpamDriver.ReleasePool", {"PoolID": first["pool_id"]})
     assert link(first["bridge"])["ipv4"] == ["10.5.34.1/24"]
     assert docker.ok("IpamDriver.RequestAddress", {"PoolID": first["pool_id"], "Address": ""})["Address"] != ep["address"]
     assert "in use" in docker.fails("IpamDriver.RequestAddress",
                                     {"PoolID": first["pool_id"], "Address": ep["address"].split("/")[0]}, 409)
     assert our_links() == sorted([first["bridge"], ep["host"], ep["container"]])
+
+
+def test_pool_overlapping_a_route_is_refused_unless_named(docker):
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        ipr.link("add", ifname="other0", kind="bridge")
+        idx = ipr.link_lookup(ifname="other0")[0]
+        ipr.link("set", index=idx, state="up")
+        ipr.route("add", dst="10.5.0.0/16", oif=idx)
+    err = docker.fails("IpamDriver.RequestPool", {"Pool": ""}, 409)
+    assert "10.5.0.0/16 dev other0" in err and "--subnet 10.5.34.0/24" in err
+    assert docker.ok("IpamDriver.RequestPool", {"Pool": LEASE})["Pool"] == LEASE  # Docker skips its check then
+
+
+def test_a_requestpool_loop_is_broken(docker):
+    from pyflannel.driver.ipam import POOL_LOOP_LIMIT
+    for _ in range(POOL_LOOP_LIMIT):
+        docker.ok("IpamDriver.RequestPool", {})
+    assert "times in a row" in docker.fails("IpamDriver.RequestPool", {}, 409)
+    for _ in range(POOL_LOOP_LIMIT):  # Docker's deferred releases come, and all is normal again
+        docker.ok("IpamDriver.ReleasePool", {"PoolID": "pyflannel/10.5.34.0/24"})
+    docker.ok("IpamDriver.RequestPool", {})
 
 
 def test_network_rm_releases_the_pool(docker):
@@ -459,7 +482,7 @@ def test_forward_drop_policy_gets_accept_rules_for_the_bridge(docker):
     rules = iptables("-S", "FORWARD").stdout.splitlines()
     assert f"-A FORWARD -i {net['bridge']} -j ACCEPT" in rules
     assert f"-A FORWARD -o {net['bridge']} -j ACCEPT" in rules
-    docker.create_network(network_id=net["id"])  # repeated: no duplicate rules
+    docker.ok("NetworkDriver.CreateNetwork", network_request(net["id"]))  # repeated: no duplicate rules
     assert len(iptables("-S", "FORWARD").stdout.splitlines()) == 3
     docker.ok("NetworkDriver.DeleteNetwork", {"NetworkID": net["id"]})
     assert iptables("-S", "FORWARD").stdout.splitlines() == ["-P FORWARD DROP"]
