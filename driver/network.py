@@ -216,6 +216,10 @@ class NetworkDriver:
                                "are reachable directly at their overlay address from every pyflannel host")
         return {}
 
+    @staticmethod
+    def revoke_external_connectivity(req: v.EndpointRef) -> dict:
+        return {}  # nothing was programmed
+
     # --- startup reconciliation -------------------------------------------------------------------------------------
 
     def reconcile(self) -> None:

@@ -74,7 +74,8 @@ def create_app(state_dir: str = DEFAULT_STATE_DIR, subnet_file: str = subnetenv.
         "NetworkDriver.Leave": lambda b: network.leave(v.endpoint_ref(b)),
         "NetworkDriver.ProgramExternalConnectivity":
             lambda b: network.program_external_connectivity(v.endpoint_ref(b)),
-        "NetworkDriver.RevokeExternalConnectivity": lambda b: (v.endpoint_ref(b), {})[1],
+        "NetworkDriver.RevokeExternalConnectivity":
+            lambda b: network.revoke_external_connectivity(v.endpoint_ref(b)),
         # Only sent for ConnectivityScope global / swarm managers; nothing to do, flannel spreads the routes.
         "NetworkDriver.DiscoverNew": lambda b: {},
         "NetworkDriver.DiscoverDelete": lambda b: {},
