@@ -34,6 +34,18 @@ UNDERLAY = ipaddress.IPv4Network("192.0.2.0/24")
 SWITCH_IP = "192.0.2.2"
 ETCD_URL = f"http://{SWITCH_IP}:2379"
 DEFAULT_CONFIG = {"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}
+DOCKER = "/usr/bin/docker"
+IMAGE = "pfbox:latest"
+BUSYBOX_APPLETS = ("sh", "ip", "ping", "httpd", "nc", "wget", "sleep", "cat", "echo", "ifconfig", "hostname")
+# `ip netns exec` remounts /sys and hides the cgroup mounts dockerd needs: mount them again, then start dockerd.
+DOCKERD_WRAPPER = """
+mount -t tmpfs cgroup /sys/fs/cgroup
+for c in cpu cpuacct cpuset memory devices freezer blkio pids; do
+  mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
+done
+mkdir -p /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+exec dockerd "$@"
+"""
 CREATED_NAMESPACES: set[str] = set()  # every namespace any lab of this process made (the safety check reads it)
 
 
@@ -134,6 +146,51 @@ class Host:
             assert self.daemon.alive(), f"pyflanneld on {self.name} exited:\n{self.daemon.log()}"
         return self.daemon
 
+    # --- Docker on this host ---------------------------------------------------------------------------------
+    @property
+    def docker_sock(self) -> Path:
+        return self.workdir / "docker" / "docker.sock"
+
+    @property
+    def driver_sock(self) -> Path:
+        return self.workdir / "pyflannel.sock"
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 60) -> str:
+        return sh(DOCKER, "-H", f"unix://{self.docker_sock}", *args, ns=self.ns, check=check, timeout=timeout)
+
+    def docker_ready(self) -> bool:
+        try:
+            self.docker("version", "-f", "{{.Server.Version}}", timeout=10)
+            return True
+        except RuntimeError:
+            return False
+
+    def start_driver(self, *extra: str) -> Process:
+        self.driver_sock.unlink(missing_ok=True)  # a killed driver leaves its socket file behind
+        self.driver = self.lab.spawn(f"{self.name}-driver", [
+            str(VENV_BIN / "pyflannel-driver"), "--socket", str(self.driver_sock), "--state-dir",
+            str(self.workdir / "driver"), "--subnet-file", str(self.subnet_file), *extra], ns=self.ns)
+        wait_until(f"{self.name}'s driver socket", lambda: self.driver_sock.exists() or not self.driver.alive())
+        assert self.driver.alive(), f"pyflannel-driver on {self.name} exited:\n{self.driver.log()}"
+        return self.driver
+
+    def start_dockerd(self) -> Process:
+        """A dockerd of this host's own; it finds the driver through /etc/netns/<ns>/docker/plugins."""
+        spec_dir = Path("/etc/netns") / self.ns / "docker" / "plugins"
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        (spec_dir / "pyflannel.spec").write_text(f"unix://{self.driver_sock}\n")
+        root = self.workdir / "docker"
+        root.mkdir(exist_ok=True)
+        self.dockerd = self.lab.spawn(f"{self.name}-dockerd", [
+            "sh", "-c", DOCKERD_WRAPPER, "dockerd", "-H", f"unix://{self.docker_sock}",
+            "--data-root", str(root / "data"), "--exec-root", str(root / "exec"), "--pidfile", str(root / "pid"),
+            "--bridge", "none", "--iptables=false", "--ip6tables=false", "--userland-proxy=false"], ns=self.ns)
+        wait_until(f"{self.name}'s dockerd", lambda: self.docker_ready() or not self.dockerd.alive(), timeout=60,
+                   interval=0.3)
+        assert self.dockerd.alive(), f"dockerd on {self.name} exited:\n{self.dockerd.log()}"
+        sh(DOCKER, "-H", f"unix://{self.docker_sock}", "import", str(self.lab.image_tar()), IMAGE, ns=self.ns)
+        return self.dockerd
+
     def subnet_env(self) -> dict:
         return dict(line.split("=", 1) for line in self.subnet_file.read_text().split())
 
@@ -233,6 +290,21 @@ class Lab:
                    interval=0.2)
         return self.etcd
 
+    def image_tar(self) -> Path:
+        """A busybox root filesystem as a tar, for `docker import` (no registry is reachable)."""
+        tar = self.workdir / "pfbox.tar"
+        if not tar.exists():
+            rootfs = self.workdir / "rootfs"
+            for folder in ("bin", "etc", "tmp", "www", "proc", "sys", "dev"):
+                (rootfs / folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy("/bin/busybox", rootfs / "bin" / "busybox")
+            for applet in BUSYBOX_APPLETS:
+                (rootfs / "bin" / applet).symlink_to("busybox")
+            (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+            (rootfs / "www" / "index.html").write_text("hello from pyflannel\n")
+            subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+        return tar
+
     # --- etcd, seen from the switch namespace ----------------------------------------------------------------
     def etcd_get(self, path: str) -> dict:
         with inside(self.switch):
@@ -267,12 +339,30 @@ class Lab:
     def close(self) -> None:
         for process in reversed(self.processes):
             with contextlib.suppress(Exception):
-                process.kill(signal.SIGTERM, wait=5)
+                process.kill(signal.SIGTERM, wait=15)
+        for pid in self._leftover_pids():  # what those started (containerd, shims, containers), by PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
         self.namespaces.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _leftover_pids(self) -> set[int]:
+        """Processes inside our namespaces, or whose command line names our work dir (shims outlive dockerd)."""
+        pids = set()
+        for ns in self.namespaces:
+            out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+            pids.update(int(p) for p in out.split())
+        marker = str(self.workdir).encode()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if marker in (entry / "cmdline").read_bytes():
+                        pids.add(int(entry.name))
+        pids.discard(os.getpid())
+        return pids
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name} (pid {p.pid}) =====\n{p.log()[-4000:]}" for p in self.processes)
