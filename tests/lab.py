@@ -340,32 +340,43 @@ class Lab:
         for process in reversed(self.processes):
             with contextlib.suppress(Exception):
                 process.kill(signal.SIGTERM, wait=15)
-        for pid in self._leftover_pids():  # what those started (containerd, shims, containers), by PID
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for ns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+        teardown(self.record())
         self.namespaces.clear()
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def _leftover_pids(self) -> set[int]:
-        """Processes inside our namespaces, or whose command line names our work dir (shims outlive dockerd)."""
-        pids = set()
-        for ns in self.namespaces:
-            out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-            pids.update(int(p) for p in out.split())
-        marker = str(self.workdir).encode()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if marker in (entry / "cmdline").read_bytes():
-                        pids.add(int(entry.name))
-        pids.discard(os.getpid())
-        return pids
+    def record(self) -> dict:
+        """What teardown() needs to remove this lab from another process (`make demo-down`)."""
+        return {"namespaces": list(self.namespaces), "workdir": str(self.workdir),
+                "pids": [p.pid for p in self.processes if p.alive()]}
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name} (pid {p.pid}) =====\n{p.log()[-4000:]}" for p in self.processes)
+
+
+def _lab_pids(namespaces: list[str], workdir: str) -> set[int]:
+    """Processes inside the lab's namespaces, or whose command line names its work dir (shims outlive dockerd)."""
+    pids = set()
+    for ns in namespaces:
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+        pids.update(int(p) for p in out.split())
+    marker = workdir.encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "cmdline").read_bytes():
+                    pids.add(int(entry.name))
+    pids.discard(os.getpid())
+    return pids
+
+
+def teardown(record: dict) -> None:
+    """Kill every process of a lab by PID, then remove its namespaces, /etc/netns entries and work dir."""
+    for pid in set(record["pids"]) | _lab_pids(record["namespaces"], record["workdir"]):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for ns in reversed(record["namespaces"]):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+    shutil.rmtree(record["workdir"], ignore_errors=True)
 
 
 def ping(src_ns: str, dst_ip: str, tries: int = 3, timeout: int = 1) -> bool:
