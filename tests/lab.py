@@ -278,15 +278,17 @@ class Lab:
         self.processes.append(process)
         return process
 
-    def start_etcd(self) -> Process:
+    def start_etcd(self, *extra: str, scheme: str = "http", ready=None) -> Process:
+        """etcd on the switch, v2 API on; `extra` adds flags (TLS, …), `ready` replaces the health probe."""
+        self.etcd_url = f"{scheme}://{SWITCH_IP}:2379"
         data = self.workdir / "etcd"
         self.etcd = self.spawn("etcd", [
             "etcd", "--name", "lab", "--data-dir", str(data), "--enable-v2=true",
             "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
             "--listen-peer-urls", f"http://{SWITCH_IP}:2380",
             "--initial-advertise-peer-urls", f"http://{SWITCH_IP}:2380",
-            "--initial-cluster", f"lab=http://{SWITCH_IP}:2380"], ns=self.switch)
-        wait_until("etcd health", lambda: self.etcd_get("/health").get("health") == "true", timeout=30,
+            "--initial-cluster", f"lab=http://{SWITCH_IP}:2380", *extra], ns=self.switch)
+        wait_until("etcd health", ready or (lambda: self.etcd_get("/health").get("health") == "true"), timeout=30,
                    interval=0.2)
         return self.etcd
 
