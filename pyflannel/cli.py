@@ -1,4 +1,4 @@
-"""`pyflannel`: the operator's view of a host — `pyflannel status [--json]`."""
+"""`pyflannel`: the operator's view of a host — `pyflannel status [--json]`, `pyflannel doctor [--json]`."""
 from __future__ import annotations
 
 import argparse
@@ -95,7 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="hosts, leases, reachability and this host's routes")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     _add_store_flags(status)
+    doctor = sub.add_parser("doctor", help="check this host for known flannel problems, each with its fix")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_store_flags(doctor)
+    from pyflannel.daemon.flags import env_name
+    doctor.add_argument("-subnet-lease-renew-margin", "--subnet-lease-renew-margin", type=int,
+                        dest="subnet_lease_renew_margin",
+                        default=int(os.environ.get(env_name("subnet-lease-renew-margin"), 60)),
+                        help="minutes: a lease with less time left is not being renewed (pyflanneld's flag)")
     args = parser.parse_args(argv)
+    if args.command == "doctor":
+        from pyflannel import doctor as doctor_module
+        return doctor_module.run(args)
     report = collect(args)
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 1 if report["problems"] else 0

@@ -1,0 +1,465 @@
+"""`pyflannel doctor`: checks this host for the problems flannel users hit; one line per finding, with its fix.
+
+The map — each check is one small function below, in this order:
+
+    subnet-env  subnet.env exists, parses, and names the config's Network
+    etcd        etcd answers and holds a valid network config (<prefix>/config)
+    lease       our lease (FLANNEL_SUBNET) is in etcd with more than the renew margin left
+    public-ip   no two leases share a PublicIP (autodetection picked the same NAT address on two hosts)
+    routes      no foreign route inside the flannel Network is more specific than the Network: it steals traffic
+    mtu         vxlan: flannel.<VNI> MTU == FLANNEL_MTU == underlay MTU - 50; host-gw: external MTU == FLANNEL_MTU
+    offload     not both tx-checksum-ip-generic on flannel.<VNI> and MASQUERADE --random-fully (the 63 s delay)
+    vxlan-port  UDP Backend.Port is not taken by another socket and not dropped by an iptables INPUT rule
+
+A finding is a "problem" (exit code 1) or "unknown" (what could not be read; exit code unaffected).
+No shell anywhere: `iptables` is run with argument lists of fixed words and a validated port; ethtool features
+are read with the SIOCETHTOOL ioctl (pyroute2); routes and links through netlink.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from pyflannel import subnetenv
+
+PROBLEM, UNKNOWN = "problem", "unknown"
+VXLAN_OVERHEAD = 50
+CHECKSUM_FEATURE = "tx-checksum-ip-generic"
+RTPROT_KERNEL = 2
+PROTO_NAMES = {2: "kernel", 3: "boot", 4: "static", 16: "dhcp", 77: "pyflannel", 186: "bgp", 188: "ospf"}
+ROUTE_TYPES = {1: "", 6: "blackhole", 7: "unreachable", 8: "prohibit", 9: "throw"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    severity: str  # PROBLEM or UNKNOWN
+    message: str
+    fix: str = ""
+
+
+@dataclass
+class Facts:
+    """What the checks share, read once: subnet.env, etcd (config + leases) and which backend this host runs."""
+    subnet_file: str
+    endpoints: list[str]
+    prefix: str
+    margin: timedelta
+    env: subnetenv.SubnetEnv | None = None
+    env_error: str = ""
+    config: object | None = None  # daemon.config.NetworkConfig
+    etcd_error: str = ""
+    config_error: str = ""
+    leases: list | None = None  # None: etcd could not be read
+    backend: str | None = None  # "vxlan", "host-gw" or None (unknown)
+    vni: int = 1
+    port: int = 8472
+    kernel: object = field(default=None, repr=False)
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | None:
+        return self.env.network if self.env else (self.config.network if self.config else None)
+
+    @property
+    def own_subnet(self) -> ipaddress.IPv4Network | None:
+        return self.env.lease if self.env else None
+
+    @property
+    def device(self) -> str:
+        return f"flannel.{self.vni}"
+
+    def own_lease(self):
+        return next((lease for lease in self.leases or () if lease.subnet == self.own_subnet), None)
+
+
+# --- gathering -------------------------------------------------------------------------------------------------
+def gather(args) -> Facts:
+    from pyflannel.daemon import config as netconfig
+    from pyflannel.daemon.errors import ConfigError
+    from pyflannel.daemon.netlink import Kernel
+    from pyflannel.daemon.store.base import LeaseNotFound, StoreError
+    from pyflannel.daemon.store.etcdv2 import EtcdV2Store
+
+    facts = Facts(args.subnet_file, [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()],
+                  args.etcd_prefix.rstrip("/"), timedelta(minutes=args.subnet_lease_renew_margin), kernel=Kernel())
+    try:
+        facts.env = subnetenv.read(args.subnet_file)
+    except subnetenv.SubnetEnvError as e:
+        facts.env_error = str(e)
+    try:
+        store = EtcdV2Store(facts.endpoints, facts.prefix, certfile=args.etcd_certfile, keyfile=args.etcd_keyfile,
+                            cafile=args.etcd_cafile, username=args.etcd_username, password=args.etcd_password,
+                            timeout=3.0)
+        facts.leases, _ = store.leases()
+        facts.config = netconfig.parse(store.network_config())
+    except LeaseNotFound:
+        facts.config_error = f"no network config at {facts.prefix}/config"
+    except ConfigError as e:
+        facts.config_error = str(e)
+    except (StoreError, ValueError) as e:
+        facts.etcd_error = str(e)
+        facts.leases = None
+    if facts.config:
+        facts.backend, facts.vni, facts.port = facts.config.backend_type, facts.config.vni, facts.config.port
+    else:
+        _backend_from_kernel(facts)
+    return facts
+
+
+def _backend_from_kernel(facts: Facts) -> None:
+    """Without the config (etcd down), a flannel.<VNI> VXLAN device tells the backend, VNI and port."""
+    for iface in facts.kernel.interfaces():
+        name = iface.name or ""
+        if name.startswith("flannel.") and name[8:].isdigit():
+            attrs = facts.kernel.vxlan_attrs(iface.index)
+            if attrs:
+                facts.backend, facts.vni = "vxlan", int(name[8:])
+                facts.port = attrs.get("IFLA_VXLAN_PORT") or facts.port
+                return
+
+
+# --- small readers (kernel, /proc, iptables, ethtool) ------------------------------------------------------------
+def _iface_by_index(facts: Facts, index: int | None):
+    return next((i for i in facts.kernel.interfaces() if i.index == index), None)
+
+
+def _iface_with_ip(facts: Facts, ip: str):
+    return next((i for i in facts.kernel.interfaces() if any(str(a.ip) == ip for a in i.addresses)), None)
+
+
+def _default_route_iface(facts: Facts):
+    for r in facts.kernel.all_routes():
+        if r["dst_len"] == 0 and r.get("RTA_OIF"):
+            return _iface_by_index(facts, r.get("RTA_OIF"))
+    return None
+
+
+def iptables_rules(table: str, chain: str | None = None) -> list[list[str]] | str:
+    """`iptables -t TABLE -S [CHAIN]` as token lists, or why it could not be read (a str)."""
+    if shutil.which("iptables") is None:
+        return "iptables is not installed"
+    done = subprocess.run(["iptables", "-w", "5", "-t", table, "-S", *([chain] if chain else [])],
+                          capture_output=True, text=True, timeout=15)
+    if done.returncode != 0:
+        why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+        return f"iptables -t {table} -S: {why}"
+    return [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("-A ")]
+
+
+def checksum_offload_on(device: str) -> bool | None:
+    """tx-checksum-ip-generic of `device` through the SIOCETHTOOL ioctl; None when it cannot be read."""
+    try:
+        from pyroute2.ethtool.ioctl import IoctlEthtool
+        ethtool = IoctlEthtool(device)
+        try:
+            features = ethtool.get_features()
+            return bool(features[CHECKSUM_FEATURE]) if CHECKSUM_FEATURE in features else None
+        finally:
+            ethtool.close()
+    except Exception:  # noqa: BLE001 - no ethtool support for this device: "unknown", not a problem
+        return None
+
+
+def udp_socket_inodes(port: int) -> list[int]:
+    """Inodes of UDP sockets bound to `port` in this namespace (/proc/net/udp and udp6)."""
+    inodes = []
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) > 9 and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.append(int(cols[9]))
+    return inodes
+
+
+def socket_owner(inode: int) -> str:
+    """'name (pid N)' of a process holding socket `inode`, or 'a kernel socket' / 'an unknown process'."""
+    if inode == 0:
+        return "a kernel socket"
+    target = f"socket:[{inode}]"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in fds):
+                with open(f"/proc/{pid}/comm") as f:
+                    return f"{f.read().strip()} (pid {pid})"
+        except OSError:
+            continue
+    return "an unknown process"
+
+
+# --- the checks ----------------------------------------------------------------------------------------------
+def check_subnet_env(facts: Facts) -> list[Finding]:
+    if facts.env is None:
+        return [Finding("subnet-env", PROBLEM, facts.env_error,
+                        f"start pyflanneld with -subnet-file {facts.subnet_file} (it writes the file)")]
+    if facts.config and facts.env.network != facts.config.network:
+        return [Finding("subnet-env", PROBLEM, f"FLANNEL_NETWORK={facts.env.network} in {facts.subnet_file} but the "
+                                               f"network config says Network={facts.config.network}: it is stale",
+                        "restart pyflanneld (it rewrites subnet.env), then recreate the containers")]
+    return []
+
+
+def check_etcd(facts: Facts) -> list[Finding]:
+    if facts.etcd_error:
+        health = facts.endpoints[0].rstrip("/") + "/health" if facts.endpoints else "<endpoint>/health"
+        errno_text = re.search(r"\[Errno -?\d+\] [^\"')(]+", facts.etcd_error)
+        why = f"{', '.join(facts.endpoints)}: {errno_text.group(0).strip()}" if errno_text else facts.etcd_error
+        return [Finding("etcd", PROBLEM, f"etcd unreachable at {why}",
+                        f"start etcd or fix -etcd-endpoints; test with: curl {health}")]
+    if facts.config_error:
+        return [Finding("etcd", PROBLEM, facts.config_error,
+                        f"etcdctl set {facts.prefix}/config '{{\"Network\": \"10.5.0.0/16\", "
+                        f"\"Backend\": {{\"Type\": \"vxlan\"}}}}' (with your Network)")]
+    return []
+
+
+def check_lease(facts: Facts) -> list[Finding]:
+    if facts.leases is None or facts.env is None:
+        return [Finding("lease", UNKNOWN, "not checked: " + ("etcd unreachable" if facts.leases is None
+                                                              else "no subnet.env"))]
+    subnet = facts.own_subnet
+    lease = facts.own_lease()
+    restart = "restart pyflanneld (it takes the lease again, the same subnet when free) and check its log"
+    if lease is None:
+        return [Finding("lease", PROBLEM, f"this host's subnet {subnet} (subnet.env) has no lease in etcd", restart)]
+    if lease.expiration is None:
+        return []  # a reservation: no TTL, never expires
+    left = lease.expiration - datetime.now(timezone.utc)
+    if left < facts.margin:
+        minutes = int(facts.margin.total_seconds() // 60)
+        return [Finding("lease", PROBLEM, f"lease {subnet} expires in {max(0, int(left.total_seconds()))} s, "
+                                          f"less than the renew margin ({minutes} min): it is not being renewed",
+                        restart)]
+    return []
+
+
+def check_public_ips(facts: Facts) -> list[Finding]:
+    from pyflannel.daemon.subnets import lease_key
+    if facts.leases is None:
+        return [Finding("public-ip", UNKNOWN, "not checked: etcd unreachable")]
+    by_ip: dict[str, list] = {}
+    for lease in facts.leases:
+        by_ip.setdefault(lease.public_ip, []).append(lease)
+    findings = []
+    for ip, leases in sorted(by_ip.items()):
+        if len(leases) < 2:
+            continue
+        subnets = ", ".join(str(lease.subnet) for lease in leases)
+        others = [lease for lease in leases if lease.subnet != facts.own_subnet] or leases
+        keys = " ".join(f"{facts.prefix}/subnets/{lease_key(lease.subnet)}" for lease in others)
+        findings.append(Finding(
+            "public-ip", PROBLEM, f"{len(leases)} leases have PublicIP {ip} ({subnets}): traffic for all of them "
+                                  f"goes to one host",
+            f"give each host its own -public-ip or -iface, then remove the wrong lease: etcdctl rm {keys}"))
+    return findings
+
+
+def check_routes(facts: Facts) -> list[Finding]:
+    """Routes inside the Network, more specific than it, that are neither ours (proto 77) nor our lease's bridge."""
+    from pyflannel.daemon.netlink import RTPROT_PYFLANNEL
+    network = facts.network
+    if network is None:
+        return [Finding("routes", UNKNOWN, "not checked: the flannel Network is unknown (no subnet.env, no config)")]
+    routes = list(facts.kernel.all_routes())
+    ours = {(r.get("RTA_DST"), r["dst_len"]): r.get("RTA_PRIORITY", 0) for r in routes
+            if r["proto"] == RTPROT_PYFLANNEL}
+    findings = []
+    for r in routes:
+        if r["dst_len"] <= network.prefixlen or r["proto"] == RTPROT_PYFLANNEL:
+            continue
+        dst = ipaddress.IPv4Network(f"{r.get('RTA_DST')}/{r['dst_len']}")
+        if not dst.subnet_of(network):
+            continue
+        if r["proto"] == RTPROT_KERNEL and dst == facts.own_subnet:
+            continue  # our lease's container bridge (connected route)
+        if r.get("RTA_PRIORITY", 0) > ours.get((str(dst.network_address), dst.prefixlen), float("inf")):
+            continue  # same destination as one of ours but a worse metric: ours wins
+        kind = ROUTE_TYPES.get(r["type"], "")
+        via = f" via {r.get('RTA_GATEWAY')}" if r.get("RTA_GATEWAY") else ""
+        dev = _iface_by_index(facts, r.get("RTA_OIF"))
+        spec = " ".join(filter(None, [kind, str(dst)])) + via + (f" dev {dev.name}" if dev else "")
+        proto = PROTO_NAMES.get(r["proto"], str(r["proto"]))
+        findings.append(Finding("routes", PROBLEM, f"route {spec} (proto {proto}) is inside the flannel Network "
+                                                   f"{network} and not pyflannel's: it steals traffic for {dst}",
+                                f"ip route del {spec}"))
+    return findings
+
+
+def check_mtu(facts: Facts) -> list[Finding]:
+    if facts.env is None or facts.backend is None:
+        return [Finding("mtu", UNKNOWN, "not checked: " + ("no subnet.env" if facts.env is None
+                                                            else "backend unknown (no config, no flannel device)"))]
+    env_mtu = facts.env.mtu
+    if facts.backend == "host-gw":
+        lease = facts.own_lease()
+        ext = (_iface_with_ip(facts, lease.public_ip) if lease else None) or _default_route_iface(facts)
+        if ext and ext.mtu != env_mtu:
+            return [Finding("mtu", PROBLEM, f"FLANNEL_MTU={env_mtu} in subnet.env but the external interface "
+                                            f"{ext.name} has MTU {ext.mtu}",
+                            "restart pyflanneld (it rewrites subnet.env), then recreate the containers")]
+        return []
+    index = facts.kernel.link_index(facts.device)
+    if index is None:
+        return [Finding("mtu", PROBLEM, f"{facts.device} does not exist: no VXLAN traffic leaves or reaches "
+                                        f"this host", f"start pyflanneld (it creates {facts.device})")]
+    mtu = facts.kernel.link(index).get("IFLA_MTU")
+    underlay = _iface_by_index(facts, facts.kernel.vxlan_attrs(index).get("IFLA_VXLAN_LINK"))
+    expected, why = env_mtu, f"FLANNEL_MTU={env_mtu} in subnet.env"
+    if underlay:
+        expected, why = underlay.mtu - VXLAN_OVERHEAD, f"{underlay.name} MTU {underlay.mtu} - {VXLAN_OVERHEAD}"
+    findings = []
+    if mtu != expected:
+        findings.append(Finding("mtu", PROBLEM, f"{facts.device} MTU is {mtu}, expected {expected} ({why}; "
+                                                f"FLANNEL_MTU={env_mtu})", f"ip link set {facts.device} mtu {expected}"))
+    if env_mtu != expected:
+        findings.append(Finding("mtu", PROBLEM, f"FLANNEL_MTU={env_mtu} in subnet.env, expected {expected} ({why}): "
+                                                f"containers get the wrong MTU",
+                                "restart pyflanneld (it rewrites subnet.env), then recreate the containers"))
+    return findings
+
+
+def check_offload(facts: Facts) -> list[Finding]:
+    """flannel #1279: VXLAN checksum offload + MASQUERADE --random-fully drops packets (63 s connect delays)."""
+    if facts.backend != "vxlan" or facts.kernel.link_index(facts.device) is None:
+        return []  # no VXLAN device, nothing to offload
+    offload = checksum_offload_on(facts.device)
+    if offload is None:
+        return [Finding("offload", UNKNOWN, f"{CHECKSUM_FEATURE} of {facts.device} is unreadable (ethtool ioctl)")]
+    if not offload:
+        return []
+    nat = iptables_rules("nat")
+    if isinstance(nat, str):
+        return [Finding("offload", UNKNOWN, f"{CHECKSUM_FEATURE} is on; MASQUERADE rules unreadable: {nat}")]
+    random_fully = [r for r in nat if "MASQUERADE" in r and "--random-fully" in r]
+    if not random_fully:
+        return []
+    return [Finding("offload", PROBLEM, f"{CHECKSUM_FEATURE} is on for {facts.device} and MASQUERADE --random-fully "
+                                        f"is used ({shlex.join(random_fully[0])}): the kernel's checksum bug drops "
+                                        f"VXLAN packets (63 s delays)",
+                    f"ethtool -K {facts.device} {CHECKSUM_FEATURE} off")]
+
+
+def _covers_port(spec: str, port: int) -> bool:
+    """iptables port spec ('8472', '8000:9000', multiport '4789,8472') contains `port`."""
+    for part in spec.split(","):
+        lo, sep, hi = part.partition(":")
+        low = int(lo) if lo else 0
+        high = (int(hi) if hi else 65535) if sep else low
+        if low <= port <= high:
+            return True
+    return False
+
+
+def _iface_matches(pattern: str, name: str) -> bool:
+    """iptables -i: a trailing '+' matches every name with that beginning."""
+    return name.startswith(pattern[:-1]) if pattern.endswith("+") else name == pattern
+
+
+PORT_MATCHES = ("--dport", "--dports", "--destination-port", "--destination-ports")
+KNOWN_MATCHES = ("-p", "-s", "-d", "-i", "-m", "--comment", *PORT_MATCHES)
+
+
+def input_verdict(rule: list[str], port: int, underlay: str | None) -> str | None:
+    """'block', 'accept' or None (does not clearly apply) for VXLAN packets (udp dport `port` in on `underlay`).
+
+    `rule` is one `iptables -S INPUT` line as tokens: ['-A', 'INPUT', '-p', 'udp', ..., '-j', 'DROP'].
+    A rule with a match this reader does not know (negation, conntrack, sets, …) does not clearly apply."""
+    for i in range(2, len(rule) - 1, 2):
+        opt, value = rule[i], rule[i + 1]
+        if opt == "-j":
+            return {"DROP": "block", "REJECT": "block", "ACCEPT": "accept"}.get(value)
+        if opt not in KNOWN_MATCHES:
+            return None
+        if opt == "-p" and value not in ("udp", "17"):
+            return None
+        if opt in PORT_MATCHES and not _covers_port(value, port):
+            return None
+        if opt == "-i" and underlay and not _iface_matches(value, underlay):
+            return None
+        if opt == "-m" and value not in ("udp", "multiport", "comment"):
+            return None
+    return None
+
+
+def check_vxlan_port(facts: Facts) -> list[Finding]:
+    if facts.backend != "vxlan":
+        return []
+    port = int(facts.port)
+    findings = []
+    index = facts.kernel.link_index(facts.device)
+    if index is None:
+        for inode in udp_socket_inodes(port):
+            findings.append(Finding("vxlan-port", PROBLEM, f"UDP port {port} (Backend.Port) is taken by "
+                                                           f"{socket_owner(inode)}: {facts.device} cannot be created",
+                                    f"stop that process, or set another Backend.Port in {facts.prefix}/config"))
+    underlay = _iface_by_index(facts, facts.kernel.vxlan_attrs(index).get("IFLA_VXLAN_LINK")) if index else None
+    rules = iptables_rules("filter", "INPUT")
+    if isinstance(rules, str):
+        return findings + [Finding("vxlan-port", UNKNOWN, f"INPUT rules unreadable: {rules}")]
+    for rule in rules:
+        verdict = input_verdict(rule, port, underlay.name if underlay else None)
+        if verdict == "accept":
+            break
+        if verdict == "block":
+            findings.append(Finding("vxlan-port", PROBLEM, f"iptables rule `{shlex.join(rule)}` drops VXLAN "
+                                                           f"(UDP {port}) from the other hosts",
+                                    shlex.join(["iptables", "-D", *rule[1:]])))
+            break
+    return findings
+
+
+CHECKS = [
+    ("subnet-env", "subnet.env exists and parses", check_subnet_env),
+    ("etcd", "etcd answers and holds a valid network config", check_etcd),
+    ("lease", "our lease is in etcd with more than the renew margin left", check_lease),
+    ("public-ip", "no two leases share a PublicIP", check_public_ips),
+    ("routes", "no foreign route inside the flannel Network steals its traffic", check_routes),
+    ("mtu", "flannel device / subnet.env / underlay MTUs agree", check_mtu),
+    ("offload", "no VXLAN checksum offload together with MASQUERADE --random-fully", check_offload),
+    ("vxlan-port", "the VXLAN UDP port is free for us and not dropped by iptables", check_vxlan_port),
+]
+
+
+def diagnose(facts: Facts) -> dict:
+    findings, checks = [], {}
+    for name, _, check in CHECKS:
+        try:
+            found = check(facts)
+        except Exception as e:  # noqa: BLE001 - one broken reader must not hide the other checks
+            found = [Finding(name, UNKNOWN, f"check failed: {type(e).__name__}: {e}")]
+        findings += found
+        checks[name] = PROBLEM if any(f.severity == PROBLEM for f in found) else UNKNOWN if found else "ok"
+    return {"checks": checks, "findings": [asdict(f) for f in findings],
+            "problems": sum(f.severity == PROBLEM for f in findings)}
+
+
+def render(report: dict) -> str:
+    lines = []
+    for name, description, _ in CHECKS:
+        found = [f for f in report["findings"] if f["check"] == name]
+        if not found:
+            lines.append(f"ok       {name:<11} {description}")
+        for f in found:
+            fix = f"  -> fix: {f['fix']}" if f["fix"] else ""
+            lines.append(f"{f['severity'].upper():<8} {name:<11} {f['message']}{fix}")
+    n = report["problems"]
+    lines.append("no problems found" if n == 0 else f"{n} problem{'s' if n > 1 else ''} found")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    report = diagnose(gather(args))
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 1 if report["problems"] else 0

@@ -1,0 +1,137 @@
+"""`pyflannel doctor` on a lab host: clean reports nothing; each planted problem is found, named, and its fix works.
+
+Everything planted lives in the lab's namespaces (routes, MTU, offload, iptables rules, sockets) or the lab's etcd.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.lab import VENV_BIN, wait_until
+
+pytestmark = pytest.mark.lab
+
+
+def doctor(lab, host) -> tuple[int, dict]:
+    done = subprocess.run(["ip", "netns", "exec", host.ns, str(VENV_BIN / "pyflannel"), "doctor", "--json",
+                           "-etcd-endpoints", lab.etcd_url, "-subnet-file", str(host.subnet_file)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def problems(report: dict) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for f in report["findings"]:
+        if f["severity"] == "problem":
+            found.setdefault(f["check"], []).append(f)
+    return found
+
+
+def only_problem(lab, host, check: str) -> dict:
+    """Run doctor; exactly one check reports one problem, exit code 1; that finding is returned."""
+    rc, report = doctor(lab, host)
+    found = problems(report)
+    assert rc == 1 and list(found) == [check] and len(found[check]) == 1, report
+    return found[check][0]
+
+
+def apply_fix(host, finding: dict) -> None:
+    host.sh(*finding["fix"].split())
+
+
+def assert_clean(lab, host) -> None:
+    rc, report = doctor(lab, host)
+    assert rc == 0 and problems(report) == {}, report
+
+
+def test_doctor_finds_each_planted_problem(make_lab):
+    lab = make_lab(2)
+    lab.set_config()
+    for host in lab.hosts:
+        host.start_daemon()
+    h1, h2 = lab.hosts
+
+    rc, report = doctor(lab, h1)
+    assert rc == 0 and report["problems"] == 0 and report["findings"] == [], report
+    assert set(report["checks"].values()) == {"ok"}
+    text = h1.sh(str(VENV_BIN / "pyflannel"), "doctor", "-etcd-endpoints", lab.etcd_url,
+                 "-subnet-file", str(h1.subnet_file))
+    assert "no problems found" in text and "ok       routes" in text
+
+    # 1. a foreign route more specific than the Network steals part of it
+    h1.sh("ip", "route", "add", "10.5.200.0/25", "dev", "eth0")
+    finding = only_problem(lab, h1, "routes")
+    assert "10.5.200.0/25" in finding["message"] and finding["fix"] == "ip route del 10.5.200.0/25 dev eth0"
+    apply_fix(h1, finding)
+    assert_clean(lab, h1)
+
+    # 2. flannel.1's MTU differs from FLANNEL_MTU and from eth0's MTU - 50
+    h1.sh("ip", "link", "set", "flannel.1", "mtu", "1400")
+    finding = only_problem(lab, h1, "mtu")
+    assert "flannel.1 MTU is 1400" in finding["message"] and finding["fix"] == "ip link set flannel.1 mtu 1450"
+    apply_fix(h1, finding)
+    assert_clean(lab, h1)
+
+    # 3. an iptables INPUT rule drops VXLAN
+    h1.sh("iptables", "-A", "INPUT", "-p", "udp", "--dport", "8472", "-j", "DROP")
+    finding = only_problem(lab, h1, "vxlan-port")
+    assert "8472" in finding["message"] and finding["fix"].startswith("iptables -D INPUT -p udp")
+    apply_fix(h1, finding)
+    assert_clean(lab, h1)
+
+    # 4. two leases with one PublicIP (h2's)
+    leases = lab.leases()
+    fake = next(f"10.5.{n}.0-24" for n in range(250, 0, -1) if f"10.5.{n}.0-24" not in leases)
+    value = json.dumps({"PublicIP": h2.ip, "PublicIPv6": None, "BackendType": "vxlan",
+                        "BackendData": {"VNI": 1, "VtepMAC": "02:00:00:00:00:99"}})
+    lab.etcd_request("PUT", f"{lab.prefix_key}/subnets/{fake}", value, ttl=600)
+    finding = only_problem(lab, h1, "public-ip")
+    assert h2.ip in finding["message"] and "etcdctl rm" in finding["fix"]
+    assert finding["fix"].count("/subnets/") == 2  # neither is this host's lease: both named
+    lab.etcd_request("DELETE", f"{lab.prefix_key}/subnets/{fake}")
+    assert_clean(lab, h1)
+
+    # 5. our lease is about to expire (nobody renews a 60 s TTL)
+    own = h1.subnet_env()["FLANNEL_SUBNET"].replace(".1/", ".0-")
+    lab.etcd_request("PUT", f"{lab.prefix_key}/subnets/{own}", lab.leases()[own]["value"], ttl=60)
+    finding = only_problem(lab, h1, "lease")
+    assert "expires in" in finding["message"] and "restart pyflanneld" in finding["fix"]
+
+    # 6. the UDP port taken by another socket where no flannel.1 exists (h2: daemon stopped, device gone)
+    h2.daemon.kill()
+    h2.sh("ip", "link", "del", "flannel.1")
+    squatter = lab.spawn("h2-udp-8472", [sys.executable, "-c", "import socket, time; s = socket.socket("
+                         "socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 8472)); time.sleep(300)"], ns=h2.ns)
+    wait_until("the squatter's socket", lambda: ":2118 " in h2.sh("cat", "/proc/net/udp"))
+    rc, report = doctor(lab, h2)
+    port = problems(report)["vxlan-port"]
+    assert rc == 1 and f"pid {squatter.pid}" in port[0]["message"], report
+    assert "flannel.1 does not exist" in problems(report)["mtu"][0]["message"]
+
+    # 7. etcd is gone: one problem; what needs etcd is "unknown", the kernel checks still run
+    lab.etcd.kill()
+    rc, report = doctor(lab, h1)
+    assert rc == 1 and list(problems(report)) == ["etcd"], report
+    assert "unreachable" in problems(report)["etcd"][0]["message"]
+    assert report["checks"]["lease"] == report["checks"]["public-ip"] == "unknown"
+    assert report["checks"]["routes"] == report["checks"]["mtu"] == "ok"
+
+
+def test_doctor_checksum_offload_with_random_fully(make_lab):
+    lab = make_lab(1)
+    lab.set_config()
+    h1 = lab.hosts[0]
+    h1.start_daemon()
+    toggled = subprocess.run(["ip", "netns", "exec", h1.ns, "ethtool", "-K", "flannel.1", "tx-checksum-ip-generic",
+                              "on"], capture_output=True, text=True)
+    if toggled.returncode != 0:
+        pytest.skip(f"the vxlan driver refuses the offload toggle: {toggled.stderr.strip()}")
+    assert_clean(lab, h1)  # offload alone is fine
+    h1.sh("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.5.0.0/16", "-j", "MASQUERADE", "--random-fully")
+    finding = only_problem(lab, h1, "offload")
+    assert "--random-fully" in finding["message"]
+    assert finding["fix"] == "ethtool -K flannel.1 tx-checksum-ip-generic off"
+    apply_fix(h1, finding)
+    assert_clean(lab, h1)
