@@ -307,6 +307,17 @@ class Lab:
             subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
         return tar
 
+    def start_network(self, config: dict | None = None, containers_per_host: int = 1) -> "Lab":
+        """The usual set-up: network config, pyflanneld on every host, then a bridge and containers on each."""
+        self.set_config(config)
+        for host in self.hosts:
+            host.start_daemon()
+        for host in self.hosts:
+            host.add_bridge()
+            for _ in range(containers_per_host):
+                host.add_container()
+        return self
+
     # --- etcd, seen from the switch namespace ----------------------------------------------------------------
     def etcd_get(self, path: str) -> dict:
         with inside(self.switch):

@@ -19,16 +19,6 @@ pytestmark = pytest.mark.lab
 OUTAGE_SECONDS = float(os.environ.get("PYFLANNEL_ETCD_OUTAGE_SECONDS", "60"))
 
 
-def two_hosts_with_containers(make_lab, hosts=2):
-    lab = make_lab(hosts)
-    lab.set_config()
-    for host in lab.hosts:
-        host.start_daemon()
-        host.add_bridge()
-        host.add_container()
-    return lab
-
-
 def start_ping(src_ns: str, dst_ip: str, interval: float, seconds: float) -> subprocess.Popen:
     return subprocess.Popen(["ip", "netns", "exec", src_ns, "ping", "-i", str(interval), "-w", str(int(seconds)),
                              "-W", "1", dst_ip], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -42,7 +32,7 @@ def ping_result(process: subprocess.Popen) -> tuple[int, int]:
 
 
 def test_etcd_outage_loses_no_packets_and_the_watch_resumes(make_lab):
-    lab = two_hosts_with_containers(make_lab)
+    lab = make_lab(2).start_network()
     h1, h2 = lab.hosts
     pinger = start_ping(h1.containers[0].ns, h2.containers[0].ip, 0.2, OUTAGE_SECONDS + 8)
     time.sleep(2)
@@ -72,7 +62,7 @@ def test_etcd_outage_loses_no_packets_and_the_watch_resumes(make_lab):
 
 
 def test_daemon_sigkill_under_traffic_keeps_subnet_mac_and_traffic(make_lab):
-    lab = two_hosts_with_containers(make_lab)
+    lab = make_lab(2).start_network()
     h1, h2 = lab.hosts
     subnet, mac = h1.subnet_env()["FLANNEL_SUBNET"], h1.sh("cat", "/sys/class/net/flannel.1/address")
     pinger = start_ping(h2.containers[0].ns, h1.containers[0].ip, 0.1, 8)

@@ -17,15 +17,7 @@ MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 def start_hosts(make_lab, backend: dict, hosts: int = 3):
-    lab = make_lab(hosts)
-    lab.set_config({"Network": "10.5.0.0/16", "Backend": backend})
-    for host in lab.hosts:
-        host.start_daemon()
-    for host in lab.hosts:
-        host.add_bridge()
-        host.add_container()
-        host.add_container()
-    return lab
+    return make_lab(hosts).start_network({"Network": "10.5.0.0/16", "Backend": backend}, containers_per_host=2)
 
 
 def kernel_entries(host) -> dict:
