@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: system-deps install
-	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -ra -rP $(PYTEST_ARGS)
 
 test-unit: install
 	$(VENV)/bin/pytest -ra -m "not lab" $(PYTEST_ARGS)
