@@ -38,8 +38,17 @@ def reply(body: dict, status: int = 200) -> Response:
 
 def _body():
     """The request's JSON (Docker sends no Content-Type); None if the body is empty; ValidationError if garbage."""
+    too_large = ValidationError("", f"request body is larger than {v.MAX_BODY_BYTES} bytes")
     if request.content_length is not None and request.content_length > v.MAX_BODY_BYTES:
-        raise ValidationError("", f"request body is larger than {v.MAX_BODY_BYTES} bytes")
+        raise too_large
+    try:
+        data = request.get_data(cache=True)
+    except HTTPException:
+        raise  # e.g. the client went away: 400
+    except Exception as e:  # noqa: BLE001 - the server cannot parse the body (gunicorn: a malformed chunk)
+        raise ValidationError("", f"request body cannot be read: {e}") from None
+    if len(data) > v.MAX_BODY_BYTES:  # a chunked body (no Content-Length)
+        raise too_large
     try:
         body = request.get_json(force=True, silent=True)
     except RecursionError:
@@ -61,6 +70,13 @@ def create_app(state_dir: str = DEFAULT_STATE_DIR, subnet_file: str = subnetenv.
         network.reconcile()
 
     empty = lambda fn: (lambda body: fn())  # noqa: E731 - methods whose body Docker leaves empty (not even parsed)
+
+    def nothing_to_do(answer: dict):
+        def handler(body):
+            v.body_object(body)  # still refuse a body that is not a JSON object, like every other call
+            return answer
+        return handler
+
     handlers = {
         "Plugin.Activate": empty(lambda: {"Implements": ["NetworkDriver", "IpamDriver"]}),
 
@@ -77,10 +93,10 @@ def create_app(state_dir: str = DEFAULT_STATE_DIR, subnet_file: str = subnetenv.
         "NetworkDriver.RevokeExternalConnectivity":
             lambda b: network.revoke_external_connectivity(v.endpoint_ref(b)),
         # Only sent for ConnectivityScope global / swarm managers; nothing to do, flannel spreads the routes.
-        "NetworkDriver.DiscoverNew": lambda b: {},
-        "NetworkDriver.DiscoverDelete": lambda b: {},
-        "NetworkDriver.AllocateNetwork": lambda b: {"Options": {}},
-        "NetworkDriver.FreeNetwork": lambda b: {},
+        "NetworkDriver.DiscoverNew": nothing_to_do({}),
+        "NetworkDriver.DiscoverDelete": nothing_to_do({}),
+        "NetworkDriver.AllocateNetwork": nothing_to_do({"Options": {}}),
+        "NetworkDriver.FreeNetwork": nothing_to_do({}),
 
         "IpamDriver.GetCapabilities": empty(ipam.capabilities),
         "IpamDriver.GetDefaultAddressSpaces": empty(ipam.default_address_spaces),
@@ -91,10 +107,11 @@ def create_app(state_dir: str = DEFAULT_STATE_DIR, subnet_file: str = subnetenv.
     }
 
     app = Flask("pyflannel.driver")
-    app.config["MAX_CONTENT_LENGTH"] = v.MAX_BODY_BYTES
+    # werkzeug silently cuts a chunked body off at this length: one byte more tells _body() that it was too large
+    app.config["MAX_CONTENT_LENGTH"] = v.MAX_BODY_BYTES + 1
     app.extensions["pyflannel"] = {"store": store, "network": network, "ipam": ipam, "lease": lease}
 
-    @app.post("/<method>")
+    @app.post("/<method>", provide_automatic_options=False)  # OPTIONS too gets a JSON 405, not Flask's empty 200
     def call(method: str):
         handler = handlers.get(method)
         if handler is None:

@@ -28,8 +28,8 @@ OPT_PORTMAP = "com.docker.network.portmap"
 REQUEST_ADDRESS_TYPE = "RequestAddressType"
 GATEWAY_TYPE = "com.docker.network.gateway"
 
-_ID = re.compile(r"^[0-9A-Za-z]{12,128}$")
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_ID = re.compile(r"[0-9A-Za-z]{12,128}")   # always fullmatch: "$" would accept a trailing newline
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 
 # --- primitive checks ---------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def string_map(obj: dict, key: str, path: str) -> dict[str, str]:
 
 def object_id(obj: dict, key: str) -> str:
     value = string(obj, key, key)
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise ValidationError(key, f"must be a Docker object id (12-128 letters and digits), got {value[:80]!r}")
     return value
 
@@ -123,7 +123,7 @@ def ipv4_address(value: str, path: str) -> ipaddress.IPv4Address:
 
 
 def mac_address(value: str, path: str) -> str:
-    if not _MAC.match(value):
+    if not _MAC.fullmatch(value):
         raise ValidationError(path, f"must be a MAC address like 02:42:0a:05:22:07, got {value[:80]!r}")
     return value.lower()
 
@@ -171,10 +171,13 @@ def _ipam_list(body: dict, key: str) -> list:
 
 
 def mtu_value(value: Any, path: str) -> int:
-    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
-    if text is None or not text.isdigit() or not 68 <= int(text) <= 65535:
-        raise ValidationError(path, f"must be an MTU between 68 and 65535, got {value!r}")
-    return int(text)
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    # ASCII digits only, like Docker's strconv.Atoi (str.isdigit() takes "²" and other scripts' digits, which int()
+    # refuses or reads as ASCII); short enough for int(), leading zeros allowed.
+    digits = text.lstrip("0")
+    if not (text.isascii() and text.isdigit()) or len(digits) > 5 or not 68 <= int(digits or "0") <= 65535:
+        raise ValidationError(path, f"must be an MTU between 68 and 65535, got {repr(value)[:80]}")
+    return int(digits)
 
 
 def create_network(body: Any) -> CreateNetwork:
