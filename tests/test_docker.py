@@ -98,8 +98,15 @@ def test_driver_killed_and_restarted_changes_nothing_for_running_containers(over
     h1.docker("run", "-d", "--name", "kept", "--network", "overlay0", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www")
     kept_ip = container_ip(h1, "kept")
     links_before = our_links(h1)
+    pinger = h2.docker("run", "-d", "--network", "overlay0", IMAGE, "ping", "-c", "40", "-i", "0.1", kept_ip).strip()
+    time.sleep(1)
     h1.driver.kill(signal.SIGKILL)
     h1.start_driver()
+    wait_until("pinger done", lambda: h2.docker("inspect", "-f", "{{.State.Running}}", pinger).strip() == "false",
+               timeout=20)
+    summary = h2.docker("logs", pinger)
+    assert "40 packets transmitted, 40 packets received" in summary, summary
+    print("\npyflannel-driver SIGKILLed and restarted under traffic: 40/40 pings to a running container answered")
     out = h2.docker("run", "--rm", "--network", "overlay0", IMAGE, "wget", "-O-", f"http://{kept_ip}/")
     assert HELLO in out
     h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "ping", "-c", "1", "-W", "2", kept_ip)
