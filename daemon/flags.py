@@ -23,6 +23,11 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def endpoint_list(text: str) -> list[str]:
+    """-etcd-endpoints' comma-separated URLs."""
+    return [e.strip() for e in text.split(",") if e.strip()]
+
+
 def _port(text: str) -> int:
     if not str(text).isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port from 0 to 65535")
@@ -121,8 +126,7 @@ def parse(argv: list[str], env: dict | None = None) -> Flags:
         dest = name.replace("-", "_")
         if values[dest] is None:
             values[dest] = [s for s in env.get(env_name(name), "").split(",") if s]
-    endpoints = values["etcd_endpoints"]
-    values["etcd_endpoints"] = [e.strip() for e in endpoints.split(",") if e.strip()]
+    values["etcd_endpoints"] = endpoint_list(values["etcd_endpoints"])
     if not values["etcd_endpoints"]:
         parser.error("argument -etcd-endpoints: no URL given")
     if bool(values["etcd_certfile"]) != bool(values["etcd_keyfile"]):

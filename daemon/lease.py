@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 

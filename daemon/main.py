@@ -18,7 +18,7 @@ from . import backend as backends
 from . import config as netconfig
 from . import flags as cli_flags
 from . import iface, masq
-from .errors import ConfigError, UserError
+from .errors import UserError
 from .health import Health, serve
 from .lease import LeaseManager, LeaseWatcher
 from .netlink import Kernel
@@ -33,23 +33,19 @@ WATCH_POLL_SECONDS = 30.0
 MAX_BACKOFF = 10.0
 
 
-def with_backoff(what: str, fn, health: Health | None = None, stop: threading.Event | None = None):
-    """Call fn until the store answers, saying what failed and when it is tried again."""
+def with_backoff(what: str, fn, health: Health, stop: threading.Event):
+    """Call fn until the store answers, saying what failed and when it is tried again; SystemExit on stop."""
     delay = 0.5
     while True:
         try:
             result = fn()
-            if health:
-                health.etcd_ok = True
+            health.etcd_ok = True
             return result
         except StoreError as e:
-            if health:
-                health.etcd_ok = False
+            health.etcd_ok = False
             log.warning("%s: %s; retrying in %.1fs", what, e, delay)
-        if stop is not None and stop.wait(delay):
+        if stop.wait(delay):
             raise SystemExit(0)
-        if stop is None:
-            time.sleep(delay)
         delay = min(delay * 2, MAX_BACKOFF)
 
 
@@ -59,9 +55,7 @@ class Daemon:
         self.stop = threading.Event()
         self.events: queue.Queue = queue.Queue()
         self.health = Health()
-        self.store = EtcdV2Store(flags.etcd_endpoints, flags.etcd_prefix, certfile=flags.etcd_certfile,
-                                 keyfile=flags.etcd_keyfile, cafile=flags.etcd_cafile,
-                                 username=flags.etcd_username, password=flags.etcd_password)
+        self.store = EtcdV2Store.from_flags(flags)
         self.kernel = Kernel()
 
     # --- start-up --------------------------------------------------------------------------------------------
@@ -205,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon.start()
         daemon.run()
-    except (UserError, ConfigError) as e:
+    except UserError as e:
         log.error("%s", e)
         return 1
     except KeyboardInterrupt:

@@ -14,10 +14,11 @@ from pyflannel import subnetenv
 
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
-    from pyflannel.daemon.flags import FLAGS, env_name
+    from pyflannel.daemon.flags import FLAGS, endpoint_list, env_name
     for name, kind, default, _, text in FLAGS:
         if name.startswith("etcd-") or name == "subnet-file":
             parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"),
+                                type=endpoint_list if name == "etcd-endpoints" else str,
                                 default=os.environ.get(env_name(name), default), help=text)
 
 
@@ -45,9 +46,7 @@ def collect(args) -> dict:
     report["routes"] = [f"{r.dst} via {r.gateway}{' onlink' if r.onlink else ''}" for r in sorted(
         routes, key=lambda r: int(r.dst.network_address))]
     try:
-        store = EtcdV2Store([e for e in args.etcd_endpoints.split(",") if e], args.etcd_prefix,
-                            certfile=args.etcd_certfile, keyfile=args.etcd_keyfile, cafile=args.etcd_cafile,
-                            username=args.etcd_username, password=args.etcd_password)
+        store = EtcdV2Store.from_flags(args)
         leases, _ = store.leases()
         report["host"]["etcd"] = "reachable"
     except (StoreError, ValueError) as e:

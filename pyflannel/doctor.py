@@ -87,16 +87,14 @@ def gather(args) -> Facts:
     from pyflannel.daemon.store.base import LeaseNotFound, StoreError
     from pyflannel.daemon.store.etcdv2 import EtcdV2Store
 
-    facts = Facts(args.subnet_file, [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()],
+    facts = Facts(args.subnet_file, args.etcd_endpoints,
                   args.etcd_prefix.rstrip("/"), timedelta(minutes=args.subnet_lease_renew_margin), kernel=Kernel())
     try:
         facts.env = subnetenv.read(args.subnet_file)
     except subnetenv.SubnetEnvError as e:
         facts.env_error = str(e)
     try:
-        store = EtcdV2Store(facts.endpoints, facts.prefix, certfile=args.etcd_certfile, keyfile=args.etcd_keyfile,
-                            cafile=args.etcd_cafile, username=args.etcd_username, password=args.etcd_password,
-                            timeout=3.0)
+        store = EtcdV2Store.from_flags(args, timeout=3.0)
         facts.leases, _ = store.leases()
         facts.config = netconfig.parse(store.network_config())
     except LeaseNotFound:

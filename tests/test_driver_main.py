@@ -17,6 +17,7 @@ import pytest
 from pyroute2 import netns as pr_netns
 
 from tests.driver_support import LEASE, link, network_request, write_subnet_env
+from tests.lab import inside
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -52,13 +53,6 @@ def ns():
         pr_netns.remove(name)
 
 
-@contextlib.contextmanager
-def inside(name: str):
-    pr_netns.pushns(name)
-    try:
-        yield
-    finally:
-        pr_netns.popns()
 
 
 def driver_argv(ns: str, *args: str) -> list[str]:

@@ -5,7 +5,7 @@ import abc
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterator
+
 
 from ..subnets import IPv4Network
 

@@ -57,6 +57,13 @@ class EtcdV2Store(Store):
         self.client = self._new_client()
         self._watch_client = self._new_client()
 
+    @classmethod
+    def from_flags(cls, flags, timeout: float = 5.0) -> "EtcdV2Store":
+        """The store the -etcd-* flags describe (pyflanneld's, and `pyflannel status` / `doctor`'s)."""
+        return cls(flags.etcd_endpoints, flags.etcd_prefix, certfile=flags.etcd_certfile, keyfile=flags.etcd_keyfile,
+                   cafile=flags.etcd_cafile, username=flags.etcd_username, password=flags.etcd_password,
+                   timeout=timeout)
+
     def _new_client(self):
         return etcd.Client(**self._kw)
 
