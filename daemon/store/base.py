@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
-
 from ..subnets import IPv4Network
 
 LEASE_TTL_SECONDS = 24 * 3600
