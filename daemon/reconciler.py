@@ -7,7 +7,8 @@ it removes entries of peers that vanished while we were down and restores entrie
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from .backend import Backend, PeerEntries
@@ -20,11 +21,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Repairs:
-    added: int = 0
-    removed: int = 0
+    """Entries a full reconcile changed, by kind: "route", "neighbor", "fdb"."""
+    added: Counter = field(default_factory=Counter)
+    removed: Counter = field(default_factory=Counter)
 
     def __bool__(self):
-        return bool(self.added or self.removed)
+        return any(self.added.values()) or any(self.removed.values())
 
 
 def _attempt(what: str, fn, item) -> bool:
@@ -102,14 +104,14 @@ class Reconciler:
         have_fdb = k.fdb(index) if index else set()
 
         # Stale first (route, FDB, neighbor), then missing in flannel's order (neighbor, FDB, route).
-        for what, fn, items in (("delete route", k.delete_route, have_routes - want_routes),
-                                ("delete FDB entry", k.delete_fdb, have_fdb - want_fdb),
-                                ("delete neighbor", k.delete_neighbor, have_neigh - want_neigh)):
-            repairs.removed += sum(_attempt(what, fn, item) for item in items)
-        for what, fn, items in (("add neighbor", k.add_neighbor, want_neigh - have_neigh),
-                                ("add FDB entry", k.add_fdb, want_fdb - have_fdb),
-                                ("add route", k.add_route, want_routes - have_routes)):
-            repairs.added += sum(_attempt(what, fn, item) for item in items)
+        for kind, fn, items in (("route", k.delete_route, have_routes - want_routes),
+                                ("fdb", k.delete_fdb, have_fdb - want_fdb),
+                                ("neighbor", k.delete_neighbor, have_neigh - want_neigh)):
+            repairs.removed[kind] += sum(_attempt(f"delete {kind}", fn, item) for item in items)
+        for kind, fn, items in (("neighbor", k.add_neighbor, want_neigh - have_neigh),
+                                ("fdb", k.add_fdb, want_fdb - have_fdb),
+                                ("route", k.add_route, want_routes - have_routes)):
+            repairs.added[kind] += sum(_attempt(f"add {kind}", fn, item) for item in items)
         if repairs:
-            log.info("reconcile: %d entries added, %d removed", repairs.added, repairs.removed)
+            log.info("reconcile: entries added %s, removed %s", dict(+repairs.added), dict(+repairs.removed))
         return repairs
