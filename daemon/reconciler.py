@@ -113,5 +113,5 @@ class Reconciler:
                                 ("route", k.add_route, want_routes - have_routes)):
             repairs.added[kind] += sum(_attempt(f"add {kind}", fn, item) for item in items)
         if repairs:
-            log.info("reconcile: entries added %s, removed %s", dict(+repairs.added), dict(+repairs.removed))
+            log.info("reconcile: %d entries added, %d removed", repairs.added.total(), repairs.removed.total())
         return repairs
