@@ -35,6 +35,7 @@ class LeaseManager:
         self.rng = rng or random.Random()
         self.clock = clock
         self.lease: Lease | None = None
+        self.listing: tuple[list[Lease], int] = ([], 0)  # the last listing acquire read: leases, etcd position
 
     def _ours(self, subnet: IPv4Network, previous: Lease | None = None) -> Lease:
         extra = previous.extra if previous else {}
@@ -43,7 +44,7 @@ class LeaseManager:
     def acquire(self, preferred: IPv4Network | None = None) -> Lease:
         """flannel's order: our PublicIP's lease, then `preferred` (the old subnet file's) if free, then random."""
         for _ in range(CAS_ATTEMPTS):
-            leases, _ = self.store.leases()
+            leases, _ = self.listing = self.store.leases()
             mine = [lease for lease in leases if lease.public_ip == self.public_ip and _fits(lease.subnet, self.config)]
             if mine:
                 existing = mine[0]

@@ -89,7 +89,7 @@ class Daemon:
         with_backoff("acquiring a lease", lambda: self.leases.acquire(preferred), self.health, self.stop)
         self.use_lease()
         self.reconciler = Reconciler(self.kernel, self.backend)
-        peers, position = with_backoff("listing leases", self.store.leases, self.health, self.stop)
+        peers, position = self.leases.listing  # our own lease, written after it, comes as a watch event
         self.watcher = LeaseWatcher(self.store, {p.subnet: p for p in peers}, position)
         self.reconciler.reconcile(self.peers())
         self.health.programmed = True

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
+import struct
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NLMSG_ERROR
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWNEIGH, RTM_NEWROUTE
+from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.ndmsg import states as nud_states
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from .errors import UserError
 
@@ -22,6 +28,10 @@ MAIN_TABLE = 254
 RTNH_F_ONLINK = 4
 NUD_PERMANENT = nud_states["permanent"]
 NTF_SELF = 2
+RTN_UNICAST = 1
+NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence number, port id
+ACK_TIMEOUT = 5.0  # seconds; the kernel answers in microseconds, this only keeps a lost ack from hanging us
+BATCH = 256  # requests sent before their acks are read (the acks must fit the socket's receive buffer)
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,13 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Change:
+    """Add (replace) or delete one kernel entry."""
+    add: bool
+    entry: Neighbor | FdbEntry | Route
+
+
+@dataclass(frozen=True)
 class Interface:
     name: str
     index: int
@@ -57,6 +74,8 @@ class Interface:
 class Kernel:
     def __init__(self, ipr: IPRoute | None = None):
         self.ipr = ipr or IPRoute()
+        self._batch_socket: socket.socket | None = None
+        self._sequence = 1
 
     # --- links -----------------------------------------------------------------------------------------------
     def interfaces(self) -> list[Interface]:
@@ -129,22 +148,10 @@ class Kernel:
                 for n in self.ipr.neigh("dump", ifindex=ifindex, family=socket.AF_INET)
                 if n["state"] & NUD_PERMANENT and n.get("NDA_LLADDR")}
 
-    def add_neighbor(self, n: Neighbor) -> None:
-        self.ipr.neigh("replace", dst=n.ip, lladdr=n.mac, ifindex=n.ifindex, state=NUD_PERMANENT)
-
-    def delete_neighbor(self, n: Neighbor) -> None:
-        self._ignore_missing(self.ipr.neigh, "del", dst=n.ip, lladdr=n.mac, ifindex=n.ifindex)
-
     def fdb(self, ifindex: int) -> set[FdbEntry]:
         return {FdbEntry(ifindex, f.get("NDA_LLADDR"), f.get("NDA_DST"))
                 for f in self.ipr.fdb("dump", ifindex=ifindex)
                 if f.get("NDA_DST") and f.get("NDA_LLADDR") != "00:00:00:00:00:00"}
-
-    def add_fdb(self, e: FdbEntry) -> None:
-        self.ipr.fdb("replace", ifindex=e.ifindex, lladdr=e.mac, dst=e.dst, state=NUD_PERMANENT, flags=NTF_SELF)
-
-    def delete_fdb(self, e: FdbEntry) -> None:
-        self._ignore_missing(self.ipr.fdb, "del", ifindex=e.ifindex, lladdr=e.mac, dst=e.dst)
 
     # --- routes ----------------------------------------------------------------------------------------------
     def routes(self) -> set[Route]:
@@ -160,18 +167,70 @@ class Kernel:
     def all_routes(self):
         return self.ipr.route("dump", family=socket.AF_INET, table=MAIN_TABLE)
 
-    def add_route(self, r: Route) -> None:
-        self.ipr.route("replace", dst=str(r.dst), gateway=r.gateway, oif=r.oif, proto=RTPROT_PYFLANNEL,
-                       flags=RTNH_F_ONLINK if r.onlink else 0, table=MAIN_TABLE)
+    # --- batched changes ------------------------------------------------------------------------------------
+    def apply(self, changes: list[Change]) -> list[tuple[Change, OSError]]:
+        """Make many changes with up to BATCH requests in flight, instead of one round trip each.
 
-    def delete_route(self, r: Route) -> None:
-        self._ignore_missing(self.ipr.route, "del", dst=str(r.dst), gateway=r.gateway, oif=r.oif,
-                             proto=RTPROT_PYFLANNEL, table=MAIN_TABLE)
-
-    @staticmethod
-    def _ignore_missing(fn, *args, **kwargs):
+        Returns the changes the kernel refused (each with its error); deleting something already gone is no error.
+        """
+        if self._batch_socket is None:
+            self._batch_socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            self._batch_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self._batch_socket.bind((0, 0))
+            self._batch_socket.settimeout(ACK_TIMEOUT)
+        failed = []
         try:
-            fn(*args, **kwargs)
-        except NetlinkError as e:
-            if e.code not in (errno.ENOENT, errno.ESRCH, errno.ENODEV):
-                raise
+            for start in range(0, len(changes), BATCH):
+                chunk = changes[start:start + BATCH]
+                first = self._sequence
+                self._sequence = (first + len(chunk)) & 0xFFFFFFF
+                self._batch_socket.sendall(b"".join(_request(change, first + i) for i, change in enumerate(chunk)))
+                for i, code in self._acks(first, len(chunk)):
+                    change = chunk[i]
+                    if code and (change.add or code not in (errno.ENOENT, errno.ESRCH, errno.ENODEV)):
+                        failed.append((change, OSError(code, os.strerror(code))))
+        except OSError:
+            self._batch_socket.close()  # a fresh socket next time: no stale acks
+            self._batch_socket = None
+            raise
+        return failed
+
+    def _acks(self, first: int, count: int):
+        """(position in the chunk, errno) of the acks to the `count` requests numbered from `first`."""
+        remaining = count
+        while remaining:
+            data = self._batch_socket.recv(1 << 16)
+            offset = 0
+            while offset < len(data):
+                length, kind, _, seq, _ = NLMSG_HEADER.unpack_from(data, offset)
+                if length < NLMSG_HEADER.size:
+                    break  # malformed: the rest of this datagram cannot be walked
+                if kind == NLMSG_ERROR and 0 <= seq - first < count:
+                    yield seq - first, -struct.unpack_from("i", data, offset + NLMSG_HEADER.size)[0]
+                    remaining -= 1
+                offset += (length + 3) & ~3
+
+
+def _request(change: Change, seq: int) -> bytes:
+    """One encoded rtnetlink request (pyroute2's message classes) asking for an ack."""
+    entry = change.entry
+    if isinstance(entry, Route):
+        msg = rtmsg()
+        msg["family"], msg["dst_len"], msg["table"] = socket.AF_INET, entry.dst.prefixlen, MAIN_TABLE
+        msg["proto"], msg["type"] = RTPROT_PYFLANNEL, RTN_UNICAST
+        msg["flags"] = RTNH_F_ONLINK if entry.onlink else 0
+        msg["attrs"] = [("RTA_DST", str(entry.dst.network_address)), ("RTA_GATEWAY", entry.gateway),
+                        ("RTA_OIF", entry.oif)]
+        kind = RTM_NEWROUTE if change.add else RTM_DELROUTE
+    else:
+        is_fdb = isinstance(entry, FdbEntry)
+        msg = ndmsg()
+        msg["family"] = socket.AF_BRIDGE if is_fdb else socket.AF_INET
+        msg["ifindex"], msg["state"], msg["flags"] = entry.ifindex, NUD_PERMANENT, NTF_SELF if is_fdb else 0
+        msg["attrs"] = [("NDA_DST", entry.dst if is_fdb else entry.ip), ("NDA_LLADDR", entry.mac)]
+        kind = RTM_NEWNEIGH if change.add else RTM_DELNEIGH
+    msg["header"]["type"] = kind
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_REPLACE if change.add else 0)
+    msg["header"]["sequence_number"] = seq
+    msg.encode()
+    return msg.data

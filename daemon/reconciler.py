@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .backend import Backend, PeerEntries
-from .netlink import Kernel
+from .netlink import Change, FdbEntry, Kernel, Neighbor, Route
 from .store.base import Lease
 from .subnets import IPv4Network
 
@@ -29,14 +29,7 @@ class Repairs:
         return any(self.added.values()) or any(self.removed.values())
 
 
-def _attempt(what: str, fn, item) -> bool:
-    """Run one kernel change; a failure is logged and does not stop the others."""
-    try:
-        fn(item)
-        return True
-    except Exception as e:  # noqa: BLE001 - every entry is attempted even if another fails
-        log.warning("could not %s %s: %s", what, item, e)
-        return False
+KINDS = {Route: "route", Neighbor: "neighbor", FdbEntry: "fdb"}
 
 
 class Reconciler:
@@ -51,39 +44,46 @@ class Reconciler:
         old = self.programmed.get(lease.subnet)
         if old == entries:
             return
-        if old is not None:
-            self._remove(old, keep=entries)
+        changes = self._removals(old, keep=entries) if old is not None else []
         if entries is None:
+            self._apply(changes)
             self.programmed.pop(lease.subnet, None)
             log.info("peer %s (%s, %s) is not reachable with this backend", lease.subnet, lease.public_ip,
                      lease.backend_type)
             return
-        self._add(entries)
+        self._apply(changes + self._additions(entries))
         self.programmed[lease.subnet] = entries
         log.info("peer %s via %s programmed", lease.subnet, lease.public_ip)
 
     def remove_peer(self, subnet: IPv4Network) -> None:
         old = self.programmed.pop(subnet, None)
         if old is not None:
-            self._remove(old)
+            self._apply(self._removals(old))
             log.info("peer %s removed", subnet)
 
-    def _add(self, e: PeerEntries) -> None:
-        k = self.kernel
-        if e.neighbor:
-            _attempt("add neighbor", k.add_neighbor, e.neighbor)
-        if e.fdb:
-            _attempt("add FDB entry", k.add_fdb, e.fdb)
-        _attempt("add route", k.add_route, e.route)
+    def _apply(self, changes: list[Change]) -> list[Change]:
+        """Make the changes in one batch; a refused one is logged and does not stop the others. Returns those made."""
+        try:
+            refused = self.kernel.apply(changes)
+        except OSError as e:
+            log.warning("could not make %d kernel changes: %s", len(changes), e)
+            return []
+        for change, error in refused:
+            log.warning("could not %s %s %s: %s", "add" if change.add else "delete", KINDS[type(change.entry)],
+                        change.entry, error)
+        failed = {change for change, _ in refused}
+        return [change for change in changes if change not in failed]
 
-    def _remove(self, e: PeerEntries, keep: PeerEntries | None = None) -> None:
-        k = self.kernel
-        if keep is None or keep.route != e.route:
-            _attempt("delete route", k.delete_route, e.route)
-        if e.fdb and (keep is None or keep.fdb != e.fdb):
-            _attempt("delete FDB entry", k.delete_fdb, e.fdb)
-        if e.neighbor and (keep is None or keep.neighbor != e.neighbor):
-            _attempt("delete neighbor", k.delete_neighbor, e.neighbor)
+    @staticmethod
+    def _additions(e: PeerEntries) -> list[Change]:
+        """In flannel's order: neighbor, FDB, route."""
+        return [Change(True, entry) for entry in (e.neighbor, e.fdb, e.route) if entry]
+
+    @staticmethod
+    def _removals(e: PeerEntries, keep: PeerEntries | None = None) -> list[Change]:
+        """Route, FDB, neighbor; entries that `keep` still needs stay."""
+        kept = {keep.route, keep.fdb, keep.neighbor} if keep else set()
+        return [Change(False, entry) for entry in (e.route, e.fdb, e.neighbor) if entry and entry not in kept]
 
     # --- full diff -------------------------------------------------------------------------------------------
     def reconcile(self, peers: Iterable[Lease]) -> Repairs:
@@ -104,14 +104,12 @@ class Reconciler:
         have_fdb = k.fdb(index) if index else set()
 
         # Stale first (route, FDB, neighbor), then missing in flannel's order (neighbor, FDB, route).
-        for kind, fn, items in (("route", k.delete_route, have_routes - want_routes),
-                                ("fdb", k.delete_fdb, have_fdb - want_fdb),
-                                ("neighbor", k.delete_neighbor, have_neigh - want_neigh)):
-            repairs.removed[kind] += sum(_attempt(f"delete {kind}", fn, item) for item in items)
-        for kind, fn, items in (("neighbor", k.add_neighbor, want_neigh - have_neigh),
-                                ("fdb", k.add_fdb, want_fdb - have_fdb),
-                                ("route", k.add_route, want_routes - have_routes)):
-            repairs.added[kind] += sum(_attempt(f"add {kind}", fn, item) for item in items)
+        changes = [Change(False, entry) for entry in (*(have_routes - want_routes), *(have_fdb - want_fdb),
+                                                      *(have_neigh - want_neigh))]
+        changes += [Change(True, entry) for entry in (*(want_neigh - have_neigh), *(want_fdb - have_fdb),
+                                                      *(want_routes - have_routes))]
+        for change in self._apply(changes):
+            (repairs.added if change.add else repairs.removed)[KINDS[type(change.entry)]] += 1
         if repairs:
             log.info("reconcile: %d entries added, %d removed", repairs.added.total(), repairs.removed.total())
         return repairs

@@ -36,10 +36,15 @@ def candidates(subnet_min: IPv4Network, subnet_max: IPv4Network) -> Iterator[IPv
 def pick_free(subnet_min: IPv4Network, subnet_max: IPv4Network, taken: Iterable[IPv4Network],
               rng: random.Random | None = None, limit: int = 100) -> IPv4Network | None:
     """flannel's choice: one at random among the first `limit` free subnets, or None when all are taken."""
-    taken = list(taken)
+    same_size, other = set(), []
+    for t in taken:  # aligned subnets of one size overlap only when equal: a set lookup, not a scan
+        if t.prefixlen == subnet_min.prefixlen:
+            same_size.add(t)
+        else:
+            other.append(t)
     free = []
     for subnet in candidates(subnet_min, subnet_max):
-        if not any(subnet.overlaps(t) for t in taken):
+        if subnet not in same_size and not any(subnet.overlaps(t) for t in other):
             free.append(subnet)
             if len(free) == limit:
                 break
