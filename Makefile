@@ -7,7 +7,13 @@ APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iptables ethtool \
                 containernetworking-plugins docker-compose python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-unit test-lab demo demo-down bench clean
+.PHONY: install system-deps test test-unit test-lab demo demo-down bench clean plugin images cni
+
+# The managed Docker plugin (build/plugin/pyflannel: config.json + rootfs) and the same rootfs as a tar for the
+# compose image; rebuilt only when a source file changed.
+PLUGIN_OUT := build/plugin
+PLUGIN_SOURCES := $(shell find daemon driver pyflannel plugin -name '*.py') config.json pyproject.toml
+DOCKER ?= /usr/bin/docker
 
 # apt packages the tests and the demo use; skipped when all are present already.
 system-deps:
@@ -40,5 +46,34 @@ demo-down: install
 bench: system-deps install
 	$(PY) -m bench.run
 
+$(VENV)/.build-installed: pyproject.toml | $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[build]'
+	touch $@
+
+$(PLUGIN_OUT)/pyflannel-rootfs.tar: $(PLUGIN_SOURCES) | $(VENV)/.build-installed
+	$(PY) plugin/build.py --out $(PLUGIN_OUT)
+
+plugin: $(PLUGIN_OUT)/pyflannel-rootfs.tar
+
+# pyflannel:latest in the Docker engine that DOCKER_HOST names (no registry needed), for docker-compose.yml.
+images: plugin
+	$(DOCKER) import --change 'ENV PATH=/usr/bin:/usr/sbin:/bin:/sbin' $(PLUGIN_OUT)/pyflannel-rootfs.tar pyflannel:latest
+
+# The CNI plugin as one pyinstaller binary, dist/cni/pyflannel (its file name is the conflist's "type").
+# pyinstaller cannot see through the editable install, so it works from a plain install in build/cni/site;
+# modules the plugin never imports are left out (smaller binary, faster start).
+CNI_BIN := dist/cni/pyflannel
+CNI_SOURCES := $(shell find cni driver pyflannel -name '*.py') pyproject.toml
+CNI_EXCLUDES := decimal doctest email http pydoc pyexpat xml tkinter unicodedata pyflannel.daemon \
+                flask werkzeug jinja2 gunicorn docker requests urllib3 etcd etcd3gw prometheus_client
+
+$(CNI_BIN): $(CNI_SOURCES) | $(VENV)/.build-installed
+	rm -rf build/cni && $(VENV)/bin/pip install -q --no-deps --target build/cni/site .
+	cd build/cni && ../../$(VENV)/bin/pyinstaller --onefile --strip --noconfirm --log-level WARN --name pyflannel \
+		--paths site --distpath ../../dist/cni --workpath work --specpath . \
+		$(addprefix --exclude-module ,$(CNI_EXCLUDES)) site/pyflannel/cni/__main__.py
+
+cni: $(CNI_BIN)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

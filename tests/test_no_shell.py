@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PRODUCT = [p for folder in ("daemon", "driver", "pyflannel") for p in (REPO / folder).rglob("*.py")]
+PRODUCT = [p for folder in ("daemon", "driver", "pyflannel", "cni") for p in (REPO / folder).rglob("*.py")]
 FORBIDDEN_CALLS = {("os", "system"), ("os", "popen"), ("os", "execl"), ("os", "execlp"), ("subprocess", "getoutput"),
                    ("subprocess", "getstatusoutput")}
 

@@ -1,0 +1,151 @@
+"""flannel's CNI conflist entry -> the delegate config that does the work; saved per container for DEL.
+
+    {"type": "pyflannel", "name": "pfnet", "cniVersion": "1.0.0",
+     "subnetFile": "/run/flannel/subnet.env",      optional, flannel's default
+     "dataDir": "/var/lib/cni/flannel",            optional, where each container's delegate config is kept
+     "delegate": {"hairpinMode": true, ...},       optional keys for the delegate (type defaults to "bridge")
+     "ipam": {"routes": [...], "dataDir": ...}}    optional, completed from subnet.env
+
+The delegate is built with flannel's rules (cni-plugin doCmdAdd): name from the config, type "bridge", ipMasq =
+not FLANNEL_IPMASQ, mtu = FLANNEL_MTU, isGateway for a bridge, and host-local IPAM on FLANNEL_SUBNET with a route
+to FLANNEL_NETWORK. The result is written to dataDir/<container id> before the attach, so that DEL works with the
+exact config ADD used, also when subnet.env is gone or has changed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+from pyflannel import subnetenv
+
+from .protocol import INVALID_CONFIG, IO_FAILURE, TRY_AGAIN_LATER, CniError
+
+DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
+# What bridge.py implements; a delegate config with anything else is run by the real plugin from CNI_PATH.
+NATIVE_KEYS = {"type", "name", "cniVersion", "bridge", "mtu", "isGateway", "isDefaultGateway", "hairpinMode",
+               "ipMasq", "ipam", "runtimeConfig"}
+NATIVE_IPAM_KEYS = {"type", "ranges", "routes", "dataDir"}
+NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+
+
+@dataclass(frozen=True)
+class FlannelConf:
+    name: str
+    version: str
+    subnet_file: str
+    data_dir: str
+    delegate: dict
+    ipam: dict
+    runtime_config: dict | None
+
+
+def _field(config: dict, key: str, kind: type, default, what: str):
+    value = config.get(key, default)
+    if not isinstance(value, kind):
+        raise CniError(INVALID_CONFIG, f"network config: {key!r} must be {what}, got {json.dumps(value)}")
+    return value
+
+
+def parse(config: dict) -> FlannelConf:
+    name = _field(config, "name", str, "", "a string")
+    if not NETWORK_NAME.match(name):
+        raise CniError(INVALID_CONFIG, f"network config: 'name' {name!r} is not a valid network name",
+                       "letters, digits, '_', '.' and '-', starting with a letter or digit")
+    delegate = dict(_field(config, "delegate", dict, {}, "an object"))
+    if "type" in delegate and not (isinstance(delegate["type"], str) and delegate["type"]):
+        raise CniError(INVALID_CONFIG, "network config: 'delegate.type' must be a plugin name (a string)")
+    for key in ("name", "ipam"):
+        if key in delegate:
+            raise CniError(INVALID_CONFIG, f"network config: 'delegate' must not have {key!r}: it is set by the "
+                                           f"plugin (put IPAM options in the top-level 'ipam')")
+    subnet_file = _field(config, "subnetFile", str, subnetenv.DEFAULT_PATH, "a path")
+    data_dir = _field(config, "dataDir", str, DEFAULT_DATA_DIR, "a path")
+    for key, path in (("subnetFile", subnet_file), ("dataDir", data_dir)):
+        if not os.path.isabs(path):
+            raise CniError(INVALID_CONFIG, f"network config: {key!r} must be an absolute path, got {path!r}")
+    return FlannelConf(name=name, version=config["cniVersion"], subnet_file=subnet_file, data_dir=data_dir,
+                       delegate=delegate, ipam=dict(_field(config, "ipam", dict, {}, "an object")),
+                       runtime_config=_field(config, "runtimeConfig", (dict, type(None)), None, "an object"))
+
+
+def read_subnet_env(conf: FlannelConf) -> subnetenv.SubnetEnv:
+    try:
+        return subnetenv.read(conf.subnet_file)
+    except subnetenv.SubnetEnvError as e:
+        raise CniError(TRY_AGAIN_LATER, f"no flannel lease on this host: {e}") from None
+
+
+def build_delegate(conf: FlannelConf, env: subnetenv.SubnetEnv) -> dict:
+    """flannel's delegate config for this host's lease."""
+    delegate = {**conf.delegate, "name": conf.name, "cniVersion": conf.version}
+    delegate.setdefault("type", "bridge")
+    delegate.setdefault("ipMasq", not env.ipmasq)
+    delegate.setdefault("mtu", env.mtu)
+    if delegate["type"] == "bridge":
+        delegate.setdefault("isGateway", True)
+    routes = conf.ipam.get("routes", [])
+    if not isinstance(routes, list):
+        raise CniError(INVALID_CONFIG, f"network config: 'ipam.routes' must be a list, got {json.dumps(routes)}")
+    delegate["ipam"] = {"type": "host-local", **conf.ipam, "ranges": [[{"subnet": str(env.lease)}]],
+                        "routes": [*routes, {"dst": str(env.network)}]}
+    if conf.runtime_config is not None:
+        delegate["runtimeConfig"] = conf.runtime_config
+    return delegate
+
+
+def why_not_native(delegate: dict) -> str | None:
+    """None when bridge.py implements every key of the delegate config, else what it does not implement."""
+    ipam = delegate.get("ipam", {})
+    if delegate.get("type") != "bridge":
+        return f"delegate type {delegate.get('type')!r}"
+    if not isinstance(ipam, dict) or ipam.get("type") != "host-local":
+        return f"ipam type {ipam.get('type') if isinstance(ipam, dict) else ipam!r}"
+    extra = sorted(set(delegate) - NATIVE_KEYS) + sorted(f"ipam.{k}" for k in set(ipam) - NATIVE_IPAM_KEYS)
+    if extra:
+        return f"key(s) {', '.join(extra)}"
+    if delegate.get("isGateway") is not True and delegate.get("isDefaultGateway") is not True:
+        return "isGateway false"
+    ranges = ipam.get("ranges")
+    if not (isinstance(ranges, list) and len(ranges) == 1 and isinstance(ranges[0], list) and len(ranges[0]) == 1
+            and isinstance(ranges[0][0], dict)):
+        return "ipam.ranges other than one range"
+    return None
+
+
+class SavedDelegates:
+    """flannel's scratch configs: dataDir/<container id> holds the delegate config ADD used (mode 0600)."""
+
+    def __init__(self, data_dir: str):
+        self.data_dir = data_dir
+
+    def _path(self, container_id: str) -> str:
+        return os.path.join(self.data_dir, container_id)
+
+    def save(self, container_id: str, delegate: dict) -> None:
+        try:
+            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".tmp-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(delegate, f)
+            os.replace(tmp, self._path(container_id))
+        except OSError as e:
+            raise CniError(IO_FAILURE, f"cannot save the delegate config in {self.data_dir}: {e.strerror}") from None
+
+    def load(self, container_id: str) -> dict | None:
+        try:
+            with open(self._path(container_id)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise CniError(IO_FAILURE, f"cannot read the saved delegate config {self._path(container_id)}: "
+                                       f"{getattr(e, 'strerror', None) or e}") from None
+
+    def remove(self, container_id: str) -> None:
+        try:
+            os.unlink(self._path(container_id))
+        except FileNotFoundError:
+            pass
