@@ -6,10 +6,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 
-from tests.lab import CREATED_NAMESPACES, Lab, wait_until
+from tests.lab import CREATED_NAMESPACES, REPO, Lab, wait_until
 
 
 def _free_port() -> int:
@@ -38,6 +39,14 @@ def etcd_url():
         proc.kill()
         proc.wait()
         shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def plugin_build() -> Path:
+    """`make plugin` once per session (incremental): build/plugin/pyflannel is the managed plugin's folder,
+    build/plugin/pyflannel-rootfs.tar the compose image's root filesystem."""
+    subprocess.run(["make", "-s", "plugin"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return REPO / "build" / "plugin"
 
 
 @pytest.fixture

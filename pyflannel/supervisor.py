@@ -1,0 +1,135 @@
+"""pyflannel-plugin: the managed Docker plugin's entrypoint, running pyflanneld and pyflannel-driver side by side.
+
+    pyflannel-plugin [--socket /run/docker/plugins/pyflannel.sock] [--subnet-wait 8]
+
+pyflanneld gets the FLANNELD_* environment (the plugin's settings); an empty one means "the flag's default", since
+`docker plugin set` cannot unset a variable. The driver starts once subnet.env exists, so that the network is
+usable when `docker plugin enable` returns, or after --subnet-wait seconds anyway (etcd down: enable still
+succeeds, and the driver's answers and the daemon's log say what is missing). dockerd gives up on a plugin whose
+socket is not there after about 10 s, hence the default of 8.
+
+As PID 1 of the plugin container it passes SIGTERM/SIGINT on to both, reaps orphans, and when one of the two
+ends on its own, stops the other and exits non-zero: dockerd then sees the plugin as stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from pyflannel import subnetenv
+
+DEFAULT_SOCKET = "/run/docker/plugins/pyflannel.sock"
+DEFAULT_STATE_DIR = "/var/lib/pyflannel"
+STOP_TIMEOUT = 10.0
+
+log = logging.getLogger("pyflannel-plugin")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pyflannel-plugin",
+                                description="Run pyflanneld and pyflannel-driver together (the managed plugin).")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help="the driver's socket (default %(default)s)")
+    p.add_argument("--subnet-wait", type=float, default=8.0,
+                   help="seconds to wait for subnet.env before starting the driver anyway (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def daemon_environment(environ: dict) -> dict:
+    """The environment minus empty FLANNELD_* settings, so that pyflanneld uses its defaults for them."""
+    return {k: v for k, v in environ.items() if not (k.startswith("FLANNELD_") and v == "")}
+
+
+def driver_argv(env: dict, socket_path: str) -> list[str]:
+    """pyflannel-driver reading pyflanneld's subnet file and keeping its state beside the daemon's."""
+    state_dir = env.get("FLANNELD_STATE_DIR", DEFAULT_STATE_DIR)
+    return ["pyflannel-driver", "--socket", socket_path, "--state-dir", os.path.join(state_dir, "driver"),
+            "--subnet-file", env.get("FLANNELD_SUBNET_FILE", subnetenv.DEFAULT_PATH),
+            "--log-level", env.get("DRIVER_LOG_LEVEL") or "info"]
+
+
+class Supervisor:
+    def __init__(self, args: argparse.Namespace, env: dict):
+        self.args = args
+        self.env = env
+        self.children: dict[str, subprocess.Popen] = {}
+        self.stopping = False
+
+    def on_signal(self, signum, _frame) -> None:
+        self.stopping = True
+        for child in self.children.values():
+            if child.returncode is None:
+                child.send_signal(signum)
+
+    def start(self, argv: list[str]) -> None:
+        log.info("starting %s", " ".join(argv))
+        self.children[argv[0]] = subprocess.Popen(argv, env=self.env)
+
+    def wait_for_subnet_env(self) -> None:
+        path = self.env.get("FLANNELD_SUBNET_FILE", subnetenv.DEFAULT_PATH)
+        deadline = time.monotonic() + self.args.subnet_wait
+        daemon = self.children["pyflanneld"]
+        while not os.path.exists(path) and daemon.poll() is None and not self.stopping:
+            if time.monotonic() > deadline:
+                log.warning("no %s after %.0fs: starting the driver anyway (see pyflanneld's messages)", path,
+                            self.args.subnet_wait)
+                return
+            time.sleep(0.05)
+
+    def wait_first_exit(self) -> tuple[str, int]:
+        """Block until one child ends; other processes that end meanwhile are orphans we reap as PID 1."""
+        while True:
+            for name, child in self.children.items():
+                if child.returncode is not None:
+                    return name, child.returncode
+            pid, status = os.wait()
+            for name, child in self.children.items():
+                if child.pid == pid:
+                    child.returncode = os.waitstatus_to_exitcode(status)
+
+    def stop_all(self) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.terminate()
+        for name, child in self.children.items():
+            try:
+                child.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs: killing it", name, STOP_TIMEOUT)
+                child.kill()
+                child.wait()
+
+    def run(self) -> int:
+        self.start(["pyflanneld"])
+        self.wait_for_subnet_env()
+        if self.children["pyflanneld"].poll() is None and not self.stopping:
+            self.start(driver_argv(self.env, self.args.socket))
+        name, code = self.wait_first_exit()
+        self.stop_all()
+        if self.stopping:
+            return 0
+        log.error("%s exited with status %d: stopping the plugin", name, code)
+        return code or 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    supervisor = Supervisor(args, daemon_environment(dict(os.environ)))
+    signal.signal(signal.SIGTERM, supervisor.on_signal)
+    signal.signal(signal.SIGINT, supervisor.on_signal)
+    try:
+        return supervisor.run()
+    except OSError as e:
+        log.error("cannot start %s: %s", e.filename or "a child", e.strerror)
+        supervisor.stop_all()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

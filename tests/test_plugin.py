@@ -1,0 +1,169 @@
+"""The managed (v2) Docker plugin on real engines: `docker plugin create/set/enable` on two lab hosts gives one
+overlay across them; settings change with `docker plugin set`; a dying child restarts the plugin; disable + rm
+leave nothing behind. Prints the plugin's size and its enable → usable time."""
+from __future__ import annotations
+
+import gzip
+import ipaddress
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.lab import IMAGE, Lab, wait_until
+
+pytestmark = [pytest.mark.lab, pytest.mark.docker]
+PLUGIN = "pyflannel:latest"  # dockerd registers a managed driver under its full reference, tag included
+
+
+def du(path) -> int:
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(path) for f in files)
+
+
+def subnet_env(host) -> dict:
+    """subnet.env as the host sees it: the plugin writes it through its host-run mount."""
+    text = (host.workdir / "run" / "flannel" / "subnet.env").read_text()
+    return dict(line.split("=", 1) for line in text.split())
+
+
+def lease(host) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Interface(subnet_env(host)["FLANNEL_SUBNET"]).network
+
+
+def plugin_processes(host) -> dict[int, str]:
+    """pid -> command of the plugin's processes, which run in the host's network namespace."""
+    found = {}
+    for pid in host.sh("ip", "netns", "pids", host.ns).split():
+        try:
+            command = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if "pyflannel" in command:
+            found[int(pid)] = command
+    return found
+
+
+def our_links(host) -> set[str]:
+    names = {line.split(":")[1].strip().split("@")[0] for line in host.sh("ip", "-o", "link").splitlines()}
+    return names - {"lo", "eth0", "flannel.1"}
+
+
+def enable(host) -> float:
+    """Enable the plugin and create overlay0; the seconds from `enable` until the network exists."""
+    start = time.monotonic()
+    host.docker("plugin", "enable", "pyflannel", timeout=60)
+    host.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "overlay0")
+    return time.monotonic() - start
+
+
+def clear(host) -> None:
+    ids = host.docker("ps", "-aq").split()
+    if ids:
+        host.docker("rm", "-f", *ids)
+    host.docker("network", "rm", "overlay0", check=False)
+
+
+@pytest.fixture(scope="module")
+def plugin_lab(plugin_build):
+    """Two hosts with a dockerd each and the plugin installed from build/plugin/pyflannel, overlay0 on both."""
+    lab = Lab(2)
+    try:
+        lab.set_config()
+        lab.enable_seconds = []
+        for host in lab.hosts:
+            host.start_dockerd()
+            (host.workdir / "run").mkdir()
+            host.docker("plugin", "create", "pyflannel", str(plugin_build / "pyflannel"), timeout=120)
+            host.docker("plugin", "set", "pyflannel", f"FLANNELD_ETCD_ENDPOINTS={lab.etcd_url}",
+                        "FLANNELD_IFACE=eth0", f"host-run.source={host.workdir / 'run'}")
+            lab.enable_seconds.append(enable(host))
+        yield lab
+    except BaseException:
+        print(lab.logs())
+        raise
+    finally:
+        lab.close()
+
+
+def test_plugin_size(plugin_build):
+    rootfs = plugin_build / "pyflannel" / "rootfs"
+    frozen = rootfs / "opt" / "pyflannel"
+    tar = plugin_build / "pyflannel-rootfs.tar"
+    compressed = len(gzip.compress(tar.read_bytes(), compresslevel=6))
+    print(f"plugin rootfs {du(rootfs) / 1e6:.1f} MB ({compressed / 1e6:.1f} MB as tar.gz); frozen multi-call "
+          f"binary {(frozen / 'pyflannel').stat().st_size / 1e6:.1f} MB + {du(frozen / '_internal') / 1e6:.1f} MB "
+          f"of runtime and libraries")
+    config = json.loads((plugin_build / "pyflannel" / "config.json").read_text())
+    assert config["interface"]["types"] == ["docker.networkdriver/1.0", "docker.ipamdriver/1.0"]
+    for command in ("pyflanneld", "pyflannel-driver", "pyflannel", "pyflannel-plugin"):
+        assert os.readlink(rootfs / "usr" / "bin" / command) == "/opt/pyflannel/pyflannel"
+    assert (rootfs / "usr" / "lib64" / "ld-linux-x86-64.so.2").exists()
+
+
+def test_enabled_plugin_carries_traffic_across_hosts(plugin_lab):
+    h1, h2 = plugin_lab.hosts
+    print("enable -> overlay0 usable: " + ", ".join(f"{s:.2f} s" for s in plugin_lab.enable_seconds))
+    leases = plugin_lab.leases()
+    for host in plugin_lab.hosts:
+        assert "true" in host.docker("plugin", "inspect", "-f", "{{.Enabled}}", "pyflannel")
+        key = str(lease(host)).replace("/", "-")
+        assert leases[key]["attrs"]["PublicIP"] == host.ip
+        assert subnet_env(host)["FLANNEL_MTU"] == "1450"
+    h2.docker("run", "-d", "--name", "web", "--network", "overlay0", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www")
+    web_ip = json.loads(h2.docker("inspect", "web"))[0]["NetworkSettings"]["Networks"]["overlay0"]["IPAddress"]
+    assert ipaddress.IPv4Address(web_ip) in lease(h2)
+    out = h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "sh", "-c",
+                    f"ip -4 -o addr show eth0; ping -c 2 -W 2 {web_ip} >/dev/null && echo PING-OK; "
+                    f"wget -O- http://{web_ip}/")
+    assert ipaddress.IPv4Interface(out.splitlines()[0].split()[3]).ip in lease(h1)
+    assert "PING-OK" in out and "hello from pyflannel" in out
+
+
+def test_settings_change_with_plugin_set(plugin_lab):
+    """-ip-masq through FLANNELD_IP_MASQ: iptables inside the plugin's rootfs programs the host; the lease and
+    the VTEP MAC survive the disable/enable (state kept in the plugin)."""
+    h1 = plugin_lab.hosts[0]
+    before, mac = lease(h1), h1.sh("cat", "/sys/class/net/flannel.1/address")
+    assert "MASQUERADE" not in h1.sh("iptables", "-t", "nat", "-S")
+    clear(h1)
+    h1.docker("plugin", "disable", "pyflannel")
+    h1.docker("plugin", "set", "pyflannel", "FLANNELD_IP_MASQ=true")
+    enable(h1)
+    nat = h1.sh("iptables", "-t", "nat", "-S")
+    assert "-A POSTROUTING -j PYFLANNEL-POSTRTG" in nat
+    assert f"-A PYFLANNEL-POSTRTG -s {subnet_env(h1)['FLANNEL_NETWORK']} ! -d 224.0.0.0/4 -j MASQUERADE" in nat
+    assert subnet_env(h1)["FLANNEL_IPMASQ"] == "true"
+    assert lease(h1) == before and h1.sh("cat", "/sys/class/net/flannel.1/address") == mac
+
+
+def test_a_dead_child_restarts_the_plugin(plugin_lab):
+    """SIGKILL of pyflanneld: the supervisor stops the driver and exits, dockerd starts the plugin again, and
+    the network keeps working on the same lease."""
+    h1 = plugin_lab.hosts[0]
+    before = plugin_processes(h1)
+    os.kill(next(pid for pid, command in before.items() if command == "pyflanneld"), signal.SIGKILL)
+    wait_until("a new pyflanneld", lambda: any(command == "pyflanneld" and pid not in before
+                                               for pid, command in plugin_processes(h1).items()), timeout=30,
+               interval=0.2)
+    out = wait_until("a container on overlay0", lambda: h1.docker(
+        "run", "--rm", "--network", "overlay0", IMAGE, "ip", "-4", "-o", "addr", "show", "eth0"), timeout=30,
+        interval=0.5)
+    assert ipaddress.IPv4Interface(out.split()[3]).ip in lease(h1)
+    assert not set(before) & set(plugin_processes(h1))
+
+
+def test_disable_and_rm_leave_nothing_behind(plugin_lab):
+    for host in plugin_lab.hosts:
+        host.docker("run", "-d", "--network", "overlay0", IMAGE, "sleep", "600")
+        assert our_links(host)  # the network's bridge and the container's veth
+        with pytest.raises(RuntimeError, match="in use"):
+            host.docker("plugin", "disable", "pyflannel")
+        clear(host)
+        host.docker("plugin", "disable", "pyflannel")
+        host.docker("plugin", "rm", "pyflannel")
+        assert host.docker("plugin", "ls", "-q") == ""
+        assert plugin_processes(host) == {}
+        assert our_links(host) == set(), "bridge or veth left behind"
+        assert not list((host.workdir / "docker" / "exec" / "plugins").glob("*/pyflannel.sock"))
