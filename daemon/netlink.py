@@ -11,12 +11,15 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
+import time
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NLMSG_ERROR
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWNEIGH, RTM_NEWROUTE
+from pyroute2.netlink.rtnl import (RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWNEIGH, RTM_NEWROUTE, RTMGRP_IPV4_ROUTE,
+                                   RTMGRP_NEIGH)
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.ndmsg import states as nud_states
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
@@ -209,6 +212,25 @@ class Kernel:
                     yield seq - first, -struct.unpack_from("i", data, offset + NLMSG_HEADER.size)[0]
                     remaining -= 1
                 offset += (length + 3) & ~3
+
+
+def watch_deletions(touched: threading.Event, overlay_ifindex: int | None) -> None:
+    """Runs forever (a thread): sets `touched` when a route with our protocol, or a neighbor or FDB entry on the
+    overlay device, is deleted by anyone, and when the kernel dropped events we could not read in time."""
+    monitor = IPRoute()
+    monitor.bind(groups=RTMGRP_IPV4_ROUTE | RTMGRP_NEIGH)
+    while True:
+        try:
+            messages = monitor.get()
+        except (OSError, NetlinkError):  # ENOBUFS: some events are lost, so anything may have changed
+            touched.set()
+            time.sleep(1)
+            continue
+        for msg in messages:
+            event = msg.get("event")
+            if (event == "RTM_DELROUTE" and msg.get("proto") == RTPROT_PYFLANNEL
+                    or event == "RTM_DELNEIGH" and overlay_ifindex and msg.get("ifindex") == overlay_ifindex):
+                touched.set()
 
 
 def _request(change: Change, seq: int) -> bytes:
