@@ -10,7 +10,9 @@ Test tooling may use `ip`; product code never does.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -37,15 +39,27 @@ DEFAULT_CONFIG = {"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}
 DOCKER = "/usr/bin/docker"
 IMAGE = "pfbox:latest"
 BUSYBOX_APPLETS = ("sh", "ip", "ping", "httpd", "nc", "wget", "sleep", "cat", "echo", "ifconfig", "hostname")
-# `ip netns exec` remounts /sys and hides the cgroup mounts dockerd needs: mount them again, then start dockerd.
-DOCKERD_WRAPPER = """
+# `ip netns exec` remounts /sys and hides the cgroup mounts dockerd and containerd need: mount them again first.
+CGROUP_MOUNTS = """
 mount -t tmpfs cgroup /sys/fs/cgroup
 for c in cpu cpuacct cpuset memory devices freezer blkio pids; do
   mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
 done
 mkdir -p /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
-exec dockerd "$@"
 """
+DOCKERD_WRAPPER = CGROUP_MOUNTS + 'exec dockerd "$@"\n'
+CONTAINERD_WRAPPER = CGROUP_MOUNTS + 'exec containerd "$@"\n'
+# `ctr run --cni` runs the CNI plugins itself, from /etc/cni/net.d and /opt/cni/bin only. In the private mount
+# namespace `ip netns exec` gives it, show it this host's folders there; an overlay keeps the real /etc untouched.
+CTR_WRAPPER = """
+conf=$1 bin=$2 scratch=$3; shift 3
+mount -t tmpfs none "$scratch" && mkdir "$scratch/upper" "$scratch/work" || exit 1
+mount -t overlay overlay -o "lowerdir=/etc,upperdir=$scratch/upper,workdir=$scratch/work" /etc || exit 1
+mkdir -p /etc/cni/net.d && mount --bind "$conf" /etc/cni/net.d || exit 1
+mount -t tmpfs none /opt && mkdir -p /opt/cni/bin && mount --bind "$bin" /opt/cni/bin || exit 1
+exec ctr "$@"
+"""
+CTR_IMAGE = "docker.io/library/pfbox:latest"
 CREATED_NAMESPACES: set[str] = set()  # every namespace any lab of this process made (the safety check reads it)
 
 
@@ -69,6 +83,10 @@ def wait_until(what: str, fn, timeout: float = 20.0, interval: float = 0.05):
             last = e
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
 
 
 @contextlib.contextmanager
@@ -191,6 +209,63 @@ class Host:
         sh(DOCKER, "-H", f"unix://{self.docker_sock}", "import", str(self.lab.image_tar()), IMAGE, ns=self.ns)
         return self.dockerd
 
+    # --- containerd on this host --------------------------------------------------------------------------------
+    @property
+    def containerd_dir(self) -> Path:
+        return self.workdir / "containerd"
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 60) -> str:
+        d = self.containerd_dir
+        return sh("sh", "-c", CTR_WRAPPER, "ctr-wrapper", str(d / "net.d"), str(d / "bin"), str(d / "scratch"),
+                  "-a", str(d / "containerd.sock"), *args, ns=self.ns, check=check, timeout=timeout)
+
+    def start_containerd(self, conflist: dict, plugins: dict[str, Path]) -> Process:
+        """A containerd of this host's own, and a CNI set-up only this host's `ctr` sees: `conflist` in its
+        /etc/cni/net.d and `plugins` (name -> binary) in its /opt/cni/bin. The image CTR_IMAGE is imported."""
+        d = self.containerd_dir
+        for folder in ("net.d", "bin", "scratch"):
+            (d / folder).mkdir(parents=True, exist_ok=True)
+        (d / "net.d" / "10-pyflannel.conflist").write_text(json.dumps(conflist))
+        for name, path in plugins.items():
+            shutil.copy(path, d / "bin" / name)
+        (d / "config.toml").write_text(
+            f'version = 2\nroot = "{d}/root"\nstate = "{d}/state"\n'
+            f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "{d}/containerd.sock"\n')
+        self.containerd = self.lab.spawn(f"{self.name}-containerd", [
+            "sh", "-c", CONTAINERD_WRAPPER, "containerd", "--config", str(d / "config.toml")], ns=self.ns)
+        wait_until(f"{self.name}'s containerd", lambda: not self.containerd.alive() or self.ctr(
+            "version", check=False, timeout=10).count("Version") >= 2, timeout=60, interval=0.3)
+        assert self.containerd.alive(), f"containerd on {self.name} exited:\n{self.containerd.log()}"
+        self.ctr("images", "import", str(self.lab.oci_image_tar()))
+        return self.containerd
+
+    def run_cni(self, plugin: Path | str, command: str, config: dict, container_id: str = "", netns: str = "",
+                ifname: str = "eth0") -> subprocess.CompletedProcess:
+        """Run a CNI plugin binary in this host's namespace the way a runtime does (env + config on stdin)."""
+        env = {"PATH": os.environ["PATH"], "CNI_COMMAND": command, "CNI_CONTAINERID": container_id,
+               "CNI_NETNS": netns, "CNI_IFNAME": ifname, "CNI_PATH": "/usr/lib/cni"}
+        return subprocess.run(["ip", "netns", "exec", self.ns, str(plugin)], input=json.dumps(config).encode(),
+                              capture_output=True, env=env, timeout=60)
+
+    def ctr_task_pid(self, name: str) -> int:
+        for line in self.ctr("tasks", "ls").splitlines()[1:]:
+            fields = line.split()
+            if fields[0] == name:
+                return int(fields[1])
+        raise AssertionError(f"no task {name} on {self.name}")
+
+    def ctr_run(self, name: str, *command: str, rm: bool = False) -> int | str:
+        """`ctr run --cni -d`: a container in the background on the host's CNI network; returns its pid (which
+        teardown kills: it is in no lab namespace). With `rm`: `ctr run --rm --cni` in the foreground, returns its
+        output. runc keeps its state in the work dir (its default, /run/containerd/runc, is shared by all)."""
+        flags = ["--cni", "--runc-root", str(self.containerd_dir / "runc")]
+        if rm:
+            return self.ctr("run", "--rm", *flags, CTR_IMAGE, name, *command)
+        self.ctr("run", "-d", *flags, CTR_IMAGE, name, *command)
+        pid = self.ctr_task_pid(name)
+        self.lab.container_pids.add(pid)
+        return pid
+
     def subnet_env(self) -> dict:
         return dict(line.split("=", 1) for line in self.subnet_file.read_text().split())
 
@@ -221,13 +296,16 @@ class Host:
 
 
 class Lab:
-    def __init__(self, hosts: int = 3, etcd: bool = True):
+    def __init__(self, hosts: int = 3, etcd: bool = True, etcd_api: str = "v2"):
+        """`etcd_api` v3: etcd runs without the v2 API (as 3.5+ does) and the helpers below use v3."""
+        self.etcd_api = etcd_api
         self.tag = f"pf{os.getpid() % 10000}{int(time.time() * 1000) % 1000:03d}"
         self.prefix_key = "/coreos.com/network"
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self.namespaces: list[str] = []
         self.processes: list[Process] = []
         self.hosts: list[Host] = []
+        self.container_pids: set[int] = set()  # containerd's containers: their own namespaces, outside the lab's
         self.etcd_url = ETCD_URL
         try:
             self.switch = self.add_ns("sw")
@@ -279,11 +357,12 @@ class Lab:
         return process
 
     def start_etcd(self, *extra: str, scheme: str = "http", ready=None) -> Process:
-        """etcd on the switch, v2 API on; `extra` adds flags (TLS, …), `ready` replaces the health probe."""
+        """etcd on the switch, v2 API on only in a v2 lab; `extra` adds flags (TLS, …), `ready` replaces the probe."""
         self.etcd_url = f"{scheme}://{SWITCH_IP}:2379"
         data = self.workdir / "etcd"
         self.etcd = self.spawn("etcd", [
-            "etcd", "--name", "lab", "--data-dir", str(data), "--enable-v2=true",
+            "etcd", "--name", "lab", "--data-dir", str(data),
+            f"--enable-v2={str(self.etcd_api == 'v2').lower()}",
             "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
             "--listen-peer-urls", f"http://{SWITCH_IP}:2380",
             "--initial-advertise-peer-urls", f"http://{SWITCH_IP}:2380",
@@ -305,6 +384,33 @@ class Lab:
             (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
             (rootfs / "www" / "index.html").write_text("hello from pyflannel\n")
             subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+        return tar
+
+    def oci_image_tar(self) -> Path:
+        """image_tar()'s root filesystem as an OCI image layout tar named CTR_IMAGE, for `ctr images import`."""
+        tar = self.workdir / "pfbox-oci.tar"
+        if tar.exists():
+            return tar
+        layout = self.workdir / "oci"
+        blobs = layout / "blobs" / "sha256"
+        blobs.mkdir(parents=True, exist_ok=True)
+
+        def blob(data: bytes, media_type: str) -> dict:
+            digest = hashlib.sha256(data).hexdigest()
+            (blobs / digest).write_bytes(data)
+            return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+        layer = blob(self.image_tar().read_bytes(), "application/vnd.oci.image.layer.v1.tar")
+        config = blob(json.dumps({"architecture": "amd64", "os": "linux", "config": {"Env": ["PATH=/bin"]},
+                                  "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}}).encode(),
+                      "application/vnd.oci.image.config.v1+json")
+        manifest = blob(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                    "config": config, "layers": [layer]}).encode(),
+                        "application/vnd.oci.image.manifest.v1+json")
+        manifest["annotations"] = {"io.containerd.image.name": CTR_IMAGE, "org.opencontainers.image.ref.name": "latest"}
+        (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest]}))
+        (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+        subprocess.run(["tar", "-C", str(layout), "-cf", str(tar), "index.json", "oci-layout", "blobs"], check=True)
         return tar
 
     def start_network(self, config: dict | None = None, containers_per_host: int = 1) -> "Lab":
@@ -338,15 +444,47 @@ class Lab:
             except urllib.error.HTTPError as e:
                 return json.loads(e.read())
 
+    def etcd_v3(self, call: str, body: dict) -> dict:
+        """One call of etcd's v3 JSON gateway (keys and values base64, as the gateway wants them)."""
+        req = urllib.request.Request(f"{self.etcd_url}/v3/{call}", data=json.dumps(body).encode(), method="POST")
+        with inside(self.switch):
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return json.loads(r.read())
+
+    def etcd_put(self, key: str, value: str, ttl: int | None = None) -> None:
+        """Write a key through the lab's API; with `ttl`, as flannel writes a lease (v3: on an etcd lease)."""
+        if self.etcd_api == "v2":
+            self.etcd_request("PUT", key, value, **({"ttl": ttl} if ttl else {}))
+            return
+        body = {"key": _b64(key), "value": _b64(value)}
+        if ttl:
+            body["lease"] = self.etcd_v3("lease/grant", {"TTL": ttl})["ID"]
+        self.etcd_v3("kv/put", body)
+
+    def etcd_delete(self, key: str) -> None:
+        if self.etcd_api == "v2":
+            self.etcd_request("DELETE", key)
+        else:
+            self.etcd_v3("kv/deleterange", {"key": _b64(key)})
+
     def set_config(self, config: dict | str = None) -> None:
         text = config if isinstance(config, str) else json.dumps(config or DEFAULT_CONFIG)
-        self.etcd_request("PUT", f"{self.prefix_key}/config", text)
+        self.etcd_put(f"{self.prefix_key}/config", text)
 
     def leases(self) -> dict[str, dict]:
-        """subnet key -> the etcd node (value parsed)."""
-        reply = self.etcd_request("GET", f"{self.prefix_key}/subnets", recursive="true")
-        nodes = reply.get("node", {}).get("nodes", [])
-        return {n["key"].rsplit("/", 1)[-1]: {**n, "attrs": json.loads(n["value"])} for n in nodes}
+        """subnet key -> the etcd node: key, value, attrs (the value parsed) and ttl (None: a reservation)."""
+        if self.etcd_api == "v2":
+            reply = self.etcd_request("GET", f"{self.prefix_key}/subnets", recursive="true")
+            nodes = reply.get("node", {}).get("nodes", [])
+            return {n["key"].rsplit("/", 1)[-1]: {**n, "attrs": json.loads(n["value"])} for n in nodes}
+        prefix = f"{self.prefix_key}/subnets/"
+        kvs = self.etcd_v3("kv/range", {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + "0")}).get("kvs", [])
+        found = {}
+        for kv in kvs:
+            key, value = (base64.b64decode(kv[f]).decode() for f in ("key", "value"))
+            ttl = int(self.etcd_v3("kv/lease/timetolive", {"ID": kv["lease"]})["TTL"]) if "lease" in kv else None
+            found[key.rsplit("/", 1)[-1]] = {"key": key, "value": value, "attrs": json.loads(value), "ttl": ttl}
+        return found
 
     # --- teardown --------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -359,7 +497,7 @@ class Lab:
     def record(self) -> dict:
         """What teardown() needs to remove this lab from another process (`make demo-down`)."""
         return {"namespaces": list(self.namespaces), "workdir": str(self.workdir),
-                "pids": [p.pid for p in self.processes if p.alive()]}
+                "pids": [p.pid for p in self.processes if p.alive()] + sorted(self.container_pids)}
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name} (pid {p.pid}) =====\n{p.log()[-4000:]}" for p in self.processes)
