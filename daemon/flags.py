@@ -54,6 +54,8 @@ FLAGS = [
     ("etcd-cafile", str, None, False, "CA bundle to verify etcd's certificate"),
     ("etcd-username", str, None, False, "etcd user (auth)"),
     ("etcd-password", str, None, False, "etcd password (auth)"),
+    ("etcd-api", str, "auto", False, "etcd API: v3 (flannel >= 0.18), v2 (older flannel) or auto (where "
+     "<prefix>/config is, v3 first)"),
     ("iface", str, None, True, "external interface, by name or IP; repeat to give fallbacks in order"),
     ("iface-regex", str, None, True, "regex on interface names or IPs, tried when no -iface is given; repeatable"),
     ("public-ip", str, None, False, "IP other hosts reach us at (default: the external interface's address)"),
@@ -76,6 +78,7 @@ class Flags:
     etcd_cafile: str | None
     etcd_username: str | None
     etcd_password: str | None
+    etcd_api: str
     iface: list[str]
     iface_regex: list[str]
     public_ip: str | None

@@ -18,13 +18,13 @@ from . import backend as backends
 from . import config as netconfig
 from . import flags as cli_flags
 from . import iface, masq
+from . import store as stores
 from .errors import UserError
 from .health import Health, serve
 from .lease import LeaseManager, LeaseWatcher
 from .netlink import Kernel
 from .reconciler import Reconciler
 from .store.base import LeaseEvent, LeaseNotFound, StoreError
-from .store.etcdv2 import EtcdV2Store
 
 log = logging.getLogger("pyflanneld")
 
@@ -55,7 +55,7 @@ class Daemon:
         self.stop = threading.Event()
         self.events: queue.Queue = queue.Queue()
         self.health = Health()
-        self.store = EtcdV2Store.from_flags(flags)
+        self.store = stores.from_flags(flags)
         self.kernel = Kernel()
 
     # --- start-up --------------------------------------------------------------------------------------------
@@ -64,8 +64,9 @@ class Daemon:
             try:
                 return self.store.network_config()
             except LeaseNotFound:
+                write = "ETCDCTL_API=2 etcdctl set" if self.flags.etcd_api == "v2" else "etcdctl put"
                 raise StoreError(f"no network config at {self.flags.etcd_prefix}/config; write one, e.g. "
-                                 f"etcdctl set {self.flags.etcd_prefix}/config '{{\"Network\": \"10.5.0.0/16\"}}'")
+                                 f"{write} {self.flags.etcd_prefix}/config '{{\"Network\": \"10.5.0.0/16\"}}'")
         text = with_backoff("reading the network config", read, self.health, self.stop)
         return netconfig.parse(text)
 

@@ -28,9 +28,9 @@ def _reachable(ip: str) -> bool:
 
 
 def collect(args) -> dict:
+    from pyflannel.daemon import store as stores
     from pyflannel.daemon.netlink import Kernel
     from pyflannel.daemon.store.base import StoreError
-    from pyflannel.daemon.store.etcdv2 import EtcdV2Store
 
     report = {"host": {}, "hosts": [], "routes": [], "problems": []}
     try:
@@ -46,7 +46,7 @@ def collect(args) -> dict:
     report["routes"] = [f"{r.dst} via {r.gateway}{' onlink' if r.onlink else ''}" for r in sorted(
         routes, key=lambda r: int(r.dst.network_address))]
     try:
-        store = EtcdV2Store.from_flags(args)
+        store = stores.from_flags(args)
         leases, _ = store.leases()
         report["host"]["etcd"] = "reachable"
     except (StoreError, ValueError) as e:

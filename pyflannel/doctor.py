@@ -82,10 +82,10 @@ class Facts:
 # --- gathering -------------------------------------------------------------------------------------------------
 def gather(args) -> Facts:
     from pyflannel.daemon import config as netconfig
+    from pyflannel.daemon import store as stores
     from pyflannel.daemon.errors import ConfigError
     from pyflannel.daemon.netlink import Kernel
     from pyflannel.daemon.store.base import LeaseNotFound, StoreError
-    from pyflannel.daemon.store.etcdv2 import EtcdV2Store
 
     facts = Facts(args.subnet_file, args.etcd_endpoints,
                   args.etcd_prefix.rstrip("/"), timedelta(minutes=args.subnet_lease_renew_margin), kernel=Kernel())
@@ -94,7 +94,7 @@ def gather(args) -> Facts:
     except subnetenv.SubnetEnvError as e:
         facts.env_error = str(e)
     try:
-        store = EtcdV2Store.from_flags(args, timeout=3.0)
+        store = stores.from_flags(args, timeout=3.0)
         facts.leases, _ = store.leases()
         facts.config = netconfig.parse(store.network_config())
     except LeaseNotFound:
@@ -218,7 +218,7 @@ def check_etcd(facts: Facts) -> list[Finding]:
                         f"start etcd or fix -etcd-endpoints; test with: curl {health}")]
     if facts.config_error:
         return [Finding("etcd", PROBLEM, facts.config_error,
-                        f"etcdctl set {facts.prefix}/config '{{\"Network\": \"10.5.0.0/16\", "
+                        f"etcdctl put {facts.prefix}/config '{{\"Network\": \"10.5.0.0/16\", "
                         f"\"Backend\": {{\"Type\": \"vxlan\"}}}}' (with your Network)")]
     return []
 

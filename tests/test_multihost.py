@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import time
+import urllib.error
 
 import pytest
 
@@ -14,10 +15,13 @@ from tests.lab import ping, wait_until
 pytestmark = pytest.mark.lab
 
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+# the cross-host tests run against both etcd APIs; a v3 lab's etcd has the v2 API off (as etcd >= 3.5)
+BOTH_APIS = pytest.mark.parametrize("etcd_api", ["v2", "v3"])
 
 
-def start_hosts(make_lab, backend: dict, hosts: int = 3):
-    return make_lab(hosts).start_network({"Network": "10.5.0.0/16", "Backend": backend}, containers_per_host=2)
+def start_hosts(make_lab, backend: dict, hosts: int = 3, etcd_api: str = "v2"):
+    lab = make_lab(hosts, etcd_api=etcd_api)
+    return lab.start_network({"Network": "10.5.0.0/16", "Backend": backend}, containers_per_host=2)
 
 
 def kernel_entries(host) -> dict:
@@ -41,9 +45,10 @@ def all_pairs_ping(lab) -> list[tuple[str, str]]:
     return failures
 
 
-@pytest.mark.parametrize("backend", [{"Type": "vxlan"}, {"Type": "host-gw"}], ids=["vxlan", "host-gw"])
-def test_every_container_reaches_every_other_host(make_lab, backend):
-    lab = start_hosts(make_lab, backend)
+@pytest.mark.parametrize("backend, etcd_api", [({"Type": "vxlan"}, "v2"), ({"Type": "host-gw"}, "v2"),
+                                               ({"Type": "vxlan"}, "v3")], ids=["vxlan", "host-gw", "vxlan-v3"])
+def test_every_container_reaches_every_other_host(make_lab, backend, etcd_api):
+    lab = start_hosts(make_lab, backend, etcd_api=etcd_api)
     leases = lab.leases()
     assert len(leases) == 3
     for host in lab.hosts:
@@ -61,11 +66,13 @@ def test_every_container_reaches_every_other_host(make_lab, backend):
                 assert str(other_lease) in routes
     failures = all_pairs_ping(lab)
     assert not failures, f"unreachable pairs: {failures}\n{lab.logs()}"
-    print(f"\n{backend['Type']}: {len(lab.hosts) * 2 * (len(lab.hosts) - 1) * 2} cross-host container pairs ping")
+    pairs = len(lab.hosts) * 2 * (len(lab.hosts) - 1) * 2
+    print(f"\n{backend['Type']}, etcd {etcd_api}: {pairs} cross-host container pairs ping")
 
 
-def test_etcd_records_match_flannel_format(make_lab):
-    lab = start_hosts(make_lab, {"Type": "vxlan", "VNI": 1}, hosts=2)
+@BOTH_APIS
+def test_etcd_records_match_flannel_format(make_lab, etcd_api):
+    lab = start_hosts(make_lab, {"Type": "vxlan", "VNI": 1}, hosts=2, etcd_api=etcd_api)
     for key, node in lab.leases().items():
         assert re.fullmatch(r"10\.5\.\d+\.0-24", key)
         # the exact value flannel writes: key order, null PublicIPv6, BackendData with VNI and VtepMAC
@@ -75,7 +82,10 @@ def test_etcd_records_match_flannel_format(make_lab):
         assert attrs["PublicIPv6"] is None and attrs["BackendType"] == "vxlan"
         assert list(attrs["BackendData"]) == ["VNI", "VtepMAC"] and attrs["BackendData"]["VNI"] == 1
         assert MAC.match(attrs["BackendData"]["VtepMAC"])
-        assert 23 * 3600 < node["ttl"] <= 24 * 3600
+        assert 23 * 3600 < node["ttl"] <= 24 * 3600  # v3: the TTL of the etcd lease the key is attached to
+    if etcd_api == "v3":
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            lab.etcd_get("/v2/keys/")  # this etcd has no v2 API: the daemons found v3 by themselves
     for host in lab.hosts:
         text = host.subnet_file.read_text()
         assert re.fullmatch(r"FLANNEL_NETWORK=10\.5\.0\.0/16\nFLANNEL_SUBNET=10\.5\.\d+\.1/24\n"
@@ -85,30 +95,32 @@ def test_etcd_records_match_flannel_format(make_lab):
         assert "mtu 1450" in link
 
 
-def test_removed_lease_clears_peer_entries_everywhere(make_lab):
-    lab = start_hosts(make_lab, {"Type": "vxlan"})
+@BOTH_APIS
+def test_removed_lease_clears_peer_entries_everywhere(make_lab, etcd_api):
+    lab = start_hosts(make_lab, {"Type": "vxlan"}, etcd_api=etcd_api)
     gone = lab.hosts[2]
     gone_lease = ipaddress.IPv4Interface(gone.subnet_env()["FLANNEL_SUBNET"]).network
     gone_mac = lab.leases()[f"{gone_lease.network_address}-24"]["attrs"]["BackendData"]["VtepMAC"]
     gone.daemon.kill()
     started = time.monotonic()
-    lab.etcd_request("DELETE", f"{lab.prefix_key}/subnets/{gone_lease.network_address}-24")
+    lab.etcd_delete(f"{lab.prefix_key}/subnets/{gone_lease.network_address}-24")
     for host in lab.hosts[:2]:
         wait_until(f"{gone_lease} gone from {host.name}", lambda: not any(
             str(gone_lease.network_address) in v or gone_mac in v for v in kernel_entries(host).values()))
     elapsed = time.monotonic() - started
     entries = kernel_entries(lab.hosts[0])
     assert str(ipaddress.IPv4Interface(lab.hosts[1].subnet_env()["FLANNEL_SUBNET"]).network) in entries["routes"]
-    print(f"\nlease removal reached both peers' kernels in {elapsed * 1000:.0f} ms")
+    print(f"\netcd {etcd_api}: lease removal reached both peers' kernels in {elapsed * 1000:.0f} ms")
 
 
-def test_new_lease_reaches_peers_quickly(make_lab):
-    lab = start_hosts(make_lab, {"Type": "vxlan"}, hosts=2)
+@BOTH_APIS
+def test_new_lease_reaches_peers_quickly(make_lab, etcd_api):
+    lab = start_hosts(make_lab, {"Type": "vxlan"}, hosts=2, etcd_api=etcd_api)
     mac = "0e:11:22:33:44:55"
     lease = json.dumps({"PublicIP": "192.0.2.99", "PublicIPv6": None, "BackendType": "vxlan",
                         "BackendData": {"VNI": 1, "VtepMAC": mac}}, separators=(",", ":"))
     started = time.monotonic()
-    lab.etcd_request("PUT", f"{lab.prefix_key}/subnets/10.5.250.0-24", lease, ttl=600)
+    lab.etcd_put(f"{lab.prefix_key}/subnets/10.5.250.0-24", lease, ttl=600)
     for host in lab.hosts:
         wait_until(f"fake peer on {host.name}", lambda: "10.5.250.0/24" in kernel_entries(host)["routes"]
                    and mac in kernel_entries(host)["fdb"] and mac in kernel_entries(host)["neigh"],
@@ -117,11 +129,13 @@ def test_new_lease_reaches_peers_quickly(make_lab):
     fdb = kernel_entries(lab.hosts[0])["fdb"]
     assert f"{mac} dst 192.0.2.99 self permanent" in fdb
     assert "10.5.250.0/24 via 10.5.250.0 dev flannel.1 onlink" in kernel_entries(lab.hosts[0])["routes"]
-    print(f"\nnew lease programmed on 2 peers (route, neighbor, FDB) within {elapsed * 1000:.0f} ms of the etcd write")
+    print(f"\netcd {etcd_api}: new lease programmed on 2 peers (route, neighbor, FDB) within {elapsed * 1000:.0f} ms "
+          "of the etcd write")
 
 
-def test_sigkill_restart_keeps_subnet_and_vtep_mac(make_lab):
-    lab = start_hosts(make_lab, {"Type": "vxlan"}, hosts=2)
+@BOTH_APIS
+def test_sigkill_restart_keeps_subnet_and_vtep_mac(make_lab, etcd_api):
+    lab = start_hosts(make_lab, {"Type": "vxlan"}, hosts=2, etcd_api=etcd_api)
     host = lab.hosts[0]
     before_env = host.subnet_env()["FLANNEL_SUBNET"]
     before_mac = host.sh("cat", f"/sys/class/net/flannel.1/address").strip()
@@ -167,13 +181,14 @@ def test_direct_routing_uses_plain_routes_on_a_shared_segment(make_lab):
     assert ping(h1.containers[0].ns, h2.containers[1].ip)
 
 
-def test_own_lease_deleted_is_taken_again_with_the_same_subnet(make_lab):
-    lab = start_hosts(make_lab, {"Type": "vxlan"}, hosts=2)
+@BOTH_APIS
+def test_own_lease_deleted_is_taken_again_with_the_same_subnet(make_lab, etcd_api):
+    lab = start_hosts(make_lab, {"Type": "vxlan"}, hosts=2, etcd_api=etcd_api)
     h1, h2 = lab.hosts
     key = ipaddress.IPv4Interface(h1.subnet_env()["FLANNEL_SUBNET"]).network
     key = f"{key.network_address}-{key.prefixlen}"
     before = lab.leases()[key]["attrs"]
-    lab.etcd_request("DELETE", f"{lab.prefix_key}/subnets/{key}")
+    lab.etcd_delete(f"{lab.prefix_key}/subnets/{key}")
     wait_until("lease re-created", lambda: key in lab.leases(), timeout=10)
     assert lab.leases()[key]["attrs"] == before
     assert h1.daemon.alive()

@@ -1,1 +1,75 @@
-"""Lease stores: one implementation per etcd API behind the Store interface."""
+"""Lease stores: one implementation per etcd API behind the Store interface, and the -etcd-api choice."""
+from __future__ import annotations
+
+import logging
+
+from ..subnets import IPv4Network
+from .base import Lease, LeaseEvent, LeaseNotFound, Store, StoreError
+from .etcdv2 import EtcdV2Store
+from .etcdv3 import EtcdV3Store
+
+log = logging.getLogger(__name__)
+
+ETCD_APIS = ("auto", "v2", "v3")
+
+
+def from_flags(flags, timeout: float = 5.0) -> Store:
+    """The store the -etcd-* flags describe (pyflanneld's, and `pyflannel status` / `doctor`'s)."""
+    kw = dict(certfile=flags.etcd_certfile, keyfile=flags.etcd_keyfile, cafile=flags.etcd_cafile,
+              username=flags.etcd_username, password=flags.etcd_password, timeout=timeout)
+    api = flags.etcd_api
+    if api not in ETCD_APIS:
+        raise ValueError(f"-etcd-api: {api!r} is not one of {', '.join(ETCD_APIS)}")
+    v2 = EtcdV2Store(flags.etcd_endpoints, flags.etcd_prefix, **kw) if api != "v3" else None
+    v3 = EtcdV3Store(flags.etcd_endpoints, flags.etcd_prefix, **kw) if api != "v2" else None
+    return DetectedStore(v2, v3) if api == "auto" else v2 or v3
+
+
+class DetectedStore(Store):
+    """-etcd-api auto: the API in which <prefix>/config exists, v3 first; while neither has it, v3 (as flannel >= 0.18).
+
+    The choice is made by the first call that finds the config, and then kept."""
+
+    def __init__(self, v2: EtcdV2Store, v3: EtcdV3Store):
+        self.v2, self.v3 = v2, v3
+        self.chosen: Store | None = None
+
+    def store(self) -> Store:
+        if self.chosen is not None:
+            return self.chosen
+        v3_error = None
+        for api, candidate in (("v3", self.v3), ("v2", self.v2)):
+            try:
+                candidate.network_config()
+            except LeaseNotFound:
+                continue
+            except StoreError as e:
+                # v3 failing: etcd is down, unless the config is in v2 (etcd 2, a broken gateway);
+                # v2 failing: its API is off (etcd >= 3.5's default)
+                if candidate is self.v3:
+                    v3_error = e
+                continue
+            log.info("etcd API %s: %s/config found there", api, candidate.prefix)
+            self.chosen = candidate
+            return candidate
+        if v3_error:
+            raise v3_error
+        return self.v3
+
+    def network_config(self) -> str:
+        return self.store().network_config()
+
+    def leases(self) -> tuple[list[Lease], int]:
+        return self.store().leases()
+
+    def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
+        return self.store().create_lease(lease, ttl)
+
+    def update_lease(self, lease: Lease, ttl: int | None) -> Lease:
+        return self.store().update_lease(lease, ttl)
+
+    def delete_lease(self, subnet: IPv4Network) -> None:
+        self.store().delete_lease(subnet)
+
+    def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
+        return self.store().watch_leases(position, timeout)

@@ -5,10 +5,22 @@ import abc
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from urllib.parse import urlparse
 
 from ..subnets import IPv4Network
 
 LEASE_TTL_SECONDS = 24 * 3600
+
+
+def parse_endpoints(endpoints: list[str]) -> list[tuple[str, str, int]]:
+    """-etcd-endpoints' URLs as (scheme, host, port); ValueError names a URL that is not http(s)://host[:port]."""
+    parsed = []
+    for url in endpoints:
+        u = urlparse(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"-etcd-endpoints: {url!r} is not an http(s)://host:port URL")
+        parsed.append((u.scheme, u.hostname, u.port or 2379))
+    return parsed
 
 
 class StoreError(Exception):

@@ -4,13 +4,12 @@ from __future__ import annotations
 import logging
 import re
 from datetime import datetime, timezone
-from urllib.parse import urlparse
 
 import etcd
 import urllib3
 
 from ..subnets import IPv4Network, lease_key, parse_lease_key
-from .base import HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store, StoreError
+from .base import HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store, StoreError, parse_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +37,9 @@ class EtcdV2Store(Store):
                  cafile=None, username=None, password=None, timeout: float = 5.0):
         self.prefix = prefix.rstrip("/")
         self.endpoints = endpoints
-        hosts = []
-        scheme = "http"
-        for url in endpoints:
-            u = urlparse(url)
-            if u.scheme not in ("http", "https") or not u.hostname:
-                raise ValueError(f"-etcd-endpoints: {url!r} is not an http(s)://host:port URL")
-            scheme = u.scheme
-            hosts.append((u.hostname, u.port or 2379))
+        parsed = parse_endpoints(endpoints)
+        scheme = parsed[-1][0] if parsed else "http"
+        hosts = [(host, port) for _, host, port in parsed]
         cert = (certfile, keyfile) if certfile else None
         if len(hosts) == 1:
             host, port = hosts[0]
@@ -56,13 +50,6 @@ class EtcdV2Store(Store):
                         password=password, allow_reconnect=len(hosts) > 1, read_timeout=timeout)
         self.client = self._new_client()
         self._watch_client = self._new_client()
-
-    @classmethod
-    def from_flags(cls, flags, timeout: float = 5.0) -> "EtcdV2Store":
-        """The store the -etcd-* flags describe (pyflanneld's, and `pyflannel status` / `doctor`'s)."""
-        return cls(flags.etcd_endpoints, flags.etcd_prefix, certfile=flags.etcd_certfile, keyfile=flags.etcd_keyfile,
-                   cafile=flags.etcd_cafile, username=flags.etcd_username, password=flags.etcd_password,
-                   timeout=timeout)
 
     def _new_client(self):
         return etcd.Client(**self._kw)

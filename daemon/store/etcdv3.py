@@ -1,0 +1,248 @@
+"""The etcd v3 API (flannel >= 0.18's schema) through etcd3gw, a client of etcd's grpc-gateway JSON API.
+
+Same keys and values as v2. A lease key is attached to an etcd lease whose TTL is the subnet lease's (24 h), so etcd
+deletes it on expiry; a key without an etcd lease is a reservation. Creating is `Txn(If version(key) == 0, Then put
+with lease)`, renewing is a new etcd lease + put (as flannel does). etcd3gw makes the requests; the watch stream is
+read here, because etcd3gw's watcher drops compaction and cancel notices and has no read timeout.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import threading
+from datetime import datetime, timedelta, timezone
+
+import requests
+import urllib3
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
+from etcd3gw.lease import Lease as EtcdLease
+
+from ..subnets import IPv4Network, lease_key, parse_lease_key
+from .base import HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store, StoreError, parse_endpoints
+
+log = logging.getLogger(__name__)
+
+_UNREACHABLE = (ConnectionFailedError, ConnectionTimeoutError)
+_ERRNO = re.compile(r"\[Errno -?\d+\] [^\"')(]+|certificate verify failed[^\"')(]*|Read timed out")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _text(b64: str | None) -> str:
+    return base64.b64decode(b64 or "").decode()
+
+
+def _reason(error: Etcd3Exception) -> str:
+    """etcd's one-line message out of a gateway reply or a requests error."""
+    text = error.detail_text or " ".join(map(str, error.args)) or type(error).__name__
+    try:
+        reply = json.loads(text)
+        return reply.get("message") or reply.get("error") or text
+    except (ValueError, AttributeError):
+        found = _ERRNO.search(text)
+        return found.group(0).strip() if found else text
+
+
+class _Unreachable(ConnectionFailedError):
+    """The watch stream broke: try the next endpoint."""
+
+
+class EtcdV3Store(Store):
+    def __init__(self, endpoints: list[str], prefix: str = "/coreos.com/network", *, certfile=None, keyfile=None,
+                 cafile=None, username=None, password=None, timeout: float = 5.0):
+        self.prefix = prefix.rstrip("/")
+        self.endpoints = endpoints
+        self.timeout = timeout
+        self._credentials = {"name": username, "password": password or ""} if username else None
+        self._auth_lock = threading.Lock()
+        self._auth_enabled = True  # until etcd says otherwise
+        # one session for the main thread's requests, one for the watch thread's long reads
+        self._sessions = [requests.Session(), requests.Session()]
+        for session in self._sessions:
+            session.trust_env = False  # REQUESTS_CA_BUNDLE, proxies and .netrc must not override the -etcd-* flags
+            session.verify = cafile or True
+            session.cert = (certfile, keyfile) if certfile else None
+        self._clients, self._watch_clients = [], []
+        for scheme, host, port in parse_endpoints(endpoints):
+            for clients, session in zip((self._clients, self._watch_clients), self._sessions):
+                clients.append(Etcd3Client(host, port, scheme, timeout=timeout, session=session))
+        self._current = 0
+        self._expirations: dict[int, datetime] = {}  # etcd lease ID -> when it ends (an etcd lease's TTL only shrinks)
+
+    # --- requests: failover across endpoints, authentication -------------------------------------------------
+    def _call(self, fn, watch: bool = False):
+        """fn(client) on the current endpoint, moving on while endpoints cannot be reached."""
+        clients = self._watch_clients if watch else self._clients
+        unreachable = []
+        for _ in clients:
+            current = self._current
+            client = clients[current]
+            try:
+                return self._authenticated(fn, client)
+            except _UNREACHABLE as e:
+                unreachable.append(f"{client.base_url}: {_reason(e)}")
+                self._current = (current + 1) % len(clients)
+            except Etcd3Exception as e:
+                raise StoreError(f"etcd at {client.base_url}: {_reason(e)}") from None
+            except (requests.RequestException, ValueError) as e:  # a reply that is not etcd's JSON
+                raise StoreError(f"etcd at {client.base_url}: {e}") from None
+        raise StoreError(f"etcd unreachable: {'; '.join(unreachable)}")
+
+    def _authenticated(self, fn, client: Etcd3Client):
+        if self._credentials is None:
+            return fn(client)
+        if self._auth_enabled and "Authorization" not in client.session.headers:
+            self._authenticate(client)
+        try:
+            return fn(client)
+        except Etcd3Exception as e:
+            if not any(why in (e.detail_text or "") for why in ("invalid auth token", "user name is empty")):
+                raise
+        self._authenticate(client)  # tokens expire (--auth-token-ttl) and belong to the member that gave them
+        return fn(client)
+
+    def _authenticate(self, client: Etcd3Client) -> None:
+        with self._auth_lock:
+            for session in self._sessions:
+                session.headers.pop("Authorization", None)
+            try:
+                token = client.post(client.get_url("/auth/authenticate"), json=self._credentials)["token"]
+            except Etcd3Exception as e:
+                if "authentication is not enabled" in (e.detail_text or ""):
+                    self._auth_enabled = False  # -etcd-username given, but this etcd lets everyone in
+                    return
+                raise
+            self._auth_enabled = True
+            for session in self._sessions:
+                session.headers["Authorization"] = token
+
+    # --- keys --------------------------------------------------------------------------------------------------
+    def _key(self, subnet: IPv4Network) -> str:
+        return f"{self.prefix}/subnets/{lease_key(subnet)}"
+
+    @staticmethod
+    def _range(client: Etcd3Client, key: str, prefix: bool = False) -> dict:
+        body = {"key": _b64(key)}
+        if prefix:
+            body["range_end"] = _b64(key[:-1] + chr(ord(key[-1]) + 1))
+        return client.post(client.get_url("/kv/range"), json=body)
+
+    def network_config(self) -> str:
+        key = f"{self.prefix}/config"
+        kvs = self._call(lambda client: self._range(client, key)).get("kvs")
+        if not kvs:
+            raise LeaseNotFound(f"{key} not found")
+        return _text(kvs[0].get("value"))
+
+    def _expiration(self, lease_id: int, watch: bool = False) -> datetime | None:
+        if not lease_id:
+            return None
+        if lease_id not in self._expirations:
+            ttl = self._call(lambda client: EtcdLease(lease_id, client).ttl(), watch)
+            self._expirations[lease_id] = datetime.now(timezone.utc) + timedelta(seconds=max(ttl, 0))
+        return self._expirations[lease_id]
+
+    def _lease_from(self, kv: dict, watch: bool = False) -> Lease | None:
+        key = _text(kv["key"])
+        subnet = parse_lease_key(key)
+        if subnet is None:
+            return None
+        try:
+            return Lease.from_attrs(subnet, _text(kv.get("value")), self._expiration(int(kv.get("lease", 0)), watch))
+        except ValueError as e:
+            log.warning("ignoring lease %s: %s", key, e)
+            return None
+
+    def leases(self) -> tuple[list[Lease], int]:
+        reply = self._call(lambda client: self._range(client, f"{self.prefix}/subnets/", prefix=True))
+        kvs = reply.get("kvs", [])
+        in_use = {int(kv.get("lease", 0)) for kv in kvs}
+        self._expirations = {i: t for i, t in self._expirations.items() if i in in_use}
+        leases = [lease for lease in map(self._lease_from, kvs) if lease]
+        return leases, int(reply["header"]["revision"])
+
+    def _write(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
+        key = self._key(lease.subnet)
+
+        def write(client: Etcd3Client) -> int:
+            granted = client.lease(ttl) if ttl else None
+            put = {"key": _b64(key), "value": _b64(lease.attrs_json())}
+            if granted:
+                put["lease"] = granted.id
+            compare = {"key": _b64(key), "target": "VERSION", "result": "GREATER" if must_exist else "EQUAL",
+                       "version": 0}
+            if client.transaction({"compare": [compare], "success": [{"request_put": put}]}).get("succeeded"):
+                return granted.id if granted else 0
+            if granted:
+                granted.revoke()
+            raise (LeaseNotFound(f"{key} is gone") if must_exist else LeaseExists(f"{key} exists already"))
+
+        lease_id = self._call(write)
+        if lease_id:
+            self._expirations[lease_id] = datetime.now(timezone.utc) + timedelta(seconds=ttl)
+        lease.expiration = self._expirations.get(lease_id)
+        return lease
+
+    def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
+        return self._write(lease, ttl, must_exist=False)
+
+    def update_lease(self, lease: Lease, ttl: int | None) -> Lease:
+        return self._write(lease, ttl, must_exist=True)
+
+    def delete_lease(self, subnet: IPv4Network) -> None:
+        self._call(lambda client: client.delete(self._key(subnet)))
+
+    # --- watch -------------------------------------------------------------------------------------------------
+    def _watch_once(self, client: Etcd3Client, position: int, timeout: float) -> list[dict]:
+        """The first batch of events after `position`, or [] when none came within `timeout` s."""
+        prefix = f"{self.prefix}/subnets/"
+        create = {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + "0"), "start_revision": position + 1}
+        try:
+            with client.session.post(client.get_url("/watch"), json={"create_request": create}, stream=True,
+                                     timeout=(self.timeout, timeout)) as reply:
+                if reply.status_code != 200:
+                    raise Etcd3Exception(reply.text, reply.reason)
+                for line in reply.iter_lines(chunk_size=None):
+                    if not line.strip():
+                        continue
+                    message = json.loads(line)
+                    if "error" in message:
+                        raise Etcd3Exception(json.dumps(message["error"]))
+                    result = message.get("result", {})
+                    if int(result.get("compact_revision", 0)):
+                        raise HistoryLost(f"revision {position + 1} is compacted (etcd keeps from "
+                                          f"{result['compact_revision']})")
+                    if result.get("canceled"):
+                        raise Etcd3Exception(result.get("cancel_reason") or "watch canceled by etcd")
+                    if result.get("events"):
+                        return result["events"]
+        except requests.exceptions.ReadTimeout:
+            return []
+        except requests.exceptions.ConnectionError as e:
+            # requests reports a read timeout inside a stream as a ConnectionError wrapping urllib3's
+            if e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError):
+                return []
+            raise _Unreachable(str(e)) from None
+        raise _Unreachable("the watch stream ended")
+
+    def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
+        raw = self._call(lambda client: self._watch_once(client, position, timeout), watch=True)
+        events = []
+        for item in raw:
+            kv = item["kv"]
+            position = max(position, int(kv["mod_revision"]))
+            subnet = parse_lease_key(_text(kv["key"]))
+            if subnet is None:
+                continue
+            if item.get("type") == "DELETE":
+                events.append(LeaseEvent(LeaseEvent.REMOVED, Lease(subnet, "", "")))
+            else:
+                lease = self._lease_from(kv, watch=True)
+                if lease:
+                    events.append(LeaseEvent(LeaseEvent.ADDED, lease))
+        return events, position
