@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
+from bench import cni
 from tests.lab import DOCKER, IMAGE, Lab, inside, sh, wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -300,6 +301,8 @@ def table(r: dict) -> str:
         compared(f"{r['lifecycle']['concurrent']} concurrent docker run --rm, wall s", wall["overlay0"], wall["plainbr"],
                  f"<= 1.10x {verdict(wall['overlay0'] / wall['plainbr'] <= 1.10)} (--network none "
                  f"{wall['none']:.3f}s)", "12.3f")
+    if "cni" in r:
+        lines.extend(cni.table_lines(r["cni"]))
     return "\n".join(lines)
 
 
@@ -311,7 +314,8 @@ def main() -> int:
              ("wire host-gw", lambda: wire_hostgw_and_plain(results)),
              ("convergence 10", lambda: convergence(results, 10)),
              ("convergence 1000", lambda: convergence(results, 1000)), ("scale 1000", lambda: scale(results, 1000)),
-             ("scale 5000", lambda: scale(results, 5000)), ("lifecycle", lambda: lifecycle(results))]
+             ("scale 5000", lambda: scale(results, 5000)), ("lifecycle", lambda: lifecycle(results)),
+             ("cni", lambda: cni.latency(results))]
     only = os.environ.get("BENCH_ONLY")  # e.g. BENCH_ONLY="wire host-gw,lifecycle" while working on one part
     for name, step in steps:
         if only and name not in only.split(","):
