@@ -5,6 +5,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from pyflannel.driver.main import DEFAULT_SOCKET as DEFAULT_DRIVER_SOCKET
 from pyflannel.subnetenv import DEFAULT_PATH as DEFAULT_SUBNET_FILE
 
 
@@ -63,9 +64,10 @@ FLAGS = [
     ("subnet-lease-renew-margin", _positive_int, 60, False, "renew the lease this many minutes before it expires"),
     ("ip-masq", _bool, False, False, "masquerade traffic that leaves the flannel network"),
     ("healthz-ip", str, "0.0.0.0", False, "address of the /healthz and /readyz endpoint"),
-    ("healthz-port", _port, 0, False, "port of the /healthz and /readyz endpoint (0: off)"),
+    ("healthz-port", _port, 0, False, "port of the /healthz, /readyz and /metrics endpoint (0: off)"),
     ("state-dir", str, "/var/lib/pyflannel", False, "where state that survives a restart lives (VTEP MAC)"),
     ("reconcile-interval", _seconds, 10.0, False, "seconds between full kernel-vs-leases reconciliations"),
+    ("driver-socket", str, DEFAULT_DRIVER_SOCKET, False, "pyflannel-driver's socket, whose metrics /metrics includes"),
 ]
 
 
@@ -89,6 +91,7 @@ class Flags:
     healthz_port: int
     state_dir: str
     reconcile_interval: float
+    driver_socket: str
 
 
 def env_name(flag: str) -> str:

@@ -1,10 +1,12 @@
-"""/healthz (the main loop is alive) and /readyz (lease held, kernel programmed, etcd reachable)."""
+"""/healthz (the main loop is alive), /readyz (lease held, kernel programmed, etcd reachable) and /metrics."""
 from __future__ import annotations
 
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 
 class Health:
@@ -29,17 +31,22 @@ class Health:
         return bool(self.lease and self.programmed and self.etcd_ok), state
 
 
-def serve(health: Health, host: str, port: int) -> ThreadingHTTPServer:
+def serve(health: Health, host: str, port: int, registry: CollectorRegistry) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path == "/metrics":
+                self.reply(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                return
             checks = {"/healthz": health.healthy, "/readyz": health.ready}
             if self.path not in checks:
                 self.send_error(404)
                 return
             ok, body = checks[self.path]()
-            data = json.dumps({"ok": ok, **body}).encode()
-            self.send_response(200 if ok else 503)
-            self.send_header("Content-Type", "application/json")
+            self.reply(200 if ok else 503, "application/json", json.dumps({"ok": ok, **body}).encode())
+
+        def reply(self, status: int, content_type: str, data: bytes):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

@@ -22,6 +22,7 @@ from . import store as stores
 from .errors import UserError
 from .health import Health, serve
 from .lease import LeaseManager, LeaseWatcher
+from .metrics import Metrics
 from .netlink import Kernel
 from .reconciler import Reconciler
 from .store.base import LeaseEvent, LeaseNotFound, StoreError
@@ -55,7 +56,8 @@ class Daemon:
         self.stop = threading.Event()
         self.events: queue.Queue = queue.Queue()
         self.health = Health()
-        self.store = stores.from_flags(flags)
+        self.metrics = Metrics(self, flags.driver_socket)
+        self.store = self.metrics.counting(stores.from_flags(flags))
         self.kernel = Kernel()
 
     # --- start-up --------------------------------------------------------------------------------------------
@@ -79,7 +81,7 @@ class Daemon:
     def start(self) -> None:
         f = self.flags
         if f.healthz_port:
-            serve(self.health, f.healthz_ip, f.healthz_port)
+            serve(self.health, f.healthz_ip, f.healthz_port, self.metrics.registry)
         self.config = self.load_config()
         self.ext = iface.choose(self.kernel, f.iface, f.iface_regex, f.public_ip)
         log.info("external interface %s (%s), public IP %s", self.ext.name, self.ext.address, self.ext.public_ip)
@@ -92,7 +94,7 @@ class Daemon:
         self.reconciler = Reconciler(self.kernel, self.backend)
         peers, position = self.leases.listing  # our own lease, written after it, comes as a watch event
         self.watcher = LeaseWatcher(self.store, {p.subnet: p for p in peers}, position)
-        self.reconciler.reconcile(self.peers())
+        self.reconciler.reconcile(self.peers())  # programming the peers, not repairs: not counted in the metrics
         self.health.programmed = True
         threading.Thread(target=self.watch_loop, name="watch", daemon=True).start()
 
@@ -132,7 +134,7 @@ class Daemon:
                 delay = min(delay * 2, 2.0)  # come back within 2 s of etcd's return
                 continue
             for event in events:
-                self.events.put(event)
+                self.events.put((time.monotonic(), event))
 
     def run(self) -> None:
         next_reconcile = time.monotonic() + self.flags.reconcile_interval
@@ -145,19 +147,21 @@ class Daemon:
             if next_renew is not None:
                 waits.append((next_renew - datetime.now(timezone.utc)).total_seconds())
             try:
-                event = self.events.get(timeout=max(0.0, min(waits)))
+                received, event = self.events.get(timeout=max(0.0, min(waits)))
             except queue.Empty:
                 event = None
             if event is not None:
-                self.handle(event)
+                self.handle(event, received)
                 continue
             if next_renew is not None and datetime.now(timezone.utc) >= next_renew:
                 next_renew = self.renew(margin)
             if time.monotonic() >= next_reconcile:
-                self.reconciler.reconcile(self.peers())
+                self.reconcile()
                 next_reconcile = time.monotonic() + self.flags.reconcile_interval
 
-    def handle(self, event: LeaseEvent) -> None:
+    def handle(self, event: LeaseEvent, received: float) -> None:
+        """Apply one watch event; `received` is when the watcher read it (time.monotonic())."""
+        self.metrics.lease_events.labels(event.kind).inc()
         own = self.leases.lease.subnet
         if event.lease.subnet == own:
             if event.kind == LeaseEvent.REMOVED:
@@ -167,13 +171,18 @@ class Daemon:
             self.reconciler.apply_peer(event.lease)
         else:
             self.reconciler.remove_peer(event.lease.subnet)
+        self.metrics.apply_seconds.observe(time.monotonic() - received)
 
     def reacquire(self) -> None:
         before = self.leases.lease.subnet
         with_backoff("re-acquiring our lease", self.leases.reacquire, self.health, self.stop)
         if self.leases.lease.subnet != before:
             self.use_lease()
-        self.reconciler.reconcile(self.peers())
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """A full reconciliation after start: what it fixes is drift, counted as repairs."""
+        self.metrics.count_reconcile(self.reconciler.reconcile(self.peers()))
 
     def renew(self, margin: timedelta):
         try:

@@ -6,7 +6,7 @@
 
 Replies are JSON with Content-Type application/vnd.docker.plugins.v1+json. Failures are JSON {"Err": ...} (IPAM
 replies carry the same text as "Error" too); the status comes from errors.py. Unknown methods get 404, which Docker
-reads as "not implemented". No exception ever reaches Docker as a traceback.
+reads as "not implemented". No exception ever reaches Docker as a traceback. GET /metrics: see metrics.py.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from . import validation as v
 from .endpoint import Plumbing
 from .errors import DriverError, ValidationError
 from .ipam import Ipam, LeaseSource
+from .metrics import instrument
 from .network import NetworkDriver
 from .state import DEFAULT_STATE_DIR, StateStore
 
@@ -110,6 +111,7 @@ def create_app(state_dir: str = DEFAULT_STATE_DIR, subnet_file: str = subnetenv.
     # werkzeug silently cuts a chunked body off at this length: one byte more tells _body() that it was too large
     app.config["MAX_CONTENT_LENGTH"] = v.MAX_BODY_BYTES + 1
     app.extensions["pyflannel"] = {"store": store, "network": network, "ipam": ipam, "lease": lease}
+    instrument(app, handlers)
 
     @app.post("/<method>", provide_automatic_options=False)  # OPTIONS too gets a JSON 405, not Flask's empty 200
     def call(method: str):
