@@ -4,6 +4,7 @@ import ipaddress
 import json
 import os
 import random
+import signal
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -267,4 +268,7 @@ def test_v3_auth_with_expiring_tokens_and_a_wrong_password(make_lab):
     assert "retrying" not in h1.daemon.log() and "Traceback" not in h1.daemon.log()
     wait_until("the wrong password to be reported", lambda: "authentication failed" in denied.log(), timeout=15)
     assert not h2.subnet_file.exists() and "Traceback" not in denied.log()
+    # SIGTERM while the v3 watch waits: the daemon stops cleanly, the watch does not hold it
+    os.kill(h1.daemon.pid, signal.SIGTERM)
+    assert h1.daemon.popen.wait(timeout=10) == 0 and "stopped; kernel state and lease kept" in h1.daemon.log()
     print("\netcd v3 with auth: lease acquired, a peer seen after the 1 s token expired; wrong password refused")
