@@ -23,7 +23,7 @@ from pyflannel.daemon.main import main as daemon_main
 from pyflannel.daemon.store.base import HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, StoreError
 from pyflannel.daemon.store.etcdv2 import EtcdV2Store
 from pyflannel.daemon.store.etcdv3 import EtcdV3Store
-from tests.lab import wait_until
+from tests.lab import VENV_BIN, wait_until
 from tests.test_faults import make_certs
 
 N = ipaddress.IPv4Network
@@ -238,11 +238,17 @@ def test_v3_only_etcd_with_tls_client_certificates(make_lab):
                    ready=lambda: "is healthy" in etcdctl(lab, *tls, "endpoint", "health", check=False))
     etcdctl(lab, *tls, "put", f"{lab.prefix_key}/config", '{"Network": "10.5.0.0/16"}')
     h1, h2 = lab.hosts
-    h1.start_daemon("-etcd-api", "v3", "-etcd-cafile", certs["ca.pem"], "-etcd-certfile", certs["client.pem"],
-                    "-etcd-keyfile", certs["client.key"])
+    tls_flags = ["-etcd-api", "v3", "-etcd-cafile", certs["ca.pem"], "-etcd-certfile", certs["client.pem"],
+                 "-etcd-keyfile", certs["client.key"]]
+    h1.start_daemon(*tls_flags)
     lease = ipaddress.IPv4Interface(h1.subnet_env()["FLANNEL_SUBNET"]).network
     keys = etcdctl(lab, *tls, "get", "--prefix", "--keys-only", f"{lab.prefix_key}/subnets/").split()
     assert keys == [f"{lab.prefix_key}/subnets/{lease.network_address}-24"]
+    # `pyflannel status` reads the same etcd, and the lease's expiry from its etcd lease
+    report = json.loads(h1.sh(str(VENV_BIN / "pyflannel"), "status", "--json", "-etcd-endpoints", lab.etcd_url,
+                              "-subnet-file", str(h1.subnet_file), *tls_flags))
+    assert report["host"]["etcd"] == "reachable" and [h["subnet"] for h in report["hosts"]] == [str(lease)]
+    assert 23 * 3600 < int(report["hosts"][0]["expires_in"].rstrip("s")) <= 24 * 3600
     # without a client certificate the same etcd refuses, and the daemon says why instead of leasing
     bare = h2.start_daemon("-etcd-api", "v3", "-etcd-cafile", certs["ca.pem"], wait_ready=False)
     wait_until("a retry message", lambda: "retrying in" in bare.log(), timeout=15)
