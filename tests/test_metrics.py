@@ -30,9 +30,6 @@ def lab():
         h2.start_daemon("-healthz-port", str(PORT), "--driver-socket", str(h2.workdir / "nobody.sock"))
         h3.start_daemon("-healthz-port", str(PORT))
         yield lab
-    except BaseException:
-        print(lab.logs())
-        raise
     finally:
         lab.close()
 
