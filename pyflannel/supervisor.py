@@ -1,12 +1,12 @@
 """pyflannel-plugin: the managed Docker plugin's entrypoint, running pyflanneld and pyflannel-driver side by side.
 
-    pyflannel-plugin [--socket /run/docker/plugins/pyflannel.sock] [--subnet-wait 8]
+    pyflannel-plugin [--socket /run/docker/plugins/pyflannel.sock] [--subnet-wait 5]
 
 pyflanneld gets the FLANNELD_* environment (the plugin's settings); an empty one means "the flag's default", since
 `docker plugin set` cannot unset a variable. The driver starts once subnet.env exists, so that the network is
 usable when `docker plugin enable` returns, or after --subnet-wait seconds anyway (etcd down: enable still
-succeeds, and the driver's answers and the daemon's log say what is missing). dockerd gives up on a plugin whose
-socket is not there after about 10 s, hence the default of 8.
+succeeds, and the driver's answers and the daemon's log say what is missing). dockerd looks for the socket 0.5 s
+after the start and then every 3 s, giving up after 9.5 s: 5 s leaves the driver time to start.
 
 As PID 1 of the plugin container it passes SIGTERM/SIGINT on to both, reaps orphans, and when one of the two
 ends on its own, stops the other and exits non-zero: dockerd then sees the plugin as stopped.
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pyflannel-plugin",
                                 description="Run pyflanneld and pyflannel-driver together (the managed plugin).")
     p.add_argument("--socket", default=DEFAULT_SOCKET, help="the driver's socket (default %(default)s)")
-    p.add_argument("--subnet-wait", type=float, default=8.0,
+    p.add_argument("--subnet-wait", type=float, default=5.0,
                    help="seconds to wait for subnet.env before starting the driver anyway (default %(default)s)")
     return p.parse_args(argv)
 

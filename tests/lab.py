@@ -266,6 +266,11 @@ class Host:
         self.lab.container_pids.add(pid)
         return pid
 
+    def extra_links(self) -> set[str]:
+        """Interfaces in the host namespace other than lo, the underlay and the VXLAN device: what a driver made."""
+        names = {line.split(":")[1].strip().split("@")[0] for line in self.sh("ip", "-o", "link").splitlines()}
+        return names - {"lo", "eth0", "flannel.1"}
+
     def subnet_env(self) -> dict:
         return dict(line.split("=", 1) for line in self.subnet_file.read_text().split())
 

@@ -45,11 +45,6 @@ def fetch(host, url: str) -> str:
         return reply.read().decode()
 
 
-def our_links(host) -> set[str]:
-    names = {line.split(":")[1].strip().split("@")[0] for line in host.sh("ip", "-o", "link").splitlines()}
-    return names - {"lo", "eth0", "flannel.1"}
-
-
 @pytest.fixture(scope="module")
 def compose_lab(plugin_build):
     """Two hosts running pyflannel with `docker-compose up -d`; dockerd finds the driver's socket through the
@@ -104,7 +99,7 @@ def test_compose_down_removes_everything(compose_lab):
     for host in compose_lab.hosts:
         compose(host, DEMO, "down")
         assert "overlay0" not in host.docker("network", "ls", "--format", "{{.Name}}")
-        assert our_links(host) == set(), "bridge or veth left behind"
+        assert host.extra_links() == set(), "bridge or veth left behind"
         compose(host, INFRA, "down")
         assert host.docker("ps", "-aq") == ""
         assert not (host.workdir / "plugins" / "pyflannel.sock").exists()

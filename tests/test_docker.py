@@ -51,12 +51,6 @@ def container_ip(host, name: str) -> str:
     return json.loads(host.docker("inspect", name))[0]["NetworkSettings"]["Networks"]["overlay0"]["IPAddress"]
 
 
-def our_links(host) -> set[str]:
-    """Interfaces in the host namespace other than the underlay and the VXLAN device."""
-    names = {line.split(":")[1].strip().split("@")[0] for line in host.sh("ip", "-o", "link").splitlines()}
-    return names - {"lo", "eth0", "flannel.1"}
-
-
 def lease_addresses(host) -> list[str]:
     text = host.sh("ip", "-o", "-4", "addr")
     return [line for line in text.splitlines() if str(lease(host).network_address)[:-1] in line
@@ -79,15 +73,15 @@ def test_containers_on_two_hosts_reach_each_other(overlay):
 
 def test_rm_and_network_rm_leave_nothing_behind(docker_lab):
     h1 = docker_lab.hosts[0]
-    baseline_links = our_links(h1)
+    baseline_links = h1.extra_links()
     h1.docker("network", "create", "-d", "pyflannel", "--ipam-driver", "pyflannel", "overlay0")
     for i in range(3):
         h1.docker("run", "-d", "--name", f"c{i}", "--network", "overlay0", IMAGE, "sleep", "300")
-    assert len(our_links(h1) - baseline_links) == 4  # the bridge and three veth host ends
+    assert len(h1.extra_links() - baseline_links) == 4  # the bridge and three veth host ends
     h1.docker("rm", "-f", "c0", "c1", "c2")
-    wait_until("veths removed", lambda: len(our_links(h1) - baseline_links) == 1)
+    wait_until("veths removed", lambda: len(h1.extra_links() - baseline_links) == 1)
     h1.docker("network", "rm", "overlay0")
-    wait_until("bridge removed", lambda: our_links(h1) == baseline_links)
+    wait_until("bridge removed", lambda: h1.extra_links() == baseline_links)
     assert lease_addresses(h1) == []
     state = json.loads((h1.workdir / "driver" / "state.json").read_text())
     assert not state.get("networks") and not state.get("endpoints")
@@ -97,7 +91,7 @@ def test_driver_killed_and_restarted_changes_nothing_for_running_containers(over
     h1, h2 = overlay.hosts
     h1.docker("run", "-d", "--name", "kept", "--network", "overlay0", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www")
     kept_ip = container_ip(h1, "kept")
-    links_before = our_links(h1)
+    links_before = h1.extra_links()
     pinger = h2.docker("run", "-d", "--network", "overlay0", IMAGE, "ping", "-c", "40", "-i", "0.1", kept_ip).strip()
     time.sleep(1)
     h1.driver.kill(signal.SIGKILL)
@@ -110,9 +104,9 @@ def test_driver_killed_and_restarted_changes_nothing_for_running_containers(over
     out = h2.docker("run", "--rm", "--network", "overlay0", IMAGE, "wget", "-O-", f"http://{kept_ip}/")
     assert HELLO in out
     h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "ping", "-c", "1", "-W", "2", kept_ip)
-    assert our_links(h1) == links_before
+    assert h1.extra_links() == links_before
     h1.docker("rm", "-f", "kept")
-    wait_until("kept's veth removed", lambda: len(our_links(h1)) == 1)
+    wait_until("kept's veth removed", lambda: len(h1.extra_links()) == 1)
 
 
 def test_dockerd_restart_leaves_no_leak_and_later_runs_work(overlay):
@@ -122,7 +116,7 @@ def test_dockerd_restart_leaves_no_leak_and_later_runs_work(overlay):
     h1.start_dockerd()
     # the dead container's endpoint is cleaned up by dockerd (Leave / DeleteEndpoint) or stays owned by it
     h1.docker("rm", "-f", "before")
-    wait_until("only the bridge left", lambda: len(our_links(h1)) == 1, timeout=30)
+    wait_until("only the bridge left", lambda: len(h1.extra_links()) == 1, timeout=30)
     web = h2.docker("run", "-d", "--network", "overlay0", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www").strip()
     out = h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "wget", "-O-",
                     f"http://{container_ip(h2, web)}/")

@@ -45,11 +45,6 @@ def plugin_processes(host) -> dict[int, str]:
     return found
 
 
-def our_links(host) -> set[str]:
-    names = {line.split(":")[1].strip().split("@")[0] for line in host.sh("ip", "-o", "link").splitlines()}
-    return names - {"lo", "eth0", "flannel.1"}
-
-
 def enable(host) -> float:
     """Enable the plugin and create overlay0; the seconds from `enable` until the network exists."""
     start = time.monotonic()
@@ -157,7 +152,7 @@ def test_a_dead_child_restarts_the_plugin(plugin_lab):
 def test_disable_and_rm_leave_nothing_behind(plugin_lab):
     for host in plugin_lab.hosts:
         host.docker("run", "-d", "--network", "overlay0", IMAGE, "sleep", "600")
-        assert our_links(host)  # the network's bridge and the container's veth
+        assert host.extra_links()  # the network's bridge and the container's veth
         with pytest.raises(RuntimeError, match="in use"):
             host.docker("plugin", "disable", "pyflannel")
         clear(host)
@@ -165,5 +160,21 @@ def test_disable_and_rm_leave_nothing_behind(plugin_lab):
         host.docker("plugin", "rm", "pyflannel")
         assert host.docker("plugin", "ls", "-q") == ""
         assert plugin_processes(host) == {}
-        assert our_links(host) == set(), "bridge or veth left behind"
+        assert host.extra_links() == set(), "bridge or veth left behind"
         assert not list((host.workdir / "docker" / "exec" / "plugins").glob("*/pyflannel.sock"))
+
+
+def test_enable_with_etcd_unreachable_succeeds_and_says_why(plugin_lab, plugin_build):
+    """The supervisor starts the driver after --subnet-wait even without a lease, so that `enable` succeeds within
+    dockerd's socket deadline, and a network create then names the missing subnet.env."""
+    h1 = plugin_lab.hosts[0]
+    h1.docker("plugin", "create", "pyflannel", str(plugin_build / "pyflannel"), timeout=120)
+    h1.docker("plugin", "set", "pyflannel", "FLANNELD_ETCD_ENDPOINTS=http://192.0.2.2:2999", "FLANNELD_IFACE=eth0",
+              f"host-run.source={h1.workdir / 'run-no-etcd'}")
+    (h1.workdir / "run-no-etcd").mkdir()
+    h1.docker("plugin", "enable", "pyflannel", timeout=60)
+    with pytest.raises(RuntimeError, match=r"subnet.env does not exist: is pyflanneld running"):
+        h1.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "overlay0")
+    assert "retrying" in h1.dockerd.log()  # pyflanneld's own account, in dockerd's log
+    h1.docker("plugin", "disable", "pyflannel")
+    h1.docker("plugin", "rm", "pyflannel")
