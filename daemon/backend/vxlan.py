@@ -73,7 +73,7 @@ class VxlanBackend(Backend):
         if index is not None:
             attrs = k.vxlan_attrs(index)
             wanted = {"IFLA_VXLAN_ID": c.vni, "IFLA_VXLAN_PORT": c.port, "IFLA_VXLAN_LOCAL": self.ext.public_ip,
-                      "IFLA_VXLAN_LINK": self.ext.index}
+                      "IFLA_VXLAN_LINK": self.ext.index, "IFLA_VXLAN_UDP_CSUM": 0}
             if all(attrs.get(key) == value for key, value in wanted.items()):
                 link = k.link(index)
                 if link.get("IFLA_ADDRESS") != self.mac:
