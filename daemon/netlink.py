@@ -104,7 +104,8 @@ class Kernel:
         return dict((k, v) for k, v in info.get("IFLA_INFO_DATA")["attrs"] if k.startswith("IFLA_VXLAN"))
 
     def create_vxlan(self, name: str, vni: int, port: int, local: str, link_index: int, mac: str, mtu: int) -> int:
-        """No outer UDP checksum, as flannel's device: about 10 % more TCP throughput in the lab (IPv4 allows it)."""
+        """Without the outer UDP checksum the kernel adds by default (IPv4 allows a zero one, and every receiver,
+        flannel's too, accepts it): about 10 % more TCP throughput in the lab."""
         try:
             self.ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_port=port, vxlan_local=local,
                           vxlan_link=link_index, vxlan_learning=0, vxlan_udp_csum=0, address=mac, mtu=mtu)
