@@ -57,7 +57,7 @@ class Daemon:
         self.events: queue.Queue = queue.Queue()
         self.health = Health()
         self.metrics = Metrics(self, flags.driver_socket)
-        self.store = self.metrics.counting(stores.from_flags(flags))
+        self.store = self.metrics.counting(stores.from_flags(flags, peer_expiry=False))
         self.kernel = Kernel()
 
     # --- start-up --------------------------------------------------------------------------------------------

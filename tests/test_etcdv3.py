@@ -20,7 +20,7 @@ from pyflannel.daemon import store as stores
 from pyflannel.daemon.config import parse
 from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
 from pyflannel.daemon.main import main as daemon_main
-from pyflannel.daemon.store.base import HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, StoreError
+from pyflannel.daemon.store.base import EXPIRY_NOT_READ, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, StoreError
 from pyflannel.daemon.store.etcdv2 import EtcdV2Store
 from pyflannel.daemon.store.etcdv3 import EtcdV3Store
 from tests.lab import VENV_BIN, wait_until
@@ -71,6 +71,21 @@ def test_new_lease_is_a_key_on_an_etcd_lease_with_flannels_value(store, etcd):
     for seen in (lease, store.leases()[0][0]):
         left = (seen.expiration - datetime.now(timezone.utc)).total_seconds()
         assert 86000 < left <= 86400
+
+
+def test_daemon_store_reads_no_peer_expiry_but_knows_its_own(etcd, etcd_url, etcd_prefix):
+    """pyflanneld's store: a listing costs one request, not one per etcd lease; reservations stay reservations."""
+    etcd.put(f"{etcd_prefix}/config", CONFIG)
+    writer = EtcdV3Store([etcd_url], etcd_prefix)
+    writer.create_lease(Lease(N("10.5.7.0/24"), "192.0.2.12", "vxlan", DATA), 600)
+    writer.create_lease(Lease(N("10.5.8.0/24"), "192.0.2.13", "vxlan", DATA), None)
+    daemon_store = EtcdV3Store([etcd_url], etcd_prefix, read_expiry=False)
+    ours = manager(daemon_store).acquire()
+    assert 86000 < (ours.expiration - datetime.now(timezone.utc)).total_seconds() <= 86400
+    by_subnet = {lease.subnet: lease.expiration for lease in daemon_store.leases()[0]}
+    assert by_subnet[N("10.5.7.0/24")] == EXPIRY_NOT_READ
+    assert by_subnet[N("10.5.8.0/24")] is None
+    assert by_subnet[ours.subnet] == ours.expiration
 
 
 def test_compare_and_swap_refuses_a_taken_subnet_and_revokes_its_etcd_lease(store, etcd):

@@ -13,15 +13,18 @@ log = logging.getLogger(__name__)
 ETCD_APIS = ("auto", "v2", "v3")
 
 
-def from_flags(flags, timeout: float = 5.0) -> Store:
-    """The store the -etcd-* flags describe (pyflanneld's, and `pyflannel status` / `doctor`'s)."""
+def from_flags(flags, timeout: float = 5.0, peer_expiry: bool = True) -> Store:
+    """The store the -etcd-* flags describe (pyflanneld's, and `pyflannel status` / `doctor`'s).
+
+    peer_expiry=False leaves leases' expirations unread where reading costs a request each (etcd v3): pyflanneld
+    learns its own lease's expiration when it writes it."""
     kw = dict(certfile=flags.etcd_certfile, keyfile=flags.etcd_keyfile, cafile=flags.etcd_cafile,
               username=flags.etcd_username, password=flags.etcd_password, timeout=timeout)
     api = flags.etcd_api
     if api not in ETCD_APIS:
         raise ValueError(f"-etcd-api: {api!r} is not one of {', '.join(ETCD_APIS)}")
     v2 = EtcdV2Store(flags.etcd_endpoints, flags.etcd_prefix, **kw) if api != "v3" else None
-    v3 = EtcdV3Store(flags.etcd_endpoints, flags.etcd_prefix, **kw) if api != "v2" else None
+    v3 = EtcdV3Store(flags.etcd_endpoints, flags.etcd_prefix, read_expiry=peer_expiry, **kw) if api != "v2" else None
     return DetectedStore(v2, v3) if api == "auto" else v2 or v3
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from urllib.parse import urlparse
 
 from ..subnets import IPv4Network
@@ -37,6 +37,11 @@ class LeaseNotFound(Exception):
 
 class HistoryLost(Exception):
     """The watch fell behind the store's history (v2 index cleared, v3 compacted): re-list and diff."""
+
+
+# The expiration of a lease that has a TTL which the store did not read (pyflanneld does not need its peers'
+# expirations, and etcd v3 costs one request per etcd lease to read them).
+EXPIRY_NOT_READ = datetime.max.replace(tzinfo=timezone.utc)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Et
 from etcd3gw.lease import Lease as EtcdLease
 
 from ..subnets import IPv4Network, lease_key, parse_lease_key
-from .base import HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store, StoreError, parse_endpoints
+from .base import EXPIRY_NOT_READ, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store, StoreError, parse_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class _Unreachable(ConnectionFailedError):
 
 class EtcdV3Store(Store):
     def __init__(self, endpoints: list[str], prefix: str = "/coreos.com/network", *, certfile=None, keyfile=None,
-                 cafile=None, username=None, password=None, timeout: float = 5.0):
+                 cafile=None, username=None, password=None, timeout: float = 5.0, read_expiry: bool = True):
         self.prefix = prefix.rstrip("/")
         self.endpoints = endpoints
         self.timeout = timeout
@@ -72,6 +72,7 @@ class EtcdV3Store(Store):
             for clients, session in zip((self._clients, self._watch_clients), self._sessions):
                 clients.append(Etcd3Client(host, port, scheme, timeout=timeout, session=session))
         self._current = 0
+        self._read_expiry = read_expiry
         self._expirations: dict[int, datetime] = {}  # etcd lease ID -> when it ends (an etcd lease's TTL only shrinks)
 
     # --- requests: failover across endpoints, authentication -------------------------------------------------
@@ -142,6 +143,8 @@ class EtcdV3Store(Store):
     def _expiration(self, lease_id: int, watch: bool = False) -> datetime | None:
         if not lease_id:
             return None
+        if lease_id not in self._expirations and not self._read_expiry:
+            return EXPIRY_NOT_READ
         if lease_id not in self._expirations:
             ttl = self._call(lambda client: EtcdLease(lease_id, client).ttl(), watch)
             self._expirations[lease_id] = datetime.now(timezone.utc) + timedelta(seconds=max(ttl, 0))
