@@ -25,7 +25,7 @@ from .lease import LeaseManager, LeaseWatcher
 from .metrics import Metrics
 from .netlink import Kernel
 from .reconciler import Reconciler
-from .store.base import LeaseEvent, LeaseNotFound, StoreError
+from .store.base import EXPIRY_NOT_READ, LeaseEvent, LeaseNotFound, StoreError
 
 log = logging.getLogger("pyflanneld")
 
@@ -59,6 +59,8 @@ class Daemon:
         self.metrics = Metrics(self, flags.driver_socket)
         self.store = self.metrics.counting(stores.from_flags(flags, peer_expiry=False))
         self.kernel = Kernel()
+        self.renew_margin = timedelta(minutes=flags.subnet_lease_renew_margin)
+        self.next_renew: datetime | None = None
 
     # --- start-up --------------------------------------------------------------------------------------------
     def load_config(self) -> netconfig.NetworkConfig:
@@ -138,14 +140,13 @@ class Daemon:
 
     def run(self) -> None:
         next_reconcile = time.monotonic() + self.flags.reconcile_interval
-        margin = timedelta(minutes=self.flags.subnet_lease_renew_margin)
-        next_renew = self.leases.renew_due(margin)
+        self.next_renew = self.leases.renew_due(self.renew_margin)
         while not self.stop.is_set():
             self.health.tick()
             now = time.monotonic()
             waits = [next_reconcile - now, 1.0]
-            if next_renew is not None:
-                waits.append((next_renew - datetime.now(timezone.utc)).total_seconds())
+            if self.next_renew is not None:
+                waits.append((self.next_renew - datetime.now(timezone.utc)).total_seconds())
             try:
                 received, event = self.events.get(timeout=max(0.0, min(waits)))
             except queue.Empty:
@@ -153,8 +154,8 @@ class Daemon:
             if event is not None:
                 self.handle(event, received)
                 continue
-            if next_renew is not None and datetime.now(timezone.utc) >= next_renew:
-                next_renew = self.renew(margin)
+            if self.next_renew is not None and datetime.now(timezone.utc) >= self.next_renew:
+                self.next_renew = self.renew()
             if time.monotonic() >= next_reconcile:
                 self.reconcile()
                 next_reconcile = time.monotonic() + self.flags.reconcile_interval
@@ -166,6 +167,8 @@ class Daemon:
         if event.lease.subnet == own:
             if event.kind == LeaseEvent.REMOVED:
                 self.reacquire()
+            elif event.lease.expiration != EXPIRY_NOT_READ:
+                self.follow_own_expiration(event.lease.expiration)
             return
         if event.kind == LeaseEvent.ADDED:
             self.reconciler.apply_peer(event.lease)
@@ -184,13 +187,23 @@ class Daemon:
         """A full reconciliation after start: what it fixes is drift, counted as repairs."""
         self.metrics.count_reconcile(self.reconciler.reconcile(self.peers()))
 
-    def renew(self, margin: timedelta):
+    def follow_own_expiration(self, expiration: datetime | None) -> None:
+        """Our key was rewritten (by our renewal, or by an admin who shortened its TTL or made it a reservation):
+        renew by the expiration etcd now holds, not the one we wrote."""
+        current = self.leases.lease.expiration
+        if expiration == current or (expiration and current and abs(expiration - current) < RENEW_RETRY):
+            return  # the echo of our own write
+        log.info("our lease %s now expires %s", self.leases.lease.subnet, expiration or "never (reservation)")
+        self.leases.lease.expiration = expiration
+        self.next_renew = self.leases.renew_due(self.renew_margin)
+
+    def renew(self):
         try:
             before = self.leases.lease.subnet
             self.leases.renew()
             if self.leases.lease.subnet != before:
                 self.use_lease()
-            return self.leases.renew_due(margin)
+            return self.leases.renew_due(self.renew_margin)
         except StoreError as e:
             log.warning("renewing lease %s failed: %s; retrying in a minute", self.leases.lease.subnet, e)
             return datetime.now(timezone.utc) + RENEW_RETRY

@@ -193,3 +193,13 @@ def test_own_lease_deleted_is_taken_again_with_the_same_subnet(make_lab, etcd_ap
     assert lab.leases()[key]["attrs"] == before
     assert h1.daemon.alive()
     assert ping(h2.containers[0].ns, h1.containers[0].ip)
+
+
+def test_own_lease_ttl_shortened_by_an_admin_is_renewed_at_once(make_lab):
+    lab = start_hosts(make_lab, {"Type": "vxlan"}, hosts=1)
+    key = ipaddress.IPv4Interface(lab.hosts[0].subnet_env()["FLANNEL_SUBNET"]).network
+    key = f"{key.network_address}-{key.prefixlen}"
+    lab.etcd_put(f"{lab.prefix_key}/subnets/{key}", lab.leases()[key]["value"], ttl=120)
+    # 120 s is inside the renew margin (60 min): the daemon renews to a full 24 h at once
+    wait_until("lease renewed to 24 h", lambda: lab.leases()[key]["ttl"] > 86000, timeout=10)
+    print(f"TTL after the admin's 120 s: {lab.leases()[key]['ttl']} s")
