@@ -108,6 +108,7 @@ class Daemon:
         subnetenv.write(self.flags.subnet_file, env)
         if self.flags.ip_masq:
             masq.install(self.config.network, lease.subnet)
+            self.backend.prepare_for_masquerade()
         self.health.lease = str(lease.subnet)
         log.info("lease %s, subnet.env written to %s (MTU %d)", lease.subnet, self.flags.subnet_file,
                  self.backend.mtu)

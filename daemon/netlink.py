@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
+from pyroute2.ethtool.ioctl import IoctlEthtool
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NLMSG_ERROR
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (RTM_DELNEIGH, RTM_DELROUTE, RTM_NEWNEIGH, RTM_NEWROUTE, RTMGRP_IPV4_ROUTE,
@@ -27,6 +28,7 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 from .errors import UserError
 
 RTPROT_PYFLANNEL = 77
+TX_CHECKSUM = "tx-checksum-ip-generic"
 MAIN_TABLE = 254
 RTNH_F_ONLINK = 4
 NUD_PERMANENT = nud_states["permanent"]
@@ -148,6 +150,31 @@ class Kernel:
             pass  # IPv6 disabled on the host: nothing to turn off
 
     # --- neighbors and FDB -----------------------------------------------------------------------------------
+    @staticmethod
+    def tx_checksum_offload(name: str) -> bool | None:
+        """tx-checksum-ip-generic of a device (the SIOCETHTOOL ioctl, through pyroute2); None when unreadable."""
+        try:
+            ethtool = IoctlEthtool(name)
+            try:
+                features = ethtool.get_features()
+                return bool(features[TX_CHECKSUM]) if TX_CHECKSUM in features else None
+            finally:
+                ethtool.close()
+        except (OSError, KeyError):
+            return None
+
+    @staticmethod
+    def disable_tx_checksum_offload(name: str) -> None:
+        """`ethtool -K <name> tx-checksum-ip-generic off`, as flannel does under -ip-masq (flannel #1279)."""
+        ethtool = IoctlEthtool(name)
+        try:
+            features = ethtool.get_features()
+            if TX_CHECKSUM in features and features[TX_CHECKSUM]:
+                features[TX_CHECKSUM] = False
+                ethtool.set_features(features)
+        finally:
+            ethtool.close()
+
     def neighbors(self, ifindex: int) -> set[Neighbor]:
         return {Neighbor(ifindex, n.get("NDA_DST"), n.get("NDA_LLADDR"))
                 for n in self.ipr.neigh("dump", ifindex=ifindex, family=socket.AF_INET)

@@ -31,7 +31,6 @@ from pyflannel import subnetenv
 
 PROBLEM, UNKNOWN = "problem", "unknown"
 VXLAN_OVERHEAD = 50
-CHECKSUM_FEATURE = "tx-checksum-ip-generic"
 RTPROT_KERNEL = 2
 PROTO_NAMES = {2: "kernel", 3: "boot", 4: "static", 16: "dhcp", 77: "pyflannel", 186: "bgp", 188: "ospf"}
 ROUTE_TYPES = {1: "", 6: "blackhole", 7: "unreachable", 8: "prohibit", 9: "throw"}
@@ -151,18 +150,6 @@ def iptables_rules(table: str, chain: str | None = None) -> list[list[str]] | st
     return [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("-A ")]
 
 
-def checksum_offload_on(device: str) -> bool | None:
-    """tx-checksum-ip-generic of `device` through the SIOCETHTOOL ioctl; None when it cannot be read."""
-    try:
-        from pyroute2.ethtool.ioctl import IoctlEthtool
-        ethtool = IoctlEthtool(device)
-        try:
-            features = ethtool.get_features()
-            return bool(features[CHECKSUM_FEATURE]) if CHECKSUM_FEATURE in features else None
-        finally:
-            ethtool.close()
-    except Exception:  # noqa: BLE001 - no ethtool support for this device: "unknown", not a problem
-        return None
 
 
 def udp_socket_inodes(port: int) -> list[int]:
@@ -330,23 +317,24 @@ def check_mtu(facts: Facts) -> list[Finding]:
 
 def check_offload(facts: Facts) -> list[Finding]:
     """flannel #1279: VXLAN checksum offload + MASQUERADE --random-fully drops packets (63 s connect delays)."""
+    from pyflannel.daemon.netlink import TX_CHECKSUM
     if facts.backend != "vxlan" or facts.kernel.link_index(facts.device) is None:
         return []  # no VXLAN device, nothing to offload
-    offload = checksum_offload_on(facts.device)
+    offload = facts.kernel.tx_checksum_offload(facts.device)
     if offload is None:
-        return [Finding("offload", UNKNOWN, f"{CHECKSUM_FEATURE} of {facts.device} is unreadable (ethtool ioctl)")]
+        return [Finding("offload", UNKNOWN, f"{TX_CHECKSUM} of {facts.device} is unreadable (ethtool ioctl)")]
     if not offload:
         return []
     nat = iptables_rules("nat")
     if isinstance(nat, str):
-        return [Finding("offload", UNKNOWN, f"{CHECKSUM_FEATURE} is on; MASQUERADE rules unreadable: {nat}")]
+        return [Finding("offload", UNKNOWN, f"{TX_CHECKSUM} is on; MASQUERADE rules unreadable: {nat}")]
     random_fully = [r for r in nat if "MASQUERADE" in r and "--random-fully" in r]
     if not random_fully:
         return []
-    return [Finding("offload", PROBLEM, f"{CHECKSUM_FEATURE} is on for {facts.device} and MASQUERADE --random-fully "
+    return [Finding("offload", PROBLEM, f"{TX_CHECKSUM} is on for {facts.device} and MASQUERADE --random-fully "
                                         f"is used ({shlex.join(random_fully[0])}): the kernel's checksum bug drops "
                                         f"VXLAN packets (63 s delays)",
-                    f"ethtool -K {facts.device} {CHECKSUM_FEATURE} off")]
+                    f"ethtool -K {facts.device} {TX_CHECKSUM} off")]
 
 
 def _covers_port(spec: str, port: int) -> bool:

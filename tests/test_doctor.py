@@ -135,3 +135,13 @@ def test_doctor_checksum_offload_with_random_fully(make_lab):
     assert finding["fix"] == "ethtool -K flannel.1 tx-checksum-ip-generic off"
     apply_fix(h1, finding)
     assert_clean(lab, h1)
+
+
+def test_ip_masq_daemon_turns_vxlan_checksum_offload_off(make_lab):
+    lab = make_lab(1)
+    lab.set_config()
+    h1 = lab.hosts[0]
+    h1.start_daemon("-ip-masq")
+    assert "tx-checksum-ip-generic: off" in h1.sh("ethtool", "-k", "flannel.1")
+    assert "--random-fully" in h1.sh("iptables", "-t", "nat", "-S", "PYFLANNEL-POSTRTG")
+    assert_clean(lab, h1)  # doctor's offload check agrees

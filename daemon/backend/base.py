@@ -45,6 +45,9 @@ class Backend(abc.ABC):
     def attach(self, lease: Lease) -> None:
         """Our lease is known (or changed): give the devices their addresses."""
 
+    def prepare_for_masquerade(self) -> None:
+        """-ip-masq is on: avoid what breaks under MASQUERADE --random-fully."""
+
     @abc.abstractmethod
     def entries_for(self, lease: Lease) -> PeerEntries | None:
         """The kernel entries that carry traffic to a peer, or None when this backend cannot reach it."""

@@ -91,6 +91,11 @@ class VxlanBackend(Backend):
     def attach(self, lease: Lease) -> None:
         self.kernel.set_only_address(self._index, ipaddress.IPv4Interface(f"{lease.subnet.network_address}/32"))
 
+    def prepare_for_masquerade(self) -> None:
+        """The kernel mangles checksums it offloads to a VXLAN device once --random-fully rewrites the port
+        (flannel #1279, the "63 second delay"): compute them in software, as flannel does."""
+        self.kernel.disable_tx_checksum_offload(self.device)
+
     def entries_for(self, lease: Lease) -> PeerEntries | None:
         if lease.backend_type != self.type:
             return None
