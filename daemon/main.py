@@ -101,14 +101,15 @@ class Daemon:
         threading.Thread(target=self.watch_loop, name="watch", daemon=True).start()
 
     def use_lease(self) -> None:
-        """Our lease is new or changed: devices, subnet.env and masquerading follow it."""
+        """Our lease is new or changed: devices, masquerading and subnet.env follow it. subnet.env comes last: the
+        driver and the CNI plugin take its presence to mean the host is ready."""
         lease = self.leases.lease
         self.backend.attach(lease)
-        env = subnetenv.for_lease(self.config.network, lease.subnet, self.backend.mtu, self.flags.ip_masq)
-        subnetenv.write(self.flags.subnet_file, env)
         if self.flags.ip_masq:
             masq.install(self.config.network, lease.subnet)
             self.backend.prepare_for_masquerade()
+        env = subnetenv.for_lease(self.config.network, lease.subnet, self.backend.mtu, self.flags.ip_masq)
+        subnetenv.write(self.flags.subnet_file, env)
         self.health.lease = str(lease.subnet)
         log.info("lease %s, subnet.env written to %s (MTU %d)", lease.subnet, self.flags.subnet_file,
                  self.backend.mtu)

@@ -93,7 +93,8 @@ def test_doctor_finds_each_planted_problem(make_lab):
     lab.etcd_request("DELETE", f"{lab.prefix_key}/subnets/{fake}")
     assert_clean(lab, h1)
 
-    # 5. our lease is about to expire (nobody renews a 60 s TTL)
+    # 5. our lease is about to expire (pyflanneld, which would renew a shortened TTL at once, is stopped)
+    h1.daemon.kill()
     own = h1.subnet_env()["FLANNEL_SUBNET"].replace(".1/", ".0-")
     lab.etcd_request("PUT", f"{lab.prefix_key}/subnets/{own}", lab.leases()[own]["value"], ttl=60)
     finding = only_problem(lab, h1, "lease")
