@@ -492,6 +492,15 @@ class Lab:
         return found
 
     # --- teardown --------------------------------------------------------------------------------------------
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """A lab used as `with Lab(...) as lab:` (module fixtures) shows its logs if setting it up failed."""
+        if exc_type is not None and not issubclass(exc_type, GeneratorExit):
+            print(self.logs())
+        self.close()
+
     def close(self) -> None:
         for process in reversed(self.processes):
             with contextlib.suppress(Exception):

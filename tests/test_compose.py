@@ -49,8 +49,7 @@ def fetch(host, url: str) -> str:
 def compose_lab(plugin_build):
     """Two hosts running pyflannel with `docker-compose up -d`; dockerd finds the driver's socket through the
     lab's per-host spec file, which names the folder given to compose as PYFLANNEL_PLUGIN_DIR."""
-    lab = Lab(2)
-    try:
+    with Lab(2) as lab:
         lab.set_config()
         for host in lab.hosts:
             host.start_dockerd()
@@ -64,11 +63,6 @@ def compose_lab(plugin_build):
             wait_until(f"{host.name}'s subnet.env and driver socket", lambda: socket.exists() and (
                 host.workdir / "run-flannel" / "subnet.env").exists(), timeout=60, interval=0.2)
         yield lab
-    except BaseException:
-        print(lab.logs())
-        raise
-    finally:
-        lab.close()
 
 
 def test_compose_runs_daemon_and_driver(compose_lab):

@@ -63,8 +63,7 @@ def clear(host) -> None:
 @pytest.fixture(scope="module")
 def plugin_lab(plugin_build):
     """Two hosts with a dockerd each and the plugin installed from build/plugin/pyflannel, overlay0 on both."""
-    lab = Lab(2)
-    try:
+    with Lab(2) as lab:
         lab.set_config()
         lab.enable_seconds = []
         for host in lab.hosts:
@@ -75,11 +74,6 @@ def plugin_lab(plugin_build):
                         "FLANNELD_IFACE=eth0", f"host-run.source={host.workdir / 'run'}")
             lab.enable_seconds.append(enable(host))
         yield lab
-    except BaseException:
-        print(lab.logs())
-        raise
-    finally:
-        lab.close()
 
 
 def test_plugin_size(plugin_build):
