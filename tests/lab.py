@@ -50,9 +50,11 @@ mkdir -p /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=systemd cgroup /
 DOCKERD_WRAPPER = CGROUP_MOUNTS + 'exec dockerd "$@"\n'
 CONTAINERD_WRAPPER = CGROUP_MOUNTS + 'exec containerd "$@"\n'
 # `ctr run --cni` runs the CNI plugins itself, from /etc/cni/net.d and /opt/cni/bin only. In the private mount
-# namespace `ip netns exec` gives it, show it this host's folders there; an overlay keeps the real /etc untouched.
+# namespace `ip netns exec` gives it, show it this host's folders there; an overlay keeps the real /etc untouched,
+# and libcni's result cache (/var/lib/cni) goes to the host's own folder.
 CTR_WRAPPER = """
-conf=$1 bin=$2 scratch=$3; shift 3
+conf=$1 bin=$2 scratch=$3 cache=$4; shift 4
+mkdir -p /var/lib/cni && mount --bind "$cache" /var/lib/cni || exit 1
 mount -t tmpfs none "$scratch" && mkdir "$scratch/upper" "$scratch/work" || exit 1
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$scratch/upper,workdir=$scratch/work" /etc || exit 1
 mkdir -p /etc/cni/net.d && mount --bind "$conf" /etc/cni/net.d || exit 1
@@ -217,13 +219,13 @@ class Host:
     def ctr(self, *args: str, check: bool = True, timeout: float = 60) -> str:
         d = self.containerd_dir
         return sh("sh", "-c", CTR_WRAPPER, "ctr-wrapper", str(d / "net.d"), str(d / "bin"), str(d / "scratch"),
-                  "-a", str(d / "containerd.sock"), *args, ns=self.ns, check=check, timeout=timeout)
+                  str(d / "cni-cache"), "-a", str(d / "containerd.sock"), *args, ns=self.ns, check=check, timeout=timeout)
 
     def start_containerd(self, conflist: dict, plugins: dict[str, Path]) -> Process:
         """A containerd of this host's own, and a CNI set-up only this host's `ctr` sees: `conflist` in its
         /etc/cni/net.d and `plugins` (name -> binary) in its /opt/cni/bin. The image CTR_IMAGE is imported."""
         d = self.containerd_dir
-        for folder in ("net.d", "bin", "scratch"):
+        for folder in ("net.d", "bin", "scratch", "cni-cache"):
             (d / folder).mkdir(parents=True, exist_ok=True)
         (d / "net.d" / "10-pyflannel.conflist").write_text(json.dumps(conflist))
         for name, path in plugins.items():
