@@ -7,7 +7,7 @@ APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iptables ethtool \
                 containernetworking-plugins docker-compose python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-unit test-lab demo demo-down bench clean plugin images cni
+.PHONY: install system-deps test test-unit test-lab demo demo-down bench clean plugin images cni engines
 
 # The managed Docker plugin (build/plugin/pyflannel: config.json + rootfs) and the same rootfs as a tar for the
 # compose image; rebuilt only when a source file changed.
@@ -31,7 +31,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: system-deps install
+# The Docker engines the lab tests run on: Debian 12's dockerd 20.10 (the system's) and Debian 13's 26.1 (extracted).
+ENGINES := build/engines
+$(ENGINES)/docker-26.1/bin/dockerd: tests/engines/fetch-dockerd.sh
+	bash tests/engines/fetch-dockerd.sh $(ENGINES)/docker-26.1
+
+engines: $(ENGINES)/docker-26.1/bin/dockerd
+
+test: system-deps install engines
 	$(VENV)/bin/pytest -ra -rP $(PYTEST_ARGS)
 
 test-unit: install

@@ -19,7 +19,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 
-from pyflannel import subnetenv
+from pyflannel import paths, subnetenv
 
 from .protocol import INVALID_CONFIG, IO_FAILURE, TRY_AGAIN_LATER, CniError
 
@@ -61,7 +61,7 @@ def parse(config: dict) -> FlannelConf:
         if key in delegate:
             raise CniError(INVALID_CONFIG, f"network config: 'delegate' must not have {key!r}: it is set by the "
                                            f"plugin (put IPAM options in the top-level 'ipam')")
-    subnet_file = _field(config, "subnetFile", str, subnetenv.DEFAULT_PATH, "a path")
+    subnet_file = _field(config, "subnetFile", str, paths.SUBNET_FILE, "a path")
     data_dir = _field(config, "dataDir", str, DEFAULT_DATA_DIR, "a path")
     for key, path in (("subnetFile", subnet_file), ("dataDir", data_dir)):
         if not os.path.isabs(path):

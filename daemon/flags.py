@@ -5,8 +5,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from pyflannel.driver.main import DEFAULT_SOCKET as DEFAULT_DRIVER_SOCKET
-from pyflannel.subnetenv import DEFAULT_PATH as DEFAULT_SUBNET_FILE
+from pyflannel import paths
 
 
 def _bool(text: str) -> bool:
@@ -60,14 +59,14 @@ FLAGS = [
     ("iface", str, None, True, "external interface, by name or IP; repeat to give fallbacks in order"),
     ("iface-regex", str, None, True, "regex on interface names or IPs, tried when no -iface is given; repeatable"),
     ("public-ip", str, None, False, "IP other hosts reach us at (default: the external interface's address)"),
-    ("subnet-file", str, DEFAULT_SUBNET_FILE, False, "where to write subnet.env"),
+    ("subnet-file", str, paths.SUBNET_FILE, False, "where to write subnet.env"),
     ("subnet-lease-renew-margin", _positive_int, 60, False, "renew the lease this many minutes before it expires"),
     ("ip-masq", _bool, False, False, "masquerade traffic that leaves the flannel network"),
     ("healthz-ip", str, "0.0.0.0", False, "address of the /healthz and /readyz endpoint"),
     ("healthz-port", _port, 0, False, "port of the /healthz, /readyz and /metrics endpoint (0: off)"),
-    ("state-dir", str, "/var/lib/pyflannel", False, "where state that survives a restart lives (VTEP MAC)"),
+    ("state-dir", str, paths.STATE_DIR, False, "where state that survives a restart lives (VTEP MAC)"),
     ("reconcile-interval", _seconds, 10.0, False, "seconds between full kernel-vs-leases reconciliations"),
-    ("driver-socket", str, DEFAULT_DRIVER_SOCKET, False, "pyflannel-driver's socket, whose metrics /metrics includes"),
+    ("driver-socket", str, paths.DRIVER_SOCKET, False, "pyflannel-driver's socket, whose metrics /metrics includes"),
 ]
 
 

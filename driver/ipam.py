@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 
-from pyflannel import subnetenv
+from pyflannel import paths, subnetenv
 
 from . import validation as v
 from .errors import RefusedError, UnavailableError, ValidationError
@@ -53,7 +53,7 @@ def existing_network_error(network_id: str, net: dict) -> RefusedError:
 class LeaseSource:
     """Reads subnet.env at every call, so the driver follows pyflanneld without a restart."""
 
-    def __init__(self, path: str = subnetenv.DEFAULT_PATH):
+    def __init__(self, path: str = paths.SUBNET_FILE):
         self.path = path
 
     def current(self) -> subnetenv.SubnetEnv:

@@ -15,32 +15,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
-import stat
 import sys
 
-from pyflannel import subnetenv
+from pyflannel import paths, subnetenv
 
 from .errors import DriverError
-from .state import DEFAULT_STATE_DIR
-
-DEFAULT_SOCKET = "/run/docker/plugins/pyflannel.sock"
-SOCKET_MODE = 0o660
+from .server import GRACEFUL_SECONDS, StartupError, build_server, claim_instance, prepare_socket_path
 
 log = logging.getLogger("pyflannel.driver")
-
-
-class StartupError(Exception):
-    pass
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pyflannel-driver",
                                 description="Docker network + IPAM driver for pyflannel (one bridge on this host's "
                                             "flannel lease).")
-    p.add_argument("--socket", default=DEFAULT_SOCKET, help="Unix socket to serve on (default %(default)s)")
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where the driver keeps its state (default %(default)s)")
-    p.add_argument("--subnet-file", default=subnetenv.DEFAULT_PATH,
+    p.add_argument("--socket", default=paths.DRIVER_SOCKET, help="Unix socket to serve on (default %(default)s)")
+    p.add_argument("--state-dir", default=paths.DRIVER_STATE_DIR, help="where the driver keeps its state (default %(default)s)")
+    p.add_argument("--subnet-file", default=paths.SUBNET_FILE,
                    help="pyflanneld's subnet.env with this host's lease (default %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="gunicorn worker processes (default %(default)s)")
     p.add_argument("--threads", type=int, default=4, help="threads per worker (default %(default)s)")
@@ -55,69 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _prepare_socket_path(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, mode=0o755, exist_ok=True)
-    except OSError as e:
-        raise StartupError(f"cannot create socket folder {folder}: {e.strerror}") from None
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"{path} exists and is not a socket: remove it or choose another --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # stale socket of a driver that is gone
-        return
-    finally:
-        probe.close()
-    raise StartupError(f"another process is already serving on {path}: stop it first")
-
-
-def _secure_socket(path: str) -> None:
-    os.chmod(path, SOCKET_MODE)
-    if os.geteuid() == 0:
-        os.chown(path, 0, 0)
-
-
-def build_server(app, args: argparse.Namespace):
-    from gunicorn.app.base import BaseApplication
-
-    socket_path = os.path.abspath(args.socket)
-
-    class DriverServer(BaseApplication):
-        def load_config(self):
-            options = {
-                "bind": [f"unix:{socket_path}"],
-                "workers": args.workers,
-                "threads": args.threads,
-                "worker_class": "gthread" if args.threads > 1 else "sync",
-                "timeout": args.timeout,
-                "graceful_timeout": 5,
-                "keepalive": 5,
-                "umask": 0o117,          # the socket is created 0660
-                "loglevel": args.log_level,
-                "errorlog": "-",
-                "accesslog": None,
-                "proc_name": "pyflannel-driver",
-                "when_ready": lambda server: _secure_socket(socket_path),
-                "control_socket_disable": True,  # gunicorn >= 24 would otherwise open a control socket
-            }
-            for key, value in options.items():
-                if key in self.cfg.settings:
-                    self.cfg.set(key, value)
-
-        def load(self):
-            return app
-
-    return DriverServer()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -125,7 +53,8 @@ def main(argv=None) -> int:
     try:
         if os.geteuid() != 0:
             log.warning("not running as root: creating bridges and veth pairs will fail")
-        _prepare_socket_path(args.socket)
+        instance = claim_instance(args.state_dir, wait=GRACEFUL_SECONDS + 5)  # noqa: F841 - held until exit
+        prepare_socket_path(args.socket)
         from .routes import create_app
         app = create_app(args.state_dir, args.subnet_file, lock_timeout=args.lock_timeout)
         try:
@@ -133,7 +62,8 @@ def main(argv=None) -> int:
             log.info("this host's lease: %s (gateway %s, MTU %d)", env.lease, env.gateway, env.mtu)
         except subnetenv.SubnetEnvError as e:
             log.warning("%s; Docker calls will fail until it exists", e)
-        server = build_server(app, args)
+        server = build_server(app, args.socket, workers=args.workers, threads=args.threads, timeout=args.timeout,
+                              log_level=args.log_level)
     except (StartupError, DriverError) as e:
         print(f"pyflannel-driver: {e}", file=sys.stderr)
         return 1

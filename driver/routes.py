@@ -16,7 +16,7 @@ import time
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException
 
-from pyflannel import subnetenv
+from pyflannel import paths
 
 from . import validation as v
 from .endpoint import Plumbing
@@ -24,13 +24,17 @@ from .errors import DriverError, ValidationError
 from .ipam import Ipam, LeaseSource
 from .metrics import instrument
 from .network import NetworkDriver
-from .state import DEFAULT_STATE_DIR, StateStore
+from .state import StateStore
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 BODILESS = {"Plugin.Activate", "NetworkDriver.GetCapabilities", "IpamDriver.GetCapabilities",
             "IpamDriver.GetDefaultAddressSpaces"}
+# dockerd's plugin client retries a call whose connection failed after sending, with its body already consumed.
+EMPTY_BODY = ("request body is empty: expected a JSON object. This is dockerd retrying a call whose connection was "
+              "cut while it was being sent (the driver stopped during the call); nothing was changed: run the "
+              "command again")
 
 
 def reply(body: dict, status: int = 200) -> Response:
@@ -38,7 +42,7 @@ def reply(body: dict, status: int = 200) -> Response:
 
 
 def _body():
-    """The request's JSON (Docker sends no Content-Type); None if the body is empty; ValidationError if garbage."""
+    """The request's JSON (Docker sends no Content-Type); ValidationError if it is empty or garbage."""
     too_large = ValidationError("", f"request body is larger than {v.MAX_BODY_BYTES} bytes")
     if request.content_length is not None and request.content_length > v.MAX_BODY_BYTES:
         raise too_large
@@ -50,6 +54,8 @@ def _body():
         raise ValidationError("", f"request body cannot be read: {e}") from None
     if len(data) > v.MAX_BODY_BYTES:  # a chunked body (no Content-Length)
         raise too_large
+    if not data.strip():
+        raise ValidationError("", EMPTY_BODY)
     try:
         body = request.get_json(force=True, silent=True)
     except RecursionError:
@@ -59,7 +65,7 @@ def _body():
     return body
 
 
-def create_app(state_dir: str = DEFAULT_STATE_DIR, subnet_file: str = subnetenv.DEFAULT_PATH, *,
+def create_app(state_dir: str = paths.DRIVER_STATE_DIR, subnet_file: str = paths.SUBNET_FILE, *,
                plumbing: Plumbing | None = None, reconcile: bool = True, lock_timeout: float = 10.0) -> Flask:
     """Build the app. With reconcile=True (the default) the kernel is first brought in line with the saved state."""
     store = StateStore(state_dir, lock_timeout=lock_timeout)

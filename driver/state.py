@@ -29,9 +29,10 @@ import tempfile
 import threading
 import time
 
+from pyflannel import paths
+
 from .errors import DriverError, UnavailableError
 
-DEFAULT_STATE_DIR = "/var/lib/pyflannel/driver"
 STATE_VERSION = 1
 STATE_FILE = "state.json"
 LOCK_FILE = "state.lock"
@@ -46,7 +47,7 @@ def empty_state() -> dict:
 
 
 class StateStore:
-    def __init__(self, state_dir: str = DEFAULT_STATE_DIR, lock_timeout: float = 10.0):
+    def __init__(self, state_dir: str = paths.DRIVER_STATE_DIR, lock_timeout: float = 10.0):
         self.dir = os.path.abspath(state_dir)
         self.path = os.path.join(self.dir, STATE_FILE)
         self.lock_path = os.path.join(self.dir, LOCK_FILE)

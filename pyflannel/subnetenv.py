@@ -9,7 +9,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-DEFAULT_PATH = "/run/flannel/subnet.env"
+from .paths import SUBNET_FILE
 
 
 class SubnetEnvError(Exception):
@@ -96,7 +96,7 @@ def parse(text: str, source: str = "subnet.env") -> SubnetEnv:
     return SubnetEnv(network, subnet, int(mtu_text), values.get("FLANNEL_IPMASQ", "false") == "true")
 
 
-def read(path: str = DEFAULT_PATH) -> SubnetEnv:
+def read(path: str = SUBNET_FILE) -> SubnetEnv:
     try:
         with open(path) as f:
             text = f.read()

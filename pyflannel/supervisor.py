@@ -21,10 +21,8 @@ import subprocess
 import sys
 import time
 
-from pyflannel import subnetenv
+from pyflannel import paths, subnetenv
 
-DEFAULT_SOCKET = "/run/docker/plugins/pyflannel.sock"
-DEFAULT_STATE_DIR = "/var/lib/pyflannel"
 STOP_TIMEOUT = 10.0
 
 log = logging.getLogger("pyflannel-plugin")
@@ -33,7 +31,7 @@ log = logging.getLogger("pyflannel-plugin")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pyflannel-plugin",
                                 description="Run pyflanneld and pyflannel-driver together (the managed plugin).")
-    p.add_argument("--socket", default=DEFAULT_SOCKET, help="the driver's socket (default %(default)s)")
+    p.add_argument("--socket", default=paths.DRIVER_SOCKET, help="the driver's socket (default %(default)s)")
     p.add_argument("--subnet-wait", type=float, default=5.0,
                    help="seconds to wait for subnet.env before starting the driver anyway (default %(default)s)")
     return p.parse_args(argv)
@@ -46,9 +44,9 @@ def daemon_environment(environ: dict) -> dict:
 
 def driver_argv(env: dict, socket_path: str) -> list[str]:
     """pyflannel-driver reading pyflanneld's subnet file and keeping its state beside the daemon's."""
-    state_dir = env.get("FLANNELD_STATE_DIR", DEFAULT_STATE_DIR)
+    state_dir = env.get("FLANNELD_STATE_DIR", paths.STATE_DIR)
     return ["pyflannel-driver", "--socket", socket_path, "--state-dir", os.path.join(state_dir, "driver"),
-            "--subnet-file", env.get("FLANNELD_SUBNET_FILE", subnetenv.DEFAULT_PATH),
+            "--subnet-file", env.get("FLANNELD_SUBNET_FILE", paths.SUBNET_FILE),
             "--log-level", env.get("DRIVER_LOG_LEVEL") or "info"]
 
 
@@ -70,7 +68,7 @@ class Supervisor:
         self.children[argv[0]] = subprocess.Popen(argv, env=self.env)
 
     def wait_for_subnet_env(self) -> None:
-        path = self.env.get("FLANNELD_SUBNET_FILE", subnetenv.DEFAULT_PATH)
+        path = self.env.get("FLANNELD_SUBNET_FILE", paths.SUBNET_FILE)
         deadline = time.monotonic() + self.args.subnet_wait
         daemon = self.children["pyflanneld"]
         while not os.path.exists(path) and daemon.poll() is None and not self.stopping:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import CREATED_NAMESPACES, REPO, Lab, wait_until
+from tests.lab import CREATED_NAMESPACES, DOCKER_ENGINES, REPO, Lab, wait_until
 
 
 def _free_port() -> int:
@@ -47,6 +47,13 @@ def plugin_build() -> Path:
     build/plugin/pyflannel-rootfs.tar the compose image's root filesystem."""
     subprocess.run(["make", "-s", "plugin"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return REPO / "build" / "plugin"
+
+
+@pytest.fixture(scope="module", params=sorted(DOCKER_ENGINES))
+def docker_engine(request) -> str:
+    """Each Docker test module runs once per engine of the matrix (dockerd 20.10 and 26.1); the value is the key
+    that Host.start_dockerd takes."""
+    return request.param
 
 
 @pytest.fixture

@@ -37,6 +37,8 @@ SWITCH_IP = "192.0.2.2"
 ETCD_URL = f"http://{SWITCH_IP}:2379"
 DEFAULT_CONFIG = {"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}
 DOCKER = "/usr/bin/docker"
+# The Docker engines of the test matrix: Debian 12's dockerd (the system's) and Debian 13's (`make engines`).
+DOCKER_ENGINES = {"20.10": None, "26.1": REPO / "build" / "engines" / "docker-26.1" / "bin"}
 IMAGE = "pfbox:latest"
 BUSYBOX_APPLETS = ("sh", "ip", "ping", "httpd", "nc", "wget", "sleep", "cat", "echo", "ifconfig", "hostname")
 # `ip netns exec` remounts /sys and hides the cgroup mounts dockerd and containerd need: mount them again first.
@@ -186,28 +188,41 @@ class Host:
             return False
 
     def start_driver(self, *extra: str) -> Process:
-        self.driver_sock.unlink(missing_ok=True)  # a killed driver leaves its socket file behind
+        """pyflannel-driver on this host; returns once its worker serves (a restarted driver first waits for the
+        worker of the one before it to finish)."""
+        log_path = self.lab.workdir / f"{self.name}-driver.log"
+        earlier = log_path.stat().st_size if log_path.exists() else 0
         self.driver = self.lab.spawn(f"{self.name}-driver", [
             str(VENV_BIN / "pyflannel-driver"), "--socket", str(self.driver_sock), "--state-dir",
             str(self.workdir / "driver"), "--subnet-file", str(self.subnet_file), *extra], ns=self.ns)
-        wait_until(f"{self.name}'s driver socket", lambda: self.driver_sock.exists() or not self.driver.alive())
+        wait_until(f"{self.name}'s driver serving", lambda: "Booting worker" in self.driver.log()[earlier:]
+                   or not self.driver.alive())
         assert self.driver.alive(), f"pyflannel-driver on {self.name} exited:\n{self.driver.log()}"
         return self.driver
 
-    def start_dockerd(self) -> Process:
-        """A dockerd of this host's own; it finds the driver through /etc/netns/<ns>/docker/plugins."""
+    def start_dockerd(self, engine: str = "20.10") -> Process:
+        """A dockerd of this host's own (`engine`: a key of DOCKER_ENGINES), run as users run it: it manages this
+        host's iptables (DOCKER chains, docker0 and its masquerade), with the FORWARD policy DROP that dockerd sets
+        where it turns forwarding on (and 28.0 sets always). It finds the driver through /etc/netns/<ns>/docker."""
+        bin_dir = DOCKER_ENGINES[engine]
+        if bin_dir is not None and not (bin_dir / "dockerd").exists():
+            raise RuntimeError(f"dockerd {engine} is not in {bin_dir}: run `make engines`")
         spec_dir = Path("/etc/netns") / self.ns / "docker" / "plugins"
         spec_dir.mkdir(parents=True, exist_ok=True)
         (spec_dir / "pyflannel.spec").write_text(f"unix://{self.driver_sock}\n")
         root = self.workdir / "docker"
         root.mkdir(exist_ok=True)
+        self.sh("iptables", "-w", "5", "-P", "FORWARD", "DROP")
+        path = f"{bin_dir}:{os.environ['PATH']}" if bin_dir else os.environ["PATH"]
         self.dockerd = self.lab.spawn(f"{self.name}-dockerd", [
             "sh", "-c", DOCKERD_WRAPPER, "dockerd", "-H", f"unix://{self.docker_sock}",
-            "--data-root", str(root / "data"), "--exec-root", str(root / "exec"), "--pidfile", str(root / "pid"),
-            "--bridge", "none", "--iptables=false", "--ip6tables=false", "--userland-proxy=false"], ns=self.ns)
+            "--data-root", str(root / "data"), "--exec-root", str(root / "exec"), "--pidfile", str(root / "pid")],
+            ns=self.ns, env={"PATH": path})
         wait_until(f"{self.name}'s dockerd", lambda: self.docker_ready() or not self.dockerd.alive(), timeout=60,
                    interval=0.3)
         assert self.dockerd.alive(), f"dockerd on {self.name} exited:\n{self.dockerd.log()}"
+        version = self.docker("version", "-f", "{{.Server.Version}}").strip()
+        assert version.startswith(engine), f"{self.name} runs dockerd {version}, not {engine}"
         sh(DOCKER, "-H", f"unix://{self.docker_sock}", "import", str(self.lab.image_tar()), IMAGE, ns=self.ns)
         return self.dockerd
 
@@ -269,9 +284,10 @@ class Host:
         return pid
 
     def extra_links(self) -> set[str]:
-        """Interfaces in the host namespace other than lo, the underlay and the VXLAN device: what a driver made."""
+        """Interfaces in the host namespace other than lo, the underlay, the VXLAN device and dockerd's own bridge:
+        what a driver made."""
         names = {line.split(":")[1].strip().split("@")[0] for line in self.sh("ip", "-o", "link").splitlines()}
-        return names - {"lo", "eth0", "flannel.1"}
+        return names - {"lo", "eth0", "flannel.1", "docker0"}
 
     def subnet_env(self) -> dict:
         return dict(line.split("=", 1) for line in self.subnet_file.read_text().split())
@@ -544,6 +560,23 @@ def teardown(record: dict) -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
     shutil.rmtree(record["workdir"], ignore_errors=True)
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def exited(pid: int) -> bool:
+    """The process is gone or a zombie (an orphan's reaper may be slow)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def ping(src_ns: str, dst_ip: str, tries: int = 3, timeout: int = 1) -> bool:

@@ -46,13 +46,13 @@ def fetch(host, url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def compose_lab(plugin_build):
+def compose_lab(plugin_build, docker_engine):
     """Two hosts running pyflannel with `docker-compose up -d`; dockerd finds the driver's socket through the
     lab's per-host spec file, which names the folder given to compose as PYFLANNEL_PLUGIN_DIR."""
     with Lab(2) as lab:
         lab.set_config()
         for host in lab.hosts:
-            host.start_dockerd()
+            host.start_dockerd(docker_engine)
             subprocess.run(["make", "-s", "images"], cwd=REPO, check=True, capture_output=True,
                            env={**os.environ, "DOCKER_HOST": f"unix://{host.docker_sock}"})
             socket = host.workdir / "plugins" / "pyflannel.sock"

@@ -6,28 +6,26 @@ import ipaddress
 import json
 import signal
 import statistics
+import threading
 import time
 
 import pytest
 
-from tests.lab import IMAGE, Lab, wait_until
+from tests.lab import IMAGE, Lab, child_pids, exited, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 HELLO = "hello from pyflannel"
 
 
 @pytest.fixture(scope="module")
-def docker_lab():
-    lab = Lab(2)
-    try:
+def docker_lab(docker_engine):
+    with Lab(2) as lab:
         lab.set_config()
         for host in lab.hosts:
             host.start_daemon()
             host.start_driver()
-            host.start_dockerd()
+            host.start_dockerd(docker_engine)
         yield lab
-    finally:
-        lab.close()
 
 
 @pytest.fixture
@@ -107,6 +105,59 @@ def test_driver_killed_and_restarted_changes_nothing_for_running_containers(over
     assert h1.extra_links() == links_before
     h1.docker("rm", "-f", "kept")
     wait_until("kept's veth removed", lambda: len(h1.extra_links()) == 1)
+
+
+def test_docker_runs_never_fail_across_driver_restarts(overlay):
+    """Three clients run `docker run --rm` back to back while the driver is SIGKILLed and started again three
+    times, then single runs follow idle gaps around keep-alive timeouts (gunicorn's former 5 s): every run succeeds,
+    and each restarted driver serves only after the old one's worker is gone."""
+    h1, h2 = overlay.hosts
+    h2.docker("run", "-d", "--name", "target", "--network", "overlay0", IMAGE, "sleep", "300")
+    target = container_ip(h2, "target")
+    results, done = [], threading.Event()
+
+    def run_once() -> str:
+        return h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "ping", "-c", "1", "-W", "2", target,
+                         check=False, timeout=90)
+
+    def client():
+        while not done.is_set():
+            started = time.monotonic()
+            try:
+                out = run_once()
+                results.append(("1 packets received" in out, out, time.monotonic() - started))
+            except Exception as e:  # noqa: BLE001 - a hung or failed `docker run` is a failed run
+                results.append((False, repr(e), time.monotonic() - started))
+
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    for t in clients:
+        t.start()
+    overlaps = []
+    try:
+        for round_ in range(3):
+            time.sleep(1.5)
+            old_workers = child_pids(h1.driver.pid)
+            h1.driver.kill(signal.SIGKILL)
+            new = h1.start_driver()
+            if not all(exited(w) for w in old_workers) or not child_pids(new.pid):
+                overlaps.append(round_)
+    finally:
+        time.sleep(1.5)
+        done.set()
+        for t in clients:
+            t.join(120)
+    for gap in (1.0, 4.8, 5.2):
+        time.sleep(gap)
+        started = time.monotonic()
+        out = run_once()
+        results.append(("1 packets received" in out, out, time.monotonic() - started))
+    failed = [out for ok, out, _ in results if not ok]
+    slowest = max(seconds for _, _, seconds in results)
+    print(f"\n{len(results)} docker runs across 3 driver SIGKILL restarts and idle gaps: {len(failed)} failed, "
+          f"slowest {slowest:.1f} s")
+    assert not failed, failed[:3]
+    assert not overlaps, f"restart rounds {overlaps}: a new driver served beside the old worker"
+    assert len(results) >= 10
 
 
 def test_dockerd_restart_leaves_no_leak_and_later_runs_work(overlay):

@@ -2,15 +2,18 @@
 import ipaddress
 import json
 import random
+from urllib.parse import urlparse
 
 import etcd
 import pytest
+from etcd3gw.client import Etcd3Client
 
 from pyflannel.daemon.config import parse
 from pyflannel.daemon.errors import NoFreeSubnet
 from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
-from pyflannel.daemon.store.base import Lease, LeaseEvent, LeaseExists
+from pyflannel.daemon.store.base import Lease, LeaseEvent, LeaseExists, StoreError
 from pyflannel.daemon.store.etcdv2 import EtcdV2Store
+from pyflannel.daemon.store.etcdv3 import EtcdV3Store
 
 N = ipaddress.IPv4Network
 DATA = {"VNI": 1, "VtepMAC": "0e:00:00:00:00:01"}
@@ -113,3 +116,29 @@ def test_watcher_sees_adds_and_removals_and_resyncs_after_history_loss(store):
 def test_idle_watch_returns_no_events(store):
     _, position = store.leases()
     assert store.watch_leases(position, timeout=0.3) == ([], position)
+
+
+@pytest.mark.parametrize("api", ["v2", "v3"])
+def test_a_create_whose_reply_was_lost_is_found_again_not_leaked(etcd_url, etcd_prefix, api):
+    """etcd applied our create but the connection broke before its reply (etcd restarted, a reset): the next
+    acquire finds that lease by our PublicIP and keeps it; no second lease is left behind for 24 h."""
+    store = EtcdV2Store([etcd_url], etcd_prefix) if api == "v2" else EtcdV3Store([etcd_url], etcd_prefix)
+    if api == "v2":
+        store.client.write(f"{etcd_prefix}/config", '{"Network": "10.5.0.0/16"}')
+    else:
+        u = urlparse(etcd_url)
+        Etcd3Client(u.hostname, u.port).put(f"{etcd_prefix}/config", '{"Network": "10.5.0.0/16"}')
+    create = store.create_lease
+
+    def create_then_lose_the_reply(lease, ttl):
+        create(lease, ttl)
+        raise StoreError("etcd: connection reset by peer")
+
+    store.create_lease = create_then_lose_the_reply
+    mgr = manager(store)
+    with pytest.raises(StoreError):
+        mgr.acquire()
+    store.create_lease = create
+    lease = manager(store, seed=7).acquire()
+    leases = store.leases()[0]
+    assert [l.subnet for l in leases] == [lease.subnet] and leases[0].public_ip == "192.0.2.11"
