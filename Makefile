@@ -41,8 +41,9 @@ engines: $(ENGINES)/docker-26.1/bin/dockerd
 test: system-deps install engines
 	$(VENV)/bin/pytest -ra -rP $(PYTEST_ARGS)
 
+# The fast tests: pure logic on in-memory fakes; no root, etcd or namespaces needed.
 test-unit: install
-	$(VENV)/bin/pytest -ra -m "not lab" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m unit $(PYTEST_ARGS)
 
 demo: system-deps install
 	$(PY) -m tests.demo up
@@ -70,7 +71,7 @@ images: plugin
 # pyinstaller cannot see through the editable install, so it works from a plain install in build/cni/site;
 # modules the plugin never imports are left out (smaller binary, faster start).
 CNI_BIN := dist/cni/pyflannel
-CNI_SOURCES := $(shell find cni driver pyflannel -name '*.py') pyproject.toml
+CNI_SOURCES := $(shell find cni pyflannel -name '*.py') pyproject.toml
 CNI_EXCLUDES := decimal doctest email http pydoc pyexpat xml tkinter unicodedata pyflannel.daemon \
                 flask werkzeug jinja2 gunicorn docker requests urllib3 etcd etcd3gw prometheus_client
 

@@ -15,29 +15,22 @@ Delegate configs with keys this module does not implement go to the real plugin 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import hashlib
 import ipaddress
 import os
-import shutil
-import socket
-import subprocess
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
-from pyroute2.netlink.exceptions import NetlinkError
+from pyflannel.addresses import AddressRange
+from pyflannel.kernel import forwarding, iptables, links, namespaces
+from pyflannel.kernel.errors import KernelError
+from pyflannel.kernel.links import mac_for
 
-from pyflannel.driver.endpoint import Plumbing, mac_for
-from pyflannel.driver.errors import PlumbingError
-
-from .hostlocal import AddressRange, HostLocalStore
+from .hostlocal import HostLocalStore, address_range
 from .protocol import CHECK_FAILED, INVALID_CONFIG, KERNEL_REFUSED, UNKNOWN_CONTAINER, CniError
 
 DEFAULT_BRIDGE = "cni0"
 HOST_VETH_PREFIX = "vpf"
-IPTABLES_TIMEOUT = 10  # seconds
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -81,7 +74,7 @@ class BridgeConf:
         if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535:
             raise CniError(INVALID_CONFIG, f"delegate.mtu {mtu!r} is not an MTU between 576 and 65535")
         ipam = delegate["ipam"]
-        addresses = AddressRange.from_range(ipam["ranges"][0][0])
+        addresses = address_range(ipam["ranges"][0][0])
         gateway = addresses.gateway
         routes = []
         for route in ipam.get("routes", []):
@@ -100,89 +93,47 @@ class BridgeConf:
                    hairpin=flag("hairpinMode"), ip_masq=flag("ipMasq"), ipam_dir=data_dir)
 
 
-def _kernel_error(what: str, e: Exception) -> CniError:
-    text = e.args[1] if isinstance(e, NetlinkError) and len(e.args) > 1 else str(e)
-    return CniError(KERNEL_REFUSED, f"{what}: {text}")
-
-
 def _kernel_errors(fn):
-    """A netlink or Plumbing failure that no step named leaves `fn` as a CniError all the same."""
+    """A kernel-layer failure that no step named leaves `fn` as a CniError all the same."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (NetlinkError, PlumbingError) as e:
-            raise _kernel_error(f"{fn.__name__}: the kernel refused a network change", e) from None
+        except KernelError as e:
+            raise CniError(KERNEL_REFUSED, f"{fn.__name__}: the kernel refused a network change: {e}") from None
     return wrapper
 
 
 @contextlib.contextmanager
 def _netns_fd(path: str):
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise CniError(UNKNOWN_CONTAINER, f"cannot open the container's network namespace {path}: "
-                                          f"{e.strerror}") from None
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+        with namespaces.opened(path) as fd:
+            yield fd
+    except namespaces.NamespaceMissing as e:
+        raise CniError(UNKNOWN_CONTAINER, str(e)) from None
 
 
-@contextlib.contextmanager
-def _inside(fd: int):
-    """A netlink socket in the namespace `fd`; this single-threaded process switches there for the block."""
-    pr_netns.pushns(fd)
-    try:
-        with IPRoute() as ipr:
-            yield ipr
-    finally:
-        pr_netns.popns()
-
-
-def _lookup(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
-
-
-def _has_address(ipr: IPRoute, index: int, address: ipaddress.IPv4Interface) -> bool:
-    return any(a.get("address") == str(address.ip) and a["prefixlen"] == address.network.prefixlen
-               for a in ipr.get_addr(index=index, family=socket.AF_INET))
-
-
-def _bridge_index(ipr: IPRoute, conf: BridgeConf) -> int:
-    """The bridge, created or repaired by the driver's Plumbing only when it is not as wanted (the common case
-    of an existing bridge costs two netlink dumps and no iptables run)."""
-    index = _lookup(ipr, conf.bridge)
-    if index is not None:
-        link = ipr.get_links(index)[0]
-        if (link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "bridge" and link.get("mtu") == conf.mtu
-                and link["flags"] & 1 and _has_address(ipr, index, conf.gateway)):
-            return index
-    try:
-        Plumbing().ensure_bridge(conf.bridge, conf.gateway, conf.mtu)
-    except PlumbingError as e:
-        raise CniError(KERNEL_REFUSED, str(e)) from None
-    return _lookup(ipr, conf.bridge)
+def _ensure_bridge(conf: BridgeConf) -> links.LinkState:
+    """The bridge, created or repaired (with forwarding through it) only when it is not as wanted (the common
+    case of an existing bridge costs one netlink read and no iptables run)."""
+    found = links.state(conf.bridge)
+    if found and found.kind == "bridge" and found.mtu == conf.mtu and found.up and conf.gateway in found.addresses:
+        return found
+    links.ensure_bridge(conf.bridge, conf.gateway, conf.mtu)
+    forwarding.allow(conf.bridge)
+    return links.state(conf.bridge)
 
 
 def _ensure_masquerade(lease: ipaddress.IPv4Network, network: ipaddress.IPv4Network) -> None:
-    iptables = shutil.which("iptables")
-    if iptables is None:
+    if not iptables.available():
         raise CniError(INVALID_CONFIG, "ipMasq is on but iptables is not installed",
                        "install iptables, or set \"ipMasq\": false in the delegate")
-    rule = ["POSTROUTING", "-s", str(lease), "!", "-d", str(network), "-m", "comment", "--comment",
-            f"pyflannel-cni {lease}", "-j", "MASQUERADE"]
+    rule = ["-s", str(lease), "!", "-d", str(network), "-m", "comment", "--comment", f"pyflannel-cni {lease}",
+            "-j", "MASQUERADE"]
     try:
-        if subprocess.run([iptables, "-w", "5", "-t", "nat", "-C", *rule], capture_output=True,
-                          timeout=IPTABLES_TIMEOUT).returncode == 0:
-            return
-        done = subprocess.run([iptables, "-w", "5", "-t", "nat", "-A", *rule], capture_output=True, text=True,
-                              timeout=IPTABLES_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise CniError(KERNEL_REFUSED, f"ipMasq: iptables did not answer within {IPTABLES_TIMEOUT}s") from None
-    if done.returncode != 0:
-        raise CniError(KERNEL_REFUSED, f"ipMasq: iptables refused the MASQUERADE rule: {done.stderr.strip()}")
+        iptables.ensure("nat", "POSTROUTING", rule)
+    except KernelError as e:
+        raise CniError(KERNEL_REFUSED, f"ipMasq: the MASQUERADE rule: {e}") from None
 
 
 @_kernel_errors
@@ -195,39 +146,23 @@ def add(conf: BridgeConf, container_id: str, ifname: str, netns: str,
         address = ipaddress.IPv4Interface(f"{ip}/{conf.addresses.subnet.prefixlen}")
         created = False
         try:
-            with IPRoute() as ipr:
-                bridge = _bridge_index(ipr, conf)
-                try:
-                    ipr.link("add", ifname=host_end, kind="veth", mtu=conf.mtu,
-                             peer={"ifname": ifname, "net_ns_fd": fd, "mtu": conf.mtu, "address": mac_for(ip)})
-                except NetlinkError as e:
-                    if e.code == errno.EEXIST:
-                        raise CniError(KERNEL_REFUSED, f"cannot create the veth pair {host_end}/{ifname}: "
-                                                       f"{host_end} exists here or {ifname} exists in {netns}")
-                    raise _kernel_error(f"cannot create the veth pair {host_end}/{ifname}", e) from None
-                created = True
-                host = _lookup(ipr, host_end)
-                ipr.link("set", index=host, master=bridge, state="up")
-                if conf.hairpin:
-                    ipr.brport("set", index=host, mode=1)
-                macs = {conf.bridge: ipr.get_links(bridge)[0].get("address"),
-                        host_end: ipr.get_links(host)[0].get("address")}
-            with _inside(fd) as cipr:
-                index = _lookup(cipr, ifname)
-                cipr.addr("add", index=index, address=str(ip), prefixlen=address.network.prefixlen)
-                cipr.link("set", index=index, state="up")
-                for route in conf.routes:
-                    cipr.route("add", dst=str(route.dst), gateway=str(route.gw))
-                macs[ifname] = cipr.get_links(index)[0].get("address")
+            bridge = _ensure_bridge(conf)
+            try:
+                links.add_veth_into(host_end, ifname, fd, conf.mtu, mac_for(ip), conf.bridge, conf.hairpin)
+            except links.LinkExists:
+                raise CniError(KERNEL_REFUSED, f"cannot create the veth pair {host_end}/{ifname}: {host_end} "
+                                               f"exists here or {ifname} exists in {netns}") from None
+            created = True
+            links.configure(ifname, address, [(str(r.dst), str(r.gw)) for r in conf.routes], netns_fd=fd)
+            macs = {conf.bridge: bridge.mac, host_end: links.state(host_end).mac,
+                    ifname: links.state(ifname, fd).mac}
             if conf.ip_masq:
                 _ensure_masquerade(conf.addresses.subnet, flannel_network)
-        except BaseException as e:
+        except BaseException:
             store.release(container_id, ifname)
             if created:
                 with contextlib.suppress(CniError):
                     _delete_host_end(host_end)
-            if isinstance(e, NetlinkError):
-                raise _kernel_error(f"cannot attach {ifname} in {netns} to {conf.bridge}", e) from None
             raise
     return {
         "interfaces": [{"name": conf.bridge, "mac": macs[conf.bridge]},
@@ -241,8 +176,8 @@ def add(conf: BridgeConf, container_id: str, ifname: str, netns: str,
 
 def _delete_host_end(name: str) -> None:
     try:
-        Plumbing().delete_link(name)  # deleting one end of a veth pair deletes both, wherever the other is
-    except PlumbingError as e:
+        links.delete(name)  # deleting one end of a veth pair deletes both, wherever the other is
+    except KernelError as e:
         raise CniError(KERNEL_REFUSED, str(e)) from None
 
 
@@ -253,10 +188,8 @@ def delete(conf: BridgeConf, container_id: str, ifname: str, netns: str) -> None
         store.release(container_id, ifname)
         _delete_host_end(host_veth_name(container_id, ifname))
         if netns and os.path.exists(netns):  # an interface made by another plugin (e.g. the stock bridge)
-            with _netns_fd(netns) as fd, _inside(fd) as cipr:
-                index = _lookup(cipr, ifname)
-                if index is not None:
-                    cipr.link("del", index=index)
+            with _netns_fd(netns) as fd:
+                links.delete(ifname, netns_fd=fd)
 
 
 @_kernel_errors
@@ -275,28 +208,24 @@ def check(conf: BridgeConf, container_id: str, ifname: str, netns: str, prev_res
         listed = [entry.get("address") for entry in prev_result.get("ips", []) if isinstance(entry, dict)]
         if str(address) not in listed:
             fail(f"prevResult lists {listed}, but the container holds {address}")
-    with IPRoute() as ipr:
-        bridge = _lookup(ipr, conf.bridge)
-        if bridge is None:
-            fail(f"bridge {conf.bridge} is missing")
-        if not _has_address(ipr, bridge, conf.gateway):
-            fail(f"bridge {conf.bridge} lacks the gateway address {conf.gateway}")
-        host = _lookup(ipr, host_end)
-        if host is None:
-            fail(f"host veth {host_end} is missing")
-        link = ipr.get_links(host)[0]
-        if link.get("master") != bridge or not link["flags"] & 1:
-            fail(f"host veth {host_end} is not up on {conf.bridge}")
-    with _netns_fd(netns) as fd, _inside(fd) as cipr:
-        index = _lookup(cipr, ifname)
-        if index is None:
-            fail(f"{ifname} is missing in {netns}")
-        if not _has_address(cipr, index, address):
-            fail(f"{ifname} in {netns} lacks its address {address}")
-        if not cipr.get_links(index)[0]["flags"] & 1:
-            fail(f"{ifname} in {netns} is down")
-        present = {(f"{r.get('RTA_DST') or '0.0.0.0'}/{r['dst_len']}", r.get("RTA_GATEWAY"))
-                   for r in cipr.route("dump", family=socket.AF_INET, oif=index)}
-        for route in conf.routes:
-            if (str(route.dst), str(route.gw)) not in present:
-                fail(f"route {route.dst} via {route.gw} is missing in {netns}")
+    bridge = links.state(conf.bridge)
+    if bridge is None:
+        fail(f"bridge {conf.bridge} is missing")
+    if conf.gateway not in bridge.addresses:
+        fail(f"bridge {conf.bridge} lacks the gateway address {conf.gateway}")
+    host = links.state(host_end)
+    if host is None:
+        fail(f"host veth {host_end} is missing")
+    if host.master != conf.bridge or not host.up:
+        fail(f"host veth {host_end} is not up on {conf.bridge}")
+    with _netns_fd(netns) as fd:
+        container = links.state(ifname, fd, routes=True)
+    if container is None:
+        fail(f"{ifname} is missing in {netns}")
+    if address not in container.addresses:
+        fail(f"{ifname} in {netns} lacks its address {address}")
+    if not container.up:
+        fail(f"{ifname} in {netns} is down")
+    for route in conf.routes:
+        if (str(route.dst), str(route.gw)) not in container.routes:
+            fail(f"route {route.dst} via {route.gw} is missing in {netns}")

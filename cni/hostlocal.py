@@ -7,7 +7,7 @@
                              just-released address is not reused at once)
 
 The range is host-local's: the subnet's hosts from rangeStart (default network + 1) to rangeEnd (default broadcast
-- 1), minus the gateway (default network + 1).
+- 1), minus the gateway (default network + 1); the allocator is pyflannel.addresses', with these files as its store.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import fcntl
 import ipaddress
 import json
 import os
-from dataclasses import dataclass
+
+from pyflannel.addresses import AddressRange, AddressStore, RangeError, allocate
 
 from .protocol import ADDRESSES_EXHAUSTED, ALREADY_ATTACHED, INVALID_CONFIG, IO_FAILURE, CniError
 
@@ -24,47 +25,27 @@ LAST_RESERVED = "last_reserved_ip.0"
 LINE_BREAK = "\r\n"
 
 
-@dataclass(frozen=True)
-class AddressRange:
-    subnet: ipaddress.IPv4Network
-    start: ipaddress.IPv4Address
-    end: ipaddress.IPv4Address
-    gateway: ipaddress.IPv4Address
-
-    @classmethod
-    def from_range(cls, spec: dict) -> "AddressRange":
-        """One entry of ipam.ranges: {"subnet", optional "rangeStart", "rangeEnd", "gateway"}."""
-        try:
-            subnet = ipaddress.IPv4Network(spec["subnet"])
-        except (KeyError, TypeError, ValueError):
-            raise CniError(INVALID_CONFIG, f"ipam.ranges: {json.dumps(spec.get('subnet'))} is not an IPv4 "
-                                           f"subnet") from None
-        if subnet.num_addresses < 4:
-            raise CniError(INVALID_CONFIG, f"ipam.ranges: subnet {subnet} is too small for a gateway and containers")
-
-        def address(key: str, default: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+def address_range(spec: dict) -> AddressRange:
+    """One entry of ipam.ranges: {"subnet", optional "rangeStart", "rangeEnd", "gateway"}."""
+    try:
+        subnet = ipaddress.IPv4Network(spec["subnet"])
+    except (KeyError, TypeError, ValueError):
+        raise CniError(INVALID_CONFIG, f"ipam.ranges: {json.dumps(spec.get('subnet'))} is not an IPv4 "
+                                       f"subnet") from None
+    given, keys = {}, {"start": "rangeStart", "end": "rangeEnd", "gateway": "gateway", "subnet": "subnet"}
+    for name, key in keys.items():
+        if key in spec and name != "subnet":
             try:
-                value = ipaddress.IPv4Address(spec.get(key, str(default)))
-            except ValueError:
+                given[name] = ipaddress.IPv4Address(spec[key])
+            except (TypeError, ValueError):
                 raise CniError(INVALID_CONFIG, f"ipam.ranges: {key} {spec[key]!r} is not an IPv4 address") from None
-            if value not in subnet:
-                raise CniError(INVALID_CONFIG, f"ipam.ranges: {key} {value} is outside the subnet {subnet}")
-            return value
-
-        first, last = subnet.network_address + 1, subnet.broadcast_address - 1
-        return cls(subnet, address("rangeStart", first), address("rangeEnd", last), address("gateway", first))
-
-    def candidates(self, after: ipaddress.IPv4Address | None):
-        """Addresses to try, starting after `after` and wrapping around."""
-        count = int(self.end) - int(self.start) + 1
-        offset = int(after) - int(self.start) + 1 if after is not None and self.start <= after <= self.end else 0
-        for i in range(count):
-            ip = self.start + (offset + i) % count
-            if ip != self.gateway:
-                yield ip
+    try:
+        return AddressRange.of(subnet, **given)
+    except RangeError as e:
+        raise CniError(INVALID_CONFIG, f"ipam.ranges: {keys[e.field]} {e}") from None
 
 
-class HostLocalStore:
+class HostLocalStore(AddressStore):
     """Use as a context manager: the lock is held inside the `with` block."""
 
     def __init__(self, data_dir: str, network: str):
@@ -112,25 +93,35 @@ class HostLocalStore:
         if held is not None:
             raise CniError(ALREADY_ATTACHED, f"container {container_id} already holds {held} for {ifname}",
                            "DEL it first")
+        ip = allocate(addresses, self, f"{container_id}{LINE_BREAK}{ifname}")
+        if ip is None:
+            raise CniError(ADDRESSES_EXHAUSTED, f"no free address left in {addresses.start}-{addresses.end} "
+                                                f"(subnet {addresses.subnet})", f"IPAM store: {self.dir}")
+        return ip
+
+    # --- AddressStore: host-local's files -------------------------------------------------------------------------
+
+    def last(self) -> ipaddress.IPv4Address | None:
         try:
             with open(os.path.join(self.dir, LAST_RESERVED)) as f:
-                last = ipaddress.IPv4Address(f.read().strip())
+                return ipaddress.IPv4Address(f.read().strip())
         except (OSError, ValueError):
-            last = None
-        for ip in addresses.candidates(last):
-            try:
-                fd = os.open(os.path.join(self.dir, str(ip)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise CniError(IO_FAILURE, f"cannot write to the IPAM store {self.dir}: {e.strerror}") from None
-            with os.fdopen(fd, "w", newline="") as f:
-                f.write(f"{container_id}{LINE_BREAK}{ifname}")
-            with open(os.path.join(self.dir, LAST_RESERVED), "w") as f:
-                f.write(str(ip))
-            return ip
-        raise CniError(ADDRESSES_EXHAUSTED, f"no free address left in {addresses.start}-{addresses.end} "
-                                            f"(subnet {addresses.subnet})", f"IPAM store: {self.dir}")
+            return None
+
+    def reserve(self, ip: ipaddress.IPv4Address, owner: str) -> bool:
+        try:
+            fd = os.open(os.path.join(self.dir, str(ip)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise CniError(IO_FAILURE, f"cannot write to the IPAM store {self.dir}: {e.strerror}") from None
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(owner)
+        return True
+
+    def set_last(self, ip: ipaddress.IPv4Address) -> None:
+        with open(os.path.join(self.dir, LAST_RESERVED), "w") as f:
+            f.write(str(ip))
 
     def release(self, container_id: str, ifname: str) -> list[ipaddress.IPv4Address]:
         released = []

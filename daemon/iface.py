@@ -5,8 +5,9 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from pyflannel.kernel.netlink import Interface, Kernel
+
 from .errors import UserError
-from .netlink import Interface, Kernel
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from pyflannel import subnetenv
+from pyflannel.kernel.errors import KernelError
+from pyflannel.kernel.netlink import Kernel
 
 from . import backend as backends
 from . import config as netconfig
@@ -24,9 +26,8 @@ from .errors import UserError
 from .health import Health, serve
 from .lease import LeaseManager, LeaseWatcher
 from .metrics import Metrics
-from .netlink import Kernel
 from .reconciler import Reconciler
-from .store.base import EXPIRY_NOT_READ, LeaseEvent, LeaseNotFound, StoreError
+from .store.base import EXPIRY_NOT_READ, ConfigNotFound, LeaseEvent, StoreError
 
 log = logging.getLogger("pyflanneld")
 
@@ -76,7 +77,7 @@ class Daemon:
         def read():
             try:
                 return self.store.network_config()
-            except LeaseNotFound:
+            except ConfigNotFound:
                 write = "ETCDCTL_API=2 etcdctl set" if self.flags.etcd_api == "v2" else "etcdctl put"
                 raise StoreError(f"no network config at {self.flags.etcd_prefix}/config; write one, e.g. "
                                  f"{write} {self.flags.etcd_prefix}/config '{{\"Network\": \"10.5.0.0/16\"}}'")
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon.start()
         daemon.run()
-    except UserError as e:
+    except (UserError, KernelError) as e:
         log.error("%s", e)
         return 1
     except KeyboardInterrupt:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import shutil
-import subprocess
+
+from pyflannel.kernel import iptables
+from pyflannel.kernel.errors import KernelError
 
 from .errors import UserError
 
@@ -26,21 +27,16 @@ def rules(network: ipaddress.IPv4Network, lease: ipaddress.IPv4Network) -> list[
     ]
 
 
-def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["iptables", "-w", "5", "-t", "nat", *args], capture_output=True, text=True, check=check)
-
-
 def install(network: ipaddress.IPv4Network, lease: ipaddress.IPv4Network) -> None:
     """(Re)write our chain and hook it into POSTROUTING once; idempotent."""
-    if shutil.which("iptables") is None:
+    if not iptables.available():
         raise UserError("-ip-masq needs iptables, which is not installed (apt-get install iptables)")
     try:
-        _iptables("-N", CHAIN, check=False)
-        _iptables("-F", CHAIN)
+        iptables.run("nat", "-N", CHAIN)  # fails harmlessly when the chain exists
+        iptables.must("nat", "-F", CHAIN)
         for rule in rules(network, lease):
-            _iptables("-A", CHAIN, *rule)
-        if _iptables("-C", "POSTROUTING", "-j", CHAIN, check=False).returncode != 0:
-            _iptables("-I", "POSTROUTING", "1", "-j", CHAIN)
-    except subprocess.CalledProcessError as e:
-        raise UserError(f"-ip-masq: iptables failed: {e.stderr.strip()}") from None
+            iptables.must("nat", "-A", CHAIN, *rule)
+        iptables.ensure("nat", "POSTROUTING", ["-j", CHAIN], first=True)
+    except KernelError as e:
+        raise UserError(f"-ip-masq: {e}") from None
     log.info("ip-masq: masquerading traffic from %s that leaves it", network)

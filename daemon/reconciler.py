@@ -17,8 +17,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from pyflannel.kernel.netlink import Change, FdbEntry, Kernel, Neighbor, Route, watch_deletions
+
 from .backend import Backend, PeerEntries
-from .netlink import Change, FdbEntry, Kernel, Neighbor, Route, watch_deletions
 from .store.base import Lease
 from .subnets import IPv4Network
 
@@ -40,9 +41,12 @@ FULL_DIFF_SECONDS = 300.0
 
 
 class Reconciler:
-    def __init__(self, kernel: Kernel, backend: Backend):
+    def __init__(self, kernel: Kernel, backend: Backend, watch=watch_deletions):
+        """`watch(touched, overlay_ifindex)` runs in a thread after the first full diff and sets `touched` when one
+        of our entries is deleted (a netlink monitor; tests pass another)."""
         self.kernel = kernel
         self.backend = backend
+        self.watch = watch
         self.programmed: dict[IPv4Network, PeerEntries] = {}
         self.kernel_touched = threading.Event()  # set by the deletion monitor, which starts after the first diff
         self._last_full_diff: float | None = None
@@ -129,7 +133,7 @@ class Reconciler:
         if repairs:
             log.info("reconcile: %d entries added, %d removed", repairs.added.total(), repairs.removed.total())
         if self._last_full_diff is None:
-            threading.Thread(target=watch_deletions, args=(self.kernel_touched, index), name="kernel-watch",
+            threading.Thread(target=self.watch, args=(self.kernel_touched, index), name="kernel-watch",
                              daemon=True).start()
         self._last_full_diff = time.monotonic()
         return repairs

@@ -27,6 +27,7 @@ import threading
 import time
 
 from pyflannel import paths, subnetenv
+from pyflannel.addresses import AddressRange, AddressStore, allocate
 
 from . import validation as v
 from .errors import RefusedError, UnavailableError, ValidationError
@@ -74,11 +75,31 @@ def gateway_data(env: subnetenv.SubnetEnv) -> dict:
     return {v.GATEWAY_TYPE: str(env.subnet)}
 
 
+class PoolAllocations(AddressStore):
+    """One pool's record in the driver's state, as the allocator's store: `taken` is the set of its addresses (the
+    caller writes it back to the record), the record keeps the address given last."""
+
+    def __init__(self, pool: dict, taken: set[str]):
+        self.pool, self.taken = pool, taken
+
+    def last(self) -> ipaddress.IPv4Address | None:
+        return ipaddress.IPv4Address(self.pool["last"]) if self.pool["last"] else None
+
+    def reserve(self, ip: ipaddress.IPv4Address, owner: str) -> bool:
+        if str(ip) in self.taken:
+            return False
+        self.taken.add(str(ip))
+        return True
+
+    def set_last(self, ip: ipaddress.IPv4Address) -> None:
+        self.pool["last"] = str(ip)
+
+
 class Ipam:
     def __init__(self, store: StateStore, lease: LeaseSource, plumbing=None):
         self.store = store
         self.lease = lease
-        self.plumbing = plumbing          # endpoint.Plumbing, for the route-overlap check; None skips it
+        self.plumbing = plumbing          # plumbing.Plumbing, for the route-overlap check; None skips it
         self._recent = collections.deque()  # times of RequestPool answers not followed by a ReleasePool
         self._recent_lock = threading.Lock()
 
@@ -186,30 +207,12 @@ class Ipam:
                 if str(ip) in allocated:
                     raise RefusedError(f"address {ip} is already in use")
             else:
-                ip = self._next_free(lease, env.gateway, allocated, pool["last"])
+                ip = allocate(AddressRange.of(lease, gateway=env.gateway), PoolAllocations(pool, allocated))
                 if ip is None:
                     raise RefusedError(f"no free address left in this host's lease {lease} "
                                        f"({len(allocated)} containers hold addresses)")
-                pool["last"] = str(ip)
             pool["allocated"] = sorted(allocated | {str(ip)}, key=lambda a: ipaddress.IPv4Address(a))
         return {"Address": f"{ip}/{prefix}", "Data": {}}
-
-    @staticmethod
-    def _next_free(lease, gateway, allocated: set, last: str | None):
-        first = int(lease.network_address) + 1
-        end = int(lease.broadcast_address)          # exclusive
-        size = end - first
-        start = first
-        if last is not None:
-            last_int = int(ipaddress.IPv4Address(last))
-            if first <= last_int < end:
-                start = last_int + 1
-        for i in range(size):
-            candidate = first + (start - first + i) % size
-            ip = ipaddress.IPv4Address(candidate)
-            if ip != gateway and str(ip) not in allocated:
-                return ip
-        return None
 
     def release_address(self, req: v.ReleaseAddress) -> dict:
         with self.store.transaction() as st:

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             log.warning("not running as root: creating bridges and veth pairs will fail")
         instance = claim_instance(args.state_dir, wait=GRACEFUL_SECONDS + 5)  # noqa: F841 - held until exit
         prepare_socket_path(args.socket)
-        from .routes import create_app
+        from .api import create_app
         app = create_app(args.state_dir, args.subnet_file, lock_timeout=args.lock_timeout)
         try:
             env = subnetenv.read(args.subnet_file)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
+
+from pyflannel.kernel.links import mac_for, random_mac
 
 from . import validation as v
-from .endpoint import Plumbing, bridge_name, mac_for, veth_names, BRIDGE_PREFIX, VETH_CONTAINER_PREFIX, VETH_HOST_PREFIX
 from .errors import PlumbingError, RefusedError, UnavailableError, ValidationError
 from .ipam import HOW_TO_CREATE, LeaseSource, existing_network_error
+from .plumbing import BRIDGE_PREFIX, VETH_CONTAINER_PREFIX, VETH_HOST_PREFIX, Plumbing, bridge_name, veth_names
 from .state import StateStore
 
 log = logging.getLogger(__name__)
@@ -141,19 +142,13 @@ class NetworkDriver:
             if iface is not None and iface.mac:
                 mac, generated = iface.mac, False
             else:
-                mac = mac_for(address.ip) if address is not None else self._random_mac()
+                mac = mac_for(address.ip) if address is not None else random_mac()
                 generated = True
             st["endpoints"][req.endpoint_id] = {
                 "network": req.network_id, "address": str(address) if address else "", "mac": mac,
                 "mac_generated": generated, "veth_host": host, "veth_container": container,
                 "joined": False, "sandbox": ""}
             return self._endpoint_reply(st["endpoints"][req.endpoint_id], iface)
-
-    @staticmethod
-    def _random_mac() -> str:
-        b = bytearray(os.urandom(6))
-        b[0] = (b[0] & 0xFE) | 0x02  # unicast, locally administered
-        return ":".join(f"{x:02x}" for x in b)
 
     def endpoint_oper_info(self, req: v.EndpointRef) -> dict:
         st = self.store.load()

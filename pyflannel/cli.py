@@ -29,7 +29,7 @@ def _reachable(ip: str) -> bool:
 
 def collect(args) -> dict:
     from pyflannel.daemon import store as stores
-    from pyflannel.daemon.netlink import Kernel
+    from pyflannel.kernel.netlink import Kernel
     from pyflannel.daemon.store.base import StoreError
 
     report = {"host": {}, "hosts": [], "routes": [], "problems": []}

@@ -22,17 +22,18 @@ import json
 import os
 import re
 import shlex
-import shutil
-import subprocess
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from pyflannel import subnetenv
+from pyflannel.daemon.backend.vxlan import VXLAN_OVERHEAD
+from pyflannel.kernel import iptables
+from pyflannel.kernel.errors import KernelError
+from pyflannel.kernel.netlink import RTPROT_PYFLANNEL, TX_CHECKSUM, Kernel
 
 PROBLEM, UNKNOWN = "problem", "unknown"
-VXLAN_OVERHEAD = 50
 RTPROT_KERNEL = 2
-PROTO_NAMES = {2: "kernel", 3: "boot", 4: "static", 16: "dhcp", 77: "pyflannel", 186: "bgp", 188: "ospf"}
+PROTO_NAMES = {2: "kernel", 3: "boot", 4: "static", 16: "dhcp", RTPROT_PYFLANNEL: "pyflannel", 186: "bgp", 188: "ospf"}
 ROUTE_TYPES = {1: "", 6: "blackhole", 7: "unreachable", 8: "prohibit", 9: "throw"}
 
 
@@ -83,8 +84,7 @@ def gather(args) -> Facts:
     from pyflannel.daemon import config as netconfig
     from pyflannel.daemon import store as stores
     from pyflannel.daemon.errors import ConfigError
-    from pyflannel.daemon.netlink import Kernel
-    from pyflannel.daemon.store.base import LeaseNotFound, StoreError
+    from pyflannel.daemon.store.base import ConfigNotFound, StoreError
 
     facts = Facts(args.subnet_file, args.etcd_endpoints,
                   args.etcd_prefix.rstrip("/"), timedelta(minutes=args.subnet_lease_renew_margin), kernel=Kernel())
@@ -96,7 +96,7 @@ def gather(args) -> Facts:
         store = stores.from_flags(args, timeout=3.0)
         facts.leases, _ = store.leases()
         facts.config = netconfig.parse(store.network_config())
-    except LeaseNotFound:
+    except ConfigNotFound:
         facts.config_error = f"no network config at {facts.prefix}/config"
     except ConfigError as e:
         facts.config_error = str(e)
@@ -140,14 +140,10 @@ def _default_route_iface(facts: Facts):
 
 def iptables_rules(table: str, chain: str | None = None) -> list[list[str]] | str:
     """`iptables -t TABLE -S [CHAIN]` as token lists, or why it could not be read (a str)."""
-    if shutil.which("iptables") is None:
-        return "iptables is not installed"
-    done = subprocess.run(["iptables", "-w", "5", "-t", table, "-S", *([chain] if chain else [])],
-                          capture_output=True, text=True, timeout=15)
-    if done.returncode != 0:
-        why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
-        return f"iptables -t {table} -S: {why}"
-    return [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("-A ")]
+    try:
+        return iptables.listing(table, chain)
+    except KernelError as e:
+        return str(e)
 
 
 
@@ -253,7 +249,6 @@ def check_public_ips(facts: Facts) -> list[Finding]:
 
 def check_routes(facts: Facts) -> list[Finding]:
     """Routes inside the Network, more specific than it, that are neither ours (proto 77) nor our lease's bridge."""
-    from pyflannel.daemon.netlink import RTPROT_PYFLANNEL
     network = facts.network
     if network is None:
         return [Finding("routes", UNKNOWN, "not checked: the flannel Network is unknown (no subnet.env, no config)")]
@@ -317,7 +312,6 @@ def check_mtu(facts: Facts) -> list[Finding]:
 
 def check_offload(facts: Facts) -> list[Finding]:
     """flannel #1279: VXLAN checksum offload + MASQUERADE --random-fully drops packets (63 s connect delays)."""
-    from pyflannel.daemon.netlink import TX_CHECKSUM
     if facts.backend != "vxlan" or facts.kernel.link_index(facts.device) is None:
         return []  # no VXLAN device, nothing to offload
     offload = facts.kernel.tx_checksum_offload(facts.device)

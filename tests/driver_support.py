@@ -186,5 +186,5 @@ def state_dir(tmp_path):
 @pytest.fixture
 def docker(netns_name, subnet_file, state_dir):
     """The driver app inside a throwaway namespace, and a Docker-like client for it."""
-    from pyflannel.driver.routes import create_app
+    from pyflannel.driver.api import create_app
     return DockerSide(create_app(state_dir, subnet_file))

@@ -6,6 +6,8 @@ import pytest
 from pyflannel.daemon.config import parse
 from pyflannel.daemon.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 N = ipaddress.IPv4Network
 
 

@@ -272,7 +272,7 @@ def test_create_network_makes_the_bridge(docker):
 
 
 def test_ip_forward_is_only_touched_in_our_namespace(tmp_path):
-    from pyflannel.driver.routes import create_app
+    from pyflannel.driver.api import create_app
     from tests.driver_support import throwaway_netns
     root_value = ip_forward()
     with throwaway_netns():

@@ -10,7 +10,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from pyflannel.driver.errors import UnavailableError
-from pyflannel.driver.routes import create_app
+from pyflannel.driver.api import create_app
 from pyflannel.driver.state import StateError, StateStore
 from tests.driver_support import (DockerSide, docker, link, netns_name, our_links, state_dir,  # noqa: F401
                                   subnet_file, write_subnet_env)
@@ -101,6 +101,7 @@ def test_lease_change_refuses_join_with_advice(docker, subnet_file):
 
 # --- the store itself (no kernel involved) -------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_state_is_written_atomically_and_only_on_change(tmp_path):
     store = StateStore(str(tmp_path))
     with store.transaction() as st:
@@ -112,6 +113,7 @@ def test_state_is_written_atomically_and_only_on_change(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["state.json", "state.lock"]  # no temp files left
 
 
+@pytest.mark.unit
 def test_failed_transaction_changes_nothing(tmp_path):
     store = StateStore(str(tmp_path))
     with pytest.raises(RuntimeError):
@@ -121,6 +123,7 @@ def test_failed_transaction_changes_nothing(tmp_path):
     assert store.load()["networks"] == {}
 
 
+@pytest.mark.unit
 def test_corrupt_state_is_a_clear_startup_error(tmp_path):
     (tmp_path / "state.json").write_text("{half")
     with pytest.raises(StateError, match="not valid JSON.*move it away"):
@@ -130,6 +133,7 @@ def test_corrupt_state_is_a_clear_startup_error(tmp_path):
         StateStore(str(tmp_path))
 
 
+@pytest.mark.unit
 def test_lock_is_shared_with_other_processes_and_times_out(tmp_path):
     import fcntl
     store = StateStore(str(tmp_path), lock_timeout=0.3)
@@ -145,6 +149,7 @@ def test_lock_is_shared_with_other_processes_and_times_out(tmp_path):
         st["pools"]["p"] = {}
 
 
+@pytest.mark.unit
 def test_threads_do_not_lose_updates(tmp_path):
     store = StateStore(str(tmp_path))
 

@@ -20,7 +20,8 @@ from pyflannel.daemon import store as stores
 from pyflannel.daemon.config import parse
 from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
 from pyflannel.daemon.main import main as daemon_main
-from pyflannel.daemon.store.base import EXPIRY_NOT_READ, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, StoreError
+from pyflannel.daemon.store.base import (EXPIRY_NOT_READ, ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists,
+                                         LeaseNotFound, StoreError)
 from pyflannel.daemon.store.etcdv2 import EtcdV2Store
 from pyflannel.daemon.store.etcdv3 import EtcdV3Store
 from tests.lab import VENV_BIN, wait_until
@@ -199,7 +200,7 @@ def test_auto_picks_the_api_that_holds_the_config(etcd_url, etcd_prefix, etcd):
     assert in_v3.chosen is in_v3.v3
     # in neither yet: v3, and asked again until the config appears
     later = stores.from_flags(flags_for(etcd_url, etcd_prefix + "/c"))
-    with pytest.raises(LeaseNotFound):
+    with pytest.raises(ConfigNotFound):
         later.network_config()
     assert later.chosen is None and later.store() is later.v3
     v2.client.write(f"{etcd_prefix}/c/config", CONFIG)

@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from pyflannel.daemon.netlink import BATCH, Change, Kernel, Neighbor, Route
+from pyflannel.kernel.netlink import BATCH, Change, Kernel, Neighbor, Route
 from tests.lab import Lab, inside
 
 

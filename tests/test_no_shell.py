@@ -3,6 +3,10 @@ and none of the driver's request handlers reach a subprocess with a request stri
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 PRODUCT = [p for folder in ("daemon", "driver", "pyflannel", "cni") for p in (REPO / folder).rglob("*.py")]
 FORBIDDEN_CALLS = {("os", "system"), ("os", "popen"), ("os", "execl"), ("os", "execlp"), ("subprocess", "getoutput"),

@@ -2,7 +2,11 @@
 import ipaddress
 import random
 
+import pytest
+
 from pyflannel.daemon.subnets import candidates, lease_key, parse_lease_key, pick_free
+
+pytestmark = pytest.mark.unit
 
 N = ipaddress.IPv4Network
 

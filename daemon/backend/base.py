@@ -5,9 +5,10 @@ import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pyflannel.kernel.netlink import FdbEntry, Kernel, Neighbor, Route
+
 from ..config import NetworkConfig
 from ..iface import ExternalInterface
-from ..netlink import FdbEntry, Kernel, Neighbor, Route
 from ..store.base import Lease
 
 

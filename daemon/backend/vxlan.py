@@ -8,22 +8,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import random
 
-from ..netlink import FdbEntry, Neighbor, Route
+from pyflannel.kernel.links import random_mac
+from pyflannel.kernel.netlink import FdbEntry, Neighbor, Route
+
 from ..store.base import Lease
 from .base import Backend, PeerEntries
 
 log = logging.getLogger(__name__)
 
 VXLAN_OVERHEAD = 50
-
-
-def random_mac(rng: random.Random | None = None) -> str:
-    """A locally administered unicast MAC."""
-    octets = [(rng or random).randrange(256) for _ in range(6)]
-    octets[0] = (octets[0] | 0x02) & 0xFE
-    return ":".join(f"{o:02x}" for o in octets)
 
 
 def load_or_create_mac(state_dir: str, vni: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from ..subnets import IPv4Network
-from .base import Lease, LeaseEvent, LeaseNotFound, Store, StoreError
+from .base import ConfigNotFound, Lease, LeaseEvent, Store, StoreError
 from .etcdv2 import EtcdV2Store
 from .etcdv3 import EtcdV3Store
 
@@ -44,7 +44,7 @@ class DetectedStore(Store):
         for api, candidate in (("v3", self.v3), ("v2", self.v2)):
             try:
                 candidate.network_config()
-            except LeaseNotFound:
+            except ConfigNotFound:
                 continue
             except StoreError as e:
                 # v3 failing: etcd is down, unless the config is in v2 (etcd 2, a broken gateway);

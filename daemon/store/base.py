@@ -32,7 +32,11 @@ class LeaseExists(Exception):
 
 
 class LeaseNotFound(Exception):
-    pass
+    """The lease's key is not in the store (expired, deleted)."""
+
+
+class ConfigNotFound(Exception):
+    """<prefix>/config is not in the store."""
 
 
 class HistoryLost(Exception):

@@ -9,7 +9,8 @@ import etcd
 import urllib3
 
 from ..subnets import IPv4Network, lease_key, parse_lease_key
-from .base import HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store, StoreError, parse_endpoints
+from .base import (ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store, StoreError,
+                   parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,10 @@ class EtcdV2Store(Store):
             raise StoreError(f"etcd at {', '.join(self.endpoints)}: {e}") from None
 
     def network_config(self) -> str:
-        return self._call(self.client.read, f"{self.prefix}/config").value
+        try:
+            return self._call(self.client.read, f"{self.prefix}/config").value
+        except LeaseNotFound:
+            raise ConfigNotFound(f"{self.prefix}/config not found") from None
 
     def _lease_from(self, node) -> Lease | None:
         subnet = parse_lease_key(node.key)

@@ -21,7 +21,8 @@ from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Et
 from etcd3gw.lease import Lease as EtcdLease
 
 from ..subnets import IPv4Network, lease_key, parse_lease_key
-from .base import EXPIRY_NOT_READ, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store, StoreError, parse_endpoints
+from .base import (EXPIRY_NOT_READ, ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store,
+                   StoreError, parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class EtcdV3Store(Store):
         key = f"{self.prefix}/config"
         kvs = self._call(lambda client: self._range(client, key)).get("kvs")
         if not kvs:
-            raise LeaseNotFound(f"{key} not found")
+            raise ConfigNotFound(f"{key} not found")
         return _text(kvs[0].get("value"))
 
     def _expiration(self, lease_id: int, watch: bool = False) -> datetime | None:

@@ -1,4 +1,6 @@
-"""Netlink helpers: the daemon's only door to the kernel (pyroute2, no `ip` subprocesses).
+"""The overlay's kernel entries through netlink (pyroute2, no `ip` subprocesses): the VXLAN device, routes,
+neighbours and FDB entries, applied in batches, and a monitor of their deletion. pyflanneld's Kernel; doctor and
+`pyflannel status` read the kernel through it too.
 
 Kernel objects are read and written as small value types (Neighbor, FdbEntry, Route) so the reconciler can diff
 sets of them. Routes we install carry our own routing protocol number, so `ip route show proto 77` lists exactly
@@ -25,7 +27,7 @@ from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.ndmsg import states as nud_states
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from .errors import UserError
+from .errors import KernelError
 
 RTPROT_PYFLANNEL = 77
 TX_CHECKSUM = "tx-checksum-ip-generic"
@@ -113,10 +115,10 @@ class Kernel:
                           vxlan_link=link_index, vxlan_learning=0, vxlan_udp_csum=0, address=mac, mtu=mtu)
         except NetlinkError as e:
             if e.code in (errno.EOPNOTSUPP, errno.EAFNOSUPPORT):
-                raise UserError("the kernel has no VXLAN support: load the vxlan module (`modprobe vxlan`) "
+                raise KernelError("the kernel has no VXLAN support: load the vxlan module (`modprobe vxlan`) "
                                 "or use the host-gw backend") from None
             if e.code == errno.EEXIST:
-                raise UserError(f"cannot create {name}: a device with VNI {vni} on UDP port {port} exists "
+                raise KernelError(f"cannot create {name}: a device with VNI {vni} on UDP port {port} exists "
                                 f"already (another flanneld?)") from None
             raise
         index = self.link_index(name)

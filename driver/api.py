@@ -19,11 +19,11 @@ from werkzeug.exceptions import HTTPException
 from pyflannel import paths
 
 from . import validation as v
-from .endpoint import Plumbing
 from .errors import DriverError, ValidationError
 from .ipam import Ipam, LeaseSource
 from .metrics import instrument
 from .network import NetworkDriver
+from .plumbing import Plumbing
 from .state import StateStore
 
 log = logging.getLogger(__name__)

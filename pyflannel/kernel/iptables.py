@@ -1,0 +1,87 @@
+"""The one iptables runner: argument lists (never a shell), `-w` to wait for the xtables lock, one timeout.
+
+Rules are token lists such as ["-s", "10.5.0.0/16", "-j", "MASQUERADE"], without the chain; every function takes
+the table and the chain apart from them.
+"""
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+
+from .errors import KernelError
+
+LOCK_WAIT_SECONDS = 5   # iptables -w: how long to wait for another program's xtables lock
+TIMEOUT_SECONDS = 10    # a hung iptables must not hang a Docker call, a CNI call or the daemon
+
+
+class IptablesMissing(KernelError):
+    """iptables is not installed."""
+
+
+def available() -> bool:
+    return shutil.which("iptables") is not None
+
+
+def run(table: str, *args: str) -> subprocess.CompletedProcess:
+    """`iptables -w 5 -t TABLE ARGS…`; the result, whatever its exit code. KernelError if it cannot run at all."""
+    path = shutil.which("iptables")
+    if path is None:
+        raise IptablesMissing("iptables is not installed")
+    try:
+        return subprocess.run([path, "-w", str(LOCK_WAIT_SECONDS), "-t", table, *args], capture_output=True,
+                              text=True, timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"iptables -t {table} {shlex.join(args)} did not finish within {TIMEOUT_SECONDS}s") from None
+    except OSError as e:
+        raise KernelError(f"cannot run iptables: {e.strerror}") from None
+
+
+def must(table: str, *args: str) -> str:
+    """run(), and KernelError with iptables' own words unless it succeeded; returns its output."""
+    done = run(table, *args)
+    if done.returncode != 0:
+        why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+        raise KernelError(f"iptables -t {table} {shlex.join(args)}: {why}")
+    return done.stdout
+
+
+def exists(table: str, chain: str, rule: list[str]) -> bool:
+    return run(table, "-C", chain, *rule).returncode == 0
+
+
+def ensure(table: str, chain: str, rule: list[str], first: bool = False) -> bool:
+    """Add `rule` to `chain` unless it is there (at the top with `first`); True if it was added."""
+    if exists(table, chain, rule):
+        return False
+    if first:
+        must(table, "-I", chain, "1", *rule)
+    else:
+        must(table, "-A", chain, *rule)
+    return True
+
+
+def remove(table: str, chain: str, rule: list[str]) -> None:
+    """Delete every copy of `rule` from `chain` (none is fine)."""
+    for _ in range(8):  # copies, if someone added the rule more than once
+        if not exists(table, chain, rule):
+            return
+        must(table, "-D", chain, *rule)
+
+
+def listing(table: str, chain: str | None = None) -> list[list[str]]:
+    """`iptables -S [CHAIN]`: the "-A …" rules as token lists."""
+    out = must(table, "-S", *([chain] if chain else []))
+    return [shlex.split(line) for line in out.splitlines() if line.startswith("-A ")]
+
+
+def policy(table: str, chain: str) -> str | None:
+    """A built-in chain's policy (ACCEPT, DROP), None if it cannot be read."""
+    try:
+        out = must(table, "-S", chain)
+    except KernelError:
+        return None
+    for line in out.splitlines():
+        if line.startswith(f"-P {chain} "):
+            return line.split()[2]
+    return None

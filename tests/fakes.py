@@ -1,0 +1,185 @@
+"""In-memory stand-ins behind the seams that exist (the etcd Store, the daemon's Kernel), for fast unit tests of
+pure logic. They replace nothing: every behaviour that touches etcd or the kernel is also proven by a lab test."""
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timedelta, timezone
+
+from pyflannel.daemon.store.base import ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store
+from pyflannel.kernel.netlink import Change, FdbEntry, Neighbor, Route
+
+
+class MemoryStore(Store):
+    """flannel's schema in a dict: one network config, leases by subnet, and a history of lease events with
+    revisions (the watch); `compact()` forgets the history, as etcd's compaction does."""
+
+    def __init__(self, config: str = '{"Network": "10.5.0.0/16"}'):
+        self.config = config
+        self.data: dict = {}
+        self.revision = 1
+        self.history: list[tuple[int, LeaseEvent]] = []
+        self.compacted = 0
+
+    def _event(self, kind: str, lease: Lease) -> None:
+        self.revision += 1
+        self.history.append((self.revision, LeaseEvent(kind, lease)))
+
+    def compact(self) -> None:
+        self.compacted, self.history = self.revision, []
+
+    def network_config(self) -> str:
+        if self.config is None:
+            raise ConfigNotFound("no network config")
+        return self.config
+
+    def leases(self) -> tuple[list[Lease], int]:
+        return list(self.data.values()), self.revision
+
+    def _stored(self, lease: Lease, ttl: int | None) -> Lease:
+        lease.expiration = datetime.now(timezone.utc) + timedelta(seconds=ttl) if ttl else None
+        self.data[lease.subnet] = lease
+        self._event(LeaseEvent.ADDED, lease)
+        return lease
+
+    def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
+        if lease.subnet in self.data:
+            raise LeaseExists(str(lease.subnet))
+        return self._stored(lease, ttl)
+
+    def update_lease(self, lease: Lease, ttl: int | None) -> Lease:
+        if lease.subnet not in self.data:
+            raise LeaseNotFound(str(lease.subnet))
+        return self._stored(lease, ttl)
+
+    def delete_lease(self, subnet) -> None:
+        lease = self.data.pop(subnet, None)
+        if lease is not None:
+            self._event(LeaseEvent.REMOVED, lease)
+
+    def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
+        if position < self.compacted:
+            raise HistoryLost(f"revision {position} is compacted")
+        later = [(rev, event) for rev, event in self.history if rev > position]
+        return ([later[0][1]], later[0][0]) if later else ([], position)
+
+
+class FakeKernel:
+    """The daemon's Kernel as sets of entries and a dict of links; `refuse` holds entries whose change fails."""
+
+    def __init__(self):
+        self.routes_: set[Route] = set()
+        self.neigh: set[Neighbor] = set()
+        self.fdb_: set[FdbEntry] = set()
+        self.links: dict[int, dict] = {}
+        self.names: dict[str, int] = {}
+        self.refuse: set = set()
+        self.applied: list[list[Change]] = []
+        self._indexes = itertools.count(10)
+
+    # entries
+    def routes(self) -> set[Route]:
+        return set(self.routes_)
+
+    def neighbors(self, ifindex: int) -> set[Neighbor]:
+        return {n for n in self.neigh if n.ifindex == ifindex}
+
+    def fdb(self, ifindex: int) -> set[FdbEntry]:
+        return {f for f in self.fdb_ if f.ifindex == ifindex}
+
+    def apply(self, changes: list[Change]):
+        self.applied.append(list(changes))
+        refused = []
+        for change in changes:
+            if change.entry in self.refuse:
+                refused.append((change, OSError(1, "Operation not permitted")))
+                continue
+            table = {Route: self.routes_, Neighbor: self.neigh, FdbEntry: self.fdb_}[type(change.entry)]
+            (table.add if change.add else table.discard)(change.entry)
+        return refused
+
+    # links (what the VXLAN backend uses)
+    def link_index(self, name: str) -> int | None:
+        return self.names.get(name)
+
+    def create_vxlan(self, name, vni, port, local, link_index, mac, mtu) -> int:
+        index = next(self._indexes)
+        self.names[name] = index
+        self.links[index] = {"name": name, "IFLA_ADDRESS": mac, "IFLA_MTU": mtu, "addresses": [],
+                             "vxlan": {"IFLA_VXLAN_ID": vni, "IFLA_VXLAN_PORT": port, "IFLA_VXLAN_LOCAL": local,
+                                       "IFLA_VXLAN_LINK": link_index, "IFLA_VXLAN_UDP_CSUM": 0}}
+        return index
+
+    def vxlan_attrs(self, index: int) -> dict:
+        return dict(self.links[index]["vxlan"])
+
+    def link(self, index: int) -> dict:
+        return self.links[index]
+
+    def delete_link(self, index: int) -> None:
+        link = self.links.pop(index)
+        del self.names[link["name"]]
+
+    def set_mac(self, index: int, mac: str) -> None:
+        self.links[index]["IFLA_ADDRESS"] = mac
+
+    def set_mtu(self, index: int, mtu: int) -> None:
+        self.links[index]["IFLA_MTU"] = mtu
+
+    def set_only_address(self, index: int, address) -> None:
+        self.links[index]["addresses"] = [address]
+
+    def disable_ipv6_ra(self, name: str) -> None:
+        pass
+
+    def disable_tx_checksum_offload(self, name: str) -> None:
+        self.links[self.names[name]]["tx_checksum"] = False
+
+
+class FakePlumbing:
+    """The driver's Plumbing seam as dicts: bridges by name -> (gateway, mtu), veth pairs by host end ->
+    (container end, bridge, mtu, mac); `refuse` names operations that fail as the kernel would."""
+
+    def __init__(self):
+        self.bridges: dict[str, tuple] = {}
+        self.veths: dict[str, tuple] = {}
+        self.refuse: set[str] = set()
+
+    def _check(self, operation: str) -> None:
+        if operation in self.refuse:
+            from pyflannel.driver.errors import PlumbingError
+            raise PlumbingError(f"cannot {operation}: Operation not permitted")
+
+    def links(self) -> dict[str, dict]:
+        found = {name: {"kind": "bridge"} for name in self.bridges}
+        for host, (container, *_rest) in self.veths.items():
+            found[host] = found[container] = {"kind": "veth"}
+        return found
+
+    @staticmethod
+    def routes_overlapping(network) -> list[str]:
+        return []
+
+    def ensure_bridge(self, name, gateway, mtu) -> None:
+        self._check("ensure_bridge")
+        self.bridges[name] = (gateway, mtu)
+
+    def delete_bridge(self, name) -> None:
+        self.bridges.pop(name, None)
+
+    def delete_link(self, name) -> bool:
+        found = self.bridges.pop(name, None) or self.veths.pop(name, None)
+        return found is not None
+
+    def ensure_veth(self, host, container, bridge, mtu, mac) -> None:
+        self._check("ensure_veth")
+        self.veths[host] = (container, bridge, mtu, mac)
+
+    def delete_veth(self, host, container) -> None:
+        self.veths.pop(host, None)
+
+    @staticmethod
+    def forwarding_bridges() -> set[str]:
+        return set()
+
+    def remove_forwarding(self, bridge) -> None:
+        pass

@@ -1,0 +1,170 @@
+"""pyflanneld's logic on in-memory fakes (tests/fakes.py): lease acquisition, renewal and watching, the
+reconciler's diff, and the VXLAN backend's device and entries. No root, no etcd, no namespaces: milliseconds.
+The same behaviours are proven against a real etcd (test_lease.py, test_etcdv3.py) and kernel (test_multihost.py)."""
+import ipaddress
+import random
+
+import pytest
+
+from pyflannel.daemon.backend.vxlan import VxlanBackend
+from pyflannel.daemon.config import parse
+from pyflannel.daemon.iface import ExternalInterface
+from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
+from pyflannel.daemon.reconciler import Reconciler
+from pyflannel.daemon.store.base import Lease, LeaseEvent
+from pyflannel.kernel.netlink import FdbEntry, Neighbor, Route
+from tests.fakes import FakeKernel, MemoryStore
+
+pytestmark = pytest.mark.unit
+
+N = ipaddress.IPv4Network
+CONFIG = '{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}'
+EXT = ExternalInterface("eth0", 2, 1500, ipaddress.IPv4Interface("192.0.2.11/24"), "192.0.2.11")
+
+
+def manager(store, ip="192.0.2.11", seed=1):
+    return LeaseManager(store, parse(CONFIG), ip, "vxlan", {"VNI": 1, "VtepMAC": "0e:00:00:00:00:01"},
+                        rng=random.Random(seed))
+
+
+def peer(subnet: str, ip: str, mac: str = "0e:00:00:00:00:02") -> Lease:
+    return Lease(N(subnet), ip, "vxlan", {"VNI": 1, "VtepMAC": mac})
+
+
+# --- leases --------------------------------------------------------------------------------------------------------
+
+def test_acquire_takes_a_free_subnet_and_reuses_our_public_ips_lease():
+    store = MemoryStore(CONFIG)
+    first = manager(store).acquire()
+    assert first.subnet.prefixlen == 24 and first.subnet != N("10.5.0.0/24") and first.expiration is not None
+    assert manager(store, seed=2).acquire().subnet == first.subnet
+    assert len(store.data) == 1
+
+
+def test_acquire_prefers_the_old_subnet_when_free_and_retries_a_lost_race():
+    store = MemoryStore(CONFIG)
+    assert manager(store).acquire(preferred=N("10.5.77.0/24")).subnet == N("10.5.77.0/24")
+    other = MemoryStore(CONFIG)
+    create = other.create_lease
+
+    def racing_create(lease, ttl):  # another host takes the subnet between our listing and our create
+        other.data[lease.subnet] = peer(str(lease.subnet), "192.0.2.99")
+        other.create_lease = create
+        return create(lease, ttl)
+
+    other.create_lease = racing_create
+    won = manager(other).acquire()
+    assert other.data[won.subnet].public_ip == "192.0.2.11" and len(other.data) == 2
+
+
+def test_renew_takes_a_deleted_lease_again_on_the_same_subnet():
+    store = MemoryStore(CONFIG)
+    mgr = manager(store)
+    lease = mgr.acquire()
+    store.delete_lease(lease.subnet)
+    assert mgr.renew().subnet == lease.subnet and lease.subnet in store.data
+
+
+def test_a_reservation_without_ttl_stays_one():
+    store = MemoryStore(CONFIG)
+    store.data[N("10.5.9.0/24")] = Lease(N("10.5.9.0/24"), "192.0.2.11", "vxlan", {})
+    lease = manager(store).acquire()
+    assert lease.subnet == N("10.5.9.0/24") and lease.expiration is None
+    assert manager(store).renew_due(margin=None) is None
+
+
+def test_the_watcher_turns_history_into_events_and_resyncs_after_compaction():
+    store = MemoryStore(CONFIG)
+    a = peer("10.5.1.0/24", "192.0.2.12")
+    store.create_lease(a, 60)
+    watcher = LeaseWatcher(store, {}, 1)
+    assert [(e.kind, e.lease.subnet) for e in watcher.poll(0)] == [(LeaseEvent.ADDED, a.subnet)]
+    assert watcher.poll(0) == []
+    store.delete_lease(a.subnet)
+    b = peer("10.5.2.0/24", "192.0.2.13")
+    store.create_lease(b, 60)
+    store.compact()
+    watcher.position = 1  # behind the compaction: the watcher re-lists and diffs
+    events = watcher.poll(0)
+    assert {(e.kind, e.lease.subnet) for e in events} == {(LeaseEvent.REMOVED, a.subnet), (LeaseEvent.ADDED, b.subnet)}
+    assert set(watcher.known) == {b.subnet}
+
+
+# --- the VXLAN backend ---------------------------------------------------------------------------------------------
+
+def vxlan(kernel, tmp_path, **extra) -> VxlanBackend:
+    backend = VxlanBackend(parse(CONFIG if not extra else '{"Network": "10.5.0.0/16", "Backend": '
+                                 '{"Type": "vxlan", "DirectRouting": true}}'), EXT, kernel, str(tmp_path))
+    backend.prepare()
+    return backend
+
+
+def test_vxlan_device_is_created_once_with_a_kept_mac_and_replaced_when_it_differs(tmp_path):
+    kernel = FakeKernel()
+    first = vxlan(kernel, tmp_path)
+    index = kernel.link_index("flannel.1")
+    assert kernel.link(index)["IFLA_MTU"] == 1450 and kernel.link(index)["IFLA_ADDRESS"] == first.mac
+    assert (tmp_path / "vtep-mac.1").read_text().strip() == first.mac
+    again = vxlan(kernel, tmp_path)  # a restart: the same device, the same MAC
+    assert (again.mac, kernel.link_index("flannel.1")) == (first.mac, index)
+    kernel.links[index]["vxlan"]["IFLA_VXLAN_PORT"] = 4789  # changed by hand
+    vxlan(kernel, tmp_path)
+    assert kernel.link_index("flannel.1") != index and kernel.vxlan_attrs(kernel.link_index("flannel.1"))[
+        "IFLA_VXLAN_PORT"] == 8472
+
+
+def test_vxlan_entries_per_peer_and_direct_routing(tmp_path):
+    backend = vxlan(FakeKernel(), tmp_path)
+    i = backend.overlay_ifindex
+    entries = backend.entries_for(peer("10.5.3.0/24", "192.0.2.13", "0E:00:00:00:00:03"))
+    assert entries.neighbor == Neighbor(i, "10.5.3.0", "0e:00:00:00:00:03")
+    assert entries.fdb == FdbEntry(i, "0e:00:00:00:00:03", "192.0.2.13")
+    assert entries.route == Route(N("10.5.3.0/24"), "10.5.3.0", i, onlink=True)
+    assert backend.entries_for(Lease(N("10.5.4.0/24"), "192.0.2.14", "host-gw")) is None
+    direct = vxlan(FakeKernel(), tmp_path, direct=True).entries_for(peer("10.5.3.0/24", "192.0.2.13"))
+    assert direct.neighbor is None and direct.route.gateway == "192.0.2.13"
+
+
+# --- the reconciler ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def reconciler(tmp_path):
+    kernel = FakeKernel()
+    return Reconciler(kernel, vxlan(kernel, tmp_path), watch=lambda touched, index: None)
+
+
+def test_events_program_and_remove_one_peer_in_flannels_order(reconciler):
+    k = reconciler.kernel
+    p = peer("10.5.3.0/24", "192.0.2.13")
+    reconciler.apply_peer(p)
+    assert [type(c.entry).__name__ for c in k.applied[-1]] == ["Neighbor", "FdbEntry", "Route"]
+    assert len(k.routes_) == len(k.neigh) == len(k.fdb_) == 1
+    reconciler.apply_peer(p)  # the same lease again: nothing to do
+    assert len(k.applied) == 1
+    reconciler.remove_peer(p.subnet)
+    assert [type(c.entry).__name__ for c in k.applied[-1]] == ["Route", "FdbEntry", "Neighbor"]
+    assert not (k.routes_ or k.neigh or k.fdb_)
+
+
+def test_a_full_diff_removes_stale_entries_and_restores_deleted_ones(reconciler):
+    k = reconciler.kernel
+    a, b = peer("10.5.3.0/24", "192.0.2.13"), peer("10.5.4.0/24", "192.0.2.14", "0e:00:00:00:00:04")
+    reconciler.apply_peer(a)
+    reconciler.apply_peer(b)
+    k.routes_.discard(reconciler.programmed[a.subnet].route)  # deleted by hand
+    repairs = reconciler.reconcile([a])  # b vanished while we were down
+    assert repairs.added == {"route": 1} and repairs.removed == {"route": 1, "fdb": 1, "neighbor": 1}
+    assert {r.dst for r in k.routes_} == {a.subnet}
+    batches = len(k.applied)
+    assert not reconciler.reconcile([a]) and len(k.applied) == batches  # nothing touched since: no dump, no change
+
+
+def test_a_refused_change_forces_the_next_full_diff(reconciler):
+    k = reconciler.kernel
+    a = peer("10.5.3.0/24", "192.0.2.13")
+    reconciler.reconcile([])
+    k.refuse.add(reconciler.backend.entries_for(a).route)
+    reconciler.apply_peer(a)
+    assert reconciler.kernel_touched.is_set() and not k.routes_
+    k.refuse.clear()
+    assert reconciler.reconcile([a]).added == {"route": 1}

@@ -1,0 +1,48 @@
+"""The driver's API over a fake plumbing (tests/fakes.py): Docker's call sequences, the state they leave, and a
+kernel refusal. No root, no namespaces. test_driver_api.py runs the same flows on the real kernel."""
+import ipaddress
+import json
+
+import pytest
+
+from pyflannel.driver.api import create_app
+from tests.driver_support import DockerSide, write_subnet_env
+from tests.fakes import FakePlumbing
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def driver(tmp_path):
+    plumbing = FakePlumbing()
+    app = create_app(str(tmp_path / "state"), write_subnet_env(tmp_path / "subnet.env"), plumbing=plumbing)
+    return DockerSide(app), plumbing, tmp_path / "state" / "state.json"
+
+
+def test_a_container_lifecycle_programs_and_unprograms_the_plumbing(driver):
+    docker, plumbing, state_file = driver
+    net = docker.create_network(mtu="1400")
+    assert plumbing.bridges == {net["bridge"]: (ipaddress.IPv4Interface("10.5.34.1/24"), 1400)}
+    ep = docker.run_container(net)
+    ip = ipaddress.IPv4Interface(ep["address"]).ip
+    assert plumbing.veths[ep["host"]] == (ep["container"], net["bridge"], 1400, "02:42:" + ":".join(
+        f"{b:02x}" for b in ip.packed))
+    assert ep["joined"]["Gateway"] == "10.5.34.1" and ep["joined"]["InterfaceName"]["SrcName"] == ep["container"]
+    docker.stop_container(net, ep)
+    assert plumbing.veths == {}
+    docker.ok("NetworkDriver.DeleteNetwork", {"NetworkID": net["id"]})
+    assert plumbing.bridges == {}
+    state = json.loads(state_file.read_text())
+    assert state["networks"] == {} and state["endpoints"] == {}
+
+
+def test_a_kernel_refusal_is_a_500_that_names_it_and_joins_nothing(driver):
+    docker, plumbing, state_file = driver
+    net = docker.create_network()
+    plumbing.refuse.add("ensure_veth")
+    addr = docker.ok("IpamDriver.RequestAddress", {"PoolID": net["pool_id"], "Address": "", "Options": {}})
+    ref = {"NetworkID": net["id"], "EndpointID": "e" * 64}
+    docker.ok("NetworkDriver.CreateEndpoint", {**ref, "Options": {}, "Interface": {"Address": addr["Address"]}})
+    message = docker.fails("NetworkDriver.Join", {**ref, "SandboxKey": "/x", "Options": {}}, status=500)
+    assert "cannot ensure_veth" in message
+    assert json.loads(state_file.read_text())["endpoints"]["e" * 64]["joined"] is False

@@ -1,0 +1,69 @@
+"""The package tree says what depends on what: the rules below fail the suite when an import breaks them.
+
+    pyflannel.paths, subnetenv     leaves: imported by all, import nothing of ours
+    pyflannel.kernel               the kernel (netlink, iptables, sysctls): imports only leaves
+    pyflannel.daemon               pyflanneld: kernel + leaves
+    pyflannel.driver               the Docker driver: kernel + leaves
+    pyflannel.cni                  the CNI plugin: kernel + leaves
+    pyflannel.cli/doctor/status    operator tools: may read the daemon's pieces
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.lab import REPO
+
+pytestmark = pytest.mark.unit
+
+FOLDERS = {"pyflannel.daemon": REPO / "daemon", "pyflannel.driver": REPO / "driver", "pyflannel.cni": REPO / "cni",
+           "pyflannel": REPO / "pyflannel"}
+# package -> packages of ours it must never import
+FORBIDDEN = {
+    "pyflannel.kernel": ("pyflannel.daemon", "pyflannel.driver", "pyflannel.cni", "pyflannel.doctor",
+                         "pyflannel.cli", "pyflannel.supervisor"),
+    "pyflannel.daemon": ("pyflannel.driver", "pyflannel.cni", "pyflannel.doctor", "pyflannel.cli"),
+    "pyflannel.driver": ("pyflannel.daemon", "pyflannel.cni", "pyflannel.doctor", "pyflannel.cli"),
+    "pyflannel.cni": ("pyflannel.daemon", "pyflannel.driver", "pyflannel.doctor", "pyflannel.cli"),
+}
+ONLY_KERNEL_IMPORTS = ("pyroute2",)
+
+
+def modules():
+    """(module name, path) of every product module."""
+    for package, folder in FOLDERS.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if package == "pyflannel" and parts[0] in ("daemon", "driver", "cni"):
+                continue
+            yield ".".join((package, *parts)).removesuffix(".__init__"), path
+
+
+def imports(module: str, path: Path):
+    """Absolute names of the modules `path` imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                yield f"{base}.{node.module}" if node.module else base
+            else:
+                yield node.module
+
+
+def test_packages_import_only_downwards():
+    found = list(modules())
+    assert len(found) > 40 and any(m == "pyflannel.kernel.netlink" for m, _ in found)
+    problems = []
+    for module, path in found:
+        for name in imports(module, path):
+            for package, forbidden in FORBIDDEN.items():
+                if module.startswith(package + ".") or module == package:
+                    bad = [f for f in forbidden if name == f or name.startswith(f + ".")]
+                    problems += [f"{module} imports {name}" for _ in bad]
+            if name.split(".")[0] in ONLY_KERNEL_IMPORTS and not module.startswith("pyflannel.kernel"):
+                problems.append(f"{module} imports {name}: only pyflannel.kernel talks netlink")
+    assert not problems, "\n".join(problems)
