@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # The managed Docker plugin (build/plugin/pyflannel: config.json + rootfs) and the same rootfs as a tar for the
 # compose image; rebuilt only when a source file changed.
 PLUGIN_OUT := build/plugin
-PLUGIN_SOURCES := $(shell find daemon driver pyflannel plugin -name '*.py') config.json pyproject.toml
+PLUGIN_SOURCES := $(shell find pyflannel plugin -name '*.py') config.json pyproject.toml
 DOCKER ?= /usr/bin/docker
 
 # apt packages the tests and the demo use; skipped when all are present already.
@@ -71,7 +71,7 @@ images: plugin
 # pyinstaller cannot see through the editable install, so it works from a plain install in build/cni/site;
 # modules the plugin never imports are left out (smaller binary, faster start).
 CNI_BIN := dist/cni/pyflannel
-CNI_SOURCES := $(shell find cni pyflannel -name '*.py') pyproject.toml
+CNI_SOURCES := $(shell find pyflannel -name '*.py') pyproject.toml
 CNI_EXCLUDES := decimal doctest email http pydoc pyexpat xml tkinter unicodedata pyflannel.daemon \
                 flask werkzeug jinja2 gunicorn docker requests urllib3 etcd etcd3gw prometheus_client
 

@@ -2,12 +2,12 @@
 
     python plugin/build.py [--out build/plugin]
 
-1. Stages the sources as one `pyflannel` package (pyproject's package-dir mapping) in OUT/src.
-2. PyInstaller (one-dir) freezes plugin/entrypoint.py into OUT/pyinstaller/dist/pyflannel: one multi-call binary.
-3. Assembles OUT/pyflannel/rootfs: the frozen binary in /opt/pyflannel with the command symlinks in /usr/bin,
+1. PyInstaller (one-dir) freezes plugin/entrypoint.py, with the `pyflannel` package from this repository, into
+   OUT/pyinstaller/dist/pyflannel: one multi-call binary.
+2. Assembles OUT/pyflannel/rootfs: the frozen binary in /opt/pyflannel with the command symlinks in /usr/bin,
    iptables (nft) with its extensions, every shared library these need (ldd) plus the dynamic loader, and the few
    /etc files and empty folders the processes and dockerd's bind mounts expect.
-4. Copies config.json beside it (OUT/pyflannel is what `docker plugin create` takes) and writes
+3. Copies config.json beside it (OUT/pyflannel is what `docker plugin create` takes) and writes
    OUT/pyflannel-rootfs.tar (what `docker import` takes for the compose image).
 Build-time only: it runs pyinstaller, ldd and tar on paths it computed itself.
 """
@@ -19,7 +19,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,28 +41,10 @@ EMPTY_DIRS = ("proc", "sys", "dev", "root", "host/run", "run/docker/plugins", "v
 LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
 
 
-def stage_sources(out: Path) -> Path:
-    """The package tree pyproject describes (pyflannel.daemon lives in daemon/, …), as a plain folder."""
-    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    src = out / "src"
-    shutil.rmtree(src, ignore_errors=True)
-    for package in setup["packages"]:
-        top, _, rest = package.partition(".")
-        mapped = setup["package-dir"].get(package)
-        if mapped is None:  # a sub-package of a mapped one, e.g. pyflannel.daemon.store
-            parent, _, leaf = package.rpartition(".")
-            mapped = str(Path(setup["package-dir"][parent]) / leaf)
-        target = src / Path(*package.split("."))
-        target.mkdir(parents=True, exist_ok=True)
-        for module in (REPO / mapped).glob("*.py"):
-            shutil.copy2(module, target / module.name)
-    return src
-
-
-def freeze(out: Path, src: Path) -> Path:
+def freeze(out: Path) -> Path:
     work = out / "pyinstaller"
     argv = [sys.executable, "-m", "PyInstaller", "--noconfirm", "--onedir", "--strip", "--log-level", "WARN",
-            "--name", "pyflannel", "--paths", str(src), "--distpath", str(work / "dist"),
+            "--name", "pyflannel", "--paths", str(REPO), "--distpath", str(work / "dist"),
             "--workpath", str(work / "work"), "--specpath", str(work)]
     for module in HIDDEN_IMPORTS:
         argv += ["--hidden-import", module]
@@ -135,7 +116,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "build" / "plugin")
     out = p.parse_args().out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    frozen = freeze(out, stage_sources(out))
+    frozen = freeze(out)
     plugin_dir = out / "pyflannel"
     assemble_rootfs(plugin_dir / "rootfs", frozen)
     shutil.copy2(REPO / "config.json", plugin_dir / "config.json")

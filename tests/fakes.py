@@ -35,21 +35,15 @@ class MemoryStore(Store):
     def leases(self) -> tuple[list[Lease], int]:
         return list(self.data.values()), self.revision
 
-    def _stored(self, lease: Lease, ttl: int | None) -> Lease:
+    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
+        if must_exist and lease.subnet not in self.data:
+            raise LeaseNotFound(str(lease.subnet))
+        if not must_exist and lease.subnet in self.data:
+            raise LeaseExists(str(lease.subnet))
         lease.expiration = datetime.now(timezone.utc) + timedelta(seconds=ttl) if ttl else None
         self.data[lease.subnet] = lease
         self._event(LeaseEvent.ADDED, lease)
         return lease
-
-    def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
-        if lease.subnet in self.data:
-            raise LeaseExists(str(lease.subnet))
-        return self._stored(lease, ttl)
-
-    def update_lease(self, lease: Lease, ttl: int | None) -> Lease:
-        if lease.subnet not in self.data:
-            raise LeaseNotFound(str(lease.subnet))
-        return self._stored(lease, ttl)
 
     def delete_lease(self, subnet) -> None:
         lease = self.data.pop(subnet, None)

@@ -16,8 +16,6 @@ from tests.lab import REPO
 
 pytestmark = pytest.mark.unit
 
-FOLDERS = {"pyflannel.daemon": REPO / "daemon", "pyflannel.driver": REPO / "driver", "pyflannel.cni": REPO / "cni",
-           "pyflannel": REPO / "pyflannel"}
 # package -> packages of ours it must never import
 FORBIDDEN = {
     "pyflannel.kernel": ("pyflannel.daemon", "pyflannel.driver", "pyflannel.cni", "pyflannel.doctor",
@@ -31,12 +29,8 @@ ONLY_KERNEL_IMPORTS = ("pyroute2",)
 
 def modules():
     """(module name, path) of every product module."""
-    for package, folder in FOLDERS.items():
-        for path in folder.rglob("*.py"):
-            parts = path.relative_to(folder).with_suffix("").parts
-            if package == "pyflannel" and parts[0] in ("daemon", "driver", "cni"):
-                continue
-            yield ".".join((package, *parts)).removesuffix(".__init__"), path
+    for path in (REPO / "pyflannel").rglob("*.py"):
+        yield ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"), path
 
 
 def imports(module: str, path: Path):

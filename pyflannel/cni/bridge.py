@@ -15,7 +15,6 @@ Delegate configs with keys this module does not implement go to the real plugin 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import ipaddress
 import os
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 
 from pyflannel.addresses import AddressRange
 from pyflannel.kernel import forwarding, iptables, links, namespaces
-from pyflannel.kernel.errors import KernelError
+from pyflannel.kernel.errors import KernelError, reraised_as
 from pyflannel.kernel.links import mac_for
 
 from .hostlocal import HostLocalStore, address_range
@@ -93,15 +92,9 @@ class BridgeConf:
                    hairpin=flag("hairpinMode"), ip_masq=flag("ipMasq"), ipam_dir=data_dir)
 
 
-def _kernel_errors(fn):
-    """A kernel-layer failure that no step named leaves `fn` as a CniError all the same."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KernelError as e:
-            raise CniError(KERNEL_REFUSED, f"{fn.__name__}: the kernel refused a network change: {e}") from None
-    return wrapper
+# A kernel-layer failure that no step named leaves the command as a CniError all the same.
+_kernel_errors = reraised_as(lambda fn, e: CniError(KERNEL_REFUSED, f"{fn.__name__}: the kernel refused a network "
+                                                                    f"change: {e}"))
 
 
 @contextlib.contextmanager

@@ -98,16 +98,11 @@ class EtcdV2Store(Store):
         leases = [lease for lease in map(self._lease_from, result.leaves) if lease]
         return leases, result.etcd_index
 
-    def _write(self, lease: Lease, ttl: int | None, **cas) -> Lease:
-        result = self._call(self.client.write, self._key(lease.subnet), lease.attrs_json(), ttl=ttl, **cas)
+    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
+        result = self._call(self.client.write, self._key(lease.subnet), lease.attrs_json(), ttl=ttl,
+                            prevExist=must_exist)
         lease.expiration = _expiration(result)
         return lease
-
-    def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
-        return self._write(lease, ttl, prevExist=False)
-
-    def update_lease(self, lease: Lease, ttl: int | None) -> Lease:
-        return self._write(lease, ttl, prevExist=True)
 
     def delete_lease(self, subnet: IPv4Network) -> None:
         try:

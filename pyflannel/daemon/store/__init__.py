@@ -65,11 +65,8 @@ class DetectedStore(Store):
     def leases(self) -> tuple[list[Lease], int]:
         return self.store().leases()
 
-    def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
-        return self.store().create_lease(lease, ttl)
-
-    def update_lease(self, lease: Lease, ttl: int | None) -> Lease:
-        return self.store().update_lease(lease, ttl)
+    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
+        return self.store().write_lease(lease, ttl, must_exist)
 
     def delete_lease(self, subnet: IPv4Network) -> None:
         self.store().delete_lease(subnet)

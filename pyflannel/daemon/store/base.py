@@ -95,19 +95,24 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def network_config(self) -> str:
-        """The raw JSON of <prefix>/config; LeaseNotFound when absent."""
+        """The raw JSON of <prefix>/config; ConfigNotFound when absent."""
 
     @abc.abstractmethod
     def leases(self) -> tuple[list[Lease], int]:
         """All leases and the store position to watch from."""
 
     @abc.abstractmethod
-    def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
-        """Create only if the key does not exist (compare-and-swap); LeaseExists otherwise."""
+    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
+        """Write the lease (with `ttl` seconds, None: no TTL) if its key exists (`must_exist`) or does not
+        (compare-and-swap): LeaseNotFound or LeaseExists otherwise. Sets and returns its expiration."""
 
-    @abc.abstractmethod
+    def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
+        """Create only if the key does not exist; LeaseExists otherwise."""
+        return self.write_lease(lease, ttl, must_exist=False)
+
     def update_lease(self, lease: Lease, ttl: int | None) -> Lease:
         """Rewrite an existing lease (renewal); LeaseNotFound when it is gone."""
+        return self.write_lease(lease, ttl, must_exist=True)
 
     @abc.abstractmethod
     def delete_lease(self, subnet: IPv4Network) -> None:

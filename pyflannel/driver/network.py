@@ -159,14 +159,17 @@ class NetworkDriver:
         return {"Value": {"bridge": net.get("bridge", ""), "veth_host": ep["veth_host"], "address": ep["address"],
                           "mac": ep["mac"], "joined": ep["joined"]}}
 
-    def delete_endpoint(self, req: v.EndpointRef) -> dict:
+    def _unplug(self, endpoint_id: str, then) -> dict:
+        """Delete an endpoint's veth pair, then `then(state, endpoint)`; an unknown endpoint is no error."""
         with self.store.transaction() as st:
-            ep = st["endpoints"].get(req.endpoint_id)
-            if ep is None:
-                return {}
-            self.plumbing.delete_veth(ep["veth_host"], ep["veth_container"])
-            del st["endpoints"][req.endpoint_id]
+            ep = st["endpoints"].get(endpoint_id)
+            if ep is not None:
+                self.plumbing.delete_veth(ep["veth_host"], ep["veth_container"])
+                then(st, ep)
         return {}
+
+    def delete_endpoint(self, req: v.EndpointRef) -> dict:
+        return self._unplug(req.endpoint_id, lambda st, ep: st["endpoints"].pop(req.endpoint_id))
 
     def join(self, req: v.Join) -> dict:
         env = self.lease.current()
@@ -195,14 +198,7 @@ class NetworkDriver:
                 "Gateway": str(gateway.ip), "GatewayIPv6": "", "DisableGatewayService": False}
 
     def leave(self, req: v.EndpointRef) -> dict:
-        with self.store.transaction() as st:
-            ep = st["endpoints"].get(req.endpoint_id)
-            if ep is None:
-                return {}
-            self.plumbing.delete_veth(ep["veth_host"], ep["veth_container"])
-            ep["joined"] = False
-            ep["sandbox"] = ""
-        return {}
+        return self._unplug(req.endpoint_id, lambda st, ep: ep.update(joined=False, sandbox=""))
 
     @staticmethod
     def program_external_connectivity(req: v.EndpointRef) -> dict:

@@ -170,7 +170,7 @@ class EtcdV3Store(Store):
         leases = [lease for lease in map(self._lease_from, kvs) if lease]
         return leases, int(reply["header"]["revision"])
 
-    def _write(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
+    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
         key = self._key(lease.subnet)
 
         def write(client: Etcd3Client) -> int:
@@ -191,12 +191,6 @@ class EtcdV3Store(Store):
             self._expirations[lease_id] = datetime.now(timezone.utc) + timedelta(seconds=ttl)
         lease.expiration = self._expirations.get(lease_id)
         return lease
-
-    def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
-        return self._write(lease, ttl, must_exist=False)
-
-    def update_lease(self, lease: Lease, ttl: int | None) -> Lease:
-        return self._write(lease, ttl, must_exist=True)
 
     def delete_lease(self, subnet: IPv4Network) -> None:
         self._call(lambda client: client.delete(self._key(subnet)))

@@ -13,11 +13,10 @@ NetworkDriver and Ipam call, so a test can hand them another; a KernelError leav
 """
 from __future__ import annotations
 
-import functools
 import ipaddress
 
 from pyflannel.kernel import forwarding, links
-from pyflannel.kernel.errors import KernelError
+from pyflannel.kernel.errors import reraised_as
 
 from .errors import PlumbingError
 
@@ -35,14 +34,7 @@ def veth_names(endpoint_id: str) -> tuple[str, str]:
     return VETH_HOST_PREFIX + endpoint_id[:10], VETH_CONTAINER_PREFIX + endpoint_id[:10]
 
 
-def _as_plumbing_error(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KernelError as e:
-            raise PlumbingError(str(e)) from None
-    return wrapper
+_as_plumbing_error = reraised_as(lambda fn, e: PlumbingError(str(e)))
 
 
 class Plumbing:
