@@ -10,7 +10,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
-from pyflannel import subnetenv
+from pyflannel import paths, subnetenv
 
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_store_flags(status)
     doctor = sub.add_parser("doctor", help="check this host for known flannel problems, each with its fix")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--driver-state-dir", default=paths.DRIVER_STATE_DIR,
+                        help="pyflannel-driver's --state-dir, for its networks (default %(default)s)")
     _add_store_flags(doctor)
     from pyflannel.daemon.flags import env_name
     doctor.add_argument("-subnet-lease-renew-margin", "--subnet-lease-renew-margin", type=int,

@@ -27,6 +27,9 @@ from datetime import datetime, timedelta, timezone
 
 from pyflannel import subnetenv
 from pyflannel.daemon.backend.vxlan import VXLAN_OVERHEAD
+from pyflannel.driver import firewall
+from pyflannel.driver.plumbing import BRIDGE_PREFIX
+from pyflannel.driver.state import STATE_FILE
 from pyflannel.kernel import iptables
 from pyflannel.kernel.errors import KernelError
 from pyflannel.kernel.netlink import RTPROT_PYFLANNEL, TX_CHECKSUM, Kernel
@@ -62,6 +65,7 @@ class Facts:
     vni: int = 1
     port: int = 8472
     kernel: object = field(default=None, repr=False)
+    driver_networks: list | None = None  # pyflannel-driver's networks (its state file); None: unreadable
 
     @property
     def network(self) -> ipaddress.IPv4Network | None:
@@ -103,6 +107,13 @@ def gather(args) -> Facts:
     except (StoreError, ValueError) as e:
         facts.etcd_error = str(e)
         facts.leases = None
+    try:
+        with open(os.path.join(args.driver_state_dir, STATE_FILE)) as f:
+            facts.driver_networks = list(json.load(f).get("networks", {}).values())
+    except FileNotFoundError:
+        facts.driver_networks = []  # no driver on this host
+    except (OSError, ValueError, AttributeError):
+        facts.driver_networks = None
     if facts.config:
         facts.backend, facts.vni, facts.port = facts.config.backend_type, facts.config.vni, facts.config.port
     else:
@@ -400,6 +411,55 @@ def check_vxlan_port(facts: Facts) -> list[Finding]:
     return findings
 
 
+def check_forwarding(facts: Facts) -> list[Finding]:
+    """Container traffic is routed: ip_forward on, and where FORWARD's policy is DROP (Docker sets it; 28.0 always)
+    each pyflannel bridge has its two ACCEPT rules."""
+    findings = []
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            if f.read().strip() != "1":
+                findings.append(Finding("forwarding", PROBLEM, "net.ipv4.ip_forward is 0: this host forwards no "
+                                                               "container traffic to other hosts or the world",
+                                        "sysctl -w net.ipv4.ip_forward=1"))
+    except OSError as e:
+        findings.append(Finding("forwarding", UNKNOWN, f"net.ipv4.ip_forward is unreadable: {e.strerror}"))
+    bridges = sorted(i.name for i in facts.kernel.interfaces() if (i.name or "").startswith(BRIDGE_PREFIX))
+    if not bridges or iptables.policy("filter", "FORWARD") != "DROP":
+        return findings
+    rules = iptables_rules("filter", "FORWARD")
+    if isinstance(rules, str):
+        return findings + [Finding("forwarding", UNKNOWN, f"FORWARD policy is DROP; its rules are unreadable: {rules}")]
+    for bridge in bridges:
+        for flag in ("-i", "-o"):
+            if ["-A", "FORWARD", flag, bridge, "-j", "ACCEPT"] not in rules:
+                findings.append(Finding("forwarding", PROBLEM, f"FORWARD policy is DROP and no rule accepts traffic "
+                                                               f"{'from' if flag == '-i' else 'to'} {bridge}: its "
+                                                               f"containers are cut off",
+                                        f"iptables -A FORWARD {flag} {bridge} -j ACCEPT"))
+    return findings
+
+
+def check_masquerade(facts: Facts) -> list[Finding]:
+    """Each Docker network of pyflannel's that masquerades (the default) has its egress rule."""
+    if facts.driver_networks is None:
+        return [Finding("masquerade", UNKNOWN, "pyflannel-driver's state file is unreadable (--driver-state-dir)")]
+    wanted = [n for n in facts.driver_networks if n.get("masquerade", True) and not n.get("internal")
+              and n.get("flannel_network")]
+    if not wanted:
+        return []
+    rules = iptables_rules("nat", firewall.NAT_OUT)
+    rules = [] if isinstance(rules, str) else rules
+    findings = []
+    for net in wanted:
+        rule = ["-A", firewall.NAT_OUT, "-s", net["pool"], "!", "-d", net["flannel_network"], "-j", "MASQUERADE"]
+        if rule not in rules:
+            findings.append(Finding("masquerade", PROBLEM, f"no masquerade rule for {net['pool']} (bridge "
+                                                           f"{net['bridge']}): its containers reach nothing outside "
+                                                           f"{net['flannel_network']}",
+                                    "restart pyflannel-driver (it rewrites its rules at start)"))
+    return findings
+
+
 CHECKS = [
     ("subnet-env", "subnet.env exists and parses", check_subnet_env),
     ("etcd", "etcd answers and holds a valid network config", check_etcd),
@@ -409,6 +469,8 @@ CHECKS = [
     ("mtu", "flannel device / subnet.env / underlay MTUs agree", check_mtu),
     ("offload", "no VXLAN checksum offload together with MASQUERADE --random-fully", check_offload),
     ("vxlan-port", "the VXLAN UDP port is free for us and not dropped by iptables", check_vxlan_port),
+    ("forwarding", "ip_forward is on and FORWARD lets pyflannel's bridges through", check_forwarding),
+    ("masquerade", "every masqueraded Docker network of pyflannel's has its egress rule", check_masquerade),
 ]
 
 

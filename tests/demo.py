@@ -1,10 +1,12 @@
-"""`make demo`: the product's main job on one machine — two hosts, overlay0, HTTP from host A to host B.
+"""`make demo`: the product's main job on one machine — two hosts, overlay0, HTTP from host A to host B, and the
+same web server published on host B's address (-p 8080:80) for the world.
 
 `python -m tests.demo up` builds the lab and leaves it running; `python -m tests.demo down` removes it.
 """
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,17 +40,22 @@ def up() -> int:
             host.docker("network", "create", "-d", "pyflannel", "--ipam-driver", "pyflannel", "overlay0")
         say("docker network create -d pyflannel --ipam-driver pyflannel overlay0   (on both hosts)")
         a, b = lab.hosts
-        b.docker("run", "-d", "--name", "web", "--network", "overlay0", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www")
+        b.docker("run", "-d", "--name", "web", "--network", "overlay0", "-p", "8080:80", IMAGE, "httpd", "-f", "-p",
+                 "80", "-h", "/www")
         web_ip = json.loads(b.docker("inspect", "web"))[0]["NetworkSettings"]["Networks"]["overlay0"]["IPAddress"]
-        say(f"host B: container 'web' (busybox httpd) at {web_ip}")
+        say(f"host B: container 'web' (busybox httpd) at {web_ip}, published on {b.ip}:8080")
         page = a.docker("run", "--rm", "--network", "overlay0", IMAGE, "sh", "-c",
                         f"echo \"client address: $(ip -4 -o addr show eth0 | awk '{{print $4}}')\"; "
                         f"wget -O- http://{web_ip}/ 2>/dev/null")
         for line in page.strip().splitlines():
             say(f"host A: {line}")
         RECORD.write_text(json.dumps(lab.record()))
-        ok = "hello from pyflannel" in page
-        say(f"HTTP from a container on host A to a container on host B: {'OK' if ok else 'FAILED'}")
+        published = subprocess.run(["ip", "netns", "exec", a.ns, "timeout", "5", "busybox", "wget", "-q", "-O-",
+                                    f"http://{b.ip}:8080/"], capture_output=True, text=True).stdout
+        overlay_ok, published_ok = "hello from pyflannel" in page, "hello from pyflannel" in published
+        ok = overlay_ok and published_ok
+        say(f"HTTP from a container on host A to a container on host B: {'OK' if overlay_ok else 'FAILED'}")
+        say(f"HTTP from host A itself to host B's published port {b.ip}:8080: {'OK' if published_ok else 'FAILED'}")
         say(f"try: ip netns exec {a.ns} docker -H unix://{a.docker_sock} run --rm --network overlay0 {IMAGE} "
             f"ping -c1 {web_ip}")
         say("tear down with: make demo-down")

@@ -136,6 +136,8 @@ class FakePlumbing:
     def __init__(self):
         self.bridges: dict[str, tuple] = {}
         self.veths: dict[str, tuple] = {}
+        self.rules: list = []              # firewall.Rule, in order
+        self.busy_ports: set[tuple] = set()  # (proto, host_ip, port) held by "another process"
         self.refuse: set[str] = set()
 
     def _check(self, operation: str) -> None:
@@ -177,3 +179,20 @@ class FakePlumbing:
 
     def remove_forwarding(self, bridge) -> None:
         pass
+
+    def reset_rules(self, rules) -> None:
+        self.rules = list(rules)
+
+    def add_rules(self, rules) -> None:
+        self._check("add_rules")
+        self.rules += [r for r in rules if r not in self.rules]
+
+    def remove_rules(self, rules) -> None:
+        self.rules = [r for r in self.rules if r not in rules]
+
+    def route_localnet(self, bridge) -> None:
+        pass
+
+    def port_in_use(self, proto, host_ip, port) -> bool:
+        return (proto, host_ip, port) in self.busy_ports
+

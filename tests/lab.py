@@ -34,13 +34,17 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 UNDERLAY = ipaddress.IPv4Network("192.0.2.0/24")
 SWITCH_IP = "192.0.2.2"
+ROUTER_IP = "192.0.2.254"          # the lab's "internet" router, on the underlay (add_outside)
+OUTSIDE_IP = "203.0.113.1"         # a documentation address behind it: the "internet"
+# GET /cgi-bin/ip of a busybox httpd with this script answers with the caller's address as the server sees it.
+WHOAMI_CGI = '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n%s\\n" "$REMOTE_ADDR"\n'
 ETCD_URL = f"http://{SWITCH_IP}:2379"
 DEFAULT_CONFIG = {"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}
 DOCKER = "/usr/bin/docker"
 # The Docker engines of the test matrix: Debian 12's dockerd (the system's) and Debian 13's (`make engines`).
 DOCKER_ENGINES = {"20.10": None, "26.1": REPO / "build" / "engines" / "docker-26.1" / "bin"}
 IMAGE = "pfbox:latest"
-BUSYBOX_APPLETS = ("sh", "ip", "ping", "httpd", "nc", "wget", "sleep", "cat", "echo", "ifconfig", "hostname")
+BUSYBOX_APPLETS = ("sh", "ip", "ping", "httpd", "nc", "wget", "sleep", "cat", "echo", "ifconfig", "hostname", "timeout")
 # `ip netns exec` remounts /sys and hides the cgroup mounts dockerd and containerd need: mount them again first.
 CGROUP_MOUNTS = """
 mount -t tmpfs cgroup /sys/fs/cgroup
@@ -145,6 +149,7 @@ class Host:
     workdir: Path
     daemon: Process | None = None
     containers: list[Container] = field(default_factory=list)
+    engine: str = "20.10"
 
     @property
     def subnet_file(self) -> Path:
@@ -180,6 +185,13 @@ class Host:
     def docker(self, *args: str, check: bool = True, timeout: float = 60) -> str:
         return sh(DOCKER, "-H", f"unix://{self.docker_sock}", *args, ns=self.ns, check=check, timeout=timeout)
 
+    def docker_clear(self, network: str = "overlay0") -> None:
+        """Remove every container of this host's dockerd, then `network`."""
+        ids = self.docker("ps", "-aq").split()
+        if ids:
+            self.docker("rm", "-f", *ids)
+        self.docker("network", "rm", network, check=False)
+
     def docker_ready(self) -> bool:
         try:
             self.docker("version", "-f", "{{.Server.Version}}", timeout=10)
@@ -200,10 +212,12 @@ class Host:
         assert self.driver.alive(), f"pyflannel-driver on {self.name} exited:\n{self.driver.log()}"
         return self.driver
 
-    def start_dockerd(self, engine: str = "20.10") -> Process:
-        """A dockerd of this host's own (`engine`: a key of DOCKER_ENGINES), run as users run it: it manages this
+    def start_dockerd(self, engine: str | None = None) -> Process:
+        """A dockerd of this host's own (`engine`: a key of DOCKER_ENGINES; by default the one this host ran last,
+        else 20.10), run as users run it: it manages this
         host's iptables (DOCKER chains, docker0 and its masquerade), with the FORWARD policy DROP that dockerd sets
         where it turns forwarding on (and 28.0 sets always). It finds the driver through /etc/netns/<ns>/docker."""
+        engine = self.engine = engine or self.engine
         bin_dir = DOCKER_ENGINES[engine]
         if bin_dir is not None and not (bin_dir / "dockerd").exists():
             raise RuntimeError(f"dockerd {engine} is not in {bin_dir}: run `make engines`")
@@ -379,6 +393,23 @@ class Lab:
         self.processes.append(process)
         return process
 
+    def add_outside(self) -> str:
+        """The "internet": a namespace on the underlay at ROUTER_IP holding OUTSIDE_IP, where every host routes
+        203.0.113.0/24; it serves GET /cgi-bin/ip (the caller's address as it arrives) on OUTSIDE_IP:80."""
+        ns = self.add_ns("out")
+        sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "portout", "netns", self.switch, ns=ns)
+        sh("ip", "link", "set", "portout", "master", "br0", "up", ns=self.switch)
+        sh("ip", "addr", "add", f"{ROUTER_IP}/24", "dev", "eth0", ns=ns)
+        sh("ip", "link", "set", "eth0", "up", ns=ns)
+        sh("ip", "addr", "add", f"{OUTSIDE_IP}/32", "dev", "lo", ns=ns)
+        for host in self.hosts:
+            host.sh("ip", "route", "add", "203.0.113.0/24", "via", ROUTER_IP)
+        www = self.workdir / "outside-www"
+        _write_whoami(www)
+        self.outside = self.spawn("outside-httpd", ["busybox", "httpd", "-f", "-p", f"{OUTSIDE_IP}:80", "-h",
+                                                    str(www)], ns=ns)
+        return ns
+
     def start_etcd(self, *extra: str, scheme: str = "http", ready=None) -> Process:
         """etcd on the switch, v2 API on only in a v2 lab; `extra` adds flags (TLS, …), `ready` replaces the probe."""
         self.etcd_url = f"{scheme}://{SWITCH_IP}:2379"
@@ -406,6 +437,7 @@ class Lab:
                 (rootfs / "bin" / applet).symlink_to("busybox")
             (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
             (rootfs / "www" / "index.html").write_text("hello from pyflannel\n")
+            _write_whoami(rootfs / "www")
             subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
         return tar
 
@@ -560,6 +592,12 @@ def teardown(record: dict) -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
     shutil.rmtree(record["workdir"], ignore_errors=True)
+
+
+def _write_whoami(www: Path) -> None:
+    (www / "cgi-bin").mkdir(parents=True, exist_ok=True)
+    (www / "cgi-bin" / "ip").write_text(WHOAMI_CGI)
+    (www / "cgi-bin" / "ip").chmod(0o755)
 
 
 def child_pids(pid: int) -> list[int]:

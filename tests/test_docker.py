@@ -35,10 +35,7 @@ def overlay(docker_lab):
         host.docker("network", "create", "-d", "pyflannel", "--ipam-driver", "pyflannel", "overlay0")
     yield docker_lab
     for host in docker_lab.hosts:
-        ids = host.docker("ps", "-aq").split()
-        if ids:
-            host.docker("rm", "-f", *ids)
-        host.docker("network", "rm", "overlay0", check=False)
+        host.docker_clear()
 
 
 def lease(host) -> ipaddress.IPv4Network:

@@ -146,3 +146,53 @@ def test_ip_masq_daemon_turns_vxlan_checksum_offload_off(make_lab):
     assert "tx-checksum-ip-generic: off" in h1.sh("ethtool", "-k", "flannel.1")
     assert "--random-fully" in h1.sh("iptables", "-t", "nat", "-S", "PYFLANNEL-POSTRTG")
     assert_clean(lab, h1)  # doctor's offload check agrees
+
+
+def test_doctor_checks_forwarding_and_egress_of_the_docker_networks(make_lab):
+    """A host with pyflannel-driver and a network on it (created through the plugin socket, as dockerd would):
+    ip_forward off, FORWARD policy DROP without the bridge's accept rules, a lost masquerade rule: each found."""
+    from tests.driver_support import network_request
+    from tests.test_driver_main import post
+
+    lab = make_lab(1)
+    lab.set_config()
+    h1 = lab.hosts[0]
+    h1.start_daemon()
+    h1.start_driver()
+    sock = str(h1.driver_sock)
+    pool = post(sock, "IpamDriver.RequestPool", {"Pool": "", "V6": False})[2]
+    gateway = post(sock, "IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "", "Options": {
+        "RequestAddressType": "com.docker.network.gateway"}})[2]["Address"]
+    net_id = "a1" * 32
+    assert post(sock, "NetworkDriver.CreateNetwork", network_request(net_id, pool=pool["Pool"], gateway=gateway))[0] == 200
+    bridge = "pfl-" + net_id[:8]
+
+    def doctor_here() -> tuple[int, dict]:
+        done = subprocess.run(["ip", "netns", "exec", h1.ns, str(VENV_BIN / "pyflannel"), "doctor", "--json",
+                               "-etcd-endpoints", lab.etcd_url, "-subnet-file", str(h1.subnet_file),
+                               "--driver-state-dir", str(h1.workdir / "driver")], capture_output=True, text=True,
+                              timeout=60)
+        return done.returncode, json.loads(done.stdout)
+
+    rc, report = doctor_here()
+    assert rc == 0 and report["checks"]["forwarding"] == report["checks"]["masquerade"] == "ok", report
+
+    h1.sh("iptables", "-t", "nat", "-F", "PYFLANNEL-NAT-OUT")  # a firewall reload lost the driver's rules
+    found = problems(doctor_here()[1])
+    assert list(found) == ["masquerade"] and pool["Pool"] in found["masquerade"][0]["message"]
+    h1.driver.kill()
+    h1.start_driver()  # the fix it names: the driver rewrites its rules at start
+    assert doctor_here()[0] == 0
+
+    h1.sh("iptables", "-P", "FORWARD", "DROP")
+    found = problems(doctor_here()[1])
+    assert list(found) == ["forwarding"] and len(found["forwarding"]) == 2, found
+    for finding in found["forwarding"]:
+        assert bridge in finding["message"]
+        apply_fix(h1, finding)
+    h1.sh("sysctl", "-qw", "net.ipv4.ip_forward=0")
+    found = problems(doctor_here()[1])
+    assert list(found) == ["forwarding"] and found["forwarding"][0]["fix"] == "sysctl -w net.ipv4.ip_forward=1"
+    apply_fix(h1, found["forwarding"][0])
+    rc, report = doctor_here()
+    assert rc == 0, report

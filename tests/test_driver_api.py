@@ -1,6 +1,7 @@
 """The driver's HTTP API, called the way Docker calls it, with kernel effects checked in a throwaway namespace."""
 from __future__ import annotations
 
+import subprocess
 import threading
 
 import pytest
@@ -295,7 +296,6 @@ def test_network_from_another_ipam_driver_needs_the_lease(docker):
 
 @pytest.mark.parametrize("options, words", [
     ({"com.docker.network.enable_ipv6": True}, "IPv6"),
-    ({"com.docker.network.internal": True}, "--internal"),
     ({"com.docker.network.enable_ipv4": False}, "IPv4"),
 ])
 def test_unsupported_network_kinds_are_refused(docker, options, words):
@@ -438,17 +438,34 @@ def test_endpoint_errors(docker):
     assert our_links() == [net["bridge"]]
 
 
-def test_port_publishing_is_refused_clearly(docker):
+def nat_rules() -> str:
+    return subprocess.run(["iptables", "-w", "5", "-t", "nat", "-S"], capture_output=True, text=True).stdout
+
+
+def test_published_ports_and_egress_nat_are_iptables_rules_that_go_with_them(docker):
     net = docker.create_network()
+    assert "-A PYFLANNEL-NAT-OUT -s 10.5.34.0/24 ! -d 10.5.0.0/16 -j MASQUERADE" in nat_rules()
     ep = docker.run_container(net)
-    ports = {"com.docker.network.portmap": [{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080}],
+    ip = ep["address"].split("/")[0]
+    ref = {"NetworkID": net["id"], "EndpointID": ep["id"]}
+    ports = {"com.docker.network.portmap": [{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 8080},
+                                            {"Proto": 17, "Port": 53, "HostIP": "127.0.0.1", "HostPort": 5353}],
              "com.docker.network.endpoint.exposedports": [{"Proto": 6, "Port": 80}]}
+    docker.ok("NetworkDriver.ProgramExternalConnectivity", {**ref, "Options": ports})
+    docker.ok("NetworkDriver.ProgramExternalConnectivity", {**ref, "Options": ports})  # repeated: no duplicate
+    rules = nat_rules()
+    assert rules.count(f"-A PYFLANNEL-PORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination {ip}:80") == 1
+    assert f"-A PYFLANNEL-PORTS -d 127.0.0.1/32 -p udp -m udp --dport 5353 -j DNAT --to-destination {ip}:53" in rules
+    assert "-A PREROUTING -m addrtype --dst-type LOCAL -j PYFLANNEL-PORTS" in rules
+    other = docker.run_container(net)
     err = docker.fails("NetworkDriver.ProgramExternalConnectivity",
-                       {"NetworkID": net["id"], "EndpointID": ep["id"], "Options": ports}, 409)
-    assert "--publish" in err
-    ports["com.docker.network.portmap"] = []
-    docker.ok("NetworkDriver.ProgramExternalConnectivity", {"NetworkID": net["id"], "EndpointID": ep["id"],
-                                                           "Options": ports})
+                       {"NetworkID": net["id"], "EndpointID": other["id"], "Options": ports}, 409)
+    assert "cannot publish port 80/tcp on 0.0.0.0:8080/tcp: the port is published already" in err
+    docker.stop_container(net, ep)
+    assert "--dport 8080" not in nat_rules()
+    docker.stop_container(net, other)
+    docker.ok("NetworkDriver.DeleteNetwork", {"NetworkID": net["id"]})
+    assert "PYFLANNEL-NAT-OUT -s" not in nat_rules()
 
 
 def test_swarm_and_discovery_calls_are_harmless(docker):
@@ -483,12 +500,12 @@ def test_forward_drop_policy_gets_accept_rules_for_the_bridge(docker):
     assert f"-A FORWARD -i {net['bridge']} -j ACCEPT" in rules
     assert f"-A FORWARD -o {net['bridge']} -j ACCEPT" in rules
     docker.ok("NetworkDriver.CreateNetwork", network_request(net["id"]))  # repeated: no duplicate rules
-    assert len(iptables("-S", "FORWARD").stdout.splitlines()) == 3
+    assert len([r for r in iptables("-S", "FORWARD").stdout.splitlines() if net["bridge"] in r]) == 2
     docker.ok("NetworkDriver.DeleteNetwork", {"NetworkID": net["id"]})
-    assert iptables("-S", "FORWARD").stdout.splitlines() == ["-P FORWARD DROP"]
+    assert iptables("-S", "FORWARD").stdout.splitlines() == ["-P FORWARD DROP", "-A FORWARD -j PYFLANNEL-ISOLATION"]
 
 
 @pytest.mark.skipif(not __import__("shutil").which("iptables"), reason="iptables not installed")
 def test_forward_accept_policy_adds_no_rules(docker):
     docker.create_network()
-    assert iptables("-S", "FORWARD").stdout.splitlines() == ["-P FORWARD ACCEPT"]
+    assert iptables("-S", "FORWARD").stdout.splitlines() == ["-P FORWARD ACCEPT", "-A FORWARD -j PYFLANNEL-ISOLATION"]

@@ -53,13 +53,6 @@ def enable(host) -> float:
     return time.monotonic() - start
 
 
-def clear(host) -> None:
-    ids = host.docker("ps", "-aq").split()
-    if ids:
-        host.docker("rm", "-f", *ids)
-    host.docker("network", "rm", "overlay0", check=False)
-
-
 @pytest.fixture(scope="module")
 def plugin_lab(plugin_build, docker_engine):
     """Two hosts with a dockerd each and the plugin installed from build/plugin/pyflannel, overlay0 on both."""
@@ -116,7 +109,7 @@ def test_settings_change_with_plugin_set(plugin_lab):
     h1 = plugin_lab.hosts[0]
     before, mac = lease(h1), h1.sh("cat", "/sys/class/net/flannel.1/address")
     assert "PYFLANNEL-POSTRTG" not in h1.sh("iptables", "-t", "nat", "-S")  # dockerd has its own for docker0
-    clear(h1)
+    h1.docker_clear()
     h1.docker("plugin", "disable", "pyflannel")
     h1.docker("plugin", "set", "pyflannel", "FLANNELD_IP_MASQ=true")
     enable(h1)
@@ -149,7 +142,7 @@ def test_disable_and_rm_leave_nothing_behind(plugin_lab):
         assert host.extra_links()  # the network's bridge and the container's veth
         with pytest.raises(RuntimeError, match="in use"):
             host.docker("plugin", "disable", "pyflannel")
-        clear(host)
+        host.docker_clear()
         host.docker("plugin", "disable", "pyflannel")
         host.docker("plugin", "rm", "pyflannel")
         assert host.docker("plugin", "ls", "-q") == ""

@@ -12,6 +12,10 @@ Decisions (see docs/driver.md):
   MTU change by pyflanneld reaches new containers.
 - Every handler is idempotent: a repeated Create/Join gives the same answer, Delete/Leave of an unknown id succeed.
 - CreateEndpoint only records the endpoint (and picks a MAC); Join creates the veth pair, Leave deletes it.
+- Like Docker's bridge: containers reach the world masqueraded (unless -o
+  com.docker.network.bridge.enable_ip_masquerade=false), and -p/-P publish ports on the host's addresses, with
+  hairpin and localhost access (firewall.py). An --internal network reaches the flannel Network only: no gateway,
+  no NAT, no published ports.
 """
 from __future__ import annotations
 
@@ -23,14 +27,30 @@ from pyflannel.kernel.links import mac_for, random_mac
 from . import validation as v
 from .errors import PlumbingError, RefusedError, UnavailableError, ValidationError
 from .ipam import HOW_TO_CREATE, LeaseSource, existing_network_error
+from . import firewall
 from .plumbing import BRIDGE_PREFIX, VETH_CONTAINER_PREFIX, VETH_HOST_PREFIX, Plumbing, bridge_name, veth_names
 from .state import StateStore
 
 log = logging.getLogger(__name__)
 
 
+EPHEMERAL_PORTS = (49153, 65535)  # Docker's range for -P
+
+
 def effective_mtu(flannel_mtu: int, option: int | None) -> int:
     return min(flannel_mtu, option) if option else flannel_mtu
+
+
+def network_spec(net: dict) -> firewall.NetworkSpec:
+    """A network's state record as its rules' input (records written before egress NAT existed get their flannel
+    Network from reconcile, and are masqueraded and not internal)."""
+    return firewall.NetworkSpec(net["bridge"], ipaddress.IPv4Network(net["pool"]),
+                                ipaddress.IPv4Network(net["flannel_network"]), net.get("masquerade", True),
+                                net.get("internal", False))
+
+
+def published(ep: dict) -> list[firewall.Published]:
+    return [firewall.Published(**p) for p in ep.get("ports", [])]
 
 
 class NetworkDriver:
@@ -52,9 +72,6 @@ class NetworkDriver:
             raise RefusedError("IPv6 is not supported by pyflannel: create the network without --ipv6")
         if req.ipv4_disabled:
             raise RefusedError("a pyflannel network needs IPv4: create it without --ipv4=false")
-        if req.internal:
-            raise RefusedError("internal networks (--internal) are not supported by pyflannel: its containers are "
-                               "always routed to the other hosts")
         if len(req.ipv4) != 1:
             raise ValidationError("IPv4Data", f"exactly one IPv4 pool is needed, got {len(req.ipv4)}: "
                                               f"`{HOW_TO_CREATE}`")
@@ -74,17 +91,29 @@ class NetworkDriver:
         gateway = ipaddress.IPv4Interface(f"{env.gateway}/{env.lease.prefixlen}")
         with self.store.transaction() as st:
             known = st["networks"].get(req.network_id)
-            if known is not None:  # repeated call: same answer, repair the bridge if needed
-                self.plumbing.ensure_bridge(known["bridge"], gateway, effective_mtu(env.mtu, known["mtu_option"]))
+            if known is not None:  # repeated call: same answer, repair the bridge and rules if needed
+                self._plug_network(known, env.mtu)
                 return {}
             for other_id, other in st["networks"].items():
                 raise existing_network_error(other_id, other)
             bridge = bridge_name(req.network_id)
-            self.plumbing.ensure_bridge(bridge, gateway, effective_mtu(env.mtu, req.mtu_option))
-            st["networks"][req.network_id] = {"bridge": bridge, "pool": str(env.lease), "gateway": str(gateway),
-                                              "mtu_option": req.mtu_option}
+            net = {"bridge": bridge, "pool": str(env.lease), "gateway": str(gateway), "mtu_option": req.mtu_option,
+                   "flannel_network": str(env.network), "masquerade": req.masquerade, "internal": req.internal}
+            self._plug_network(net, env.mtu)
+            st["networks"][req.network_id] = net
         log.info("network %s created: bridge %s, %s", req.network_id[:12], bridge, gateway)
         return {}
+
+    def _plug_network(self, net: dict, flannel_mtu: int) -> None:
+        """The network's bridge and its iptables rules."""
+        self._bridge_up(net, flannel_mtu)
+        self.plumbing.add_rules(firewall.network_rules(network_spec(net)))
+
+    def _bridge_up(self, net: dict, flannel_mtu: int) -> None:
+        self.plumbing.ensure_bridge(net["bridge"], ipaddress.IPv4Interface(net["gateway"]),
+                                    effective_mtu(flannel_mtu, net["mtu_option"]))
+        if not net.get("internal"):
+            self.plumbing.route_localnet(net["bridge"])
 
     def delete_network(self, req: v.NetworkRef) -> dict:
         with self.store.transaction() as st:
@@ -93,8 +122,10 @@ class NetworkDriver:
                 return {}
             for eid, ep in list(st["endpoints"].items()):
                 if ep["network"] == req.network_id:  # Docker deletes endpoints first; these are leftovers
+                    self.plumbing.remove_rules([firewall.port_rule(p) for p in published(ep)])
                     self.plumbing.delete_veth(ep["veth_host"], ep["veth_container"])
                     del st["endpoints"][eid]
+            self.plumbing.remove_rules(firewall.network_rules(network_spec(net)))
             self.plumbing.delete_bridge(net["bridge"])
             del st["networks"][req.network_id]
         log.info("network %s deleted", req.network_id[:12])
@@ -164,6 +195,7 @@ class NetworkDriver:
         with self.store.transaction() as st:
             ep = st["endpoints"].get(endpoint_id)
             if ep is not None:
+                self.plumbing.remove_rules([firewall.port_rule(p) for p in published(ep)])
                 self.plumbing.delete_veth(ep["veth_host"], ep["veth_container"])
                 then(st, ep)
         return {}
@@ -194,27 +226,75 @@ class NetworkDriver:
                 raise
             ep["joined"] = True
             ep["sandbox"] = req.sandbox_key
-        return {"InterfaceName": {"SrcName": ep["veth_container"], "DstPrefix": "eth"},
-                "Gateway": str(gateway.ip), "GatewayIPv6": "", "DisableGatewayService": False}
+        reply = {"InterfaceName": {"SrcName": ep["veth_container"], "DstPrefix": "eth"}, "GatewayIPv6": ""}
+        if net.get("internal"):  # no default route: the flannel Network only, through the bridge
+            return {**reply, "Gateway": "", "DisableGatewayService": True, "StaticRoutes": [
+                {"Destination": net["flannel_network"], "RouteType": 0, "NextHop": str(gateway.ip)}]}
+        return {**reply, "Gateway": str(gateway.ip), "DisableGatewayService": False}
 
     def leave(self, req: v.EndpointRef) -> dict:
-        return self._unplug(req.endpoint_id, lambda st, ep: ep.update(joined=False, sandbox=""))
+        return self._unplug(req.endpoint_id, lambda st, ep: ep.update(joined=False, sandbox="", ports=[]))
 
-    @staticmethod
-    def program_external_connectivity(req: v.EndpointRef) -> dict:
-        if req.options.get(v.OPT_PORTMAP):
-            raise RefusedError("publishing ports (-p/--publish) is not supported on pyflannel networks: containers "
-                               "are reachable directly at their overlay address from every pyflannel host")
+    def program_external_connectivity(self, req: v.EndpointRef) -> dict:
+        """Publish the container's ports (-p, -P) on this host: a DNAT rule each; the host ports are chosen here."""
+        bindings = v.port_bindings(req.options)
+        if not bindings:
+            return {}
+        with self.store.transaction() as st:
+            net = self._network(st, req.network_id)
+            ep = st["endpoints"].get(req.endpoint_id)
+            if ep is None or not ep["address"]:
+                raise RefusedError(f"endpoint {req.endpoint_id[:12]} is not known to pyflannel (or has no address): "
+                                   f"cannot publish its ports")
+            if net.get("internal"):
+                raise RefusedError("an --internal pyflannel network publishes no ports: remove -p/-P, or use a "
+                                   "network without --internal")
+            if not published(ep):  # a repeated call keeps the ports chosen the first time
+                taken = {(p.proto, p.host_ip, p.host_port): eid for eid, other in st["endpoints"].items()
+                         for p in published(other)}
+                container_ip = str(ipaddress.IPv4Interface(ep["address"]).ip)
+                ep["ports"] = [vars(self._choose(b, container_ip, taken, req.endpoint_id)) for b in bindings]
+            self.plumbing.add_rules([firewall.port_rule(p) for p in published(ep)])
+        log.info("endpoint %s publishes %s", req.endpoint_id[:12], ", ".join(p.describe() for p in published(ep)))
         return {}
 
-    @staticmethod
-    def revoke_external_connectivity(req: v.EndpointRef) -> dict:
-        return {}  # nothing was programmed
+    def _choose(self, b: v.PortBinding, container_ip: str, taken: dict, endpoint_id: str) -> firewall.Published:
+        """The binding's host port: the one asked for, the first free one of its range, or (-P) of Docker's."""
+        host_ip = str(b.host_ip) if b.host_ip else ""
+        first, last = (b.host_port, b.host_port_end) if b.host_port else EPHEMERAL_PORTS
+        clash = None
+        for port in range(first, last + 1):
+            holders = [eid for (proto, ip, hp), eid in taken.items()
+                       if proto == b.proto and hp == port and (not ip or not host_ip or ip == host_ip)]
+            if holders:
+                clash = clash or f"published already (endpoint {holders[0][:12]})"
+                continue
+            if self.plumbing.port_in_use(b.proto, host_ip, port):
+                clash = clash or "held by a process on this host"
+                continue
+            chosen = firewall.Published(b.proto, host_ip, port, container_ip, b.port)
+            taken[(b.proto, host_ip, port)] = endpoint_id
+            return chosen
+        asked = f"{host_ip or '0.0.0.0'}:{first}" + (f"-{last}" if last != first else "") + f"/{b.proto}"
+        if last == first:
+            raise RefusedError(f"cannot publish port {b.port}/{b.proto} on {asked}: the port is {clash}; choose "
+                               f"another host port")
+        raise RefusedError(f"cannot publish port {b.port}/{b.proto} on {asked}: every port of the range is taken "
+                           f"(the first {clash}); choose another range")
+
+    def revoke_external_connectivity(self, req: v.EndpointRef) -> dict:
+        with self.store.transaction() as st:
+            ep = st["endpoints"].get(req.endpoint_id)
+            if ep is not None and published(ep):
+                self.plumbing.remove_rules([firewall.port_rule(p) for p in published(ep)])
+                ep["ports"] = []
+        return {}
 
     # --- startup reconciliation -------------------------------------------------------------------------------------
 
     def reconcile(self) -> None:
-        """Make the kernel match the state: repair our networks' bridges, delete interfaces/rules nobody owns.
+        """Make the kernel match the state: repair our networks' bridges, delete interfaces/rules nobody owns, and
+        rewrite our iptables chains with exactly the rules of the state's networks and published ports.
 
         Run once at startup, before serving. Interfaces of endpoints that are joined are kept (their container may
         still run); the pair of an endpoint that is not joined should not exist and is removed.
@@ -230,6 +310,7 @@ class NetworkDriver:
             for ep in st["endpoints"].values():
                 if ep["joined"] and ep["network"] in st["networks"]:
                     veths.update((ep["veth_host"], ep["veth_container"]))
+            rules = []
             for nid, net in st["networks"].items():
                 if env is None:
                     continue
@@ -237,8 +318,13 @@ class NetworkDriver:
                     log.warning("network %s uses %s but this host's lease is now %s: recreate the network",
                                 nid[:12], net["pool"], env.lease)
                     continue
-                self._quietly(self.plumbing.ensure_bridge, net["bridge"], ipaddress.IPv4Interface(net["gateway"]),
-                              effective_mtu(env.mtu, net["mtu_option"]))
+                net.setdefault("flannel_network", str(env.network))
+                self._quietly(self._bridge_up, net, env.mtu)
+                rules += firewall.network_rules(network_spec(net))
+                rules += [firewall.port_rule(p) for ep in st["endpoints"].values()
+                          if ep["network"] == nid and ep["joined"] for p in published(ep)]
+            if env is not None:
+                self._quietly(self.plumbing.reset_rules, rules)
             for name, link in sorted(self.plumbing.links().items()):
                 keep = name in bridges if name.startswith(BRIDGE_PREFIX) else name in veths
                 if not keep and name.startswith((BRIDGE_PREFIX, VETH_HOST_PREFIX, VETH_CONTAINER_PREFIX)):

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import ipaddress
 
-from pyflannel.kernel import forwarding, links
+from pyflannel.kernel import forwarding, iptables, links, ports
 from pyflannel.kernel.errors import reraised_as
 
+from . import firewall
 from .errors import PlumbingError
 
 BRIDGE_PREFIX = "pfl-"
@@ -40,6 +41,7 @@ _as_plumbing_error = reraised_as(lambda fn, e: PlumbingError(str(e)))
 class Plumbing:
     def __init__(self, proc_sys: str = forwarding.PROC_SYS):
         self.proc_sys = proc_sys
+        self._hooked = False
 
     @staticmethod
     def links() -> dict[str, dict]:
@@ -69,7 +71,9 @@ class Plumbing:
     @staticmethod
     @_as_plumbing_error
     def ensure_veth(host: str, container: str, bridge: str, mtu: int, mac: str) -> None:
-        links.ensure_veth(host, container, bridge, mtu, mac)
+        """Hairpin mode on the port: a container reaching its own published port through the host's address comes
+        back out of the port it went in by (dockerd's br_netfilter bridges the DNATed frame)."""
+        links.ensure_veth(host, container, bridge, mtu, mac, hairpin=True)
 
     @staticmethod
     @_as_plumbing_error
@@ -86,3 +90,44 @@ class Plumbing:
     @staticmethod
     def remove_forwarding(bridge: str) -> None:
         forwarding.revoke(bridge)
+
+    # --- firewall (firewall.py's rules) -------------------------------------------------------------------------
+
+    @_as_plumbing_error
+    def reset_rules(self, rules: list[firewall.Rule]) -> None:
+        """Our chains hold exactly `rules` afterwards (at start: the state's rules, nothing else)."""
+        self._hook()
+        for table, chain in firewall.CHAINS:
+            iptables.flush(table, chain)
+        for rule in rules:
+            iptables.must(rule.table, "-A", rule.chain, *rule.args)
+
+    @_as_plumbing_error
+    def add_rules(self, rules: list[firewall.Rule]) -> None:
+        self._hook()
+        for rule in rules:
+            iptables.ensure(rule.table, rule.chain, list(rule.args))
+
+    @_as_plumbing_error
+    def remove_rules(self, rules: list[firewall.Rule]) -> None:
+        if not iptables.available():
+            return
+        for rule in rules:
+            iptables.remove(rule.table, rule.chain, list(rule.args))
+
+    def _hook(self) -> None:
+        if self._hooked:
+            return
+        for table, chain in firewall.CHAINS:
+            iptables.ensure_chain(table, chain)
+        for table, chain, rule, first in firewall.HOOKS:
+            iptables.ensure(table, chain, list(rule), first=first)
+        self._hooked = True
+
+    def route_localnet(self, bridge: str) -> None:
+        forwarding.route_localnet(bridge, self.proc_sys)
+
+    @staticmethod
+    def port_in_use(proto: str, host_ip: str, port: int) -> bool:
+        return ports.in_use(proto, host_ip, port)
+

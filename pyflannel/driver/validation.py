@@ -25,6 +25,8 @@ OPT_ENABLE_IPV4 = "com.docker.network.enable_ipv4"
 OPT_INTERNAL = "com.docker.network.internal"
 OPT_MTU = "com.docker.network.driver.mtu"
 OPT_PORTMAP = "com.docker.network.portmap"
+OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
+PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}   # Docker's PortBinding.Proto numbers
 REQUEST_ADDRESS_TYPE = "RequestAddressType"
 GATEWAY_TYPE = "com.docker.network.gateway"
 
@@ -67,6 +69,18 @@ def boolean(obj: dict, key: str, path: str, default: bool = False) -> bool:
     if not isinstance(value, bool):
         raise ValidationError(path, f"must be true or false, got {_type_name(value)}")
     return value
+
+
+def option_bool(obj: dict, key: str, path: str, default: bool) -> bool:
+    """A `-o key=value` option: Docker passes "true"/"false" strings (a JSON boolean is accepted too)."""
+    value = obj.get(key)
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "false", "0"):
+        return value.lower() in ("true", "1")
+    raise ValidationError(path, f"must be true or false, got {str(value)[:80]!r}")
 
 
 def mapping(obj: dict, key: str, path: str) -> dict:
@@ -147,6 +161,7 @@ class CreateNetwork:
     internal: bool
     mtu_option: int | None     # -o com.docker.network.driver.mtu=N
     generic: dict
+    masquerade: bool = True    # -o com.docker.network.bridge.enable_ip_masquerade=false turns egress NAT off
 
 
 def _ipam_data(item: Any, path: str) -> IPAMData:
@@ -193,8 +208,10 @@ def create_network(body: Any) -> CreateNetwork:
     enable_ipv6 = boolean(options, OPT_ENABLE_IPV6, f"Options[{OPT_ENABLE_IPV6!r}]")
     enable_ipv4 = boolean(options, OPT_ENABLE_IPV4, f"Options[{OPT_ENABLE_IPV4!r}]", default=True)
     internal = boolean(options, OPT_INTERNAL, f"Options[{OPT_INTERNAL!r}]")
+    masquerade = option_bool(generic, OPT_MASQUERADE, f"-o {OPT_MASQUERADE}", default=True)
     return CreateNetwork(network_id=network_id, ipv4=ipv4, ipv6_requested=bool(ipv6) or enable_ipv6,
-                         ipv4_disabled=not enable_ipv4, internal=internal, mtu_option=mtu_option, generic=generic)
+                         ipv4_disabled=not enable_ipv4, internal=internal, mtu_option=mtu_option, generic=generic,
+                         masquerade=masquerade)
 
 
 @dataclass(frozen=True)
@@ -253,6 +270,54 @@ def endpoint_ref(body: Any) -> EndpointRef:
     body = body_object(body)
     return EndpointRef(object_id(body, "NetworkID"), object_id(body, "EndpointID"),
                        mapping(body, "Options", "Options"))
+
+
+@dataclass(frozen=True)
+class PortBinding:
+    """One published port: -p [host_ip:]host_port[-host_port_end]:port[/proto]; host_port 0 means any (-P)."""
+    proto: str
+    port: int
+    host_ip: ipaddress.IPv4Address | None
+    host_port: int
+    host_port_end: int
+
+
+def _port(obj: dict, key: str, path: str, allow_zero: bool) -> int:
+    value = obj.get(key, 0)
+    if value is None:
+        value = 0
+    if not isinstance(value, int) or isinstance(value, bool) or not (0 if allow_zero else 1) <= value <= 65535:
+        raise ValidationError(path, f"must be a port number{' or 0' if allow_zero else ''}, got {value!r}"[:200])
+    return value
+
+
+def port_bindings(options: dict) -> list[PortBinding]:
+    """ProgramExternalConnectivity's Options["com.docker.network.portmap"]."""
+    items = options.get(OPT_PORTMAP) or []
+    if not isinstance(items, list) or len(items) > MAX_MAP_ENTRIES:
+        raise ValidationError(f"Options[{OPT_PORTMAP!r}]", f"must be a list of at most {MAX_MAP_ENTRIES} port bindings")
+    found = []
+    for i, item in enumerate(items):
+        path = f"Options[{OPT_PORTMAP!r}][{i}]"
+        if not isinstance(item, dict):
+            raise ValidationError(path, f"must be an object, got {_type_name(item)}")
+        proto = PROTOCOLS.get(item.get("Proto"))
+        if proto is None:
+            raise ValidationError(f"{path}.Proto", f"must be 6 (tcp), 17 (udp) or 132 (sctp), got {item.get('Proto')!r}"[:200])
+        host_text = string(item, "HostIP", f"{path}.HostIP", required=False)
+        if ":" in host_text:
+            raise ValidationError(f"{path}.HostIP", f"{host_text[:80]}: IPv6 host addresses are not supported by "
+                                                    f"pyflannel")
+        host_ip = ipv4_address(host_text, f"{path}.HostIP") if host_text else None
+        if host_ip is not None and host_ip.is_unspecified:
+            host_ip = None
+        port = _port(item, "Port", f"{path}.Port", allow_zero=False)
+        host_port = _port(item, "HostPort", f"{path}.HostPort", allow_zero=True)
+        end = _port(item, "HostPortEnd", f"{path}.HostPortEnd", allow_zero=True) or host_port
+        if end < host_port:
+            raise ValidationError(f"{path}.HostPortEnd", f"{end} is below HostPort {host_port}")
+        found.append(PortBinding(proto, port, host_ip, host_port, end))
+    return found
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,18 @@ def enable_ip_forward(proc_sys: str = PROC_SYS) -> None:
                     e.strerror)
 
 
+def route_localnet(bridge: str, proc_sys: str = PROC_SYS) -> None:
+    """Let packets from the host's loopback addresses be routed out of `bridge` (a published port reached as
+    localhost:PORT is DNATed to a container there). Best-effort, like ip_forward: /proc/sys may be read-only."""
+    path = os.path.join(proc_sys, "net/ipv4/conf", bridge, "route_localnet")
+    try:
+        with open(path, "w") as f:
+            f.write("1\n")
+    except OSError as e:
+        log.warning("cannot set %s (%s): published ports will not answer on the host's localhost", path,
+                    e.strerror)
+
+
 def allow(bridge: str, proc_sys: str = PROC_SYS) -> None:
     """Forwarding on, and the bridge's ACCEPT rules where the FORWARD policy is DROP."""
     enable_ip_forward(proc_sys)

@@ -85,3 +85,13 @@ def policy(table: str, chain: str) -> str | None:
         if line.startswith(f"-P {chain} "):
             return line.split()[2]
     return None
+
+
+def ensure_chain(table: str, chain: str) -> None:
+    """Create `chain` unless it exists."""
+    if run(table, "-S", chain).returncode != 0:
+        must(table, "-N", chain)
+
+
+def flush(table: str, chain: str) -> None:
+    must(table, "-F", chain)
