@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.lab import IMAGE, Lab, wait_until
+from tests.lab import IMAGE, OUTSIDE_IP, Lab, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 PLUGIN = "pyflannel:latest"  # dockerd registers a managed driver under its full reference, tag included
@@ -58,6 +58,7 @@ def plugin_lab(plugin_build, docker_engine):
     """Two hosts with a dockerd each and the plugin installed from build/plugin/pyflannel, overlay0 on both."""
     with Lab(2) as lab:
         lab.set_config()
+        lab.add_outside()
         lab.enable_seconds = []
         for host in lab.hosts:
             host.start_dockerd(docker_engine)
@@ -101,6 +102,20 @@ def test_enabled_plugin_carries_traffic_across_hosts(plugin_lab):
                     f"wget -O- http://{web_ip}/")
     assert ipaddress.IPv4Interface(out.splitlines()[0].split()[3]).ip in lease(h1)
     assert "PING-OK" in out and "hello from pyflannel" in out
+
+
+def test_plugin_masquerades_egress_and_publishes_ports(plugin_lab):
+    """The driver inside the plugin programs the host's iptables with the plugin's own iptables: containers reach
+    the lab's internet as the host, and -p publishes on the host's address."""
+    h1, h2 = plugin_lab.hosts
+    h1.docker("run", "-d", "--name", "pub", "--network", "overlay0", "-p", "8080:80", IMAGE, "httpd", "-f", "-p", "80",
+              "-h", "/www")
+    seen = h1.docker("exec", "pub", "timeout", "3", "wget", "-q", "-O-", f"http://{OUTSIDE_IP}/cgi-bin/ip")
+    assert seen.strip() == h1.ip
+    page = h2.sh("timeout", "5", "busybox", "wget", "-q", "-O-", f"http://{h1.ip}:8080/")
+    assert "hello from pyflannel" in page
+    h1.docker("rm", "-f", "pub")
+    assert "--dport 8080" not in h1.sh("iptables", "-t", "nat", "-S")
 
 
 def test_settings_change_with_plugin_set(plugin_lab):
