@@ -8,6 +8,7 @@ import pytest
 
 from pyflannel.daemon.backend.vxlan import VxlanBackend
 from pyflannel.daemon.config import parse
+from pyflannel.daemon.errors import Stopped
 from pyflannel.daemon.iface import ExternalInterface
 from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
 from pyflannel.daemon.reconciler import Reconciler
@@ -168,3 +169,16 @@ def test_a_refused_change_forces_the_next_full_diff(reconciler):
     assert reconciler.kernel_touched.is_set() and not k.routes_
     k.refuse.clear()
     assert reconciler.reconcile([a]).added == {"route": 1}
+
+
+def test_a_stopped_manager_starts_no_etcd_call():
+    store = MemoryStore(CONFIG)
+    mgr = manager(store)
+    mgr.acquire()
+    store.delete_lease(mgr.lease.subnet)
+    mgr.stop.set()
+    with pytest.raises(Stopped):
+        mgr.renew()  # would re-acquire the deleted lease
+    with pytest.raises(Stopped):
+        mgr.acquire()
+    assert store.data == {}

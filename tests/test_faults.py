@@ -175,3 +175,33 @@ def test_etcd_with_username_and_password(make_lab):
                           env=v2).stdout.split()
     assert keys == [f"{lab.prefix_key}/subnets/{ipaddress.IPv4Interface(h1.subnet_env()['FLANNEL_SUBNET']).network.network_address}-24"]
     print("\netcd with auth: lease acquired with the right password; the wrong one is refused and said")
+
+
+@pytest.mark.parametrize("etcd_api", ["v2", "v3"])
+def test_a_stopping_daemon_takes_no_new_action(make_lab, etcd_api):
+    """Decommissioning: SIGTERM, then the host's lease deleted 0-400 ms later (as an operator retiring the host
+    does). The stopping daemon must not take the lease again: it stays deleted and the peer drops its routes."""
+    lab = make_lab(2, etcd_api=etcd_api)
+    lab.set_config()
+    h1, h2 = lab.hosts
+    h2.start_daemon()
+    exits = []
+    for round_, delay in enumerate((0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4), start=1):
+        h1.subnet_file.unlink(missing_ok=True)  # start_daemon waits for it: the daemon is then ready
+        daemon = h1.start_daemon()
+        key = next(k for k, v in lab.leases().items() if v["attrs"]["PublicIP"] == h1.ip)
+        subnet = key.replace("-", "/")
+        wait_until("h2's route to h1", lambda: subnet in h2.sh("ip", "route"))
+        os.kill(daemon.pid, signal.SIGTERM)
+        stopped = time.monotonic()
+        time.sleep(delay)
+        lab.etcd_delete(f"{lab.prefix_key}/subnets/{key}")
+        daemon.popen.wait(10)
+        exits.append(time.monotonic() - stopped)
+        time.sleep(0.3)  # a wrong re-acquire would have written the key by now
+        assert key not in lab.leases(), f"lease {key} came back after SIGTERM + delete {delay * 1000:.0f} ms later"
+        wait_until("h2 dropped the route", lambda: subnet not in h2.sh("ip", "route"), timeout=5)
+        assert daemon.popen.returncode == 0 and daemon.log().count("stopped;") == round_
+    print(f"\n{etcd_api}: 7 SIGTERM + lease deletions 0-400 ms apart: the lease stayed deleted every time; "
+          f"exit within {max(exits) * 1000:.0f} ms of SIGTERM")
+    assert max(exits) < 1.5

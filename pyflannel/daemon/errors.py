@@ -13,5 +13,9 @@ class ConfigError(UserError):
         self.field = field
 
 
+class Stopped(Exception):
+    """The daemon was told to stop (SIGTERM, SIGINT): whatever was about to start is not started."""
+
+
 class NoFreeSubnet(UserError):
     """Every subnet between SubnetMin and SubnetMax is leased."""

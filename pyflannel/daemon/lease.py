@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from .config import NetworkConfig
-from .errors import NoFreeSubnet
+from .errors import NoFreeSubnet, Stopped
 from .store.base import (LEASE_TTL_SECONDS, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store,
                          StoreError)
 from .subnets import IPv4Network, pick_free
@@ -25,7 +26,9 @@ def _fits(subnet: IPv4Network, config: NetworkConfig) -> bool:
 class LeaseManager:
     def __init__(self, store: Store, config: NetworkConfig, public_ip: str, backend_type: str,
                  backend_data: dict | None, *, ttl: int = LEASE_TTL_SECONDS, rng: random.Random | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 stop: threading.Event | None = None):
+        """`stop` set: no further etcd call is started (Stopped), so a stopping daemon takes no new action."""
         self.store = store
         self.config = config
         self.public_ip = public_ip
@@ -34,6 +37,7 @@ class LeaseManager:
         self.ttl = ttl
         self.rng = rng or random.Random()
         self.clock = clock
+        self.stop = stop or threading.Event()
         self.lease: Lease | None = None
         self.listing: tuple[list[Lease], int] = ([], 0)  # the last listing acquire read: leases, etcd position
 
@@ -44,12 +48,14 @@ class LeaseManager:
     def acquire(self, preferred: IPv4Network | None = None) -> Lease:
         """flannel's order: our PublicIP's lease, then `preferred` (the old subnet file's) if free, then random."""
         for _ in range(CAS_ATTEMPTS):
+            self._not_stopped()
             leases, _ = self.listing = self.store.leases()
             mine = [lease for lease in leases if lease.public_ip == self.public_ip and _fits(lease.subnet, self.config)]
             if mine:
                 existing = mine[0]
                 # A key without TTL is an admin reservation and stays one.
                 ttl = self.ttl if existing.expiration is not None else None
+                self._not_stopped()
                 try:
                     self.lease = self.store.update_lease(self._ours(existing.subnet, existing), ttl)
                 except LeaseNotFound:
@@ -66,6 +72,7 @@ class LeaseManager:
                 raise NoFreeSubnet(f"no free subnet: all {len(taken)} leases between SubnetMin "
                                    f"{self.config.subnet_min.network_address} and SubnetMax "
                                    f"{self.config.subnet_max.network_address} are taken")
+            self._not_stopped()
             try:
                 self.lease = self.store.create_lease(self._ours(subnet), self.ttl)
             except LeaseExists:
@@ -76,6 +83,10 @@ class LeaseManager:
             return self.lease
         raise StoreError(f"could not acquire a lease after {CAS_ATTEMPTS} compare-and-swap attempts")
 
+    def _not_stopped(self) -> None:
+        if self.stop.is_set():
+            raise Stopped()
+
     def renew_due(self, margin: timedelta) -> datetime | None:
         """When our lease must be renewed; None for a reservation (no TTL)."""
         if self.lease is None or self.lease.expiration is None:
@@ -84,6 +95,7 @@ class LeaseManager:
 
     def renew(self) -> Lease:
         """Extend our lease; if it is gone, take it again (the same subnet when still free)."""
+        self._not_stopped()
         try:
             self.lease = self.store.update_lease(self._ours(self.lease.subnet, self.lease), self.ttl)
             log.info("renewed lease %s until %s", self.lease.subnet, self.lease.expiration)

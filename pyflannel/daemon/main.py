@@ -22,7 +22,7 @@ from . import config as netconfig
 from . import flags as cli_flags
 from . import iface, masq
 from . import store as stores
-from .errors import UserError
+from .errors import Stopped, UserError
 from .health import Health, serve
 from .lease import LeaseManager, LeaseWatcher
 from .metrics import Metrics
@@ -37,9 +37,11 @@ MAX_BACKOFF = 10.0
 
 
 def with_backoff(what: str, fn, health: Health, stop: threading.Event):
-    """Call fn until the store answers, saying what failed and when it is tried again; SystemExit on stop."""
+    """Call fn until the store answers, saying what failed and when it is tried again; Stopped on stop."""
     delay = 0.5
     while True:
+        if stop.is_set():
+            raise Stopped()
         try:
             result = fn()
             health.etcd_ok = True
@@ -48,7 +50,7 @@ def with_backoff(what: str, fn, health: Health, stop: threading.Event):
             health.etcd_ok = False
             log.warning("%s: %s; retrying in %.1fs", what, e, delay)
         if stop.wait(delay):
-            raise SystemExit(0)
+            raise Stopped()
         delay = min(delay * 2, MAX_BACKOFF)
 
 
@@ -99,7 +101,8 @@ class Daemon:
         log.info("external interface %s (%s), public IP %s", self.ext.name, self.ext.address, self.ext.public_ip)
         self.backend = backends.for_config(self.config, self.ext, self.kernel, f.state_dir)
         backend_data = self.backend.prepare()
-        self.leases = LeaseManager(self.store, self.config, self.ext.public_ip, self.backend.type, backend_data)
+        self.leases = LeaseManager(self.store, self.config, self.ext.public_ip, self.backend.type, backend_data,
+                                   stop=self.stop)
         preferred = self.previous_subnet()
         with_backoff("acquiring a lease", lambda: self.leases.acquire(preferred), self.health, self.stop)
         self.use_lease()
@@ -164,6 +167,8 @@ class Daemon:
                 received, event = self.events.get(timeout=max(0.0, min(waits)))
             except queue.Empty:
                 event = None
+            if self.stop.is_set():
+                break  # told to stop while waiting: no new action, not even for an event already read
             if event is not None:
                 self.handle(event, received)
                 continue
@@ -238,10 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, KernelError) as e:
         log.error("%s", e)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
         pass
-    except SystemExit as e:
-        return e.code or 0
     log.info("stopped; kernel state and lease kept for the next start")
     return 0
 
