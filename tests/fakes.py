@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 from datetime import datetime, timedelta, timezone
 
-from pyflannel.daemon.store.base import ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store
+from pyflannel.daemon.store.base import (ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound,
+                                         LeaseTaken, Store)
 from pyflannel.kernel.netlink import Change, FdbEntry, Neighbor, Route
 
 
@@ -35,9 +36,11 @@ class MemoryStore(Store):
     def leases(self) -> tuple[list[Lease], int]:
         return list(self.data.values()), self.revision
 
-    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
+    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
         if must_exist and lease.subnet not in self.data:
             raise LeaseNotFound(str(lease.subnet))
+        if expected is not None and self.data[lease.subnet].attrs_json() != expected:
+            raise LeaseTaken(str(lease.subnet))
         if not must_exist and lease.subnet in self.data:
             raise LeaseExists(str(lease.subnet))
         lease.expiration = datetime.now(timezone.utc) + timedelta(seconds=ttl) if ttl else None

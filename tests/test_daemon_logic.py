@@ -182,3 +182,15 @@ def test_a_stopped_manager_starts_no_etcd_call():
     with pytest.raises(Stopped):
         mgr.acquire()
     assert store.data == {}
+
+
+def test_a_renewal_never_overwrites_another_hosts_lease_on_our_subnet():
+    """Split brain: our lease lapsed while we were cut off and another host took the subnet; our renewal must not
+    write over it (compare-and-swap on the value we wrote): we take another subnet."""
+    store = MemoryStore(CONFIG)
+    mgr = manager(store)
+    ours = mgr.acquire().subnet
+    store.data[ours] = peer(str(ours), "192.0.2.99")  # the other host's lease, on our old subnet
+    new = mgr.renew()
+    assert new.subnet != ours and store.data[ours].public_ip == "192.0.2.99"
+    assert store.data[new.subnet].public_ip == "192.0.2.11"

@@ -205,3 +205,31 @@ def test_a_stopping_daemon_takes_no_new_action(make_lab, etcd_api):
     print(f"\n{etcd_api}: 7 SIGTERM + lease deletions 0-400 ms apart: the lease stayed deleted every time; "
           f"exit within {max(exits) * 1000:.0f} ms of SIGTERM")
     assert max(exits) < 1.5
+
+
+@pytest.mark.parametrize("etcd_api", ["v2", "v3"])
+def test_a_subnet_taken_by_another_host_is_given_up(make_lab, etcd_api):
+    """Split brain after a partition: our subnet's key now names another host (it took the subnet while our lease
+    had lapsed). We never serve it beside that host: a new subnet for us, the old one routed to its new owner."""
+    lab = make_lab(2, etcd_api=etcd_api)
+    lab.set_config()
+    h1, h2 = lab.hosts
+    for host in lab.hosts:
+        host.start_daemon()
+    old = h1.subnet_env()["FLANNEL_SUBNET"]
+    key = next(k for k, v in lab.leases().items() if v["attrs"]["PublicIP"] == h1.ip)
+    theirs = {"PublicIP": "192.0.2.99", "PublicIPv6": None, "BackendType": "vxlan",
+              "BackendData": {"VNI": 1, "VtepMAC": "0e:00:00:00:00:99"}}
+    written = time.monotonic()
+    lab.etcd_put(f"{lab.prefix_key}/subnets/{key}", json.dumps(theirs), ttl=86400)
+    new = wait_until("h1 on a new subnet", lambda: h1.subnet_env()["FLANNEL_SUBNET"] != old and
+                     h1.subnet_env()["FLANNEL_SUBNET"], timeout=20)
+    moved = time.monotonic() - written
+    leases = lab.leases()
+    assert leases[key]["attrs"]["PublicIP"] == "192.0.2.99"  # the other host's lease is left alone
+    assert [k for k, v in leases.items() if v["attrs"]["PublicIP"] == h1.ip] == [
+        str(ipaddress.IPv4Interface(new).network).replace("/", "-")]
+    subnet = key.replace("-", "/")
+    wait_until("h1 routes the old subnet to its new owner", lambda: subnet in h1.sh("ip", "route", "show", "proto", "77"))
+    assert "now belongs to another host (192.0.2.99)" in h1.daemon.log()
+    print(f"\n{etcd_api}: our subnet taken by another host -> new subnet {new} in {moved * 1000:.0f} ms")

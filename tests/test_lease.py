@@ -11,7 +11,7 @@ from etcd3gw.client import Etcd3Client
 from pyflannel.daemon.config import parse
 from pyflannel.daemon.errors import NoFreeSubnet
 from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
-from pyflannel.daemon.store.base import Lease, LeaseEvent, LeaseExists, StoreError
+from pyflannel.daemon.store.base import Lease, LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken, StoreError
 from pyflannel.daemon.store.etcdv2 import EtcdV2Store
 from pyflannel.daemon.store.etcdv3 import EtcdV3Store
 
@@ -142,3 +142,22 @@ def test_a_create_whose_reply_was_lost_is_found_again_not_leaked(etcd_url, etcd_
     lease = manager(store, seed=7).acquire()
     leases = store.leases()[0]
     assert [l.subnet for l in leases] == [lease.subnet] and leases[0].public_ip == "192.0.2.11"
+
+
+@pytest.mark.parametrize("api", ["v2", "v3"])
+def test_renewal_is_a_compare_and_swap_on_what_we_wrote(etcd_url, etcd_prefix, api):
+    """A renewal writes only over the value we wrote: another host's value on our subnet gives LeaseTaken and stays."""
+    store = EtcdV2Store([etcd_url], etcd_prefix) if api == "v2" else EtcdV3Store([etcd_url], etcd_prefix)
+    ours = Lease(N("10.5.7.0/24"), "192.0.2.11", "vxlan", DATA)
+    store.create_lease(ours, 60)
+    written = ours.attrs_json()
+    store.update_lease(Lease(N("10.5.7.0/24"), "192.0.2.11", "vxlan", DATA), 120, expected=written)  # ours: fine
+    theirs = Lease(N("10.5.7.0/24"), "192.0.2.99", "vxlan", DATA)
+    store.delete_lease(ours.subnet)
+    store.create_lease(theirs, 60)
+    with pytest.raises(LeaseTaken):
+        store.update_lease(Lease(N("10.5.7.0/24"), "192.0.2.11", "vxlan", DATA), 120, expected=written)
+    assert [l.public_ip for l in store.leases()[0]] == ["192.0.2.99"]
+    store.delete_lease(ours.subnet)
+    with pytest.raises(LeaseNotFound):
+        store.update_lease(Lease(N("10.5.7.0/24"), "192.0.2.11", "vxlan", DATA), 120, expected=written)

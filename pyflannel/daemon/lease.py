@@ -9,8 +9,8 @@ from typing import Callable
 
 from .config import NetworkConfig
 from .errors import NoFreeSubnet, Stopped
-from .store.base import (LEASE_TTL_SECONDS, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store,
-                         StoreError)
+from .store.base import (LEASE_TTL_SECONDS, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken,
+                         Store, StoreError)
 from .subnets import IPv4Network, pick_free
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,26 @@ class LeaseManager:
         return self.lease.expiration - margin
 
     def renew(self) -> Lease:
-        """Extend our lease; if it is gone, take it again (the same subnet when still free)."""
+        """Extend our lease, if its key still holds what we wrote (compare-and-swap): if it is gone, take it again
+        (the same subnet when still free); if another host holds it now, take another subnet."""
         self._not_stopped()
         try:
-            self.lease = self.store.update_lease(self._ours(self.lease.subnet, self.lease), self.ttl)
+            self.lease = self.store.update_lease(self._ours(self.lease.subnet, self.lease), self.ttl,
+                                                 expected=self.lease.attrs_json())
             log.info("renewed lease %s until %s", self.lease.subnet, self.lease.expiration)
             return self.lease
         except LeaseNotFound:
             return self.reacquire()
+        except LeaseTaken:
+            return self.replace(taken_by=None)
+
+    def replace(self, taken_by: str | None) -> Lease:
+        """Another host holds our subnet (our lease lapsed while we could not reach etcd, and it took the subnet):
+        never serve it beside that host; take another subnet."""
+        lost = self.lease.subnet
+        log.warning("our lease %s now belongs to another host%s: taking another subnet; containers on this host "
+                    "must move to the new one", lost, f" ({taken_by})" if taken_by else "")
+        return self.acquire()
 
     def reacquire(self) -> Lease:
         lost = self.lease.subnet

@@ -27,7 +27,7 @@ from .health import Health, serve
 from .lease import LeaseManager, LeaseWatcher
 from .metrics import Metrics
 from .reconciler import Reconciler
-from .store.base import EXPIRY_NOT_READ, ConfigNotFound, LeaseEvent, StoreError
+from .store.base import EXPIRY_NOT_READ, ConfigNotFound, Lease, LeaseEvent, StoreError
 
 log = logging.getLogger("pyflanneld")
 
@@ -185,6 +185,8 @@ class Daemon:
         if event.lease.subnet == own:
             if event.kind == LeaseEvent.REMOVED:
                 self.reacquire()
+            elif event.lease.public_ip != self.leases.public_ip:
+                self.lost_to(event.lease)
             elif event.lease.expiration != EXPIRY_NOT_READ:
                 self.follow_own_expiration(event.lease.expiration)
             return
@@ -199,6 +201,16 @@ class Daemon:
         with_backoff("re-acquiring our lease", self.leases.reacquire, self.health, self.stop)
         if self.leases.lease.subnet != before:
             self.use_lease()
+        self.reconcile()
+
+    def lost_to(self, other: Lease) -> None:
+        """Our subnet's key now names another host: it is that host's; we take another subnet and route the old one
+        to its new owner."""
+        with_backoff("taking a new lease", lambda: self.leases.replace(taken_by=other.public_ip), self.health,
+                     self.stop)
+        self.use_lease()
+        self.reconciler.apply_peer(other)
+        self.next_renew = self.leases.renew_due(self.renew_margin)
         self.reconcile()
 
     def reconcile(self) -> None:

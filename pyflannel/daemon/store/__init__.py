@@ -65,8 +65,8 @@ class DetectedStore(Store):
     def leases(self) -> tuple[list[Lease], int]:
         return self.store().leases()
 
-    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
-        return self.store().write_lease(lease, ttl, must_exist)
+    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
+        return self.store().write_lease(lease, ttl, must_exist, expected)
 
     def delete_lease(self, subnet: IPv4Network) -> None:
         self.store().delete_lease(subnet)

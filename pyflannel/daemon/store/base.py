@@ -35,6 +35,10 @@ class LeaseNotFound(Exception):
     """The lease's key is not in the store (expired, deleted)."""
 
 
+class LeaseTaken(Exception):
+    """Our subnet's key holds another value than the one we wrote: another host took the subnet (ours lapsed)."""
+
+
 class ConfigNotFound(Exception):
     """<prefix>/config is not in the store."""
 
@@ -102,17 +106,18 @@ class Store(abc.ABC):
         """All leases and the store position to watch from."""
 
     @abc.abstractmethod
-    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
+    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
         """Write the lease (with `ttl` seconds, None: no TTL) if its key exists (`must_exist`) or does not
-        (compare-and-swap): LeaseNotFound or LeaseExists otherwise. Sets and returns its expiration."""
+        (compare-and-swap): LeaseNotFound or LeaseExists otherwise. With `expected`, the key must also hold exactly
+        that value (what we wrote last): LeaseTaken when it holds another. Sets and returns its expiration."""
 
     def create_lease(self, lease: Lease, ttl: int | None) -> Lease:
         """Create only if the key does not exist; LeaseExists otherwise."""
         return self.write_lease(lease, ttl, must_exist=False)
 
-    def update_lease(self, lease: Lease, ttl: int | None) -> Lease:
-        """Rewrite an existing lease (renewal); LeaseNotFound when it is gone."""
-        return self.write_lease(lease, ttl, must_exist=True)
+    def update_lease(self, lease: Lease, ttl: int | None, expected: str | None = None) -> Lease:
+        """Rewrite an existing lease (renewal); LeaseNotFound when it is gone, LeaseTaken when it is not `expected`."""
+        return self.write_lease(lease, ttl, must_exist=True, expected=expected)
 
     @abc.abstractmethod
     def delete_lease(self, subnet: IPv4Network) -> None:

@@ -9,8 +9,8 @@ import etcd
 import urllib3
 
 from ..subnets import IPv4Network, lease_key, parse_lease_key
-from .base import (ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store, StoreError,
-                   parse_endpoints)
+from .base import (ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken, Store,
+                   StoreError, parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class EtcdV2Store(Store):
             raise LeaseNotFound(str(e)) from None
         except etcd.EtcdAlreadyExist as e:
             raise LeaseExists(str(e)) from None
+        except etcd.EtcdCompareFailed as e:
+            raise LeaseTaken(str(e)) from None
         except etcd.EtcdEventIndexCleared as e:
             raise HistoryLost(str(e)) from None
         except (etcd.EtcdException, urllib3.exceptions.HTTPError, OSError) as e:
@@ -98,9 +100,9 @@ class EtcdV2Store(Store):
         leases = [lease for lease in map(self._lease_from, result.leaves) if lease]
         return leases, result.etcd_index
 
-    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
-        result = self._call(self.client.write, self._key(lease.subnet), lease.attrs_json(), ttl=ttl,
-                            prevExist=must_exist)
+    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
+        cas = {"prevValue": expected} if expected is not None else {"prevExist": must_exist}
+        result = self._call(self.client.write, self._key(lease.subnet), lease.attrs_json(), ttl=ttl, **cas)
         lease.expiration = _expiration(result)
         return lease
 

@@ -21,8 +21,8 @@ from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Et
 from etcd3gw.lease import Lease as EtcdLease
 
 from ..subnets import IPv4Network, lease_key, parse_lease_key
-from .base import (EXPIRY_NOT_READ, ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, Store,
-                   StoreError, parse_endpoints)
+from .base import (EXPIRY_NOT_READ, ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound,
+                   LeaseTaken, Store, StoreError, parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class EtcdV3Store(Store):
         leases = [lease for lease in map(self._lease_from, kvs) if lease]
         return leases, int(reply["header"]["revision"])
 
-    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool) -> Lease:
+    def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
         key = self._key(lease.subnet)
 
         def write(client: Etcd3Client) -> int:
@@ -178,12 +178,17 @@ class EtcdV3Store(Store):
             put = {"key": _b64(key), "value": _b64(lease.attrs_json())}
             if granted:
                 put["lease"] = granted.id
-            compare = {"key": _b64(key), "target": "VERSION", "result": "GREATER" if must_exist else "EQUAL",
-                       "version": 0}
+            if expected is not None:
+                compare = {"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(expected)}
+            else:
+                compare = {"key": _b64(key), "target": "VERSION", "result": "GREATER" if must_exist else "EQUAL",
+                           "version": 0}
             if client.transaction({"compare": [compare], "success": [{"request_put": put}]}).get("succeeded"):
                 return granted.id if granted else 0
             if granted:
                 granted.revoke()
+            if expected is not None and self._range(client, key).get("kvs"):
+                raise LeaseTaken(f"{key} holds another host's lease")
             raise (LeaseNotFound(f"{key} is gone") if must_exist else LeaseExists(f"{key} exists already"))
 
         lease_id = self._call(write)
