@@ -5,10 +5,9 @@ Written atomically by pyflanneld, read by the Docker driver and the CNI plugin. 
 from __future__ import annotations
 
 import ipaddress
-import os
-import tempfile
 from dataclasses import dataclass
 
+from .files import write_atomically
 from .paths import SUBNET_FILE
 
 
@@ -51,21 +50,8 @@ def for_lease(network, lease, mtu: int, ipmasq: bool) -> SubnetEnv:
 
 
 def write(path: str, env: SubnetEnv) -> None:
-    """Replace the file atomically (temp file in the same folder + rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".subnet.env.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(env.render())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Replace the file atomically."""
+    write_atomically(path, env.render())
 
 
 def parse(text: str, source: str = "subnet.env") -> SubnetEnv:

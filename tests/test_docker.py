@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import shutil
 import signal
 import statistics
 import threading
@@ -15,6 +16,7 @@ from tests.lab import IMAGE, Lab, child_pids, exited, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 HELLO = "hello from pyflannel"
+HTTPD = ("httpd", "-f", "-p", "80", "-h", "/www")
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +191,58 @@ def test_docker_run_time_on_overlay_beside_the_bridge_driver(overlay):
     print(f"\ndocker run --rm (median of 5): overlay0 {overlay_s:.3f}s, bridge {bridge_s:.3f}s, none {none_s:.3f}s "
           f"(overlay/bridge {overlay_s / bridge_s:.2f}x)")
     assert overlay_s > 0 and bridge_s > 0
+
+
+def power_cycle(lab, host, lease_expired: bool) -> None:
+    """What a reboot does to a host: every process stops (dockerd first, stopping its containers as at shutdown);
+    /run (subnet.env, dockerd's exec root) and the kernel's network state (devices, routes, iptables, sysctls) are
+    gone; the disks (the state dirs, dockerd's data root) stay. With `lease_expired`, the host was down for longer
+    than its etcd lease."""
+    host.dockerd.kill(signal.SIGTERM, wait=30)
+    host.driver.kill(signal.SIGKILL)
+    host.daemon.kill(signal.SIGKILL)
+    host.subnet_file.unlink()
+    shutil.rmtree(host.workdir / "docker" / "exec", ignore_errors=True)
+    for link in host.extra_links() | {"flannel.1", "docker0"}:
+        host.sh("ip", "link", "del", link, check=False)
+    for table in ("nat", "filter"):
+        host.sh("iptables", "-t", table, "-F")
+        host.sh("iptables", "-t", table, "-X")
+    host.sh("iptables", "-P", "FORWARD", "ACCEPT")
+    host.sh("sysctl", "-qw", "net.ipv4.ip_forward=0")
+    if lease_expired:
+        key = next(k for k, v in lab.leases().items() if v["attrs"]["PublicIP"] == host.ip)
+        lab.etcd_delete(f"{lab.prefix_key}/subnets/{key}")
+
+
+@pytest.mark.parametrize("boot_order, lease_expired", [
+    (("daemon", "driver", "dockerd"), False),        # the systemd units' order
+    (("driver", "dockerd", "daemon"), True),         # pyflanneld last, and the host was down longer than its lease
+])
+def test_reboot_brings_back_the_same_lease_and_the_containers(overlay, boot_order, lease_expired):
+    """Each part starts 2 s after the one before (dockerd in the background: it restarts `kept` while the rest
+    is still coming up); the driver waits for subnet.env (--lease-wait) when dockerd asks before pyflanneld is up."""
+    h1, h2 = overlay.hosts
+    lease_before = lease(h1)
+    h1.docker("run", "-d", "--name", "kept", "--restart", "always", "--network", "overlay0", IMAGE, *HTTPD)
+    power_cycle(overlay, h1, lease_expired)
+    booted = time.monotonic()
+    starts = {"daemon": lambda: h1.start_daemon(wait_ready=False), "driver": h1.start_driver,
+              "dockerd": lambda: threading.Thread(target=h1.start_dockerd).start()}
+    for i, process in enumerate(boot_order):
+        if i:
+            time.sleep(2)
+        starts[process]()
+    def running_address():
+        running, _, address = h1.docker("inspect", "-f", "{{.State.Running}} {{.NetworkSettings.Networks.overlay0"
+                                                         ".IPAddress}}", "kept").strip().partition(" ")
+        return running == "true" and address
+
+    address = wait_until("kept running again", running_address, timeout=60, interval=0.5)
+    wait_until("kept reachable from h2", lambda: HELLO in h2.docker(
+        "run", "--rm", "--network", "overlay0", IMAGE, "wget", "-q", "-O-", f"http://{address}/", check=False),
+        timeout=60, interval=1)
+    print(f"\nreboot, boot order {' -> '.join(boot_order)}{', lease expired' if lease_expired else ''}: "
+          f"same lease {lease(h1)}, 'kept' reachable from h2 {time.monotonic() - booted:.1f} s after boot began")
+    assert lease(h1) == lease_before
+    h1.docker("rm", "-f", "kept")

@@ -2,6 +2,8 @@
 kernel refusal. No root, no namespaces. test_driver_api.py runs the same flows on the real kernel."""
 import ipaddress
 import json
+import threading
+import time
 
 import pytest
 
@@ -46,3 +48,19 @@ def test_a_kernel_refusal_is_a_500_that_names_it_and_joins_nothing(driver):
     message = docker.fails("NetworkDriver.Join", {**ref, "SandboxKey": "/x", "Options": {}}, status=500)
     assert "cannot ensure_veth" in message
     assert json.loads(state_file.read_text())["endpoints"]["e" * 64]["joined"] is False
+
+
+def test_a_call_waits_a_bounded_time_for_pyflanneld_to_write_subnet_env(tmp_path):
+    """At boot dockerd may restart a container before pyflanneld wrote subnet.env: the call waits for it (up to
+    --lease-wait) instead of failing the container; without it, the error comes after the wait."""
+    subnet_env = tmp_path / "subnet.env"
+    docker = DockerSide(create_app(str(tmp_path / "state"), str(subnet_env), plumbing=FakePlumbing(), lease_wait=3))
+    writer = threading.Timer(0.5, write_subnet_env, (subnet_env,))
+    writer.start()
+    started = time.monotonic()
+    pool = docker.ok("IpamDriver.RequestPool", {"Pool": "", "V6": False})
+    assert pool["Pool"] == "10.5.34.0/24" and 0.4 < time.monotonic() - started < 3
+    subnet_env.unlink()
+    started = time.monotonic()
+    assert "no flannel lease on this host" in docker.fails("IpamDriver.RequestPool", {"Pool": "", "V6": False}, 503)
+    assert time.monotonic() - started >= 3

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 
 from pyflannel import paths, subnetenv
+from pyflannel.files import write_atomically
 
 from .protocol import INVALID_CONFIG, IO_FAILURE, TRY_AGAIN_LATER, CniError
 
@@ -126,11 +126,7 @@ class SavedDelegates:
 
     def save(self, container_id: str, delegate: dict) -> None:
         try:
-            os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".tmp-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(delegate, f)
-            os.replace(tmp, self._path(container_id))
+            write_atomically(self._path(container_id), json.dumps(delegate), mode=0o600, folder_mode=0o700)
         except OSError as e:
             raise CniError(IO_FAILURE, f"cannot save the delegate config in {self.data_dir}: {e.strerror}") from None
 

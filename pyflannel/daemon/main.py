@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import queue
 import signal
 import sys
@@ -14,6 +15,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from pyflannel import subnetenv
+from pyflannel.files import write_atomically
 from pyflannel.kernel.errors import KernelError
 from pyflannel.kernel.netlink import Kernel
 
@@ -28,9 +30,11 @@ from .lease import LeaseManager, LeaseWatcher
 from .metrics import Metrics
 from .reconciler import Reconciler
 from .store.base import EXPIRY_NOT_READ, ConfigNotFound, Lease, LeaseEvent, StoreError
+from .subnets import IPv4Network
 
 log = logging.getLogger("pyflanneld")
 
+LAST_LEASE = "last-lease"  # in --state-dir: the subnet we held last, preferred at start when subnet.env is gone
 RENEW_RETRY = timedelta(minutes=1)
 WATCH_POLL_SECONDS = 30.0
 MAX_BACKOFF = 10.0
@@ -86,10 +90,18 @@ class Daemon:
         text = with_backoff("reading the network config", read, self.health, self.stop)
         return netconfig.parse(text)
 
-    def previous_subnet(self):
+    def previous_subnet(self) -> IPv4Network | None:
+        """The subnet to ask for first: subnet.env's, else the one kept in --state-dir (after a reboot /run is
+        empty, and flannel would take a random subnet once the lease expired, stranding the host's Docker
+        networks)."""
         try:
             return subnetenv.read(self.flags.subnet_file).lease
         except subnetenv.SubnetEnvError:
+            pass
+        try:
+            with open(os.path.join(self.flags.state_dir, LAST_LEASE)) as f:
+                return IPv4Network(f.read().strip())
+        except (OSError, ValueError):
             return None
 
     def start(self) -> None:
@@ -123,6 +135,7 @@ class Daemon:
             masq.install(self.config.network, lease.subnet)
             self.backend.prepare_for_masquerade()
         env = subnetenv.for_lease(self.config.network, lease.subnet, self.backend.mtu, self.flags.ip_masq)
+        write_atomically(os.path.join(self.flags.state_dir, LAST_LEASE), f"{lease.subnet}\n")
         subnetenv.write(self.flags.subnet_file, env)
         self.health.lease = str(lease.subnet)
         log.info("lease %s, subnet.env written to %s (MTU %d)", lease.subnet, self.flags.subnet_file,

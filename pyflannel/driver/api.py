@@ -66,10 +66,11 @@ def _body():
 
 
 def create_app(state_dir: str = paths.DRIVER_STATE_DIR, subnet_file: str = paths.SUBNET_FILE, *,
-               plumbing: Plumbing | None = None, reconcile: bool = True, lock_timeout: float = 10.0) -> Flask:
+               plumbing: Plumbing | None = None, reconcile: bool = True, lock_timeout: float = 10.0,
+               lease_wait: float = 0.0) -> Flask:
     """Build the app. With reconcile=True (the default) the kernel is first brought in line with the saved state."""
     store = StateStore(state_dir, lock_timeout=lock_timeout)
-    lease = LeaseSource(subnet_file)
+    lease = LeaseSource(subnet_file, wait=lease_wait)
     plumbing = plumbing or Plumbing()
     network = NetworkDriver(store, lease, plumbing)
     ipam = Ipam(store, lease, plumbing)

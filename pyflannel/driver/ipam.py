@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
+import os
 import threading
 import time
 
@@ -52,12 +53,18 @@ def existing_network_error(network_id: str, net: dict) -> RefusedError:
 
 
 class LeaseSource:
-    """Reads subnet.env at every call, so the driver follows pyflanneld without a restart."""
+    """Reads subnet.env at every call, so the driver follows pyflanneld without a restart. While it does not exist
+    (pyflanneld still starting: at boot dockerd may restart containers before it is up), a call waits up to `wait`
+    seconds for it rather than failing the container at once."""
 
-    def __init__(self, path: str = paths.SUBNET_FILE):
+    def __init__(self, path: str = paths.SUBNET_FILE, wait: float = 0.0):
         self.path = path
+        self.wait = wait
 
-    def current(self) -> subnetenv.SubnetEnv:
+    def current(self, patient: bool = True) -> subnetenv.SubnetEnv:
+        deadline = time.monotonic() + (self.wait if patient else 0.0)
+        while not os.path.exists(self.path) and time.monotonic() < deadline:
+            time.sleep(0.1)
         try:
             env = subnetenv.read(self.path)
         except subnetenv.SubnetEnvError as e:

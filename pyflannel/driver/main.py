@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=15, help="seconds before a stuck worker is restarted (default %(default)s)")
     p.add_argument("--lock-timeout", type=float, default=10.0,
                    help="seconds a call waits for the state lock before failing (default %(default)s)")
+    p.add_argument("--lease-wait", type=float, default=20.0,
+                   help="seconds a Docker call waits for subnet.env while pyflanneld starts (default %(default)s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     for name in ("workers", "threads", "timeout"):
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         instance = claim_instance(args.state_dir, wait=GRACEFUL_SECONDS + 5)  # noqa: F841 - held until exit
         prepare_socket_path(args.socket)
         from .api import create_app
-        app = create_app(args.state_dir, args.subnet_file, lock_timeout=args.lock_timeout)
+        app = create_app(args.state_dir, args.subnet_file, lock_timeout=args.lock_timeout, lease_wait=args.lease_wait)
         try:
             env = subnetenv.read(args.subnet_file)
             log.info("this host's lease: %s (gateway %s, MTU %d)", env.lease, env.gateway, env.mtu)

@@ -58,6 +58,7 @@ class NetworkDriver:
         self.store = store
         self.lease = lease
         self.plumbing = plumbing
+        self.reconcile_pending = False  # the start-up reconcile found no lease yet: done at the first Join
 
     @staticmethod
     def capabilities() -> dict:
@@ -205,6 +206,8 @@ class NetworkDriver:
 
     def join(self, req: v.Join) -> dict:
         env = self.lease.current()
+        if self.reconcile_pending:  # after a boot: the bridges and the rules of every network come back now
+            self.reconcile()
         with self.store.transaction() as st:
             net = self._network(st, req.network_id)
             ep = st["endpoints"].get(req.endpoint_id)
@@ -301,10 +304,11 @@ class NetworkDriver:
         """
         with self.store.transaction() as st:
             try:
-                env = self.lease.current()
+                env = self.lease.current(patient=False)
             except UnavailableError as e:
                 env = None
-                log.warning("%s; bridges are repaired at the next Docker call", e)
+                log.warning("%s; bridges and rules are restored at the first Join", e)
+            self.reconcile_pending = env is None
             bridges = {net["bridge"] for net in st["networks"].values()}
             veths = set()
             for ep in st["endpoints"].values():

@@ -25,11 +25,11 @@ import errno
 import fcntl
 import json
 import os
-import tempfile
 import threading
 import time
 
 from pyflannel import paths
+from pyflannel.files import write_atomically
 
 from .errors import DriverError, UnavailableError
 
@@ -83,23 +83,8 @@ class StateStore:
         return state
 
     def _save(self, state: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".state.json.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(state, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, json.dumps(state, indent=1, sort_keys=True) + "\n", mode=0o600,
+                         folder_mode=0o700)
 
     @contextlib.contextmanager
     def transaction(self):

@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 
+from pyflannel.files import write_atomically
 from pyflannel.kernel.links import random_mac
 from pyflannel.kernel.netlink import FdbEntry, Neighbor, Route
 
@@ -30,11 +31,7 @@ def load_or_create_mac(state_dir: str, vni: int) -> str:
     except FileNotFoundError:
         pass
     mac = random_mac()
-    os.makedirs(state_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(mac + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, mac + "\n")
     return mac
 
 
