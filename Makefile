@@ -7,7 +7,7 @@ APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iptables ethtool \
                 containernetworking-plugins docker-compose python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-unit test-lab demo demo-down bench clean plugin images cni engines
+.PHONY: install system-deps test test-unit test-lab demo demo-down bench clean plugin images cni engines units install-host
 
 # The managed Docker plugin (build/plugin/pyflannel: config.json + rootfs) and the same rootfs as a tar for the
 # compose image; rebuilt only when a source file changed.
@@ -82,6 +82,25 @@ $(CNI_BIN): $(CNI_SOURCES) | $(VENV)/.build-installed
 		$(addprefix --exclude-module ,$(CNI_EXCLUDES)) site/pyflannel/cni/__main__.py
 
 cni: $(CNI_BIN)
+
+# A real host: pyflannel in a venv under PREFIX and its systemd units (systemd/, @BINDIR@ replaced) in UNITDIR,
+# enabled and started when systemd runs: pyflanneld after network-online, the driver's socket before docker.
+PREFIX  ?= /opt/pyflannel
+UNITDIR ?= /etc/systemd/system
+BINDIR  ?= $(PREFIX)/bin
+units:
+	install -d $(UNITDIR)
+	for unit in systemd/*.service systemd/*.socket; do \
+		sed 's|@BINDIR@|$(BINDIR)|g' $$unit > $(UNITDIR)/$$(basename $$unit); done
+
+install-host:
+	python3 -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q .
+	$(MAKE) -s units
+	@if [ -d /run/systemd/system ]; then \
+		systemctl daemon-reload && systemctl enable --now pyflanneld.service pyflannel-driver.socket; \
+		echo "pyflanneld and pyflannel-driver.socket enabled; settings: /etc/default/pyflanneld (FLANNELD_*)"; \
+	else echo "systemd is not running here: units installed in $(UNITDIR), not started"; fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

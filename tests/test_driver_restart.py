@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -240,3 +241,66 @@ def test_a_second_driver_on_the_same_state_waits_then_gives_up(ns, tmp_path, dri
     assert second.returncode == 1 and "Traceback" not in second.stderr
     assert f"another pyflannel-driver (pid {first.pid}) still serves state dir" in second.stderr
     assert answers(sock)
+
+
+def test_under_socket_activation_restarts_cost_not_even_a_retry(ns, tmp_path, driver_pair):
+    """As systemd runs it (pyflannel-driver.socket): the listening socket is passed as fd 3 (LISTEN_FDS) and outlives
+    each driver, so calls made while one driver dies and the next starts wait in it: none fails, none is retried."""
+    start, workers = driver_pair
+    sock = str(tmp_path / "plugins" / "pyflannel.sock")
+    (tmp_path / "plugins").mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock)
+    listener.listen(128)
+    started: list[subprocess.Popen] = []
+
+    def start_activated(log_name: str) -> subprocess.Popen:
+        log = open(tmp_path / log_name, "w")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh", sys.executable,
+             "-m", "pyflannel.driver.main", "--socket", sock, "--state-dir", str(tmp_path / "state"),
+             "--subnet-file", str(tmp_path / "subnet.env")],
+            stdout=log, stderr=subprocess.STDOUT, pass_fds=(3,),
+            preexec_fn=lambda: os.dup2(listener.fileno(), 3))
+        started.append(proc)
+        return proc
+
+    try:
+        proc = start_activated("driver-0.log")
+        wait_answering(sock, proc)
+        client = DockerdClient(sock)
+        failures, calls, done = [], [0], threading.Event()
+
+        def caller():
+            while not done.is_set():
+                status, reply = client.call("NetworkDriver.EndpointOperInfo", {"NetworkID": "a" * 64,
+                                                                               "EndpointID": "b" * 64})
+                calls[0] += 1
+                if status != 200:
+                    failures.append(reply)
+
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for round_ in range(1, 4):
+            time.sleep(0.5)
+            workers.extend(child_pids(proc.pid))
+            proc.kill()
+            proc.wait()
+            time.sleep(0.5)  # systemd's RestartSec, shortened
+            proc = start_activated(f"driver-{round_}.log")
+        time.sleep(1)
+        done.set()
+        for t in threads:
+            t.join(60)
+        print(f"\nsocket activation, 3 SIGKILL restarts under 4 clients: {calls[0]} calls, {len(failures)} failed, "
+              f"{client.retried} retried")
+        assert not failures and client.retried == 0 and calls[0] > 20
+        assert os.path.exists(sock)  # systemd's socket: never unlinked
+    finally:
+        for p in started:
+            workers.extend(child_pids(p.pid))
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        listener.close()

@@ -20,7 +20,8 @@ import sys
 from pyflannel import paths, subnetenv
 
 from .errors import DriverError
-from .server import GRACEFUL_SECONDS, StartupError, build_server, claim_instance, prepare_socket_path
+from .server import (GRACEFUL_SECONDS, StartupError, build_server, claim_instance, prepare_socket_path,
+                     socket_activated)
 
 log = logging.getLogger("pyflannel.driver")
 
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
         if os.geteuid() != 0:
             log.warning("not running as root: creating bridges and veth pairs will fail")
         instance = claim_instance(args.state_dir, wait=GRACEFUL_SECONDS + 5)  # noqa: F841 - held until exit
-        prepare_socket_path(args.socket)
+        if not socket_activated():
+            prepare_socket_path(args.socket)
         from .api import create_app
         app = create_app(args.state_dir, args.subnet_file, lock_timeout=args.lock_timeout, lease_wait=args.lease_wait)
         try:
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - one line, not a traceback, for whoever starts the driver
         print(f"pyflannel-driver: cannot start: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    log.info("serving on %s", os.path.abspath(args.socket))
+    log.info("serving on %s", "the socket systemd passed" if socket_activated() else os.path.abspath(args.socket))
     server.run()
     return 0
 

@@ -12,6 +12,8 @@ restart from ever doing that:
   already queued on its socket for DRAIN_SECONDS, finishes those in flight, and exits. A SIGTERM does the same.
 - One driver per state dir: the master holds an flock on <state-dir>/driver.lock, inherited by its workers, so a
   new driver waits for the previous one's last worker before it binds the socket.
+Under systemd socket activation (pyflannel-driver.socket) the listening socket outlives the driver: it is never
+unlinked, and calls made while the driver restarts wait in it for the next one.
 """
 from __future__ import annotations
 
@@ -40,6 +42,11 @@ log = logging.getLogger(__name__)
 
 class StartupError(Exception):
     pass
+
+
+def socket_activated() -> bool:
+    """systemd passed us the listening socket (LISTEN_FDS for this PID); gunicorn serves on it."""
+    return os.environ.get("LISTEN_PID") == str(os.getpid()) and int(os.environ.get("LISTEN_FDS", "0") or 0) > 0
 
 
 def claim_instance(state_dir: str, wait: float) -> int:
@@ -109,10 +116,12 @@ def _secure_socket(path: str) -> None:
 class DriverWorker(ThreadWorker):
     """gunicorn's threaded worker, stopped the way the module docstring says (master gone, or SIGTERM)."""
 
+    activated = False  # set in the master before the workers fork: the socket is systemd's, never unlinked
+
     def init_process(self):
         self._stopping = False
         self._socket_path, self._socket_inode = None, None
-        for listener in self.sockets:
+        for listener in [] if self.activated else self.sockets:
             path = listener.getsockname()
             if isinstance(path, str) and path:
                 self._socket_path, self._socket_inode = path, _inode(path)
@@ -160,6 +169,7 @@ def _inode(path: str) -> int | None:
 
 def build_server(app, socket_path: str, *, workers: int, threads: int, timeout: int, log_level: str):
     socket_path = os.path.abspath(socket_path)
+    DriverWorker.activated = socket_activated()
 
     class DriverServer(BaseApplication):
         def load_config(self):
@@ -176,7 +186,7 @@ def build_server(app, socket_path: str, *, workers: int, threads: int, timeout: 
                 "errorlog": "-",
                 "accesslog": None,
                 "proc_name": "pyflannel-driver",
-                "when_ready": lambda server: _secure_socket(socket_path),
+                "when_ready": lambda server: None if DriverWorker.activated else _secure_socket(socket_path),
                 "control_socket_disable": True,  # gunicorn >= 24 would otherwise open a control socket
             }
             for key, value in options.items():
