@@ -363,13 +363,20 @@ def test_network_rm_releases_the_pool(docker):
 
 # --- MTU -----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("option, expected", [(None, FLANNEL_MTU), ("1400", 1400), ("9000", FLANNEL_MTU)])
+@pytest.mark.parametrize("option, expected", [(None, FLANNEL_MTU), ("1400", 1400)])
 def test_mtu_is_flannel_mtu_or_the_lower_option(docker, option, expected):
     net = docker.create_network(mtu=option)
     ep = docker.run_container(net)
     assert link(net["bridge"])["mtu"] == expected
     assert link(ep["host"])["mtu"] == expected
     assert link(ep["container"])["mtu"] == expected
+
+
+def test_an_mtu_above_the_overlays_is_refused_naming_it(docker):
+    body = network_request(NID, generic={"com.docker.network.driver.mtu": "9000"})
+    err = docker.fails("NetworkDriver.CreateNetwork", body, 409)
+    assert "mtu=9000 is above this overlay's MTU 1450" in err and "at most 1450" in err
+    assert our_links() == []
 
 
 def test_flannel_mtu_change_reaches_new_containers(docker, subnet_file):

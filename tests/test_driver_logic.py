@@ -64,3 +64,18 @@ def test_a_call_waits_a_bounded_time_for_pyflanneld_to_write_subnet_env(tmp_path
     started = time.monotonic()
     assert "no flannel lease on this host" in docker.fails("IpamDriver.RequestPool", {"Pool": "", "V6": False}, 503)
     assert time.monotonic() - started >= 3
+
+
+def test_a_pool_released_before_delete_network_goes_with_the_network(driver):
+    """dockerd 20.10 calls ReleasePool before DeleteNetwork: no pool record (and no stale allocation) is left."""
+    docker, _, state_file = driver
+    net = docker.create_network()
+    ep = docker.run_container(net)
+    docker.ok("IpamDriver.ReleasePool", {"PoolID": net["pool_id"]})  # kept: the network still uses it
+    assert json.loads(state_file.read_text())["pools"]
+    docker.ok("NetworkDriver.Leave", {"NetworkID": net["id"], "EndpointID": ep["id"]})
+    docker.ok("NetworkDriver.DeleteEndpoint", {"NetworkID": net["id"], "EndpointID": ep["id"]})
+    docker.ok("NetworkDriver.DeleteNetwork", {"NetworkID": net["id"]})
+    assert json.loads(state_file.read_text())["pools"] == {}
+    again = docker.create_network()  # a recreate starts from a clean pool
+    assert docker.run_container(again)["address"] == "10.5.34.2/24"

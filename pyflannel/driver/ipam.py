@@ -173,8 +173,9 @@ class Ipam:
                 return {}
             users = [nid for nid, n in st["networks"].items() if n.get("pool") == pool["pool"]]
             if users:
-                # Docker's rollback of a refused second network releases the pool the first one still uses.
-                log.info("ReleasePool %s: kept, network %s still uses it", req.pool_id, users[0][:12])
+                # Docker's rollback of a refused second network releases the pool the first one still uses; and
+                # dockerd 20.10 releases it before DeleteNetwork, which then drops it (network.delete_network).
+                log.info("ReleasePool %s: kept while network %s uses it", req.pool_id, users[0][:12])
                 return {}
             if pool["allocated"]:
                 log.info("ReleasePool %s: dropping %d leftover address(es)", req.pool_id, len(pool["allocated"]))

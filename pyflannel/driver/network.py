@@ -8,7 +8,8 @@ Decisions (see docs/driver.md):
 - The network's subnet must be this host's lease and its gateway the lease's first address, whoever did the IPAM:
   with `--ipam-driver pyflannel` that is automatic; with another IPAM driver only `--subnet <lease>` is accepted.
 - MTU: FLANNEL_MTU (the overlay's MTU), or the lower `-o com.docker.network.driver.mtu=N`; a higher option is
-  capped to FLANNEL_MTU, since bigger packets would not cross the overlay. Read from subnet.env at each Join, so an
+  refused, naming FLANNEL_MTU (bigger packets would not cross the overlay, and `docker network inspect` would show
+  an MTU not in force); if FLANNEL_MTU later drops below the option, the lower one is used. Read from subnet.env at each Join, so an
   MTU change by pyflanneld reaches new containers.
 - Every handler is idempotent: a repeated Create/Join gives the same answer, Delete/Leave of an unknown id succeed.
 - CreateEndpoint only records the endpoint (and picks a MAC); Join creates the veth pair, Leave deletes it.
@@ -86,9 +87,10 @@ class NetworkDriver:
         if data.gateway is not None and data.gateway.ip != env.gateway:
             raise RefusedError(f"gateway {data.gateway.ip} is not the first address of this host's lease "
                                f"({env.gateway}): create the network without --gateway")
-        if req.mtu_option and req.mtu_option > env.mtu:
-            log.info("network %s: -o %s=%d is above FLANNEL_MTU %d; using %d", req.network_id[:12], v.OPT_MTU,
-                     req.mtu_option, env.mtu, env.mtu)
+        if req.mtu_option and req.mtu_option > env.mtu:  # `docker network inspect` would show an MTU not in force
+            raise RefusedError(f"-o {v.OPT_MTU}={req.mtu_option} is above this overlay's MTU {env.mtu} "
+                               f"(FLANNEL_MTU: the underlay's MTU less the encapsulation): bigger packets would not "
+                               f"cross it. Use at most {env.mtu}, or leave the option out")
         gateway = ipaddress.IPv4Interface(f"{env.gateway}/{env.lease.prefixlen}")
         with self.store.transaction() as st:
             known = st["networks"].get(req.network_id)
@@ -129,6 +131,9 @@ class NetworkDriver:
             self.plumbing.remove_rules(firewall.network_rules(network_spec(net)))
             self.plumbing.delete_bridge(net["bridge"])
             del st["networks"][req.network_id]
+            for pid, pool in list(st["pools"].items()):  # no network left on it: its allocations are all stale
+                if not any(n["pool"] == pool["pool"] for n in st["networks"].values()):
+                    del st["pools"][pid]
         log.info("network %s deleted", req.network_id[:12])
         return {}
 
