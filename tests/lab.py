@@ -164,7 +164,7 @@ class Host:
 
     def start_daemon(self, *extra: str, wait_ready: bool = True) -> Process:
         iface = [] if "-iface" in extra else ["-iface", "eth0"]
-        args = ["-etcd-endpoints", self.lab.etcd_url, *iface, "-subnet-file", str(self.subnet_file),
+        args = ["-etcd-endpoints", self.lab.etcd_endpoints, *iface, "-subnet-file", str(self.subnet_file),
                 "--state-dir", str(self.state_dir), "-etcd-prefix", self.lab.prefix_key, *extra]
         self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", [str(VENV_BIN / "pyflanneld"), *args], ns=self.ns)
         if wait_ready:
@@ -343,7 +343,9 @@ class Lab:
         self.processes: list[Process] = []
         self.hosts: list[Host] = []
         self.container_pids: set[int] = set()  # containerd's containers: their own namespaces, outside the lab's
-        self.etcd_url = ETCD_URL
+        self.etcd_url = ETCD_URL              # what the lab's own helpers talk to
+        self.etcd_endpoints = ETCD_URL        # what the daemons are given (start_etcd_cluster: every member)
+        self.etcd_members: list[Process] = []
         try:
             self.switch = self.add_ns("sw")
             sh("ip", "link", "add", "br0", "type", "bridge", ns=self.switch)
@@ -412,7 +414,7 @@ class Lab:
 
     def start_etcd(self, *extra: str, scheme: str = "http", ready=None) -> Process:
         """etcd on the switch, v2 API on only in a v2 lab; `extra` adds flags (TLS, …), `ready` replaces the probe."""
-        self.etcd_url = f"{scheme}://{SWITCH_IP}:2379"
+        self.etcd_url = self.etcd_endpoints = f"{scheme}://{SWITCH_IP}:2379"
         data = self.workdir / "etcd"
         self.etcd = self.spawn("etcd", [
             "etcd", "--name", "lab", "--data-dir", str(data),
@@ -424,6 +426,23 @@ class Lab:
         wait_until("etcd health", ready or (lambda: self.etcd_get("/health").get("health") == "true"), timeout=30,
                    interval=0.2)
         return self.etcd
+
+    def start_etcd_cluster(self, members: int = 3) -> list[Process]:
+        """A real etcd cluster on the switch: member i listens on 192.0.2.2:<i>2379 (peers <i>2380). The daemons
+        get every member, the first one first; the lab's helpers use the last one."""
+        urls = [(f"http://{SWITCH_IP}:{i}2379", f"http://{SWITCH_IP}:{i}2380") for i in range(1, members + 1)]
+        cluster = ",".join(f"m{i}={peer}" for i, (_, peer) in enumerate(urls, start=1))
+        for i, (client, peer) in enumerate(urls, start=1):
+            self.etcd_members.append(self.spawn(f"etcd-m{i}", [
+                "etcd", "--name", f"m{i}", "--data-dir", str(self.workdir / f"etcd-m{i}"),
+                f"--enable-v2={str(self.etcd_api == 'v2').lower()}", "--listen-client-urls", client,
+                "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", cluster, "--initial-cluster-state", "new"], ns=self.switch))
+        self.etcd_url = urls[-1][0]
+        self.etcd_endpoints = ",".join(client for client, _ in urls)
+        wait_until("etcd cluster health", lambda: self.etcd_get("/health").get("health") == "true", timeout=60,
+                   interval=0.3)
+        return self.etcd_members
 
     def image_tar(self) -> Path:
         """A busybox root filesystem as a tar, for `docker import` (no registry is reachable)."""

@@ -36,7 +36,7 @@ log = logging.getLogger("pyflanneld")
 
 LAST_LEASE = "last-lease"  # in --state-dir: the subnet we held last, preferred at start when subnet.env is gone
 RENEW_RETRY = timedelta(minutes=1)
-WATCH_POLL_SECONDS = 30.0
+WATCH_POLL_SECONDS = 10.0  # an idle watch is re-issued (and its member checked) this often
 MAX_BACKOFF = 10.0
 
 

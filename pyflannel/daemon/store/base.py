@@ -5,11 +5,37 @@ import abc
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
+
+import urllib3
 
 from ..subnets import IPv4Network
 
 LEASE_TTL_SECONDS = 24 * 3600
+
+
+PROBE_SECONDS = 1.0  # a member that does not answer /version within this is taken as hung
+
+
+def answers(base_url: str, http: urllib3.PoolManager) -> bool:
+    """The etcd member at `base_url` answers GET /version (cheap, local to the member) within PROBE_SECONDS."""
+    try:
+        return http.request("GET", base_url.rstrip("/") + "/version", timeout=PROBE_SECONDS, retries=False,
+                            preload_content=True).status == 200
+    except (urllib3.exceptions.HTTPError, OSError):
+        return False
+
+
+def answering_first(hosts: list[tuple[str, int]], scheme: str, cert=None, cafile=None) -> list[tuple[str, int]]:
+    """`hosts` (host, port) with those that answer first, each group in the given order (probed in parallel)."""
+    if len(hosts) < 2:
+        return hosts
+    http = urllib3.PoolManager(cert_file=cert[0] if cert else None, key_file=cert[1] if cert else None,
+                               ca_certs=cafile, cert_reqs="CERT_REQUIRED" if cafile else None)
+    with ThreadPoolExecutor(len(hosts)) as pool:
+        ok = list(pool.map(lambda h: answers(f"{scheme}://{h[0]}:{h[1]}", http), hosts))
+    return [h for h, up in zip(hosts, ok) if up] + [h for h, up in zip(hosts, ok) if not up]
 
 
 def parse_endpoints(endpoints: list[str]) -> list[tuple[str, str, int]]:

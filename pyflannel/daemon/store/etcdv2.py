@@ -10,7 +10,7 @@ import urllib3
 
 from ..subnets import IPv4Network, lease_key, parse_lease_key
 from .base import (ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken, Store,
-                   StoreError, parse_endpoints)
+                   StoreError, answering_first, answers, parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,31 @@ class EtcdV2Store(Store):
         scheme = parsed[-1][0] if parsed else "http"
         hosts = [(host, port) for _, host, port in parsed]
         cert = (certfile, keyfile) if certfile else None
-        if len(hosts) == 1:
-            host, port = hosts[0]
-            where = dict(host=host, port=port)
-        else:
-            where = dict(host=tuple(hosts))
-        self._kw = dict(**where, protocol=scheme, cert=cert, ca_cert=cafile, username=username,
-                        password=password, allow_reconnect=len(hosts) > 1, read_timeout=timeout)
-        self.client = self._new_client()
-        self._watch_client = self._new_client()
+        self._hosts = hosts
+        self._kw = dict(protocol=scheme, cert=cert, ca_cert=cafile, username=username, password=password,
+                        read_timeout=timeout)
+        self._clients: tuple | None = None  # (client, watch client), made at the first call
 
-    def _new_client(self):
-        return etcd.Client(**self._kw)
+    def _connect(self) -> tuple:
+        """Both clients, on the endpoints that answer first. python-etcd asks its first endpoint for the members
+        when created; it must not be a hung one (nor an etcd without the v2 API, which answers 404)."""
+        hosts = answering_first(self._hosts, self._kw["protocol"], self._kw["cert"], self._kw["ca_cert"])
+        where = dict(host=hosts[0][0], port=hosts[0][1]) if len(hosts) == 1 else dict(host=tuple(hosts))
+        try:
+            return tuple(etcd.Client(**where, **self._kw, allow_reconnect=len(hosts) > 1) for _ in range(2))
+        except (etcd.EtcdException, urllib3.exceptions.HTTPError, OSError) as e:
+            raise StoreError(f"etcd at {', '.join(self.endpoints)}: {e}") from None
+
+    @property
+    def client(self):
+        if self._clients is None:
+            self._clients = self._connect()
+        return self._clients[0]
+
+    @property
+    def _watch_client(self):
+        self.client  # noqa: B018 - connects both
+        return self._clients[1]
 
     def _key(self, subnet: IPv4Network) -> str:
         return f"{self.prefix}/subnets/{lease_key(subnet)}"
@@ -117,6 +130,12 @@ class EtcdV2Store(Store):
             result = self._call(self._watch_client.read, f"{self.prefix}/subnets", recursive=True, wait=True,
                                 waitIndex=position + 1, timeout=timeout)
         except _WatchIdle:
+            # An etcd v2 watch sends nothing until an event: a quiet watch and a hung member look alike. Ask the
+            # member; if it does not answer, start again on the members that do.
+            client = self._watch_client
+            if not answers(client.base_uri, client.http):
+                log.warning("etcd at %s does not answer: moving to another member", client.base_uri)
+                self._clients = None
             return [], position
         subnet = parse_lease_key(result.key)
         if subnet is None:

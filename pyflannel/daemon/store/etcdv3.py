@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import requests
@@ -22,7 +23,7 @@ from etcd3gw.lease import Lease as EtcdLease
 
 from ..subnets import IPv4Network, lease_key, parse_lease_key
 from .base import (EXPIRY_NOT_READ, ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound,
-                   LeaseTaken, Store, StoreError, parse_endpoints)
+                   LeaseTaken, PROBE_SECONDS, Store, StoreError, parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,15 @@ class EtcdV3Store(Store):
             for clients, session in zip((self._clients, self._watch_clients), self._sessions):
                 clients.append(Etcd3Client(host, port, scheme, timeout=timeout, session=session))
         self._current = 0
+        self._ordered = len(self._clients) < 2  # endpoints that answer come first, decided at the first call
         self._read_expiry = read_expiry
         self._expirations: dict[int, datetime] = {}  # etcd lease ID -> when it ends (an etcd lease's TTL only shrinks)
 
     # --- requests: failover across endpoints, authentication -------------------------------------------------
     def _call(self, fn, watch: bool = False):
         """fn(client) on the current endpoint, moving on while endpoints cannot be reached."""
+        if not self._ordered:
+            self._order_endpoints()
         clients = self._watch_clients if watch else self._clients
         unreachable = []
         for _ in clients:
@@ -94,6 +98,15 @@ class EtcdV3Store(Store):
             except (requests.RequestException, ValueError) as e:  # a reply that is not etcd's JSON
                 raise StoreError(f"etcd at {client.base_url}: {e}") from None
         raise StoreError(f"etcd unreachable: {'; '.join(unreachable)}")
+
+    def _order_endpoints(self) -> None:
+        """Put the members that answer first (a hung one would cost every first call its full timeout)."""
+        with ThreadPoolExecutor(len(self._clients)) as pool:
+            ok = list(pool.map(self._answers, self._clients))
+        order = [i for i, up in enumerate(ok) if up] + [i for i, up in enumerate(ok) if not up]
+        self._clients = [self._clients[i] for i in order]
+        self._watch_clients = [self._watch_clients[i] for i in order]
+        self._ordered = True
 
     def _authenticated(self, fn, client: Etcd3Client):
         if self._credentials is None:
@@ -225,13 +238,29 @@ class EtcdV3Store(Store):
                     if result.get("events"):
                         return result["events"]
         except requests.exceptions.ReadTimeout:
-            return []
+            return self._quiet(client)
         except requests.exceptions.ConnectionError as e:
             # requests reports a read timeout inside a stream as a ConnectionError wrapping urllib3's
             if e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError):
-                return []
+                return self._quiet(client)
             raise _Unreachable(str(e)) from None
         raise _Unreachable("the watch stream ended")
+
+    @staticmethod
+    def _answers(client: Etcd3Client) -> bool:
+        """The member answers GET /version (cheap, local to it) within PROBE_SECONDS."""
+        try:
+            return client.session.get(client.base_url + "/version", timeout=PROBE_SECONDS).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _quiet(self, client: Etcd3Client) -> list:
+        """No event within the watch's time: a quiet prefix, or a hung member (they look alike). A member that does
+        not answer GET /version either is left for the next one."""
+        if self._answers(client):
+            return []
+        log.warning("etcd at %s does not answer: moving to another member", client.base_url)
+        raise _Unreachable(f"{client.base_url} does not answer")
 
     def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
         raw = self._call(lambda client: self._watch_once(client, position, timeout), watch=True)
