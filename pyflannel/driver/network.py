@@ -9,8 +9,8 @@ Decisions (see docs/driver.md):
   with `--ipam-driver pyflannel` that is automatic; with another IPAM driver only `--subnet <lease>` is accepted.
 - MTU: FLANNEL_MTU (the overlay's MTU), or the lower `-o com.docker.network.driver.mtu=N`; a higher option is
   refused, naming FLANNEL_MTU (bigger packets would not cross the overlay, and `docker network inspect` would show
-  an MTU not in force); if FLANNEL_MTU later drops below the option, the lower one is used. Read from subnet.env at each Join, so an
-  MTU change by pyflanneld reaches new containers.
+  an MTU not in force). Read from subnet.env at each Join, so an MTU change by pyflanneld reaches new containers
+  (the lower of the two, if FLANNEL_MTU drops below the option).
 - Every handler is idempotent: a repeated Create/Join gives the same answer, Delete/Leave of an unknown id succeed.
 - CreateEndpoint only records the endpoint (and picks a MAC); Join creates the veth pair, Leave deletes it.
 - Like Docker's bridge: containers reach the world masqueraded (unless -o
@@ -25,15 +25,14 @@ import logging
 
 from pyflannel.kernel.links import mac_for, random_mac
 
+from . import firewall
 from . import validation as v
 from .errors import PlumbingError, RefusedError, UnavailableError, ValidationError
 from .ipam import HOW_TO_CREATE, LeaseSource, existing_network_error
-from . import firewall
 from .plumbing import BRIDGE_PREFIX, VETH_CONTAINER_PREFIX, VETH_HOST_PREFIX, Plumbing, bridge_name, veth_names
 from .state import StateStore
 
 log = logging.getLogger(__name__)
-
 
 EPHEMERAL_PORTS = (49153, 65535)  # Docker's range for -P
 
@@ -43,11 +42,17 @@ def effective_mtu(flannel_mtu: int, option: int | None) -> int:
 
 
 def network_spec(net: dict) -> firewall.NetworkSpec:
-    """A network's state record as its rules' input (records written before egress NAT existed get their flannel
-    Network from reconcile, and are masqueraded and not internal)."""
+    """A network's state record as its rules' input. Records written before egress NAT existed are masqueraded and
+    not internal; they get their flannel Network at the driver's start or their next create (see migrate)."""
     return firewall.NetworkSpec(net["bridge"], ipaddress.IPv4Network(net["pool"]),
                                 ipaddress.IPv4Network(net["flannel_network"]), net.get("masquerade", True),
                                 net.get("internal", False))
+
+
+def migrate(net: dict, env) -> dict:
+    """A network record from before egress NAT: it learns the flannel Network from subnet.env."""
+    net.setdefault("flannel_network", str(env.network))
+    return net
 
 
 def published(ep: dict) -> list[firewall.Published]:
@@ -95,7 +100,7 @@ class NetworkDriver:
         with self.store.transaction() as st:
             known = st["networks"].get(req.network_id)
             if known is not None:  # repeated call: same answer, repair the bridge and rules if needed
-                self._plug_network(known, env.mtu)
+                self._plug_network(migrate(known, env), env.mtu)
                 return {}
             for other_id, other in st["networks"].items():
                 raise existing_network_error(other_id, other)
@@ -128,7 +133,8 @@ class NetworkDriver:
                     self.plumbing.remove_rules([firewall.port_rule(p) for p in published(ep)])
                     self.plumbing.delete_veth(ep["veth_host"], ep["veth_container"])
                     del st["endpoints"][eid]
-            self.plumbing.remove_rules(firewall.network_rules(network_spec(net)))
+            if "flannel_network" in net:  # else a record from before egress NAT, never given rules
+                self.plumbing.remove_rules(firewall.network_rules(network_spec(net)))
             self.plumbing.delete_bridge(net["bridge"])
             del st["networks"][req.network_id]
             for pid, pool in list(st["pools"].items()):  # no network left on it: its allocations are all stale
@@ -327,8 +333,7 @@ class NetworkDriver:
                     log.warning("network %s uses %s but this host's lease is now %s: recreate the network",
                                 nid[:12], net["pool"], env.lease)
                     continue
-                net.setdefault("flannel_network", str(env.network))
-                self._quietly(self._bridge_up, net, env.mtu)
+                self._quietly(self._bridge_up, migrate(net, env), env.mtu)
                 rules += firewall.network_rules(network_spec(net))
                 rules += [firewall.port_rule(p) for ep in st["endpoints"].values()
                           if ep["network"] == nid and ep["joined"] for p in published(ep)]
