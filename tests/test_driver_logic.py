@@ -79,3 +79,17 @@ def test_a_pool_released_before_delete_network_goes_with_the_network(driver):
     assert json.loads(state_file.read_text())["pools"] == {}
     again = docker.create_network()  # a recreate starts from a clean pool
     assert docker.run_container(again)["address"] == "10.5.34.2/24"
+
+
+def test_an_exhausted_lease_is_named_and_freeing_an_address_lets_containers_start(tmp_path):
+    """A /29 lease holds 5 containers (the gateway takes one address): the 6th is refused naming the lease; one
+    container gone, the next one starts."""
+    docker = DockerSide(create_app(str(tmp_path / "state"), write_subnet_env(tmp_path / "subnet.env",
+                                                                             lease="10.5.34.0/29"),
+                                   plumbing=FakePlumbing()))
+    net = docker.create_network()
+    running = [docker.run_container(net) for _ in range(5)]
+    err = docker.fails("IpamDriver.RequestAddress", {"PoolID": net["pool_id"], "Address": "", "Options": {}}, 409)
+    assert "no free address left in this host's lease 10.5.34.0/29 (5 containers hold addresses)" in err
+    docker.stop_container(net, running[2])
+    assert docker.run_container(net)["address"] == running[2]["address"]
