@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 from urllib.parse import urlparse
 
 import urllib3
@@ -27,15 +28,14 @@ def answers(base_url: str, http: urllib3.PoolManager) -> bool:
         return False
 
 
-def answering_first(hosts: list[tuple[str, int]], scheme: str, cert=None, cafile=None) -> list[tuple[str, int]]:
-    """`hosts` (host, port) with those that answer first, each group in the given order (probed in parallel)."""
-    if len(hosts) < 2:
-        return hosts
-    http = urllib3.PoolManager(cert_file=cert[0] if cert else None, key_file=cert[1] if cert else None,
-                               ca_certs=cafile, cert_reqs="CERT_REQUIRED" if cafile else None)
-    with ThreadPoolExecutor(len(hosts)) as pool:
-        ok = list(pool.map(lambda h: answers(f"{scheme}://{h[0]}:{h[1]}", http), hosts))
-    return [h for h, up in zip(hosts, ok) if up] + [h for h, up in zip(hosts, ok) if not up]
+def answering_first(members: list, answers_fn: Callable[[object], bool]) -> list:
+    """`members` with those for which `answers_fn` is true first, each group in the given order (probed in
+    parallel): a hung member would cost every first call its full timeout."""
+    if len(members) < 2:
+        return members
+    with ThreadPoolExecutor(len(members)) as pool:
+        ok = list(pool.map(answers_fn, members))
+    return [m for m, up in zip(members, ok) if up] + [m for m, up in zip(members, ok) if not up]
 
 
 def parse_endpoints(endpoints: list[str]) -> list[tuple[str, str, int]]:

@@ -50,7 +50,10 @@ class EtcdV2Store(Store):
     def _connect(self) -> tuple:
         """Both clients, on the endpoints that answer first. python-etcd asks its first endpoint for the members
         when created; it must not be a hung one (nor an etcd without the v2 API, which answers 404)."""
-        hosts = answering_first(self._hosts, self._kw["protocol"], self._kw["cert"], self._kw["ca_cert"])
+        cert, cafile, scheme = self._kw["cert"], self._kw["ca_cert"], self._kw["protocol"]
+        http = urllib3.PoolManager(cert_file=cert[0] if cert else None, key_file=cert[1] if cert else None,
+                                   ca_certs=cafile, cert_reqs="CERT_REQUIRED" if cafile else None)
+        hosts = answering_first(self._hosts, lambda h: answers(f"{scheme}://{h[0]}:{h[1]}", http))
         where = dict(host=hosts[0][0], port=hosts[0][1]) if len(hosts) == 1 else dict(host=tuple(hosts))
         try:
             return tuple(etcd.Client(**where, **self._kw, allow_reconnect=len(hosts) > 1) for _ in range(2))

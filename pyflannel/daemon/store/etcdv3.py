@@ -12,7 +12,6 @@ import json
 import logging
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import requests
@@ -23,7 +22,7 @@ from etcd3gw.lease import Lease as EtcdLease
 
 from ..subnets import IPv4Network, lease_key, parse_lease_key
 from .base import (EXPIRY_NOT_READ, ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound,
-                   LeaseTaken, PROBE_SECONDS, Store, StoreError, parse_endpoints)
+                   LeaseTaken, PROBE_SECONDS, Store, StoreError, answering_first, parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +99,8 @@ class EtcdV3Store(Store):
         raise StoreError(f"etcd unreachable: {'; '.join(unreachable)}")
 
     def _order_endpoints(self) -> None:
-        """Put the members that answer first (a hung one would cost every first call its full timeout)."""
-        with ThreadPoolExecutor(len(self._clients)) as pool:
-            ok = list(pool.map(self._answers, self._clients))
-        order = [i for i, up in enumerate(ok) if up] + [i for i, up in enumerate(ok) if not up]
+        """Put the members that answer first."""
+        order = answering_first(list(range(len(self._clients))), lambda i: self._answers(self._clients[i]))
         self._clients = [self._clients[i] for i in order]
         self._watch_clients = [self._watch_clients[i] for i in order]
         self._ordered = True
