@@ -141,14 +141,13 @@ def add(conf: BridgeConf, container_id: str, ifname: str, netns: str,
         try:
             bridge = _ensure_bridge(conf)
             try:
-                links.add_veth_into(host_end, ifname, fd, conf.mtu, mac_for(ip), conf.bridge, conf.hairpin)
+                host_mac = links.add_veth_into(host_end, ifname, fd, conf.mtu, mac_for(ip), conf.bridge, conf.hairpin)
             except links.LinkExists:
                 raise CniError(KERNEL_REFUSED, f"cannot create the veth pair {host_end}/{ifname}: {host_end} "
                                                f"exists here or {ifname} exists in {netns}") from None
             created = True
             links.configure(ifname, address, [(str(r.dst), str(r.gw)) for r in conf.routes], netns_fd=fd)
-            macs = {conf.bridge: bridge.mac, host_end: links.state(host_end).mac,
-                    ifname: links.state(ifname, fd).mac}
+            macs = {conf.bridge: bridge.mac, host_end: host_mac, ifname: mac_for(ip)}
             if conf.ip_masq:
                 _ensure_masquerade(conf.addresses.subnet, flannel_network)
         except BaseException:

@@ -205,9 +205,9 @@ def state(name: str, netns_fd: int | None = None, routes: bool = False) -> LinkS
 
 
 def add_veth_into(host: str, peer: str, netns_fd: int, mtu: int, peer_mac: str, bridge: str,
-                  hairpin: bool = False) -> None:
+                  hairpin: bool = False) -> str:
     """A veth pair whose `peer` end is in the namespace `netns_fd`; the host end up on `bridge` (hairpin mode on
-    its port if asked). LinkExists if either name is taken."""
+    its port if asked). Returns the host end's MAC. LinkExists if either name is taken."""
     try:
         with IPRoute() as ipr:
             br = lookup(ipr, bridge)
@@ -225,6 +225,7 @@ def add_veth_into(host: str, peer: str, netns_fd: int, mtu: int, peer_mac: str, 
             ipr.link("set", index=idx, master=br, state="up")
             if hairpin:
                 ipr.brport("set", index=idx, mode=1)
+            return ipr.get_links(idx)[0].get("address")
     except NetlinkError as e:
         raise netlink_error(f"cannot set up the veth pair {host}/{peer} on {bridge}", e) from None
 
