@@ -222,9 +222,8 @@ class Daemon:
         with_backoff("taking a new lease", lambda: self.leases.replace(taken_by=other.public_ip), self.health,
                      self.stop)
         self.use_lease()
-        self.reconciler.apply_peer(other)
         self.next_renew = self.leases.renew_due(self.renew_margin)
-        self.reconcile()
+        self.reconcile()  # the watcher knows `other` already: the full diff routes the old subnet to it
 
     def reconcile(self) -> None:
         """A full reconciliation after start: what it fixes is drift, counted as repairs."""
