@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from pyflannel import paths, subnetenv
+from pyflannel import paths
 
 STOP_TIMEOUT = 10.0
 
