@@ -28,3 +28,9 @@ def write_atomically(path: str, text: str, mode: int = 0o644, folder_mode: int =
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_file(path: str) -> None:
+    """Delete `path`; a file that is gone already is no error."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

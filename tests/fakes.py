@@ -20,6 +20,7 @@ class MemoryStore(Store):
         self.revision = 1
         self.history: list[tuple[int, LeaseEvent]] = []
         self.compacted = 0
+        self.keys: dict[str, str] = {}  # other keys under the prefix: named networks' configs, reservations
 
     def _event(self, kind: str, lease: Lease) -> None:
         self.revision += 1
@@ -52,6 +53,22 @@ class MemoryStore(Store):
         lease = self.data.pop(subnet, None)
         if lease is not None:
             self._event(LeaseEvent.REMOVED, lease)
+
+    def named_configs(self) -> dict[str, str]:
+        return {key[:-len("/config")]: value for key, value in self.keys.items() if key.endswith("/config")}
+
+    def create_key(self, key: str, value: str) -> bool:
+        if key in self.keys:
+            return False
+        self.keys[key] = value
+        return True
+
+    def read_key(self, key: str) -> str | None:
+        return self.keys.get(key)
+
+    def delete_key(self, key: str, expected: str) -> None:
+        if self.keys.get(key) == expected:
+            del self.keys[key]
 
     def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
         if position < self.compacted:

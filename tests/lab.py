@@ -159,13 +159,22 @@ class Host:
     def state_dir(self) -> Path:
         return self.workdir / "state"
 
+    @property
+    def api_sock(self) -> Path:
+        return self.workdir / "pyflanneld.sock"
+
+    def network_env(self, name: str) -> Path:
+        """The subnet.env of the named flannel network `name` on this host."""
+        return self.workdir / "networks" / f"{name}.env"
+
     def sh(self, *args, **kw) -> str:
         return sh(*args, ns=self.ns, **kw)
 
     def start_daemon(self, *extra: str, wait_ready: bool = True) -> Process:
         iface = [] if "-iface" in extra else ["-iface", "eth0"]
         args = ["-etcd-endpoints", self.lab.etcd_endpoints, *iface, "-subnet-file", str(self.subnet_file),
-                "--state-dir", str(self.state_dir), "-etcd-prefix", self.lab.prefix_key, *extra]
+                "--state-dir", str(self.state_dir), "-etcd-prefix", self.lab.prefix_key, "-api-socket",
+                str(self.api_sock), *extra]
         self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", [str(VENV_BIN / "pyflanneld"), *args], ns=self.ns)
         if wait_ready:
             wait_until(f"{self.name}'s subnet.env", lambda: self.subnet_file.exists() or not self.daemon.alive(),
@@ -206,7 +215,8 @@ class Host:
         earlier = log_path.stat().st_size if log_path.exists() else 0
         self.driver = self.lab.spawn(f"{self.name}-driver", [
             str(VENV_BIN / "pyflannel-driver"), "--socket", str(self.driver_sock), "--state-dir",
-            str(self.workdir / "driver"), "--subnet-file", str(self.subnet_file), *extra], ns=self.ns)
+            str(self.workdir / "driver"), "--subnet-file", str(self.subnet_file), "--daemon-socket",
+            str(self.api_sock), *extra], ns=self.ns)
         wait_until(f"{self.name}'s driver serving", lambda: "Booting worker" in self.driver.log()[earlier:]
                    or not self.driver.alive())
         assert self.driver.alive(), f"pyflannel-driver on {self.name} exited:\n{self.driver.log()}"
@@ -303,18 +313,20 @@ class Host:
         names = {line.split(":")[1].strip().split("@")[0] for line in self.sh("ip", "-o", "link").splitlines()}
         return names - {"lo", "eth0", "flannel.1", "docker0"}
 
-    def subnet_env(self) -> dict:
-        return dict(line.split("=", 1) for line in self.subnet_file.read_text().split())
+    def subnet_env(self, network: str = "") -> dict:
+        """The default network's subnet.env, or the named `network`'s."""
+        path = self.network_env(network) if network else self.subnet_file
+        return dict(line.split("=", 1) for line in path.read_text().split())
 
-    def add_bridge(self, name: str = "cbr0") -> None:
+    def add_bridge(self, name: str = "cbr0", network: str = "") -> None:
         """A container bridge holding FLANNEL_SUBNET, as the Docker driver or CNI plugin would make it."""
-        env = self.subnet_env()
+        env = self.subnet_env(network)
         self.sh("ip", "link", "add", name, "type", "bridge")
         self.sh("ip", "addr", "add", env["FLANNEL_SUBNET"], "dev", name)
         self.sh("ip", "link", "set", name, "mtu", env["FLANNEL_MTU"], "up")
 
-    def add_container(self, bridge: str = "cbr0") -> Container:
-        env = self.subnet_env()
+    def add_container(self, bridge: str = "cbr0", network: str = "") -> Container:
+        env = self.subnet_env(network)
         gateway = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"])
         index = len(self.containers) + 1
         ip = gateway.ip + index

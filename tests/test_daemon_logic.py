@@ -131,7 +131,7 @@ def test_vxlan_entries_per_peer_and_direct_routing(tmp_path):
 @pytest.fixture
 def reconciler(tmp_path):
     kernel = FakeKernel()
-    return Reconciler(kernel, vxlan(kernel, tmp_path), watch=lambda touched, index: None)
+    return Reconciler(kernel, vxlan(kernel, tmp_path), watch=lambda touched, index, stop: None)
 
 
 def test_events_program_and_remove_one_peer_in_flannels_order(reconciler):

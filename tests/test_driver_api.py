@@ -313,10 +313,11 @@ def test_second_network_is_refused_and_the_first_unharmed(docker):
     # dockerd loop, its bridge route overlaps the pool), with or without --subnet
     for pool in ("", LEASE):
         err = docker.fails("IpamDriver.RequestPool", {"Pool": pool}, 409)
-        assert "one network per host" in err and first["id"][:12] in err and first["bridge"] in err
+        assert "already has a Docker network on the default flannel network" in err
+        assert first["id"][:12] in err and first["bridge"] in err
     # with another IPAM driver, CreateNetwork refuses it
     err = docker.fails("NetworkDriver.CreateNetwork", network_request(new_id(), gateway=None), 409)
-    assert "one network per host" in err
+    assert "already has a Docker network on the default flannel network" in err
     # a stray rollback (ReleaseAddress of the gateway, ReleasePool) takes nothing from the first network
     docker.ok("IpamDriver.ReleaseAddress", {"PoolID": first["pool_id"], "Address": GATEWAY})
     docker.ok("IpamDriver.ReleasePool", {"PoolID": first["pool_id"]})

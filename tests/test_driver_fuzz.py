@@ -617,7 +617,7 @@ def found_before() -> list[Call]:
                                                               "\u09ed0"]],
         # ... and leading zeros are fine (as for Docker): a valid MTU, refused only because the host has a network
         known_call("found", "NetworkDriver.CreateNetwork", create_network("0" * 4300 + "1400"),
-                   statuses=frozenset({409}), err_prefix="this host already has a pyflannel network"),
+                   statuses=frozenset({409}), err_prefix="this host already has a Docker network on"),
         # calls with nothing to do took any body
         *[known_call("found", method, body, statuses=frozenset({400}), err_prefix="request body ")
           for method in NO_OP for body in (b"", b"null", b"[1]", b'"x"')],

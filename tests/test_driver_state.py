@@ -28,7 +28,7 @@ def test_everything_survives_a_driver_restart(docker, state_dir, subnet_file):
     assert our_links() == sorted([net["bridge"], running["host"], running["container"]])
     # the allocation is remembered, the network too (second one still refused), and cleanup works
     assert docker.ok("IpamDriver.RequestAddress", {"PoolID": net["pool_id"], "Address": ""})["Address"] != running["address"]
-    assert "one network per host" in docker.fails("NetworkDriver.CreateNetwork",
+    assert "already has a Docker network on the default flannel network" in docker.fails("NetworkDriver.CreateNetwork",
                                                   {"NetworkID": "f" * 64, "IPv4Data": [{"Pool": "10.5.34.0/24"}]})
     docker.stop_container(net, running)
     assert our_links() == [net["bridge"]]

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyflannel import __version__
-from pyflannel.daemon.metrics import UnixHTTPConnection
+from pyflannel.localapi import UnixHTTPConnection
 from tests.lab import IMAGE, Lab, inside, wait_until
 
 pytestmark = pytest.mark.lab
@@ -54,9 +54,9 @@ def total(metrics: dict, name: str) -> float:
 
 def test_gauges_count_leases_and_peers(lab):
     h1 = lab.hosts[0]
-    m = wait_until("3 leases seen", lambda: (m := scrape(lab, h1)) and value(m, "pyflannel_leases") == 3 and m)
-    assert value(m, "pyflannel_peers_programmed", backend="vxlan") == len(lab.hosts) - 1
-    expiry = value(m, "pyflannel_lease_expiry_timestamp_seconds")
+    m = wait_until("3 leases seen", lambda: (m := scrape(lab, h1)) and value(m, "pyflannel_leases", network="default") == 3 and m)
+    assert value(m, "pyflannel_peers_programmed", network="default", backend="vxlan") == len(lab.hosts) - 1
+    expiry = value(m, "pyflannel_lease_expiry_timestamp_seconds", network="default")
     assert 23 * 3600 < expiry - time.time() <= 24 * 3600
     assert value(m, "pyflannel_build_info", version=__version__, python=platform.python_version()) == 1
     assert value(m, "pyflannel_etcd_errors_total", operation="watch_leases") == 0
@@ -72,14 +72,14 @@ def test_removed_lease_lowers_the_gauges_and_counts_the_event(lab):
     applied = value(before, "pyflannel_lease_event_apply_seconds_count") + 1
     m = wait_until("removal applied on h1", lambda: (m := scrape(lab, h1)) and
                    value(m, "pyflannel_lease_event_apply_seconds_count") == applied and m)
-    assert value(m, "pyflannel_peers_programmed", backend="vxlan") == 1
-    assert value(m, "pyflannel_leases") == 2
+    assert value(m, "pyflannel_peers_programmed", network="default", backend="vxlan") == 1
+    assert value(m, "pyflannel_leases", network="default") == 2
     assert value(m, "pyflannel_lease_events_total", type="removed") == value(
         before, "pyflannel_lease_events_total", type="removed") + 1
 
     h3.start_daemon("-healthz-port", str(PORT))
     m = wait_until("peer back", lambda: (m := scrape(lab, h1)) and
-                   value(m, "pyflannel_peers_programmed", backend="vxlan") == 2 and m)
+                   value(m, "pyflannel_peers_programmed", network="default", backend="vxlan") == 2 and m)
     assert value(m, "pyflannel_lease_events_total", type="added") > value(before, "pyflannel_lease_events_total",
                                                                          type="added")
     count, seconds = value(m, "pyflannel_lease_event_apply_seconds_count"), value(
@@ -164,7 +164,7 @@ def test_etcd_outage_counts_etcd_errors(lab):
                        total(m, "pyflannel_etcd_errors_total") > before and m)
         assert value(m, "pyflannel_etcd_errors_total", operation="watch_leases") + value(
             m, "pyflannel_etcd_errors_total", operation="leases") > 0
-        assert value(m, "pyflannel_peers_programmed", backend="vxlan") == 2  # the kernel is kept as it is
+        assert value(m, "pyflannel_peers_programmed", network="default", backend="vxlan") == 2  # the kernel is kept as it is
     finally:
         lab.start_etcd()
     counted = {dict(labels)["operation"]: v for (name, labels), v in m.items() if name == "pyflannel_etcd_errors_total"}

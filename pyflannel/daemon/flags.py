@@ -67,6 +67,8 @@ FLAGS = [
     ("state-dir", str, paths.STATE_DIR, False, "where state that survives a restart lives (VTEP MAC)"),
     ("reconcile-interval", _seconds, 10.0, False, "seconds between full kernel-vs-leases reconciliations"),
     ("driver-socket", str, paths.DRIVER_SOCKET, False, "pyflannel-driver's socket, whose metrics /metrics includes"),
+    ("api-socket", str, paths.DAEMON_SOCKET, False, "Unix socket of the local API, on which pyflannel-driver and the "
+     "CNI plugin join and leave named networks"),
 ]
 
 
@@ -91,6 +93,7 @@ class Flags:
     state_dir: str
     reconcile_interval: float
     driver_socket: str
+    api_socket: str
 
 
 def env_name(flag: str) -> str:

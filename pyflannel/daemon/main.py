@@ -1,61 +1,42 @@
-"""pyflanneld: wire store → lease manager → backend → reconciler, and run the main loop.
+"""pyflanneld: serve the default flannel network and every named network this host has joined.
 
-One thread (the main loop) owns the kernel; a watcher thread turns etcd's watch into lease events on a queue.
+The default network (<prefix>/config) starts with the daemon, as flanneld's does, in the main thread. Named networks
+(<prefix>/<NAME>/config) are joined and left through the local API (api.py) by pyflannel-driver and the CNI plugin;
+each runs as an Overlay of its own (overlay.py). The names joined are kept in <state-dir>/networks.json, so a restart
+serves them again with the same leases.
 """
 from __future__ import annotations
 
 import ctypes
+import ipaddress
+import json
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
-import time
-from datetime import datetime, timedelta, timezone
 
-from pyflannel import subnetenv
-from pyflannel.files import write_atomically
+from pyflannel import paths
+from pyflannel.files import remove_file, write_atomically
 from pyflannel.kernel.errors import KernelError
 from pyflannel.kernel.netlink import Kernel
+from pyflannel.localapi import DEFAULT_NETWORK, JOIN_SECONDS
 
-from . import backend as backends
 from . import config as netconfig
 from . import flags as cli_flags
-from . import iface, masq
+from . import iface
 from . import store as stores
+from .api import Unavailable, serve as serve_api
+from .catalog import Catalog, NetworkConflict, check_name
 from .errors import Stopped, UserError
 from .health import Health, serve
-from .lease import LeaseManager, LeaseWatcher
 from .metrics import Metrics
-from .reconciler import Reconciler
-from .store.base import EXPIRY_NOT_READ, ConfigNotFound, Lease, LeaseEvent, StoreError
-from .subnets import IPv4Network
+from .overlay import Overlay, with_backoff
+from .store.base import ConfigNotFound
 
 log = logging.getLogger("pyflanneld")
 
-LAST_LEASE = "last-lease"  # in --state-dir: the subnet we held last, preferred at start when subnet.env is gone
-RENEW_RETRY = timedelta(minutes=1)
-WATCH_POLL_SECONDS = 10.0  # an idle watch is re-issued (and its member checked) this often
-MAX_BACKOFF = 10.0
-
-
-def with_backoff(what: str, fn, health: Health, stop: threading.Event):
-    """Call fn until the store answers, saying what failed and when it is tried again; Stopped on stop."""
-    delay = 0.5
-    while True:
-        if stop.is_set():
-            raise Stopped()
-        try:
-            result = fn()
-            health.etcd_ok = True
-            return result
-        except StoreError as e:
-            health.etcd_ok = False
-            log.warning("%s: %s; retrying in %.1fs", what, e, delay)
-        if stop.wait(delay):
-            raise Stopped()
-        delay = min(delay * 2, MAX_BACKOFF)
+JOINED = "networks.json"  # in --state-dir: the named networks this host has joined
 
 
 def release_freed_memory() -> None:
@@ -70,185 +51,137 @@ class Daemon:
     def __init__(self, flags: cli_flags.Flags):
         self.flags = flags
         self.stop = threading.Event()
-        self.events: queue.Queue = queue.Queue()
         self.health = Health()
         self.metrics = Metrics(self, flags.driver_socket)
         self.store = self.metrics.counting(stores.from_flags(flags, peer_expiry=False))
-        self.kernel = Kernel()
-        self.renew_margin = timedelta(minutes=flags.subnet_lease_renew_margin)
-        self.next_renew: datetime | None = None
+        self.catalog = Catalog(self.store, flags.etcd_prefix)
+        self.overlays: dict[str, Overlay] = {}
+        self.failed: dict[str, str] = {}  # named networks joined before that could not be served again: why
+        self.lock = threading.Lock()  # joins and leaves, one at a time
+        self.default: Overlay | None = None
 
     # --- start-up --------------------------------------------------------------------------------------------
-    def load_config(self) -> netconfig.NetworkConfig:
-        def read():
-            try:
-                return self.store.network_config()
-            except ConfigNotFound:
-                write = "ETCDCTL_API=2 etcdctl set" if self.flags.etcd_api == "v2" else "etcdctl put"
-                raise StoreError(f"no network config at {self.flags.etcd_prefix}/config; write one, e.g. "
-                                 f"{write} {self.flags.etcd_prefix}/config '{{\"Network\": \"10.5.0.0/16\"}}'")
-        text = with_backoff("reading the network config", read, self.health, self.stop)
-        return netconfig.parse(text)
-
-    def previous_subnet(self) -> IPv4Network | None:
-        """The subnet to ask for first: subnet.env's, else the one kept in --state-dir (after a reboot /run is
-        empty, and flannel would take a random subnet once the lease expired, stranding the host's Docker
-        networks)."""
-        try:
-            return subnetenv.read(self.flags.subnet_file).lease
-        except subnetenv.SubnetEnvError:
-            pass
-        try:
-            with open(os.path.join(self.flags.state_dir, LAST_LEASE)) as f:
-                return IPv4Network(f.read().strip())
-        except (OSError, ValueError):
-            return None
-
     def start(self) -> None:
         f = self.flags
         if f.healthz_port:
             serve(self.health, f.healthz_ip, f.healthz_port, self.metrics.registry)
-        self.config = self.load_config()
-        self.ext = iface.choose(self.kernel, f.iface, f.iface_regex, f.public_ip)
+        kernel = Kernel()
+        try:
+            self.ext = iface.choose(kernel, f.iface, f.iface_regex, f.public_ip)
+        finally:
+            kernel.close()
         log.info("external interface %s (%s), public IP %s", self.ext.name, self.ext.address, self.ext.public_ip)
-        self.backend = backends.for_config(self.config, self.ext, self.kernel, f.state_dir)
-        backend_data = self.backend.prepare()
-        self.leases = LeaseManager(self.store, self.config, self.ext.public_ip, self.backend.type, backend_data,
-                                   stop=self.stop)
-        preferred = self.previous_subnet()
-        with_backoff("acquiring a lease", lambda: self.leases.acquire(preferred), self.health, self.stop)
-        self.use_lease()
-        self.reconciler = Reconciler(self.kernel, self.backend)
-        peers, position = self.leases.listing  # our own lease, written after it, comes as a watch event
-        self.watcher = LeaseWatcher(self.store, {p.subnet: p for p in peers}, position)
-        self.reconciler.reconcile(self.peers())  # programming the peers, not repairs: not counted in the metrics
-        self.health.programmed = True
+        self.default = Overlay(DEFAULT_NETWORK, self.store, f, self.ext, self.metrics, self.health)
+        self.default.stop = self.stop  # the daemon's life is the default network's
+        self.overlays[DEFAULT_NETWORK] = self.default
+        self.api = serve_api(self, f.api_socket)
+        self.default.start()
         release_freed_memory()
-        threading.Thread(target=self.watch_loop, name="watch", daemon=True).start()
-
-    def use_lease(self) -> None:
-        """Our lease is new or changed: devices, masquerading and subnet.env follow it. subnet.env comes last: the
-        driver and the CNI plugin take its presence to mean the host is ready."""
-        lease = self.leases.lease
-        self.backend.attach(lease)
-        if self.flags.ip_masq:
-            masq.install(self.config.network, lease.subnet)
-            self.backend.prepare_for_masquerade()
-        env = subnetenv.for_lease(self.config.network, lease.subnet, self.backend.mtu, self.flags.ip_masq)
-        write_atomically(os.path.join(self.flags.state_dir, LAST_LEASE), f"{lease.subnet}\n")
-        subnetenv.write(self.flags.subnet_file, env)
-        self.health.lease = str(lease.subnet)
-        log.info("lease %s, subnet.env written to %s (MTU %d)", lease.subnet, self.flags.subnet_file,
-                 self.backend.mtu)
-
-    def peers(self):
-        own = self.leases.lease.subnet
-        return [lease for subnet, lease in self.watcher.known.items() if subnet != own]
-
-    # --- threads ---------------------------------------------------------------------------------------------
-    def watch_loop(self) -> None:
-        lost = False
-        delay = 0.5
-        while not self.stop.is_set():
-            try:
-                events = self.watcher.resync() if lost else self.watcher.poll(WATCH_POLL_SECONDS)
-                if lost:
-                    log.info("etcd is back: watch resumed")
-                lost, delay = False, 0.5
-                self.health.etcd_ok = True
-            except StoreError as e:
-                if not lost:
-                    log.warning("watch: %s; kernel state kept as is, retrying", e)
-                lost = True
-                self.health.etcd_ok = False
-                self.stop.wait(delay)
-                delay = min(delay * 2, 2.0)  # come back within 2 s of etcd's return
-                continue
-            for event in events:
-                self.events.put((time.monotonic(), event))
+        for name in self.joined():
+            threading.Thread(target=self._rejoin, args=(name,), name=f"rejoin-{name}", daemon=True).start()
 
     def run(self) -> None:
-        next_reconcile = time.monotonic() + self.flags.reconcile_interval
-        self.next_renew = self.leases.renew_due(self.renew_margin)
-        while not self.stop.is_set():
-            self.health.tick()
-            now = time.monotonic()
-            waits = [next_reconcile - now, 1.0]
-            if self.next_renew is not None:
-                waits.append((self.next_renew - datetime.now(timezone.utc)).total_seconds())
-            try:
-                received, event = self.events.get(timeout=max(0.0, min(waits)))
-            except queue.Empty:
-                event = None
-            if self.stop.is_set():
-                break  # told to stop while waiting: no new action, not even for an event already read
-            if event is not None:
-                self.handle(event, received)
-                continue
-            if self.next_renew is not None and datetime.now(timezone.utc) >= self.next_renew:
-                self.next_renew = self.renew()
-            if time.monotonic() >= next_reconcile:
-                self.reconcile()
-                next_reconcile = time.monotonic() + self.flags.reconcile_interval
-
-    def handle(self, event: LeaseEvent, received: float) -> None:
-        """Apply one watch event; `received` is when the watcher read it (time.monotonic())."""
-        self.metrics.lease_events.labels(event.kind).inc()
-        own = self.leases.lease.subnet
-        if event.lease.subnet == own:
-            if event.kind == LeaseEvent.REMOVED:
-                self.reacquire()
-            elif event.lease.public_ip != self.leases.public_ip:
-                self.lost_to(event.lease)
-            elif event.lease.expiration != EXPIRY_NOT_READ:
-                self.follow_own_expiration(event.lease.expiration)
-            return
-        if event.kind == LeaseEvent.ADDED:
-            self.reconciler.apply_peer(event.lease)
-        else:
-            self.reconciler.remove_peer(event.lease.subnet)
-        self.metrics.apply_seconds.observe(time.monotonic() - received)
-
-    def reacquire(self) -> None:
-        before = self.leases.lease.subnet
-        with_backoff("re-acquiring our lease", self.leases.reacquire, self.health, self.stop)
-        if self.leases.lease.subnet != before:
-            self.use_lease()
-        self.reconcile()
-
-    def lost_to(self, other: Lease) -> None:
-        """Our subnet's key now names another host: it is that host's; we take another subnet and route the old one
-        to its new owner."""
-        with_backoff("taking a new lease", lambda: self.leases.replace(taken_by=other.public_ip), self.health,
-                     self.stop)
-        self.use_lease()
-        self.next_renew = self.leases.renew_due(self.renew_margin)
-        self.reconcile()  # the watcher knows `other` already: the full diff routes the old subnet to it
-
-    def reconcile(self) -> None:
-        """A full reconciliation after start: what it fixes is drift, counted as repairs."""
-        self.metrics.count_reconcile(self.reconciler.reconcile(self.peers()))
-
-    def follow_own_expiration(self, expiration: datetime | None) -> None:
-        """Our key was rewritten (by our renewal, or by an admin who shortened its TTL or made it a reservation):
-        renew by the expiration etcd now holds, not the one we wrote."""
-        current = self.leases.lease.expiration
-        if expiration == current or (expiration and current and abs(expiration - current) < RENEW_RETRY):
-            return  # the echo of our own write
-        log.info("our lease %s now expires %s", self.leases.lease.subnet, expiration or "never (reservation)")
-        self.leases.lease.expiration = expiration
-        self.next_renew = self.leases.renew_due(self.renew_margin)
-
-    def renew(self):
         try:
-            before = self.leases.lease.subnet
-            self.leases.renew()
-            if self.leases.lease.subnet != before:
-                self.use_lease()
-            return self.leases.renew_due(self.renew_margin)
-        except StoreError as e:
-            log.warning("renewing lease %s failed: %s; retrying in a minute", self.leases.lease.subnet, e)
-            return datetime.now(timezone.utc) + RENEW_RETRY
+            self.default.run()
+        finally:
+            for overlay in list(self.overlays.values()):
+                overlay.stop.set()
+
+    # --- named networks ---------------------------------------------------------------------------------------
+    def joined(self) -> list[str]:
+        try:
+            with open(os.path.join(self.flags.state_dir, JOINED)) as f:
+                return [n for n in json.load(f).get("networks", []) if isinstance(n, str)]
+        except (OSError, ValueError, AttributeError):
+            return []
+
+    def _save_joined(self) -> None:
+        names = sorted({n for n in self.overlays if n != DEFAULT_NETWORK} | set(self.failed))
+        write_atomically(os.path.join(self.flags.state_dir, JOINED), json.dumps({"networks": names}) + "\n")
+
+    def _rejoin(self, name: str) -> None:
+        """After a restart: serve a network joined before, with the config etcd has (never a new one)."""
+        try:
+            text = with_backoff(f"network {name}: reading its config",
+                                lambda: self.catalog.config(name, None, create=False), Health(), self.stop)
+            self._begin(name, netconfig.parse(text))
+        except (UserError, ConfigNotFound) as e:
+            log.error("network %s: %s", name, e)
+            with self.lock:
+                self.failed[name] = str(e)
+            remove_file(paths.network_env_file(self.flags.subnet_file, name))  # the driver must not use it
+        except Stopped:
+            pass
+
+    def _begin(self, name: str, config: netconfig.NetworkConfig) -> Overlay:
+        with self.lock:
+            self._check_clash(name, config)
+            overlay = Overlay(name, self.store.child(name), self.flags, self.ext, self.metrics, config=config)
+            self.overlays[name] = overlay
+            self._save_joined()
+            overlay.begin()
+            return overlay
+
+    def _check_clash(self, name: str, config: netconfig.NetworkConfig) -> None:
+        """A network this host serves already has the VNI or overlaps the Network: refuse, breaking neither."""
+        for other_name, other in self.overlays.items():
+            c = other.config
+            if other_name == name or c is None:
+                continue
+            if config.backend_type == c.backend_type == "vxlan" and c.vni == config.vni:
+                raise NetworkConflict(f"network {name} has VNI {config.vni} in etcd ({self.catalog.where(name)}), "
+                                      f"which network {other_name} on this host uses already: give one of them "
+                                      f"another Backend.VNI")
+            if c.network.overlaps(config.network):
+                raise NetworkConflict(f"network {name}'s Network {config.network} overlaps network {other_name}'s "
+                                      f"{c.network}")
+
+    def join(self, name: str, network: str | None) -> dict:
+        """Serve network `name` (written to etcd first if new); returns its description once its lease is held."""
+        if name == DEFAULT_NETWORK:
+            if network:
+                raise UserError(f"the default network's Network is in {self.flags.etcd_prefix}/config; "
+                                f"--subnet does not apply to it")
+            return self._ready(self.default)
+        check_name(name)
+        try:
+            wanted = ipaddress.IPv4Network(network) if network else None
+        except ValueError as e:
+            raise UserError(f"--subnet {network!r} is not an IPv4 network ({e})") from None
+        self._ready(self.default)  # etcd found, its API chosen
+        overlay = self.overlays.get(name)
+        if overlay is not None and overlay.error or name in self.failed:  # failed before: try again from etcd
+            self.leave(name)
+            overlay = None
+        if overlay is None:
+            config = netconfig.parse(self.catalog.config(name, wanted, create=True))
+            overlay = self.overlays.get(name) or self._begin(name, config)
+        if wanted is not None and overlay.config.network != wanted:
+            raise NetworkConflict(f"network {name} is {overlay.config.network} in etcd; --subnet {wanted} "
+                                  f"contradicts it")
+        return self._ready(overlay)
+
+    @staticmethod
+    def _ready(overlay: Overlay) -> dict:
+        if not overlay.ready.wait(JOIN_SECONDS - 2):
+            raise Unavailable(f"network {overlay.name}: {overlay.error or 'no lease yet (is etcd reachable?)'}")
+        return overlay.describe()
+
+    def leave(self, name: str) -> dict:
+        if name == DEFAULT_NETWORK:
+            raise UserError("the default network is served as long as pyflanneld runs")
+        with self.lock:
+            overlay = self.overlays.pop(name, None)
+            if overlay is not None:
+                overlay.leave()
+            if overlay is not None or self.failed.pop(name, None) is not None:
+                self._save_joined()
+        return {}
+
+    def describe(self) -> list[dict]:
+        failed = {name: {"name": name, "state": "failed", "error": error} for name, error in self.failed.items()}
+        return [described for _, described in sorted({**failed, **{name: overlay.describe() for name, overlay in
+                                                                   self.overlays.items()}}.items())]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (KeyboardInterrupt, Stopped):
         pass
-    log.info("stopped; kernel state and lease kept for the next start")
+    log.info("stopped; kernel state and lease kept for the next start (of every network)")
     return 0
 
 

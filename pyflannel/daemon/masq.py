@@ -27,16 +27,29 @@ def rules(network: ipaddress.IPv4Network, lease: ipaddress.IPv4Network) -> list[
     ]
 
 
-def install(network: ipaddress.IPv4Network, lease: ipaddress.IPv4Network) -> None:
-    """(Re)write our chain and hook it into POSTROUTING once; idempotent."""
+def chain_for(vni: int | None) -> str:
+    """The default network's chain is flannel's; a named network's carries its VNI."""
+    return CHAIN if vni is None else f"{CHAIN}-{vni}"
+
+
+def install(network: ipaddress.IPv4Network, lease: ipaddress.IPv4Network, chain: str = CHAIN) -> None:
+    """(Re)write the network's chain and hook it into POSTROUTING once; idempotent."""
     if not iptables.available():
         raise UserError("-ip-masq needs iptables, which is not installed (apt-get install iptables)")
     try:
-        iptables.run("nat", "-N", CHAIN)  # fails harmlessly when the chain exists
-        iptables.must("nat", "-F", CHAIN)
+        iptables.ensure_chain("nat", chain)
+        iptables.must("nat", "-F", chain)
         for rule in rules(network, lease):
-            iptables.must("nat", "-A", CHAIN, *rule)
-        iptables.ensure("nat", "POSTROUTING", ["-j", CHAIN], first=True)
+            iptables.must("nat", "-A", chain, *rule)
+        iptables.ensure("nat", "POSTROUTING", ["-j", chain], first=True)
     except KernelError as e:
         raise UserError(f"-ip-masq: {e}") from None
     log.info("ip-masq: masquerading traffic from %s that leaves it", network)
+
+
+def uninstall(chain: str) -> None:
+    """The host left the network: its chain goes."""
+    if iptables.available():
+        iptables.remove("nat", "POSTROUTING", ["-j", chain])
+        iptables.run("nat", "-F", chain)
+        iptables.run("nat", "-X", chain)

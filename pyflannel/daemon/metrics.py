@@ -10,7 +10,6 @@ import http.client
 import logging
 import math
 import platform
-import socket
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, Info, ProcessCollector,
                                disable_created_metrics)
@@ -18,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyflannel import __version__
+from pyflannel.localapi import UnixHTTPConnection
 
 from .reconciler import Repairs
 from .store.base import LeaseEvent, Store, StoreError
@@ -103,30 +103,20 @@ class DaemonState:
         self.daemon = daemon
 
     def collect(self):
-        d = self.daemon
-        if not d.health.programmed:  # still starting: lease, watcher and reconciler are not all there yet
-            return
-        yield GaugeMetricFamily("pyflannel_leases", "Subnet leases in etcd, ours included",
-                                value=len(d.watcher.known))
+        overlays = [o for o in list(self.daemon.overlays.values()) if o.ready.is_set()]  # started ones only
+        leases = GaugeMetricFamily("pyflannel_leases", "Subnet leases in etcd, ours included", labels=["network"])
         peers = GaugeMetricFamily("pyflannel_peers_programmed", "Peers whose entries this host has in the kernel",
-                                  labels=["backend"])
-        peers.add_metric([d.backend.type], len(d.reconciler.programmed))
-        yield peers
-        expiration = d.leases.lease.expiration
-        yield GaugeMetricFamily("pyflannel_lease_expiry_timestamp_seconds",
-                                "When our lease expires, as a Unix time (+Inf: a reservation without TTL)",
-                                value=expiration.timestamp() if expiration else math.inf)
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = socket_path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
+                                  labels=["network", "backend"])
+        expiry = GaugeMetricFamily("pyflannel_lease_expiry_timestamp_seconds",
+                                   "When our lease expires, as a Unix time (+Inf: a reservation without TTL)",
+                                   labels=["network"])
+        for o in overlays:
+            leases.add_metric([o.name], len(o.watcher.known))
+            peers.add_metric([o.name, o.backend.type], len(o.reconciler.programmed))
+            expiration = o.leases.lease.expiration
+            expiry.add_metric([o.name], expiration.timestamp() if expiration else math.inf)
+        if overlays:
+            yield from (leases, peers, expiry)
 
 
 class DriverMetrics:

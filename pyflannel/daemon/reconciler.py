@@ -41,12 +41,13 @@ FULL_DIFF_SECONDS = 300.0
 
 
 class Reconciler:
-    def __init__(self, kernel: Kernel, backend: Backend, watch=watch_deletions):
-        """`watch(touched, overlay_ifindex)` runs in a thread after the first full diff and sets `touched` when one
-        of our entries is deleted (a netlink monitor; tests pass another)."""
+    def __init__(self, kernel: Kernel, backend: Backend, watch=watch_deletions, stop: threading.Event | None = None):
+        """`watch(touched, overlay_ifindex, stop)` runs in a thread after the first full diff and sets `touched`
+        when one of our entries is deleted (a netlink monitor; tests pass another), until `stop` is set."""
         self.kernel = kernel
         self.backend = backend
         self.watch = watch
+        self.stop = stop or threading.Event()
         self.programmed: dict[IPv4Network, PeerEntries] = {}
         self.kernel_touched = threading.Event()  # set by the deletion monitor, which starts after the first diff
         self._last_full_diff: float | None = None
@@ -116,7 +117,8 @@ class Reconciler:
         self.kernel_touched.clear()  # before the dumps: a deletion from now on is seen now or next time
 
         want_routes = {e.route for e in wanted.values()}
-        have_routes = k.routes()
+        network = self.backend.config.network  # other networks' routes are other reconcilers'
+        have_routes = {route for route in k.routes() if route.dst.subnet_of(network)}
         index = self.backend.overlay_ifindex
         want_neigh = {e.neighbor for e in wanted.values() if e.neighbor}
         want_fdb = {e.fdb for e in wanted.values() if e.fdb}
@@ -133,7 +135,7 @@ class Reconciler:
         if repairs:
             log.info("reconcile: %d entries added, %d removed", repairs.added.total(), repairs.removed.total())
         if self._last_full_diff is None:
-            threading.Thread(target=self.watch, args=(self.kernel_touched, index), name="kernel-watch",
+            threading.Thread(target=self.watch, args=(self.kernel_touched, index, self.stop), name="kernel-watch",
                              daemon=True).start()
         self._last_full_diff = time.monotonic()
         return repairs

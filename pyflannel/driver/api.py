@@ -16,7 +16,7 @@ import time
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException
 
-from pyflannel import paths
+from pyflannel import localapi, paths
 
 from . import validation as v
 from .errors import DriverError, ValidationError
@@ -67,13 +67,15 @@ def _body():
 
 def create_app(state_dir: str = paths.DRIVER_STATE_DIR, subnet_file: str = paths.SUBNET_FILE, *,
                plumbing: Plumbing | None = None, reconcile: bool = True, lock_timeout: float = 10.0,
-               lease_wait: float = 0.0) -> Flask:
-    """Build the app. With reconcile=True (the default) the kernel is first brought in line with the saved state."""
+               lease_wait: float = 0.0, daemon_socket: str | None = paths.DAEMON_SOCKET) -> Flask:
+    """Build the app. With reconcile=True (the default) the kernel is first brought in line with the saved state.
+    daemon_socket: pyflanneld's local API, for named flannel networks (None: the default network only)."""
     store = StateStore(state_dir, lock_timeout=lock_timeout)
     lease = LeaseSource(subnet_file, wait=lease_wait)
     plumbing = plumbing or Plumbing()
-    network = NetworkDriver(store, lease, plumbing)
-    ipam = Ipam(store, lease, plumbing)
+    daemon = localapi.Client(daemon_socket) if daemon_socket else None
+    network = NetworkDriver(store, lease, plumbing, daemon)
+    ipam = Ipam(store, lease, plumbing, daemon)
     if reconcile:
         network.reconcile()
 

@@ -8,7 +8,11 @@
                                                                   published on this host, its own or another's
     nat    PYFLANNEL-PORTS      (PREROUTING and OUTPUT, for destinations local to the host)
              -p tcp [-d <host ip>] --dport <host port> -j DNAT --to-destination <container ip>:<port>
-    filter PYFLANNEL-ISOLATION  (first in FORWARD)   --internal: nothing in or out but the flannel Network
+    filter PYFLANNEL-ISOLATION  (first in FORWARD)   flannel networks are isolated from each other (and from
+             -o <bridge> ! -s <flannel Network> -m conntrack         whatever else routes to the bridge): nothing
+                ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP         comes in from outside its Network but replies
+                                                                     and published ports, on this host or any other
+             --internal: nothing in or out but the flannel Network
              -i <bridge> ! -d <flannel Network> -j DROP ; -o <bridge> ! -s <flannel Network> -j DROP
     filter PYFLANNEL-INPUT      (first in INPUT)     the bridge gets route_localnet (for `curl localhost:PORT`);
              -i <bridge> -d 127.0.0.0/8 ! --ctstate RELATED,ESTABLISHED -j DROP    but its containers cannot open
@@ -74,6 +78,8 @@ def network_rules(net: NetworkSpec) -> list[Rule]:
                 Rule("filter", ISOLATION, ("-o", net.bridge, "!", "-s", network, "-j", "DROP"))]
     rules = [Rule("nat", NAT_OUT, ("-s", lease, "!", "-d", network, "-j", "MASQUERADE"))] if net.masquerade else []
     return rules + [
+        Rule("filter", ISOLATION, ("-o", net.bridge, "!", "-s", network, "-m", "conntrack", "!", "--ctstate",
+                                   "RELATED,ESTABLISHED,DNAT", "-j", "DROP")),
         Rule("nat", NAT_OUT, ("-o", net.bridge, "-m", "addrtype", "--src-type", "LOCAL", "-j", "MASQUERADE")),
         Rule("nat", NAT_OUT, ("-o", net.bridge, "-s", lease, "-m", "conntrack", "--ctstate", "DNAT", "-j",
                               "MASQUERADE")),

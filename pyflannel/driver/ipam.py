@@ -1,8 +1,14 @@
-"""IpamDriver: the address pool is this host's flannel lease, read from subnet.env.
+"""IpamDriver: the address pool is this host's lease in a flannel network, read from that network's subnet.env.
 
     pool     = FLANNEL_SUBNET's network          e.g. 10.5.34.0/24
     gateway  = FLANNEL_SUBNET's address          e.g. 10.5.34.1 (the first address of the lease; lives on the bridge)
     PoolID   = "pyflannel/10.5.34.0/24"          stable: identical RequestPool calls get identical answers
+               "pyflannel/shop/10.60.3.0/24"     (the named network shop)
+
+Without options the network is the default flannel network (<prefix>/config, /run/flannel/subnet.env). With
+`--ipam-opt pyflannel.network=NAME` it is the named network NAME: RequestPool asks pyflanneld to join it (the first
+host to use NAME writes its config to etcd; `--subnet` is then NAME's cluster-wide Network) and answers with this
+host's lease in it. When the last pool of a named network is dropped, pyflanneld is told to leave it.
 
 Container addresses are handed out from the rest of the lease (network and broadcast addresses excluded), in
 round-robin order so a just-released address is not reused at once (stale ARP entries in peers), and persisted in
@@ -27,7 +33,7 @@ import os
 import threading
 import time
 
-from pyflannel import paths, subnetenv
+from pyflannel import localapi, paths, subnetenv
 from pyflannel.addresses import AddressRange, AddressStore, allocate
 
 from . import validation as v
@@ -40,16 +46,40 @@ POOL_ID_PREFIX = "pyflannel/"
 LOCAL_ADDRESS_SPACE = "pyflannel-local"
 GLOBAL_ADDRESS_SPACE = "pyflannel-global"
 HOW_TO_CREATE = "docker network create -d pyflannel --ipam-driver pyflannel NAME"
+OPT_NETWORK = "pyflannel.network"  # --ipam-opt: the flannel network's name
 POOL_LOOP_LIMIT = 16
 POOL_LOOP_WINDOW = 10.0  # seconds
 
 
+def flannel_name(net_or_pool: dict) -> str:
+    """The named flannel network of a network or pool record; "" for the default network."""
+    return net_or_pool.get("flannel", "")
+
+
+def describe_flannel(name: str) -> str:
+    return f"flannel network {name}" if name else "the default flannel network"
+
+
 def existing_network_error(network_id: str, net: dict) -> RefusedError:
+    name = flannel_name(net)
     return RefusedError(
-        f"this host already has a pyflannel network (id {network_id[:12]}, bridge {net['bridge']}, subnet "
-        f"{net['pool']}): pyflannel supports one network per host, because a host has one flannel lease and one "
-        f"bridge. Connect containers to that network, or remove it first. (If `docker network ls --no-trunc` does not "
-        f"list it, the driver's state is stale: stop pyflannel-driver, delete its state.json, start it again.)")
+        f"this host already has a Docker network on {describe_flannel(name)} (id {network_id[:12]}, bridge "
+        f"{net['bridge']}, subnet {net['pool']}): a host has one lease and one bridge per flannel network. Connect "
+        f"containers to that network, or create another flannel network with `--ipam-opt {OPT_NETWORK}=NAME`. (If "
+        f"`docker network ls --no-trunc` does not list it, the driver's state is stale: stop pyflannel-driver, delete "
+        f"its state.json, start it again.)")
+
+
+def drop_pool(st: dict, pid: str, daemon: localapi.Client | None) -> None:
+    """Forget a pool no network uses; a named network's host leaves it (pyflanneld deletes its lease). Raises
+    UnavailableError, with nothing changed, when pyflanneld cannot be told."""
+    name = flannel_name(st["pools"][pid])
+    if name and daemon is not None:
+        try:
+            daemon.leave(name)
+        except localapi.DaemonError as e:
+            raise UnavailableError(f"cannot leave {describe_flannel(name)}: {e}") from None
+    del st["pools"][pid]
 
 
 class LeaseSource:
@@ -61,21 +91,36 @@ class LeaseSource:
         self.path = path
         self.wait = wait
 
-    def current(self, patient: bool = True) -> subnetenv.SubnetEnv:
+    def current(self, name: str = "", patient: bool = True) -> subnetenv.SubnetEnv:
+        """This host's lease in the flannel network `name` ("" for the default one)."""
+        path = paths.network_env_file(self.path, name)
         deadline = time.monotonic() + (self.wait if patient else 0.0)
-        while not os.path.exists(self.path) and time.monotonic() < deadline:
+        while not os.path.exists(path) and time.monotonic() < deadline:
             time.sleep(0.1)
         try:
-            env = subnetenv.read(self.path)
+            env = subnetenv.read(path)
         except subnetenv.SubnetEnvError as e:
-            raise UnavailableError(f"no flannel lease on this host: {e}") from None
+            what = f"lease in flannel network {name}" if name else "flannel lease"
+            raise UnavailableError(f"no {what} on this host: {e}") from None
         if env.lease.num_addresses < 4:
-            raise UnavailableError(f"{self.path}: lease {env.lease} is too small to hold a gateway and containers")
+            raise UnavailableError(f"{path}: lease {env.lease} is too small to hold a gateway and containers")
         return env
 
 
-def pool_id(lease: ipaddress.IPv4Network) -> str:
-    return f"{POOL_ID_PREFIX}{lease}"
+def pool_id(lease: ipaddress.IPv4Network, name: str = "") -> str:
+    return f"{POOL_ID_PREFIX}{name}/{lease}" if name else f"{POOL_ID_PREFIX}{lease}"
+
+
+def parse_pool_id(pid: str) -> tuple[str, ipaddress.IPv4Network] | None:
+    """(flannel network name, lease) of one of our pool ids, or None."""
+    if not pid.startswith(POOL_ID_PREFIX):
+        return None
+    name, _, cidr = pid[len(POOL_ID_PREFIX):].rpartition("/")
+    name, _, address = name.rpartition("/")
+    try:
+        return name, ipaddress.IPv4Network(f"{address}/{cidr}")
+    except ValueError:
+        return None
 
 
 def gateway_data(env: subnetenv.SubnetEnv) -> dict:
@@ -103,10 +148,11 @@ class PoolAllocations(AddressStore):
 
 
 class Ipam:
-    def __init__(self, store: StateStore, lease: LeaseSource, plumbing=None):
+    def __init__(self, store: StateStore, lease: LeaseSource, plumbing=None, daemon: localapi.Client | None = None):
         self.store = store
         self.lease = lease
         self.plumbing = plumbing          # plumbing.Plumbing, for the route-overlap check; None skips it
+        self.daemon = daemon              # pyflanneld's local API, for named networks; None: default network only
         self._recent = collections.deque()  # times of RequestPool answers not followed by a ReleasePool
         self._recent_lock = threading.Lock()
 
@@ -128,18 +174,20 @@ class Ipam:
         if req.address_space not in ("", LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE):
             raise ValidationError("AddressSpace", f"unknown address space {req.address_space!r} (pyflannel has "
                                                   f"{LOCAL_ADDRESS_SPACE!r} and {GLOBAL_ADDRESS_SPACE!r})")
-        env = self.lease.current()
-        if req.pool is not None and req.pool != env.lease:
-            raise RefusedError(
-                f"subnet {req.pool} is not this host's flannel lease {env.lease}: pyflannel hands out only the "
-                f"lease pyflanneld got for this host. Create the network without --subnet: `{HOW_TO_CREATE}`")
+        name = req.options.get(OPT_NETWORK, "")
+        name = "" if name == localapi.DEFAULT_NETWORK else name
+        if name and localapi.name_problem(name):
+            raise ValidationError(f"Options[{OPT_NETWORK!r}]", localapi.name_problem(name))
+        with self.store.transaction() as st:  # before joining: a refused call must not leave a lease behind
+            for nid, net in st["networks"].items():
+                if flannel_name(net) == name:
+                    raise existing_network_error(nid, net)
+        env = self._join(name, req.pool) if name else self._default_lease(req)
         if req.sub_pool is not None and req.sub_pool != env.lease:
             raise RefusedError(f"SubPool {req.sub_pool} (--ip-range) is not supported: pyflannel hands out the "
                                f"whole lease {env.lease}. Create the network without --ip-range: `{HOW_TO_CREATE}`")
-        pid = pool_id(env.lease)
+        pid = pool_id(env.lease, name)
         with self.store.transaction() as st:
-            for nid, net in st["networks"].items():
-                raise existing_network_error(nid, net)
             if req.pool is None and self.plumbing is not None:
                 overlaps = self.plumbing.routes_overlapping(env.lease)
                 if overlaps:
@@ -148,8 +196,27 @@ class Ipam:
                         f"would refuse the pool: remove the overlapping route, or name the pool explicitly with "
                         f"`docker network create -d pyflannel --ipam-driver pyflannel --subnet {env.lease} NAME`")
             self._note_request(env.lease)
-            st["pools"].setdefault(pid, {"pool": str(env.lease), "allocated": [], "last": None})
+            st["pools"].setdefault(pid, {"pool": str(env.lease), "allocated": [], "last": None, "flannel": name})
         return {"PoolID": pid, "Pool": str(env.lease), "Data": gateway_data(env)}
+
+    def _default_lease(self, req: v.RequestPool) -> subnetenv.SubnetEnv:
+        env = self.lease.current()
+        if req.pool is not None and req.pool != env.lease:
+            raise RefusedError(
+                f"subnet {req.pool} is not this host's flannel lease {env.lease}: pyflannel hands out only the "
+                f"lease pyflanneld got for this host. Create the network without --subnet: `{HOW_TO_CREATE}`")
+        return env
+
+    def _join(self, name: str, network: ipaddress.IPv4Network | None) -> subnetenv.SubnetEnv:
+        """This host's lease in the named network, joined first (`network`: its cluster-wide Network, --subnet)."""
+        if self.daemon is None:
+            raise RefusedError(f"--ipam-opt {OPT_NETWORK}={name}: this driver has no pyflanneld API to join it")
+        try:
+            self.daemon.join(name, str(network) if network else None)
+        except localapi.DaemonError as e:
+            error = RefusedError if e.status in (400, 409) else UnavailableError
+            raise error(f"cannot join flannel network {name}: {e}") from None
+        return self.lease.current(name)
 
     def _note_request(self, lease) -> None:
         with self._recent_lock:
@@ -179,20 +246,23 @@ class Ipam:
                 return {}
             if pool["allocated"]:
                 log.info("ReleasePool %s: dropping %d leftover address(es)", req.pool_id, len(pool["allocated"]))
-            del st["pools"][req.pool_id]
+            drop_pool(st, req.pool_id, self.daemon)
         return {}
 
     # --- addresses --------------------------------------------------------------------------------------------------
 
     def _current_pool(self, pid: str) -> tuple[subnetenv.SubnetEnv, ipaddress.IPv4Network]:
-        env = self.lease.current()
-        if pid == pool_id(env.lease):
-            return env, env.lease
-        if pid.startswith(POOL_ID_PREFIX):
-            raise RefusedError(f"pool {pid[len(POOL_ID_PREFIX):]} is no longer this host's flannel lease (now "
+        parsed = parse_pool_id(pid)
+        if parsed is None:
+            raise ValidationError("PoolID", f"unknown pool {pid[:80]!r} (pyflannel pool ids look like "
+                                            f"'{POOL_ID_PREFIX}10.5.34.0/24')")
+        name, lease = parsed
+        env = self.lease.current(name)
+        if lease != env.lease:
+            raise RefusedError(f"pool {lease} is no longer this host's lease in {describe_flannel(name)} (now "
                                f"{env.lease}; did pyflanneld get a new lease?): remove the network and create it again "
                                f"with `{HOW_TO_CREATE}`")
-        raise ValidationError("PoolID", f"unknown pool {pid[:80]!r} (pyflannel pool ids look like {pool_id(env.lease)!r})")
+        return env, env.lease
 
     def request_address(self, req: v.RequestAddress) -> dict:
         env, lease = self._current_pool(req.pool_id)
@@ -204,7 +274,8 @@ class Ipam:
                                    f"--gateway: `{HOW_TO_CREATE}`")
             return {"Address": str(env.subnet), "Data": {}}
         with self.store.transaction() as st:
-            pool = st["pools"].setdefault(req.pool_id, {"pool": str(lease), "allocated": [], "last": None})
+            pool = st["pools"].setdefault(req.pool_id, {"pool": str(lease), "allocated": [], "last": None,
+                                                        "flannel": parse_pool_id(req.pool_id)[0]})
             allocated = set(pool["allocated"])
             if req.address is not None:
                 ip = req.address

@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--state-dir", default=paths.DRIVER_STATE_DIR, help="where the driver keeps its state (default %(default)s)")
     p.add_argument("--subnet-file", default=paths.SUBNET_FILE,
                    help="pyflanneld's subnet.env with this host's lease (default %(default)s)")
+    p.add_argument("--daemon-socket", default=paths.DAEMON_SOCKET,
+                   help="pyflanneld's local API, to join and leave named flannel networks (default %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="gunicorn worker processes (default %(default)s)")
     p.add_argument("--threads", type=int, default=4, help="threads per worker (default %(default)s)")
     p.add_argument("--timeout", type=int, default=15, help="seconds before a stuck worker is restarted (default %(default)s)")
@@ -60,7 +62,8 @@ def main(argv=None) -> int:
         if not socket_activated():
             prepare_socket_path(args.socket)
         from .api import create_app
-        app = create_app(args.state_dir, args.subnet_file, lock_timeout=args.lock_timeout, lease_wait=args.lease_wait)
+        app = create_app(args.state_dir, args.subnet_file, lock_timeout=args.lock_timeout, lease_wait=args.lease_wait,
+                         daemon_socket=args.daemon_socket)
         try:
             env = subnetenv.read(args.subnet_file)
             log.info("this host's lease: %s (gateway %s, MTU %d)", env.lease, env.gateway, env.mtu)

@@ -1,10 +1,12 @@
-"""NetworkDriver: one pyflannel network per host, bridged onto this host's flannel lease.
+"""NetworkDriver: a Docker network per flannel network, bridged onto this host's lease in it.
 
 Decisions (see docs/driver.md):
-- One network per host. A host has one flannel lease and the lease's gateway lives on one bridge, so a second
-  pyflannel network is refused with a message naming the existing one: by RequestPool (which Docker calls first;
-  answering the same pool again would make dockerd loop, see ipam.py) and, for networks made with another IPAM
-  driver, by CreateNetwork. Docker's rollback after a refused CreateNetwork cannot hurt the first network.
+- One Docker network per flannel network per host. A host has one lease in each flannel network and the lease's
+  gateway lives on one bridge, so a second Docker network on the same flannel network is refused with a message
+  naming the existing one: by RequestPool (which Docker calls first; answering the same pool again would make dockerd
+  loop, see ipam.py) and, for networks made with another IPAM driver, by CreateNetwork. Docker's rollback after a
+  refused CreateNetwork cannot hurt the first network. Networks on different flannel networks (the default one and
+  those named with `--ipam-opt pyflannel.network=NAME`) are isolated from each other (firewall.py).
 - The network's subnet must be this host's lease and its gateway the lease's first address, whoever did the IPAM:
   with `--ipam-driver pyflannel` that is automatic; with another IPAM driver only `--subnet <lease>` is accepted.
 - MTU: FLANNEL_MTU (the overlay's MTU), or the lower `-o com.docker.network.driver.mtu=N`; a higher option is
@@ -28,7 +30,9 @@ from pyflannel.kernel.links import mac_for, random_mac
 from . import firewall
 from . import validation as v
 from .errors import PlumbingError, RefusedError, UnavailableError, ValidationError
-from .ipam import HOW_TO_CREATE, LeaseSource, existing_network_error
+from pyflannel import localapi
+
+from .ipam import HOW_TO_CREATE, LeaseSource, describe_flannel, drop_pool, existing_network_error, flannel_name
 from .plumbing import BRIDGE_PREFIX, VETH_CONTAINER_PREFIX, VETH_HOST_PREFIX, Plumbing, bridge_name, veth_names
 from .state import StateStore
 
@@ -60,10 +64,12 @@ def published(ep: dict) -> list[firewall.Published]:
 
 
 class NetworkDriver:
-    def __init__(self, store: StateStore, lease: LeaseSource, plumbing: Plumbing):
+    def __init__(self, store: StateStore, lease: LeaseSource, plumbing: Plumbing,
+                 daemon: localapi.Client | None = None):
         self.store = store
         self.lease = lease
         self.plumbing = plumbing
+        self.daemon = daemon  # told to leave a named flannel network when its last pool goes
         self.reconcile_pending = False  # the start-up reconcile found no lease yet: done at the first Join
 
     @staticmethod
@@ -82,8 +88,9 @@ class NetworkDriver:
         if len(req.ipv4) != 1:
             raise ValidationError("IPv4Data", f"exactly one IPv4 pool is needed, got {len(req.ipv4)}: "
                                               f"`{HOW_TO_CREATE}`")
-        env = self.lease.current()
         data = req.ipv4[0]
+        name = next((flannel_name(p) for p in self.store.load()["pools"].values() if p["pool"] == str(data.pool)), "")
+        env = self.lease.current(name)
         if data.pool != env.lease:
             raise RefusedError(
                 f"subnet {data.pool} is not this host's flannel lease {env.lease}: a pyflannel network must use "
@@ -103,13 +110,16 @@ class NetworkDriver:
                 self._plug_network(migrate(known, env), env.mtu)
                 return {}
             for other_id, other in st["networks"].items():
-                raise existing_network_error(other_id, other)
+                if flannel_name(other) == name:
+                    raise existing_network_error(other_id, other)
             bridge = bridge_name(req.network_id)
             net = {"bridge": bridge, "pool": str(env.lease), "gateway": str(gateway), "mtu_option": req.mtu_option,
-                   "flannel_network": str(env.network), "masquerade": req.masquerade, "internal": req.internal}
+                   "flannel_network": str(env.network), "masquerade": req.masquerade, "internal": req.internal,
+                   "flannel": name}
             self._plug_network(net, env.mtu)
             st["networks"][req.network_id] = net
-        log.info("network %s created: bridge %s, %s", req.network_id[:12], bridge, gateway)
+        log.info("network %s created on %s: bridge %s, %s", req.network_id[:12], describe_flannel(name), bridge,
+                 gateway)
         return {}
 
     def _plug_network(self, net: dict, flannel_mtu: int) -> None:
@@ -128,6 +138,11 @@ class NetworkDriver:
             net = st["networks"].get(req.network_id)
             if net is None:
                 return {}
+            unused = [pid for pid, pool in st["pools"].items()  # no network left on it: its allocations are stale
+                      if not any(n["pool"] == pool["pool"] for nid, n in st["networks"].items()
+                                 if nid != req.network_id)]
+            for pid in unused:  # first: a flannel network that cannot be left yet keeps everything as it is
+                drop_pool(st, pid, self.daemon)
             for eid, ep in list(st["endpoints"].items()):
                 if ep["network"] == req.network_id:  # Docker deletes endpoints first; these are leftovers
                     self.plumbing.remove_rules([firewall.port_rule(p) for p in published(ep)])
@@ -137,9 +152,6 @@ class NetworkDriver:
                 self.plumbing.remove_rules(firewall.network_rules(network_spec(net)))
             self.plumbing.delete_bridge(net["bridge"])
             del st["networks"][req.network_id]
-            for pid, pool in list(st["pools"].items()):  # no network left on it: its allocations are all stale
-                if not any(n["pool"] == pool["pool"] for n in st["networks"].values()):
-                    del st["pools"][pid]
         log.info("network %s deleted", req.network_id[:12])
         return {}
 
@@ -216,17 +228,18 @@ class NetworkDriver:
         return self._unplug(req.endpoint_id, lambda st, ep: st["endpoints"].pop(req.endpoint_id))
 
     def join(self, req: v.Join) -> dict:
-        env = self.lease.current()
         if self.reconcile_pending:  # after a boot: the bridges and the rules of every network come back now
             self.reconcile()
         with self.store.transaction() as st:
             net = self._network(st, req.network_id)
+            env = self.lease.current(flannel_name(net))
             ep = st["endpoints"].get(req.endpoint_id)
             if ep is None or ep["network"] != req.network_id:
                 raise RefusedError(f"endpoint {req.endpoint_id[:12]} is not known to pyflannel on network "
                                    f"{req.network_id[:12]} (CreateEndpoint was not called, or the state was lost)")
             if net["pool"] != str(env.lease):
-                raise RefusedError(f"this host's flannel lease changed from {net['pool']} to {env.lease} (did "
+                raise RefusedError(f"this host's lease in {describe_flannel(flannel_name(net))} changed from "
+                                   f"{net['pool']} to {env.lease} (did "
                                    f"pyflanneld get a new lease?): remove the network and create it again with "
                                    f"`{HOW_TO_CREATE}`")
             gateway = ipaddress.IPv4Interface(net["gateway"])
@@ -314,12 +327,14 @@ class NetworkDriver:
         still run); the pair of an endpoint that is not joined should not exist and is removed.
         """
         with self.store.transaction() as st:
-            try:
-                env = self.lease.current(patient=False)
-            except UnavailableError as e:
-                env = None
-                log.warning("%s; bridges and rules are restored at the first Join", e)
-            self.reconcile_pending = env is None
+            envs, names = {}, {flannel_name(net) for net in st["networks"].values()} or {""}
+            for name in names:
+                try:
+                    envs[name] = self.lease.current(name, patient=False)
+                except UnavailableError as e:
+                    log.warning("%s; bridges and rules are restored at the first Join", e)
+            complete = names <= envs.keys()
+            self.reconcile_pending = not complete
             bridges = {net["bridge"] for net in st["networks"].values()}
             veths = set()
             for ep in st["endpoints"].values():
@@ -327,6 +342,7 @@ class NetworkDriver:
                     veths.update((ep["veth_host"], ep["veth_container"]))
             rules = []
             for nid, net in st["networks"].items():
+                env = envs.get(flannel_name(net))
                 if env is None:
                     continue
                 if net["pool"] != str(env.lease):
@@ -337,7 +353,7 @@ class NetworkDriver:
                 rules += firewall.network_rules(network_spec(net))
                 rules += [firewall.port_rule(p) for ep in st["endpoints"].values()
                           if ep["network"] == nid and ep["joined"] for p in published(ep)]
-            if env is not None:
+            if complete:  # else the rules of a network without its lease would be lost
                 self._quietly(self.plumbing.reset_rules, rules)
             for name, link in sorted(self.plumbing.links().items()):
                 keep = name in bridges if name.startswith(BRIDGE_PREFIX) else name in veths

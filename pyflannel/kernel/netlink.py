@@ -84,6 +84,12 @@ class Kernel:
         self._batch_socket: socket.socket | None = None
         self._sequence = 1
 
+    def close(self) -> None:
+        self.ipr.close()
+        if self._batch_socket is not None:
+            self._batch_socket.close()
+            self._batch_socket = None
+
     # --- links -----------------------------------------------------------------------------------------------
     def interfaces(self) -> list[Interface]:
         addrs: dict[int, list] = {}
@@ -245,12 +251,20 @@ class Kernel:
                 offset += (length + 3) & ~3
 
 
-def watch_deletions(touched: threading.Event, overlay_ifindex: int | None) -> None:
-    """Runs forever (a thread): sets `touched` when a route with our protocol, or a neighbor or FDB entry on the
-    overlay device, is deleted by anyone, and when the kernel dropped events we could not read in time."""
+def watch_deletions(touched: threading.Event, overlay_ifindex: int | None, stop: threading.Event) -> None:
+    """Runs until `stop` is set and the next event comes (a thread): sets `touched` when a route with our protocol,
+    or a neighbor or FDB entry on the overlay device, is deleted by anyone, and when the kernel dropped events we
+    could not read in time."""
     monitor = IPRoute()
     monitor.bind(groups=RTMGRP_IPV4_ROUTE | RTMGRP_NEIGH)
-    while True:
+    try:
+        _watch(monitor, touched, overlay_ifindex, stop)
+    finally:
+        monitor.close()
+
+
+def _watch(monitor: IPRoute, touched: threading.Event, overlay_ifindex: int | None, stop: threading.Event) -> None:
+    while not stop.is_set():
         try:
             messages = monitor.get()
         except (OSError, NetlinkError):  # ENOBUFS: some events are lost, so anything may have changed

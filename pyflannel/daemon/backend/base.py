@@ -46,6 +46,9 @@ class Backend(abc.ABC):
     def attach(self, lease: Lease) -> None:
         """Our lease is known (or changed): give the devices their addresses."""
 
+    def remove(self) -> None:
+        """This host leaves the network: delete the backend's devices (the peers' entries are gone already)."""
+
     def prepare_for_masquerade(self) -> None:
         """-ip-masq is on: avoid what breaks under MASQUERADE --random-fully."""
 

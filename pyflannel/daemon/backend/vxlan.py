@@ -82,6 +82,12 @@ class VxlanBackend(Backend):
     def attach(self, lease: Lease) -> None:
         self.kernel.set_only_address(self._index, ipaddress.IPv4Interface(f"{lease.subnet.network_address}/32"))
 
+    def remove(self) -> None:
+        if self._index is not None:
+            self.kernel.delete_link(self._index)
+            log.info("deleted %s", self.device)
+            self._index = None
+
     def prepare_for_masquerade(self) -> None:
         """The kernel mangles checksums it offloads to a VXLAN device once --random-fully rewrites the port
         (flannel #1279, the "63 second delay"): compute them in software, as flannel does."""

@@ -73,3 +73,19 @@ class DetectedStore(Store):
 
     def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
         return self.store().watch_leases(position, timeout)
+
+    def named_configs(self) -> dict[str, str]:
+        return self.store().named_configs()
+
+    def create_key(self, key: str, value: str) -> bool:
+        return self.store().create_key(key, value)
+
+    def read_key(self, key: str) -> str | None:
+        return self.store().read_key(key)
+
+    def delete_key(self, key: str, expected: str) -> None:
+        self.store().delete_key(key, expected)
+
+    def child(self, name: str) -> Store:
+        """A named network lives in the API the default network was found in."""
+        return self.store().child(name)

@@ -154,3 +154,33 @@ class Store(abc.ABC):
         """Events after `position` (waits up to `timeout` s for the first) and the next position.
 
         HistoryLost when the store no longer has that position."""
+
+    # --- named networks: <prefix>/<NAME>/config beside the default network's <prefix>/config -------------------
+    @abc.abstractmethod
+    def named_configs(self) -> dict[str, str]:
+        """{NAME: raw JSON} of every <prefix>/<NAME>/config."""
+
+    @abc.abstractmethod
+    def create_key(self, key: str, value: str) -> bool:
+        """Write <prefix>/<key> if it does not exist (compare-and-swap); False when it exists."""
+
+    @abc.abstractmethod
+    def read_key(self, key: str) -> str | None:
+        """The value of <prefix>/<key>, None when absent."""
+
+    @abc.abstractmethod
+    def delete_key(self, key: str, expected: str) -> None:
+        """Delete <prefix>/<key> if it holds `expected`; nothing otherwise."""
+
+    def child(self, name: str) -> "Store":
+        """The same etcd, API and credentials with the prefix <prefix>/<name>: the named network `name`."""
+        raise NotImplementedError(type(self).__name__)
+
+    def create_config(self, text: str) -> bool:
+        return self.create_key("config", text)
+
+    def reserve(self, key: str, value: str) -> str:
+        """Claim <prefix>/<key> for `value` unless somebody holds it already; returns the holder."""
+        if self.create_key(key, value):
+            return value
+        return self.read_key(key) or ""

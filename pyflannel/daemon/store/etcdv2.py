@@ -1,6 +1,7 @@
 """The etcd v2 API (flannel < 0.18's schema) through python-etcd."""
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from datetime import datetime, timezone
@@ -126,6 +127,45 @@ class EtcdV2Store(Store):
         try:
             self._call(self.client.delete, self._key(subnet))
         except LeaseNotFound:
+            pass
+
+    def child(self, name: str) -> "EtcdV2Store":
+        child = copy.copy(self)
+        child.prefix = f"{self.prefix}/{name}"
+        child._clients = None
+        return child
+
+    def named_configs(self) -> dict[str, str]:
+        try:
+            result = self._call(self.client.read, self.prefix)
+        except LeaseNotFound:
+            return {}
+        found = {}
+        for node in result._children:
+            name = node["key"].rsplit("/", 1)[-1]
+            if node.get("dir") and name != "subnets":
+                value = self.read_key(f"{name}/config")
+                if value is not None:
+                    found[name] = value
+        return found
+
+    def create_key(self, key: str, value: str) -> bool:
+        try:
+            self._call(self.client.write, f"{self.prefix}/{key}", value, prevExist=False)
+            return True
+        except LeaseExists:
+            return False
+
+    def read_key(self, key: str) -> str | None:
+        try:
+            return self._call(self.client.read, f"{self.prefix}/{key}").value
+        except LeaseNotFound:
+            return None
+
+    def delete_key(self, key: str, expected: str) -> None:
+        try:
+            self._call(self.client.delete, f"{self.prefix}/{key}", prevValue=expected)
+        except (LeaseNotFound, LeaseTaken):
             pass
 
     def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:

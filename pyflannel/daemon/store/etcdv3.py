@@ -8,6 +8,7 @@ read here, because etcd3gw's watcher drops compaction and cancel notices and has
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import logging
 import re
@@ -209,6 +210,45 @@ class EtcdV3Store(Store):
 
     def delete_lease(self, subnet: IPv4Network) -> None:
         self._call(lambda client: client.delete(self._key(subnet)))
+
+    # --- named networks ---------------------------------------------------------------------------------------
+    def child(self, name: str) -> "EtcdV3Store":
+        child = copy.copy(self)
+        child.prefix = f"{self.prefix}/{name}"
+        child._expirations = {}
+        return child
+
+    def named_configs(self) -> dict[str, str]:
+        top = f"{self.prefix}/"
+
+        def keys(client: Etcd3Client) -> list[dict]:
+            body = {"key": _b64(top), "range_end": _b64(top[:-1] + "0"), "keys_only": True}
+            return client.post(client.get_url("/kv/range"), json=body).get("kvs", [])
+
+        names = set()
+        for kv in self._call(keys):
+            name, _, rest = _text(kv["key"])[len(top):].partition("/")
+            if rest == "config" and name != "subnets":
+                names.add(name)
+        found = {name: self.read_key(f"{name}/config") for name in sorted(names)}
+        return {name: value for name, value in found.items() if value is not None}
+
+    def create_key(self, key: str, value: str) -> bool:
+        full = f"{self.prefix}/{key}"
+        compare = {"key": _b64(full), "target": "VERSION", "result": "EQUAL", "version": 0}
+        put = {"request_put": {"key": _b64(full), "value": _b64(value)}}
+        return bool(self._call(lambda client: client.transaction({"compare": [compare], "success": [put]}))
+                    .get("succeeded"))
+
+    def read_key(self, key: str) -> str | None:
+        kvs = self._call(lambda client: self._range(client, f"{self.prefix}/{key}")).get("kvs")
+        return _text(kvs[0].get("value")) if kvs else None
+
+    def delete_key(self, key: str, expected: str) -> None:
+        full = f"{self.prefix}/{key}"
+        compare = {"key": _b64(full), "target": "VALUE", "result": "EQUAL", "value": _b64(expected)}
+        delete = {"request_delete_range": {"key": _b64(full)}}
+        self._call(lambda client: client.transaction({"compare": [compare], "success": [delete]}))
 
     # --- watch -------------------------------------------------------------------------------------------------
     def _watch_once(self, client: Etcd3Client, position: int, timeout: float) -> list[dict]:

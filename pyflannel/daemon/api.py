@@ -1,0 +1,92 @@
+"""The local API's server side (the protocol is in pyflannel/localapi.py): a threaded HTTP server on a Unix socket,
+mode 0600, that hands each call to the daemon's join / leave / describe."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler
+from urllib.parse import unquote
+
+from pyflannel.kernel.errors import KernelError
+
+from .catalog import NetworkConflict
+from .errors import UserError
+from .store.base import ConfigNotFound, StoreError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/v1/networks"
+
+
+class Unavailable(Exception):
+    """The call cannot be answered now (still starting, etcd unreachable): 503."""
+
+
+def status_of(error: Exception) -> int:
+    if isinstance(error, (NetworkConflict, ConfigNotFound)):
+        return 409
+    if isinstance(error, UserError):
+        return 400
+    return 503
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def serve(daemon, path: str) -> _Server:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.rstrip("/") != PREFIX:
+                return self.reply(404, {"error": f"no such resource {self.path}"})
+            self.reply(200, {"networks": daemon.describe()})
+
+        def do_PUT(self):
+            self._network_call(lambda name, body: daemon.join(name, body.get("Network")))
+
+        def do_DELETE(self):
+            self._network_call(lambda name, body: daemon.leave(name))
+
+        def _network_call(self, call):
+            if not self.path.startswith(PREFIX + "/"):
+                return self.reply(404, {"error": f"no such resource {self.path}"})
+            name = unquote(self.path[len(PREFIX) + 1:])
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else {}
+            except ValueError as e:
+                return self.reply(400, {"error": f"the body is not JSON: {e}"})
+            if not isinstance(body, dict) or not isinstance(body.get("Network", ""), (str, type(None))):
+                return self.reply(400, {"error": 'the body must be {"Network": "CIDR"} or {}'})
+            try:
+                self.reply(200, call(name, body))
+            except (UserError, ConfigNotFound, StoreError, KernelError, Unavailable) as e:
+                self.reply(status_of(e), {"error": str(e)})
+
+        def reply(self, status: int, body: dict):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        os.unlink(path)  # a socket left by a killed daemon; the daemon is alone on the host (its lease says so)
+    except FileNotFoundError:
+        pass
+    umask = os.umask(0o177)
+    try:
+        server = _Server(path, Handler)
+    finally:
+        os.umask(umask)
+    threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
+    log.info("local API on %s", path)
+    return server

@@ -1,0 +1,148 @@
+"""Named flannel networks in etcd: find a network's config, or write it as the first host to use the name.
+
+flannel's own multi-network layout: the default network is <prefix>/config + <prefix>/subnets/, a named one is
+<prefix>/<NAME>/config + <prefix>/<NAME>/subnets/, so `flanneld -etcd-prefix <prefix>/<NAME>` can join it.
+
+A new network gets the Network asked for (`--subnet`), or the first free /16 of AUTO_POOL, and the lowest VNI no
+other network uses (VNI 1 stays the default network's). Two hosts creating two networks at the same moment must not
+pick the same VNI or Network: each choice is claimed first with a create-only key, <prefix>/_pyflannel/vni/<VNI> and
+<prefix>/_pyflannel/network/<a.b.c.d-len> (value: the network's name); a network name cannot start with "_", so the
+claims never look like a network.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Iterator
+
+from pyflannel.localapi import DEFAULT_NETWORK, name_problem
+
+from . import config as netconfig
+from .errors import ConfigError, UserError
+from .store.base import ConfigNotFound, Store
+from .subnets import IPv4Network, lease_key
+
+log = logging.getLogger(__name__)
+
+AUTO_POOL = IPv4Network("10.128.0.0/9")  # Networks of named networks created without --subnet: 128 of /16
+AUTO_PREFIX = 16
+CLAIMS = "_pyflannel"
+MAX_VNI = (1 << 24) - 1
+
+
+class NetworkConflict(UserError):
+    """The request contradicts etcd or another network (HTTP 409 in the local API)."""
+
+
+def check_name(name: str) -> None:
+    problem = name_problem(name)
+    if problem or name == DEFAULT_NETWORK:
+        raise UserError(problem or f"network name {name!r} names the default network")
+
+
+def _parsed(configs: dict[str, str]) -> dict[str, netconfig.NetworkConfig]:
+    good = {}
+    for name, text in configs.items():
+        try:
+            good[name] = netconfig.parse(text)
+        except ConfigError as e:
+            log.warning("ignoring the config of network %s: %s", name, e)
+    return good
+
+
+def _auto_networks() -> Iterator[IPv4Network]:
+    return AUTO_POOL.subnets(new_prefix=AUTO_PREFIX)
+
+
+class Catalog:
+    def __init__(self, root: Store, prefix: str):
+        self.root = root
+        self.prefix = prefix
+
+    def where(self, name: str) -> str:
+        return f"{self.prefix}/{name}/config"
+
+    def config(self, name: str, wanted: IPv4Network | None, create: bool) -> str:
+        """The raw config of network `name`, written first if absent and `create`; NetworkConflict when `wanted`
+        contradicts it, ConfigNotFound when absent and not `create`."""
+        try:
+            text = self.root.child(name).network_config()
+        except ConfigNotFound:
+            if not create:
+                raise ConfigNotFound(f"network {name}: {self.where(name)} is not in etcd (deleted?); write it "
+                                     f"again, or remove the Docker network and create it again") from None
+            text = self._create(name, wanted)
+        if wanted is not None:
+            have = netconfig.parse(text).network
+            if have != wanted:
+                raise NetworkConflict(f"network {name} is {have} in etcd ({self.where(name)}); --subnet {wanted} "
+                                      f"contradicts it: create the Docker network with --subnet {have}, or without "
+                                      f"--subnet")
+        return text
+
+    def _others(self, name: str) -> dict[str, netconfig.NetworkConfig]:
+        others = _parsed({n: t for n, t in self.root.named_configs().items() if n != name})
+        try:
+            others[DEFAULT_NETWORK] = netconfig.parse(self.root.network_config())
+        except (ConfigNotFound, ConfigError):
+            pass
+        return others
+
+    def _create(self, name: str, wanted: IPv4Network | None) -> str:
+        others = self._others(name)
+        claimed = []
+        try:
+            network = self._claim_network(name, wanted, others, claimed)
+            vni = self._claim_vni(name, others, claimed)
+            text = json.dumps({"Network": str(network), "Backend": {"Type": "vxlan", "VNI": vni}})
+            if self.root.child(name).create_config(text):
+                log.info("network %s created in etcd: %s", name, text)
+                return text
+            log.info("network %s was created by another host meanwhile: using its config", name)
+            text = self.root.child(name).network_config()
+        except BaseException:
+            self._release(claimed, name)
+            raise
+        self._release(claimed, name)
+        return text
+
+    def _claim(self, key: str, name: str, claimed: list) -> bool:
+        holder = self.root.reserve(f"{CLAIMS}/{key}", name)
+        if holder == name:
+            claimed.append(key)
+            return True
+        return False
+
+    def _release(self, claimed: list, name: str) -> None:
+        for key in claimed:
+            self.root.delete_key(f"{CLAIMS}/{key}", name)
+
+    def _claim_network(self, name: str, wanted: IPv4Network | None, others: dict, claimed: list) -> IPv4Network:
+        def clash(network: IPv4Network) -> str | None:
+            return next((n for n, c in others.items() if c.network.overlaps(network)), None)
+
+        if wanted is not None:
+            if wanted.prefixlen > 28:
+                raise UserError(f"--subnet {wanted} is too small for a flannel network: use /28 or wider")
+            other = clash(wanted)
+            if other is not None:
+                raise NetworkConflict(f"--subnet {wanted} overlaps network {other} ({others[other].network}): "
+                                      f"choose a Network of its own for {name}")
+            if not self._claim(f"network/{lease_key(wanted)}", name, claimed):
+                raise NetworkConflict(f"--subnet {wanted} is being claimed by another network right now: choose "
+                                      f"another")
+            return wanted
+        for network in _auto_networks():
+            if clash(network) is None and self._claim(f"network/{lease_key(network)}", name, claimed):
+                return network
+        raise NetworkConflict(f"every /{AUTO_PREFIX} of {AUTO_POOL} is in use: give network {name} a Network with "
+                              f"--subnet")
+
+    def _claim_vni(self, name: str, others: dict, claimed: list) -> int:
+        used = {c.vni for c in others.values()} | {netconfig.VXLAN_DEFAULT_VNI}
+        vni = netconfig.VXLAN_DEFAULT_VNI + 1
+        while vni <= MAX_VNI:
+            if vni not in used and self._claim(f"vni/{vni}", name, claimed):
+                return vni
+            vni += 1
+        raise NetworkConflict("no VNI left")

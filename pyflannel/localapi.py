@@ -1,0 +1,89 @@
+"""pyflanneld's local API, as its clients (pyflannel-driver, the CNI plugin, `pyflannel status`) call it.
+
+HTTP with JSON bodies on a Unix socket (default /run/flannel/pyflanneld.sock, root only):
+
+    GET    /v1/networks          every flannel network this host serves: {"networks": [{"name", "network", ...}]}
+    PUT    /v1/networks/NAME     join NAME (body {"Network": "10.60.0.0/16"} or {}); the first host to use a name
+                                 writes its config to etcd. Answers once the lease is held and NAME's subnet.env is
+                                 written: the network's description.
+    DELETE /v1/networks/NAME     leave NAME: the lease is deleted and the kernel state goes.
+
+An error is {"error": "..."} with 400 (bad name or body), 409 (contradicts etcd or another network) or 503 (etcd
+not reachable, still joining).
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+from urllib.parse import quote
+
+DEFAULT_NETWORK = "default"  # the name of the network at <prefix>/config, in reports and in pyflannel.network=
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}\Z")
+RESERVED_NAMES = {"config", "subnets"}  # keys of the default network's own layout under <prefix>
+JOIN_SECONDS = 30.0
+
+
+class DaemonError(Exception):
+    """pyflanneld refused the call or could not be reached; the message says which and why."""
+
+    def __init__(self, message: str, status: int = 503):
+        super().__init__(message)
+        self.status = status
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a flannel network (it becomes an etcd key), or None."""
+    if not NAME.match(name):
+        return (f"network name {name!r} is not valid: use 1 to 63 letters, digits, '_', '.' and '-', starting with "
+                f"a letter or digit")
+    if name in RESERVED_NAMES:
+        return f"network name {name!r} is reserved (<prefix>/{name} is part of the default network's layout)"
+    return None
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+class Client:
+    def __init__(self, socket_path: str, timeout: float = JOIN_SECONDS):
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        conn = UnixHTTPConnection(self.socket_path, self.timeout)
+        try:
+            conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            text = response.read().decode(errors="replace")
+        except (OSError, http.client.HTTPException) as e:
+            raise DaemonError(f"pyflanneld does not answer on {self.socket_path} ({e}): is it running? (its "
+                              f"-api-socket flag names the socket)") from None
+        finally:
+            conn.close()
+        try:
+            reply = json.loads(text) if text else {}
+        except ValueError:
+            reply = {"error": text[:200]}
+        if response.status != 200:
+            raise DaemonError(f"pyflanneld: {reply.get('error') or f'HTTP {response.status}'}", response.status)
+        return reply
+
+    def join(self, name: str, network: str | None = None) -> dict:
+        return self._call("PUT", f"/v1/networks/{quote(name, safe='')}", {"Network": network} if network else {})
+
+    def leave(self, name: str) -> dict:
+        return self._call("DELETE", f"/v1/networks/{quote(name, safe='')}")
+
+    def networks(self) -> list[dict]:
+        return self._call("GET", "/v1/networks").get("networks", [])

@@ -1,0 +1,152 @@
+"""Named flannel networks served by pyflanneld (issue 11), through its local API, on a lab with a real etcd (v2 and
+v3) and kernel: flannel's multi-network layout in etcd, a device and a lease per network and host, traffic, leave
+and re-join, restarts, a flanneld-style host on <prefix>/<NAME>, and the errors (conflicting --subnet, VNI clash,
+config deleted) that break no other network."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import signal
+import time
+
+import pytest
+
+from pyflannel.localapi import Client, DaemonError
+from tests.lab import ping, wait_until
+
+pytestmark = pytest.mark.lab
+
+SHOP = "10.60.0.0/16"
+
+
+def api(host) -> Client:
+    return Client(str(host.api_sock))
+
+
+def config_of(lab, name: str) -> dict | None:
+    key = f"{lab.prefix_key}/{name}/config"
+    if lab.etcd_api == "v2":
+        node = lab.etcd_request("GET", key).get("node")
+        return json.loads(node["value"]) if node else None
+    from tests.lab import _b64
+    import base64
+    kvs = lab.etcd_v3("kv/range", {"key": _b64(key)}).get("kvs")
+    return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else None
+
+
+def leases_of(lab, name: str) -> dict[str, dict]:
+    saved, lab.prefix_key = lab.prefix_key, f"{lab.prefix_key}/{name}"
+    try:
+        return lab.leases()
+    finally:
+        lab.prefix_key = saved
+
+
+def links(host) -> set[str]:
+    return {line.split(":")[1].strip().split("@")[0] for line in host.sh("ip", "-o", "link").splitlines()}
+
+
+def lease_in(host, name: str) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Interface(host.subnet_env(name)["FLANNEL_SUBNET"]).network
+
+
+def restart_daemon(host) -> None:
+    host.daemon.kill(signal.SIGTERM)
+    host.start_daemon()
+
+
+@pytest.mark.parametrize("etcd_api", ["v2", "v3"])
+def test_named_networks_in_flannels_layout_joined_left_and_restarted(make_lab, etcd_api):
+    lab = make_lab(4, etcd_api=etcd_api)
+    h1, h2, h3, h4 = lab.hosts
+    lab.set_config()
+    for host in (h1, h2, h3):
+        host.start_daemon()
+
+    # the first host to use a name writes its config; the others join it; without --subnet, a /16 of 10.128/9
+    started = time.monotonic()
+    shop = api(h1).join("shop", SHOP)
+    join_seconds = time.monotonic() - started
+    assert shop["network"] == SHOP and shop["vni"] == 2 and shop["device"] == "flannel.2" and shop["state"] == "ready"
+    for host in (h2, h3):
+        assert api(host).join("shop")["network"] == SHOP
+    crm = api(h2).join("crm")
+    assert crm["network"] == "10.128.0.0/16" and crm["vni"] == 3
+    api(h1).join("crm")
+    assert config_of(lab, "shop") == {"Network": SHOP, "Backend": {"Type": "vxlan", "VNI": 2}}
+    assert len(leases_of(lab, "shop")) == 3 and len(leases_of(lab, "crm")) == 2 and len(lab.leases()) == 3
+    assert {"flannel.1", "flannel.2", "flannel.3"} <= links(h1) and "flannel.3" not in links(h3)
+    print(f"joining a new network on a host took {join_seconds * 1000:.0f} ms")
+
+    # containers of each network reach each other across hosts
+    for host in (h1, h2, h3):
+        host.add_bridge("shopbr", "shop")
+        host.add_container("shopbr", "shop")
+    for host in (h1, h2):
+        host.add_bridge("crmbr", "crm")
+        host.add_container("crmbr", "crm")
+    shop_c = {h.name: next(c for c in h.containers if ipaddress.IPv4Address(c.ip) in ipaddress.IPv4Network(SHOP))
+              for h in (h1, h2, h3)}
+    crm_c = {h.name: next(c for c in h.containers if c.ip.startswith("10.128.")) for h in (h1, h2)}
+    assert ping(shop_c["h1"].ns, shop_c["h2"].ip) and ping(shop_c["h3"].ns, shop_c["h1"].ip)
+    assert ping(crm_c["h1"].ns, crm_c["h2"].ip)
+
+    # a flanneld-style host: its (default) network is <prefix>/shop, as `flanneld -etcd-prefix <prefix>/shop` runs
+    h4.start_daemon("-etcd-prefix", f"{lab.prefix_key}/shop")
+    assert len(leases_of(lab, "shop")) == 4 and "flannel.2" in links(h4)
+    h4.add_bridge()
+    outsider = h4.add_container()
+    assert ping(outsider.ns, shop_c["h1"].ip) and ping(shop_c["h2"].ns, outsider.ip)
+
+    # the local API's listing, as `pyflannel status` shows it
+    listed = {n["name"]: n for n in api(h1).networks()}
+    assert set(listed) == {"default", "shop", "crm"}
+    assert listed["shop"]["lease"] == str(lease_in(h1, "shop")) and listed["shop"]["peers"] == 3
+
+    # restart: the same leases and VTEP MACs, and traffic goes on
+    before = {n: (str(lease_in(h1, n)), h1.sh("cat", f"/sys/class/net/flannel.{v}/address").strip())
+              for n, v in (("shop", 2), ("crm", 3))}
+    restart_daemon(h1)
+    wait_until("h1 serves shop and crm again", lambda: all(
+        n["state"] == "ready" for n in api(h1).networks()) and len(api(h1).networks()) == 3)
+    after = {n: (str(lease_in(h1, n)), h1.sh("cat", f"/sys/class/net/flannel.{v}/address").strip())
+             for n, v in (("shop", 2), ("crm", 3))}
+    assert after == before
+    assert ping(shop_c["h2"].ns, shop_c["h1"].ip) and ping(crm_c["h2"].ns, crm_c["h1"].ip)
+
+    # leave: the lease goes back to the pool, the device and the peers' routes go; re-join works
+    h2_crm = str(lease_in(h2, "crm"))
+    api(h2).leave("crm")
+    assert f"{h2_crm.replace('/', '-')}" not in leases_of(lab, "crm") and "flannel.3" not in links(h2)
+    assert not h2.network_env("crm").exists()
+    wait_until("h1 drops its route to h2's crm subnet",
+               lambda: h2_crm not in h1.sh("ip", "route", "show", "proto", "77"))
+    assert ping(shop_c["h1"].ns, shop_c["h2"].ip)  # shop is untouched
+    api(h2).join("crm")
+    assert "flannel.3" in links(h2) and len(leases_of(lab, "crm")) == 2
+
+    # errors: a --subnet that contradicts etcd, a bad name, a VNI clash written by hand; none breaks another network
+    with pytest.raises(DaemonError) as e:
+        api(h3).join("shop", "10.61.0.0/16")
+    assert e.value.status == 409 and SHOP in str(e.value) and "10.61.0.0/16" in str(e.value)
+    with pytest.raises(DaemonError) as e:
+        api(h3).join("shop/x")
+    assert e.value.status == 400 and "not valid" in str(e.value)
+    lab.etcd_put(f"{lab.prefix_key}/clash/config", json.dumps({"Network": "10.70.0.0/16",
+                                                               "Backend": {"Type": "vxlan", "VNI": 2}}))
+    with pytest.raises(DaemonError) as e:
+        api(h1).join("clash")
+    assert e.value.status == 409 and "VNI 2" in str(e.value) and "shop" in str(e.value)
+    assert ping(shop_c["h1"].ns, shop_c["h3"].ip)
+
+    # a network whose config was deleted: a clear error after the restart, the others are served
+    lab.etcd_delete(f"{lab.prefix_key}/crm/config")
+    restart_daemon(h1)
+    wait_until("h1 reports crm", lambda: {n["name"]: n["state"] for n in api(h1).networks()} == {
+        "default": "ready", "shop": "ready", "crm": "failed"})
+    failed = next(n for n in api(h1).networks() if n["name"] == "crm")
+    assert f"{lab.prefix_key}/crm/config is not in etcd" in failed["error"]
+    assert not h1.network_env("crm").exists()
+    assert ping(shop_c["h1"].ns, shop_c["h2"].ip)
+    for host in lab.hosts:
+        assert "Traceback" not in host.daemon.log()
