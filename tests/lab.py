@@ -557,13 +557,24 @@ class Lab:
         text = config if isinstance(config, str) else json.dumps(config or DEFAULT_CONFIG)
         self.etcd_put(f"{self.prefix_key}/config", text)
 
-    def leases(self) -> dict[str, dict]:
-        """subnet key -> the etcd node: key, value, attrs (the value parsed) and ttl (None: a reservation)."""
+    def network_config(self, network: str) -> dict | None:
+        """The named network's config in etcd, parsed; None when absent."""
+        key = f"{self.prefix_key}/{network}/config"
         if self.etcd_api == "v2":
-            reply = self.etcd_request("GET", f"{self.prefix_key}/subnets", recursive="true")
+            node = self.etcd_request("GET", key).get("node")
+            return json.loads(node["value"]) if node else None
+        kvs = self.etcd_v3("kv/range", {"key": _b64(key)}).get("kvs")
+        return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else None
+
+    def leases(self, network: str = "") -> dict[str, dict]:
+        """subnet key -> the etcd node: key, value, attrs (the value parsed) and ttl (None: a reservation); of the
+        default network, or of the named `network`."""
+        top = f"{self.prefix_key}/{network}" if network else self.prefix_key
+        if self.etcd_api == "v2":
+            reply = self.etcd_request("GET", f"{top}/subnets", recursive="true")
             nodes = reply.get("node", {}).get("nodes", [])
             return {n["key"].rsplit("/", 1)[-1]: {**n, "attrs": json.loads(n["value"])} for n in nodes}
-        prefix = f"{self.prefix_key}/subnets/"
+        prefix = f"{top}/subnets/"
         kvs = self.etcd_v3("kv/range", {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + "0")}).get("kvs", [])
         found = {}
         for kv in kvs:

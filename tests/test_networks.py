@@ -23,25 +23,6 @@ def api(host) -> Client:
     return Client(str(host.api_sock))
 
 
-def config_of(lab, name: str) -> dict | None:
-    key = f"{lab.prefix_key}/{name}/config"
-    if lab.etcd_api == "v2":
-        node = lab.etcd_request("GET", key).get("node")
-        return json.loads(node["value"]) if node else None
-    from tests.lab import _b64
-    import base64
-    kvs = lab.etcd_v3("kv/range", {"key": _b64(key)}).get("kvs")
-    return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else None
-
-
-def leases_of(lab, name: str) -> dict[str, dict]:
-    saved, lab.prefix_key = lab.prefix_key, f"{lab.prefix_key}/{name}"
-    try:
-        return lab.leases()
-    finally:
-        lab.prefix_key = saved
-
-
 def links(host) -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in host.sh("ip", "-o", "link").splitlines()}
 
@@ -73,8 +54,8 @@ def test_named_networks_in_flannels_layout_joined_left_and_restarted(make_lab, e
     crm = api(h2).join("crm")
     assert crm["network"] == "10.128.0.0/16" and crm["vni"] == 3
     api(h1).join("crm")
-    assert config_of(lab, "shop") == {"Network": SHOP, "Backend": {"Type": "vxlan", "VNI": 2}}
-    assert len(leases_of(lab, "shop")) == 3 and len(leases_of(lab, "crm")) == 2 and len(lab.leases()) == 3
+    assert lab.network_config("shop") == {"Network": SHOP, "Backend": {"Type": "vxlan", "VNI": 2}}
+    assert len(lab.leases("shop")) == 3 and len(lab.leases("crm")) == 2 and len(lab.leases()) == 3
     assert {"flannel.1", "flannel.2", "flannel.3"} <= links(h1) and "flannel.3" not in links(h3)
     print(f"joining a new network on a host took {join_seconds * 1000:.0f} ms")
 
@@ -93,7 +74,7 @@ def test_named_networks_in_flannels_layout_joined_left_and_restarted(make_lab, e
 
     # a flanneld-style host: its (default) network is <prefix>/shop, as `flanneld -etcd-prefix <prefix>/shop` runs
     h4.start_daemon("-etcd-prefix", f"{lab.prefix_key}/shop")
-    assert len(leases_of(lab, "shop")) == 4 and "flannel.2" in links(h4)
+    assert len(lab.leases("shop")) == 4 and "flannel.2" in links(h4)
     h4.add_bridge()
     outsider = h4.add_container()
     assert ping(outsider.ns, shop_c["h1"].ip) and ping(shop_c["h2"].ns, outsider.ip)
@@ -117,13 +98,13 @@ def test_named_networks_in_flannels_layout_joined_left_and_restarted(make_lab, e
     # leave: the lease goes back to the pool, the device and the peers' routes go; re-join works
     h2_crm = str(lease_in(h2, "crm"))
     api(h2).leave("crm")
-    assert f"{h2_crm.replace('/', '-')}" not in leases_of(lab, "crm") and "flannel.3" not in links(h2)
+    assert f"{h2_crm.replace('/', '-')}" not in lab.leases("crm") and "flannel.3" not in links(h2)
     assert not h2.network_env("crm").exists()
     wait_until("h1 drops its route to h2's crm subnet",
                lambda: h2_crm not in h1.sh("ip", "route", "show", "proto", "77"))
     assert ping(shop_c["h1"].ns, shop_c["h2"].ip)  # shop is untouched
     api(h2).join("crm")
-    assert "flannel.3" in links(h2) and len(leases_of(lab, "crm")) == 2
+    assert "flannel.3" in links(h2) and len(lab.leases("crm")) == 2
 
     # errors: a --subnet that contradicts etcd, a bad name, a VNI clash written by hand; none breaks another network
     with pytest.raises(DaemonError) as e:

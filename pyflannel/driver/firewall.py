@@ -11,7 +11,10 @@
     filter PYFLANNEL-ISOLATION  (first in FORWARD)   flannel networks are isolated from each other (and from
              -o <bridge> ! -s <flannel Network> -m conntrack         whatever else routes to the bridge): nothing
                 ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP         comes in from outside its Network but replies
-                                                                     and published ports, on this host or any other
+                                                                     and published ports, on this host or any other;
+             -i <bridge> -o flannel.+ ! -d <flannel Network> -j DROP   and nothing leaves through another flannel
+                                                                     network's device (egress NAT would give it an
+                                                                     address of that network)
              --internal: nothing in or out but the flannel Network
              -i <bridge> ! -d <flannel Network> -j DROP ; -o <bridge> ! -s <flannel Network> -j DROP
     filter PYFLANNEL-INPUT      (first in INPUT)     the bridge gets route_localnet (for `curl localhost:PORT`);
@@ -30,6 +33,7 @@ NAT_OUT = "PYFLANNEL-NAT-OUT"
 PORTS = "PYFLANNEL-PORTS"
 ISOLATION = "PYFLANNEL-ISOLATION"
 INPUT = "PYFLANNEL-INPUT"
+OVERLAY_DEVICES = "flannel.+"  # the VXLAN devices of every flannel network, flannel.<VNI>
 CHAINS = (("nat", NAT_OUT), ("nat", PORTS), ("filter", ISOLATION), ("filter", INPUT))
 # Where our chains are hooked in: (table, built-in chain, rule, first?)
 HOOKS = (
@@ -80,6 +84,7 @@ def network_rules(net: NetworkSpec) -> list[Rule]:
     return rules + [
         Rule("filter", ISOLATION, ("-o", net.bridge, "!", "-s", network, "-m", "conntrack", "!", "--ctstate",
                                    "RELATED,ESTABLISHED,DNAT", "-j", "DROP")),
+        Rule("filter", ISOLATION, ("-i", net.bridge, "-o", OVERLAY_DEVICES, "!", "-d", network, "-j", "DROP")),
         Rule("nat", NAT_OUT, ("-o", net.bridge, "-m", "addrtype", "--src-type", "LOCAL", "-j", "MASQUERADE")),
         Rule("nat", NAT_OUT, ("-o", net.bridge, "-s", lease, "-m", "conntrack", "--ctstate", "DNAT", "-j",
                               "MASQUERADE")),

@@ -1,0 +1,160 @@
+"""Many isolated pyflannel networks in real Docker engines (issue 11): the default flannel network and two named
+ones (`--ipam-opt pyflannel.network=NAME`, one of them --internal) on two hosts; every pair of containers on
+different networks is cut off (ICMP, TCP, UDP, same host and across hosts, both directions), every pair on the same
+network connects; leave and re-join; driver and daemon restarts."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.lab import IMAGE, OUTSIDE_IP, Lab, wait_until
+
+pytestmark = [pytest.mark.lab, pytest.mark.docker]
+HELLO = "hello from pyflannel"
+FRONT, BACK = "10.60.0.0/16", "10.61.0.0/16"
+# Docker network name -> the `docker network create` arguments after -d/--ipam-driver
+NETWORKS = {
+    "overlay0": [],
+    "front": ["--ipam-opt", "pyflannel.network=front", "--subnet", FRONT],
+    "back": ["--ipam-opt", "pyflannel.network=back", "--subnet", BACK, "--internal"],
+}
+UDP_LISTENER = ("import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('',int(sys.argv[1]))); "
+                "s.settimeout(3); print(s.recvfrom(64)[0].decode())")
+
+
+@pytest.fixture(scope="module")
+def nets(docker_engine):
+    with Lab(2) as lab:
+        lab.set_config()
+        lab.add_outside()
+        for host in lab.hosts:
+            host.start_daemon()
+            host.start_driver()
+            host.start_dockerd(docker_engine)
+        created = {}
+        for host in lab.hosts:
+            for name, args in NETWORKS.items():
+                started = time.monotonic()
+                host.docker("network", "create", "-d", "pyflannel", "--ipam-driver", "pyflannel", *args, name)
+                created[(host.name, name)] = time.monotonic() - started
+        print("docker network create, seconds:", {f"{h}/{n}": round(s, 3) for (h, n), s in created.items()})
+        for host in lab.hosts:
+            for name in NETWORKS:
+                host.docker("run", "-d", "--name", f"{name}-{host.name}", "--network", name, IMAGE,
+                            "httpd", "-f", "-p", "80", "-h", "/www")
+        yield lab
+
+
+def inspect(host, container: str) -> dict:
+    return json.loads(host.docker("inspect", container))[0]
+
+
+def address(host, container: str, network: str) -> str:
+    return inspect(host, container)["NetworkSettings"]["Networks"][network]["IPAddress"]
+
+
+def in_netns(pid: int, *argv: str, timeout: float = 10) -> subprocess.CompletedProcess:
+    """A command of the host's, run in a container's network namespace."""
+    return subprocess.run(["nsenter", "-t", str(pid), "-n", *argv], capture_output=True, text=True, timeout=timeout)
+
+
+def reaches(src_pid: int, dst_pid: int, dst_ip: str, proto: str, port: int = 5353) -> bool:
+    """Whether a ping, an HTTP GET (to the container's httpd) or a UDP datagram (to a listener on `port`, unique
+    per probe) from one container arrives at another."""
+    if proto == "icmp":
+        return in_netns(src_pid, "ping", "-c", "1", "-W", "1", dst_ip).returncode == 0
+    if proto == "tcp":
+        return HELLO in in_netns(src_pid, "timeout", "2", "busybox", "wget", "-qO-", f"http://{dst_ip}/").stdout
+    listener = subprocess.Popen(["nsenter", "-t", str(dst_pid), "-n", "python3", "-c", UDP_LISTENER, str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(0.5)
+    token = f"token-{port}"
+    for _ in range(3):
+        in_netns(src_pid, "python3", "-c", "import socket; socket.socket(socket.AF_INET,socket.SOCK_DGRAM)"
+                 f".sendto(b'{token}', ('{dst_ip}', {port}))")
+        time.sleep(0.1)
+    return token in listener.communicate(timeout=10)[0]
+
+
+def containers(lab) -> dict[tuple[str, str], tuple[int, str]]:
+    """(network, host) -> (the container's PID, its address)."""
+    return {(name, host.name): (inspect(host, f"{name}-{host.name}")["State"]["Pid"],
+                                address(host, f"{name}-{host.name}", name))
+            for host in lab.hosts for name in NETWORKS}
+
+
+def test_each_network_is_a_flannel_network_of_its_own(nets):
+    h1, h2 = nets.hosts
+    for host in nets.hosts:
+        env = {name: host.subnet_env(name) for name in ("front", "back")}
+        assert ipaddress.IPv4Interface(env["front"]["FLANNEL_SUBNET"]).network.subnet_of(ipaddress.IPv4Network(FRONT))
+        for name in ("front", "back"):  # (`docker network inspect` shows the --subnet given: the cluster's)
+            lease = ipaddress.IPv4Interface(env[name]["FLANNEL_SUBNET"]).network
+            assert ipaddress.IPv4Address(address(host, f"{name}-{host.name}", name)) in lease
+    assert {nets.network_config(n)["Backend"]["VNI"] for n in ("front", "back")} == {2, 3}
+    links = h1.sh("ip", "-o", "link")
+    assert "flannel.1" in links and "flannel.2" in links and "flannel.3" in links
+    # one Docker network per flannel network per host
+    with pytest.raises(RuntimeError) as refused:
+        h1.docker("network", "create", "-d", "pyflannel", "--ipam-driver", "pyflannel", "--ipam-opt",
+                  "pyflannel.network=front", "front2")
+    assert "already has a Docker network on flannel network front" in str(refused.value)
+
+
+def test_networks_are_isolated_in_every_direction_and_protocol(nets):
+    found = containers(nets)
+    probes = [(src, dst, proto) for src in found for dst in found if src != dst for proto in ("icmp", "tcp", "udp")]
+    started = time.monotonic()
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda i: reaches(found[probes[i][0]][0], found[probes[i][1]][0],
+                                                  found[probes[i][1]][1], probes[i][2], 20000 + i),
+                                range(len(probes))))
+    print(f"{len(probes)} probes in {time.monotonic() - started:.1f}s")
+    wrong = [(src, dst, proto, ok) for (src, dst, proto), ok in zip(probes, results) if ok != (src[0] == dst[0])]
+    assert wrong == [], f"expected: same network reaches, other networks do not; wrong: {wrong}"
+
+
+def test_internal_network_has_no_way_out(nets):
+    found = containers(nets)
+    for name, expected in (("front", True), ("back", False)):
+        pid = found[(name, "h1")][0]
+        got = in_netns(pid, "timeout", "3", "busybox", "wget", "-qO-", f"http://{OUTSIDE_IP}/cgi-bin/ip")
+        assert (got.returncode == 0) == expected, (name, got)
+
+
+def test_leave_and_rejoin(nets):
+    h1, h2 = nets.hosts
+    lease = str(ipaddress.IPv4Interface(h2.subnet_env("front")["FLANNEL_SUBNET"]).network)
+    h2.docker("rm", "-f", "front-h2")
+    h2.docker("network", "rm", "front")
+    assert list(nets.leases("front")) == [
+        str(ipaddress.IPv4Interface(h1.subnet_env("front")["FLANNEL_SUBNET"]).network).replace("/", "-")]
+    assert "flannel.2" not in h2.sh("ip", "-o", "link") and not h2.network_env("front").exists()
+    wait_until("h1 forgets h2's front subnet", lambda: lease not in h1.sh("ip", "route", "show", "proto", "77"))
+    h2.docker("network", "create", "-d", "pyflannel", "--ipam-driver", "pyflannel", *NETWORKS["front"], "front")
+    h2.docker("run", "-d", "--name", "front-h2", "--network", "front", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www")
+    found = containers(nets)
+    assert reaches(found[("front", "h1")][0], found[("front", "h2")][0], found[("front", "h2")][1], "icmp")
+
+
+def test_restarts_keep_every_network(nets):
+    h1, h2 = nets.hosts
+    before = {n: h1.subnet_env(n)["FLANNEL_SUBNET"] for n in ("front", "back")}
+    h1.daemon.kill(signal.SIGTERM)
+    h1.start_daemon()
+    h1.driver.kill(signal.SIGKILL)
+    h1.start_driver()
+    wait_until("h1 serves front and back again", lambda: all(h1.network_env(n).exists() for n in before))
+    assert {n: h1.subnet_env(n)["FLANNEL_SUBNET"] for n in before} == before
+    found = containers(nets)
+    for name in NETWORKS:
+        assert reaches(found[(name, "h2")][0], found[(name, "h1")][0], found[(name, "h1")][1], "icmp"), name
+    assert not reaches(found[("front", "h2")][0], found[("back", "h1")][0], found[("back", "h1")][1], "icmp")
+    for host in nets.hosts:
+        assert "Traceback" not in host.daemon.log() + host.driver.log()
