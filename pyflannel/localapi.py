@@ -13,7 +13,6 @@ not reachable, still joining).
 """
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import socket
@@ -43,40 +42,36 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = socket_path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
-
-
 class Client:
     def __init__(self, socket_path: str, timeout: float = JOIN_SECONDS):
         self.socket_path = socket_path
         self.timeout = timeout
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
-        conn = UnixHTTPConnection(self.socket_path, self.timeout)
+        """One HTTP/1.0 exchange, by hand: the CNI plugin's binary is built without http.client (start-up time)."""
+        data = json.dumps(body).encode() if body is not None else b""
+        request = (f"{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+        chunks = []
         try:
-            conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                         headers={"Content-Type": "application/json"})
-            response = conn.getresponse()
-            text = response.read().decode(errors="replace")
-        except (OSError, http.client.HTTPException) as e:
-            raise DaemonError(f"pyflanneld does not answer on {self.socket_path} ({e}): is it running? (its "
-                              f"-api-socket flag names the socket)") from None
-        finally:
-            conn.close()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(self.socket_path)
+                sock.sendall(request)
+                while chunk := sock.recv(1 << 16):
+                    chunks.append(chunk)
+        except OSError as e:
+            raise DaemonError(f"pyflanneld does not answer on {self.socket_path} ({e.strerror or e}): is it running? "
+                              f"(its -api-socket flag names the socket)") from None
+        head, _, text = b"".join(chunks).partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n", 1)[0].split()
+        status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 0
         try:
-            reply = json.loads(text) if text else {}
+            reply = json.loads(text) if text.strip() else {}
         except ValueError:
-            reply = {"error": text[:200]}
-        if response.status != 200:
-            raise DaemonError(f"pyflanneld: {reply.get('error') or f'HTTP {response.status}'}", response.status)
+            reply = {"error": text[:200].decode(errors="replace")}
+        if status != 200:
+            raise DaemonError(f"pyflanneld: {reply.get('error') or f'HTTP {status}'}", status or 503)
         return reply
 
     def join(self, name: str, network: str | None = None) -> dict:

@@ -225,3 +225,27 @@ def test_containerd_ctr_run_cni_across_hosts(lab, binary):
     h2.ctr("tasks", "rm", "c2")
     print(f"ctr run --cni: c1 {ips['c1']} on h1 <-> c2 {ips['c2']} on h2, ping and HTTP both ways; "
           f"ctr run --rm freed {once_ip}; DEL after ctr c rm freed {ips['c1']}")
+
+
+def test_a_conflist_names_a_flannel_network(lab, binary):
+    """"network": "shop": the first ADD on a host joins the named network through pyflanneld's API (the first host
+    writes its config to etcd), on a bridge of its own; containers of it reach each other across hosts."""
+    ips = {}
+    for host in lab.hosts:
+        conf = plugin_conf(host, network="shop", daemonSocket=str(host.api_sock))
+        container = lab.add_ns(f"{host.name}shop")
+        done = host.run_cni(binary, "ADD", conf, f"shop-{host.name}", f"/run/netns/{container}")
+        result = answer(done)
+        assert done.returncode == 0, result
+        ips[host.name] = (container, ipaddress.IPv4Interface(result["ips"][0]["address"]))
+        lease = ipaddress.IPv4Interface(host.subnet_env("shop")["FLANNEL_SUBNET"]).network
+        assert ips[host.name][1].network == lease and lease.subnet_of(ipaddress.IPv4Network("10.128.0.0/9"))
+        assert "master cni-shop" in host.sh("ip", "-d", "link", "show", result["interfaces"][1]["name"])
+    assert lab.network_config("shop")["Backend"]["VNI"] == 2 and len(lab.leases("shop")) == 2
+    (ns1, ip1), (ns2, ip2) = ips["h1"], ips["h2"]
+    assert subprocess.run(["ip", "netns", "exec", ns1, "ping", "-c1", "-W2", str(ip2.ip)]).returncode == 0
+    bad = error(lab.hosts[0].run_cni(binary, "ADD", plugin_conf(lab.hosts[0], network="a/b"), "x", "/run/netns/x"))
+    assert bad["code"] == 7 and "'a/b' is not valid" in bad["msg"]
+    for host in lab.hosts:
+        done = host.run_cni(binary, "DEL", plugin_conf(host, network="shop"), f"shop-{host.name}", "")
+        assert done.returncode == 0, done

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyflannel import __version__
-from pyflannel.localapi import UnixHTTPConnection
+from pyflannel.daemon.metrics import UnixHTTPConnection
 from tests.lab import IMAGE, Lab, inside, wait_until
 
 pytestmark = pytest.mark.lab

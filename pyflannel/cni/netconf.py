@@ -1,6 +1,8 @@
 """flannel's CNI conflist entry -> the delegate config that does the work; saved per container for DEL.
 
     {"type": "pyflannel", "name": "pfnet", "cniVersion": "1.0.0",
+     "network": "shop",                            optional: a named flannel network (default: <prefix>/config's)
+     "daemonSocket": "/run/flannel/pyflanneld.sock",  optional: pyflanneld's local API, to join "network"
      "subnetFile": "/run/flannel/subnet.env",      optional, flannel's default
      "dataDir": "/var/lib/cni/flannel",            optional, where each container's delegate config is kept
      "delegate": {"hairpinMode": true, ...},       optional keys for the delegate (type defaults to "bridge")
@@ -10,15 +12,21 @@ The delegate is built with flannel's rules (cni-plugin doCmdAdd): name from the 
 not FLANNEL_IPMASQ, mtu = FLANNEL_MTU, isGateway for a bridge, and host-local IPAM on FLANNEL_SUBNET with a route
 to FLANNEL_NETWORK. The result is written to dataDir/<container id> before the attach, so that DEL works with the
 exact config ADD used, also when subnet.env is gone or has changed.
+
+With "network", the lease is the host's lease in that named flannel network (its subnet.env is
+<subnetFile's folder>/networks/<network>.env); the first ADD on a host asks pyflanneld to join the network, which
+writes the network's config to etcd if no host did yet. Its bridge defaults to cni-<network> (not cni0: each flannel
+network needs a bridge of its own).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 
-from pyflannel import paths, subnetenv
+from pyflannel import localapi, paths, subnetenv
 from pyflannel.files import write_atomically
 
 from .protocol import INVALID_CONFIG, IO_FAILURE, TRY_AGAIN_LATER, CniError
@@ -35,6 +43,8 @@ NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
 class FlannelConf:
     name: str
     version: str
+    network: str          # "" for the default flannel network
+    daemon_socket: str
     subnet_file: str
     data_dir: str
     delegate: dict
@@ -61,21 +71,42 @@ def parse(config: dict) -> FlannelConf:
         if key in delegate:
             raise CniError(INVALID_CONFIG, f"network config: 'delegate' must not have {key!r}: it is set by the "
                                            f"plugin (put IPAM options in the top-level 'ipam')")
+    network = _field(config, "network", str, "", "a flannel network's name")
+    network = "" if network == localapi.DEFAULT_NETWORK else network
+    if network and localapi.name_problem(network):
+        raise CniError(INVALID_CONFIG, f"network config: 'network': {localapi.name_problem(network)}")
     subnet_file = _field(config, "subnetFile", str, paths.SUBNET_FILE, "a path")
     data_dir = _field(config, "dataDir", str, DEFAULT_DATA_DIR, "a path")
-    for key, path in (("subnetFile", subnet_file), ("dataDir", data_dir)):
+    daemon_socket = _field(config, "daemonSocket", str, paths.DAEMON_SOCKET, "a path")
+    for key, path in (("subnetFile", subnet_file), ("dataDir", data_dir), ("daemonSocket", daemon_socket)):
         if not os.path.isabs(path):
             raise CniError(INVALID_CONFIG, f"network config: {key!r} must be an absolute path, got {path!r}")
-    return FlannelConf(name=name, version=config["cniVersion"], subnet_file=subnet_file, data_dir=data_dir,
+    if network:
+        delegate.setdefault("bridge", bridge_for(network))
+    return FlannelConf(name=name, version=config["cniVersion"], network=network, daemon_socket=daemon_socket,
+                       subnet_file=subnet_file, data_dir=data_dir,
                        delegate=delegate, ipam=dict(_field(config, "ipam", dict, {}, "an object")),
                        runtime_config=_field(config, "runtimeConfig", (dict, type(None)), None, "an object"))
 
 
+def bridge_for(network: str) -> str:
+    """A named network's default bridge: cni-<network>, or cni-<hash> where the name is too long for a link."""
+    name = f"cni-{network}"
+    return name if len(name) <= 15 else f"cni-{hashlib.sha1(network.encode()).hexdigest()[:11]}"
+
+
 def read_subnet_env(conf: FlannelConf) -> subnetenv.SubnetEnv:
+    path = paths.network_env_file(conf.subnet_file, conf.network)
+    if conf.network and not os.path.exists(path):
+        try:
+            localapi.Client(conf.daemon_socket).join(conf.network)
+        except localapi.DaemonError as e:
+            raise CniError(TRY_AGAIN_LATER, f"cannot join flannel network {conf.network}: {e}") from None
     try:
-        return subnetenv.read(conf.subnet_file)
+        return subnetenv.read(path)
     except subnetenv.SubnetEnvError as e:
-        raise CniError(TRY_AGAIN_LATER, f"no flannel lease on this host: {e}") from None
+        what = f"lease in flannel network {conf.network}" if conf.network else "flannel lease"
+        raise CniError(TRY_AGAIN_LATER, f"no {what} on this host: {e}") from None
 
 
 def build_delegate(conf: FlannelConf, env: subnetenv.SubnetEnv) -> dict:

@@ -10,6 +10,7 @@ import http.client
 import logging
 import math
 import platform
+import socket
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, Info, ProcessCollector,
                                disable_created_metrics)
@@ -17,7 +18,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyflannel import __version__
-from pyflannel.localapi import UnixHTTPConnection
 
 from .reconciler import Repairs
 from .store.base import LeaseEvent, Store, StoreError
@@ -117,6 +117,17 @@ class DaemonState:
             expiry.add_metric([o.name], expiration.timestamp() if expiration else math.inf)
         if overlays:
             yield from (leases, peers, expiry)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
 
 
 class DriverMetrics:
