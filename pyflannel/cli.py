@@ -10,13 +10,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
-from pyflannel import paths, subnetenv
+from pyflannel import localapi, paths, subnetenv
 
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     from pyflannel.daemon.flags import FLAGS, endpoint_list, env_name
     for name, kind, default, _, text in FLAGS:
-        if name.startswith("etcd-") or name == "subnet-file":
+        if name.startswith("etcd-") or name in ("subnet-file", "api-socket"):
             parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"),
                                 type=endpoint_list if name == "etcd-endpoints" else str,
                                 default=os.environ.get(env_name(name), default), help=text)
@@ -68,7 +68,20 @@ def collect(args) -> dict:
         })
     if own and leases and not any(h["self"] for h in report["hosts"]):
         report["problems"].append(f"this host's subnet {own} has no lease in etcd")
+    try:
+        report["networks"] = localapi.Client(args.api_socket, timeout=3.0).networks()
+    except localapi.DaemonError as e:
+        report["networks"] = []
+        report["problems"].append(str(e))
+    report["problems"] += [f"flannel network {n['name']}: {n['error']}" for n in report["networks"] if n["error"]]
     return report
+
+
+def table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    """Upper-case headers and rows, each column as wide as its widest cell."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    return ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))] + [
+        "  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
 
 
 def render(report: dict) -> str:
@@ -79,10 +92,12 @@ def render(report: dict) -> str:
     rows = [[("*" if h["self"] else "") + str(h[c]) if c == "subnet" else
              ("yes" if h[c] else "NO") if isinstance(h[c], bool) else str(h[c]) for c in columns]
             for h in report["hosts"]]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
-    lines.append("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines += table(columns, rows)
     lines += ["", "routes programmed (proto 77):"] + [f"  {r}" for r in report["routes"] or ["none"]]
+    if report["networks"]:
+        columns = ("name", "network", "vni", "lease", "peers", "state")
+        rows = [[str(n.get(c) if n.get(c) is not None else "-") for c in columns] for n in report["networks"]]
+        lines += ["", "flannel networks served by pyflanneld:"] + ["  " + line for line in table(columns, rows)]
     if report["problems"]:
         lines += ["", "problems:"] + [f"  - {p}" for p in report["problems"]]
     return "\n".join(lines)

@@ -10,6 +10,9 @@ The map — each check is one small function below, in this order:
     mtu         vxlan: flannel.<VNI> MTU == FLANNEL_MTU == underlay MTU - 50; host-gw: external MTU == FLANNEL_MTU
     offload     not both tx-checksum-ip-generic on flannel.<VNI> and MASQUERADE --random-fully (the 63 s delay)
     vxlan-port  UDP Backend.Port is not taken by another socket and not dropped by an iptables INPUT rule
+    forwarding  ip_forward is on and FORWARD lets pyflannel's bridges through
+    masquerade  every masqueraded Docker network of pyflannel's has its egress rule
+    networks    pyflanneld serves every named flannel network it joined, and every one a Docker network is on
 
 A finding is a "problem" (exit code 1) or "unknown" (what could not be read; exit code unaffected).
 No shell anywhere: `iptables` is run with argument lists of fixed words and a validated port; ethtool features
@@ -25,7 +28,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from pyflannel import subnetenv
+from pyflannel import localapi, subnetenv
 from pyflannel.daemon.backend.vxlan import VXLAN_OVERHEAD
 from pyflannel.driver import firewall
 from pyflannel.driver.plumbing import BRIDGE_PREFIX
@@ -66,6 +69,8 @@ class Facts:
     port: int = 8472
     kernel: object = field(default=None, repr=False)
     driver_networks: list | None = None  # pyflannel-driver's networks (its state file); None: unreadable
+    daemon_networks: list | None = None  # the flannel networks pyflanneld serves (local API); None: no answer
+    daemon_error: str = ""
 
     @property
     def network(self) -> ipaddress.IPv4Network | None:
@@ -114,6 +119,10 @@ def gather(args) -> Facts:
         facts.driver_networks = []  # no driver on this host
     except (OSError, ValueError, AttributeError):
         facts.driver_networks = None
+    try:
+        facts.daemon_networks = localapi.Client(args.api_socket, timeout=3.0).networks()
+    except localapi.DaemonError as e:
+        facts.daemon_error = str(e)
     if facts.config:
         facts.backend, facts.vni, facts.port = facts.config.backend_type, facts.config.vni, facts.config.port
     else:
@@ -460,6 +469,25 @@ def check_masquerade(facts: Facts) -> list[Finding]:
     return findings
 
 
+def check_networks(facts: Facts) -> list[Finding]:
+    if facts.daemon_networks is None:
+        return [Finding("networks", UNKNOWN, f"not checked: {facts.daemon_error}")]
+    served = {n["name"]: n for n in facts.daemon_networks}
+    findings = []
+    for n in facts.daemon_networks:
+        if n["state"] == "failed":
+            findings.append(Finding("networks", PROBLEM, f"flannel network {n['name']} is not served: {n['error']}",
+                                    "fix its config in etcd and restart pyflanneld, or remove its Docker network"))
+    for net in facts.driver_networks or ():
+        name = net.get("flannel")
+        if name and name not in served:
+            findings.append(Finding("networks", PROBLEM, f"Docker network on bridge {net['bridge']} uses flannel "
+                                                         f"network {name}, which pyflanneld does not serve",
+                                    f"remove the Docker network and create it again with --ipam-opt "
+                                    f"pyflannel.network={name}"))
+    return findings
+
+
 CHECKS = [
     ("subnet-env", "subnet.env exists and parses", check_subnet_env),
     ("etcd", "etcd answers and holds a valid network config", check_etcd),
@@ -471,6 +499,7 @@ CHECKS = [
     ("vxlan-port", "the VXLAN UDP port is free for us and not dropped by iptables", check_vxlan_port),
     ("forwarding", "ip_forward is on and FORWARD lets pyflannel's bridges through", check_forwarding),
     ("masquerade", "every masqueraded Docker network of pyflannel's has its egress rule", check_masquerade),
+    ("networks", "pyflanneld serves every named flannel network it joined or Docker uses", check_networks),
 ]
 
 

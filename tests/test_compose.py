@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.docker]
 COMPOSE = "/usr/bin/docker-compose"
 INFRA = REPO / "docker-compose.yml"
 DEMO = REPO / "demo" / "docker-compose.yml"
+NETWORKS_DEMO = REPO / "demo" / "docker-compose.networks.yml"
 RECORDS = (REPO / "demo" / "backend" / "records.txt").read_text()
 
 
@@ -87,6 +88,27 @@ def test_demo_web_answers_with_backend_records_across_hosts(compose_lab):
     print(page)
     assert f"got from backend {backend}:" in page and RECORDS in page
     assert "demo-backend" not in h1.docker("ps", "-a", "--format", "{{.Names}}")  # the data crossed hosts
+
+
+def test_two_networks_app_front_public_back_internal(compose_lab):
+    """demo/docker-compose.networks.yml: web on h1 (front, published on 8080, and back) fetches from backend on h2
+    (back, --internal) across hosts; backend reaches nothing outside; `down` leaves both flannel networks."""
+    h1, h2 = compose_lab.hosts
+    compose(h2, NETWORKS_DEMO, "up", "-d", "backend")
+    backend = json.loads(h2.docker("inspect", "shop-backend"))[0]["NetworkSettings"]["Networks"]["demo_back"]
+    assert ipaddress.IPv4Address(backend["IPAddress"]) in ipaddress.IPv4Network("10.62.0.0/16")
+    compose(h1, NETWORKS_DEMO, "up", "-d", "web", BACKEND_ADDR=backend["IPAddress"])
+    page = wait_until("the web's answer through its published port", lambda: fetch(
+        h2, f"http://{h1.ip}:8080/cgi-bin/query"), timeout=30, interval=0.5)
+    assert f"got from backend {backend['IPAddress']}:" in page and RECORDS in page
+    assert compose_lab.network_config("shop-back")["Network"] == "10.62.0.0/16"
+    assert compose_lab.network_config("shop-front")["Network"].startswith("10.128.")
+    out = h2.docker("exec", "shop-backend", "timeout", "3", "wget", "-qO-", f"http://{h1.ip}:8080/", check=False)
+    assert "hello" not in out  # internal: not even the other host's published port
+    for host in (h1, h2):
+        compose(host, NETWORKS_DEMO, "down")
+        assert not (host.workdir / "run-flannel" / "networks" / "shop-back.env").exists()
+    assert compose_lab.leases("shop-back") == {} and compose_lab.leases("shop-front") == {}
 
 
 def test_compose_down_removes_everything(compose_lab):

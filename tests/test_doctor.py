@@ -15,8 +15,8 @@ pytestmark = pytest.mark.lab
 
 def doctor(lab, host) -> tuple[int, dict]:
     done = subprocess.run(["ip", "netns", "exec", host.ns, str(VENV_BIN / "pyflannel"), "doctor", "--json",
-                           "-etcd-endpoints", lab.etcd_url, "-subnet-file", str(host.subnet_file)],
-                          capture_output=True, text=True, timeout=60)
+                           "-etcd-endpoints", lab.etcd_url, "-subnet-file", str(host.subnet_file), "-api-socket",
+                           str(host.api_sock)], capture_output=True, text=True, timeout=60)
     assert done.stdout, done.stderr
     return done.returncode, json.loads(done.stdout)
 

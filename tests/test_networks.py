@@ -7,16 +7,19 @@ from __future__ import annotations
 import ipaddress
 import json
 import signal
+import subprocess
 import time
 
 import pytest
 
 from pyflannel.localapi import Client, DaemonError
-from tests.lab import ping, wait_until
+from tests.lab import VENV_BIN, ping, wait_until
+from tests.test_metrics import PORT, scrape, value
 
 pytestmark = pytest.mark.lab
 
 SHOP = "10.60.0.0/16"
+H1_FLAGS = ("-healthz-port", str(PORT))
 
 
 def api(host) -> Client:
@@ -31,9 +34,9 @@ def lease_in(host, name: str) -> ipaddress.IPv4Network:
     return ipaddress.IPv4Interface(host.subnet_env(name)["FLANNEL_SUBNET"]).network
 
 
-def restart_daemon(host) -> None:
+def restart_daemon(host, *flags: str) -> None:
     host.daemon.kill(signal.SIGTERM)
-    host.start_daemon()
+    host.start_daemon(*flags)
 
 
 @pytest.mark.parametrize("etcd_api", ["v2", "v3"])
@@ -41,7 +44,8 @@ def test_named_networks_in_flannels_layout_joined_left_and_restarted(make_lab, e
     lab = make_lab(4, etcd_api=etcd_api)
     h1, h2, h3, h4 = lab.hosts
     lab.set_config()
-    for host in (h1, h2, h3):
+    h1.start_daemon(*H1_FLAGS)
+    for host in (h2, h3):
         host.start_daemon()
 
     # the first host to use a name writes its config; the others join it; without --subnet, a /16 of 10.128/9
@@ -84,10 +88,16 @@ def test_named_networks_in_flannels_layout_joined_left_and_restarted(make_lab, e
     assert set(listed) == {"default", "shop", "crm"}
     assert listed["shop"]["lease"] == str(lease_in(h1, "shop")) and listed["shop"]["peers"] == 3
 
+    # /metrics, per network
+    metrics = scrape(lab, h1)
+    assert value(metrics, "pyflannel_peers_programmed", network="shop", backend="vxlan") == 3
+    assert value(metrics, "pyflannel_leases", network="crm") == 2 and value(metrics, "pyflannel_leases",
+                                                                           network="default") == 3
+
     # restart: the same leases and VTEP MACs, and traffic goes on
     before = {n: (str(lease_in(h1, n)), h1.sh("cat", f"/sys/class/net/flannel.{v}/address").strip())
               for n, v in (("shop", 2), ("crm", 3))}
-    restart_daemon(h1)
+    restart_daemon(h1, *H1_FLAGS)
     wait_until("h1 serves shop and crm again", lambda: all(
         n["state"] == "ready" for n in api(h1).networks()) and len(api(h1).networks()) == 3)
     after = {n: (str(lease_in(h1, n)), h1.sh("cat", f"/sys/class/net/flannel.{v}/address").strip())
@@ -122,12 +132,17 @@ def test_named_networks_in_flannels_layout_joined_left_and_restarted(make_lab, e
 
     # a network whose config was deleted: a clear error after the restart, the others are served
     lab.etcd_delete(f"{lab.prefix_key}/crm/config")
-    restart_daemon(h1)
+    restart_daemon(h1, *H1_FLAGS)
     wait_until("h1 reports crm", lambda: {n["name"]: n["state"] for n in api(h1).networks()} == {
         "default": "ready", "shop": "ready", "crm": "failed"})
     failed = next(n for n in api(h1).networks() if n["name"] == "crm")
     assert f"{lab.prefix_key}/crm/config is not in etcd" in failed["error"]
     assert not h1.network_env("crm").exists()
     assert ping(shop_c["h1"].ns, shop_c["h2"].ip)
+    doctor = subprocess.run(["ip", "netns", "exec", h1.ns, str(VENV_BIN / "pyflannel"), "doctor", "--json",
+                             "-etcd-endpoints", lab.etcd_url, "-subnet-file", str(h1.subnet_file), "-api-socket",
+                             str(h1.api_sock)], capture_output=True, text=True, timeout=60)
+    finding = next(f for f in json.loads(doctor.stdout)["findings"] if f["check"] == "networks")
+    assert doctor.returncode == 1 and "flannel network crm is not served" in finding["message"]
     for host in lab.hosts:
         assert "Traceback" not in host.daemon.log()
