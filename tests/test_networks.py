@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -146,3 +147,32 @@ def test_named_networks_in_flannels_layout_joined_left_and_restarted(make_lab, e
     assert doctor.returncode == 1 and "flannel network crm is not served" in finding["message"]
     for host in lab.hosts:
         assert "Traceback" not in host.daemon.log()
+
+
+def test_hosts_creating_networks_at_once_get_distinct_vnis_and_networks(make_lab):
+    """Three hosts each create networks at the same moment: every network gets a VNI and a Network of its own (the
+    claims under <prefix>/_pyflannel), and every host that asks for one name joins the one config."""
+    lab = make_lab(3)
+    lab.set_config()
+    for host in lab.hosts:
+        host.start_daemon()
+    names = [f"n{i}" for i in range(6)]
+    jobs = [(host, name) for host in lab.hosts for name in names]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        joined = list(pool.map(lambda job: api(job[0]).join(job[1]), jobs))
+    configs = {name: lab.network_config(name) for name in names}
+    assert len({c["Backend"]["VNI"] for c in configs.values()}) == len(names)
+    assert len({c["Network"] for c in configs.values()}) == len(names)
+    assert all(j["network"] == configs[j["name"]]["Network"] for j in joined)
+    assert all(len(lab.leases(name)) == 3 for name in names)
+    timings = []
+    for i in range(6, 16):  # one host joins ten more networks, one after the other
+        started = time.monotonic()
+        api(lab.hosts[0]).join(f"n{i}")
+        timings.append(time.monotonic() - started)
+    print(f"joins: 18 at once, then 10 new networks one by one on a host in {min(timings) * 1000:.0f}-"
+          f"{max(timings) * 1000:.0f} ms; {len(api(lab.hosts[0]).networks())} networks served")
+    for i in range(16):
+        api(lab.hosts[0]).leave(f"n{i}")
+    assert [n["name"] for n in api(lab.hosts[0]).networks()] == ["default"]
+    assert "flannel.2" not in lab.hosts[0].sh("ip", "-o", "link")

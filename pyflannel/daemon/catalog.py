@@ -103,15 +103,19 @@ class Catalog:
         except BaseException:
             self._release(claimed, name)
             raise
-        self._release(claimed, name)
+        winner = netconfig.parse(text)  # it may use what we claimed (the other host found our claims to be its own)
+        self._release([key for key in claimed if key not in (f"vni/{winner.vni}",
+                                                              f"network/{lease_key(winner.network)}")], name)
         return text
 
     def _claim(self, key: str, name: str, claimed: list) -> bool:
-        holder = self.root.reserve(f"{CLAIMS}/{key}", name)
-        if holder == name:
+        """Claim `key` for `name`; True when it is ours (now, or from an earlier try). Only what this call created
+        goes into `claimed`, to be released if the network is not created: a claim of another host creating the
+        same name at the same moment stays."""
+        if self.root.create_key(f"{CLAIMS}/{key}", name):
             claimed.append(key)
             return True
-        return False
+        return self.root.read_key(f"{CLAIMS}/{key}") == name
 
     def _release(self, claimed: list, name: str) -> None:
         for key in claimed:

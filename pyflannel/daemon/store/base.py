@@ -178,9 +178,3 @@ class Store(abc.ABC):
 
     def create_config(self, text: str) -> bool:
         return self.create_key("config", text)
-
-    def reserve(self, key: str, value: str) -> str:
-        """Claim <prefix>/<key> for `value` unless somebody holds it already; returns the holder."""
-        if self.create_key(key, value):
-            return value
-        return self.read_key(key) or ""
