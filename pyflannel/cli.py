@@ -103,8 +103,26 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def membership(args) -> int:
+    """`pyflannel join|leave NAME`: for hosts whose containers come from CNI (the Docker driver does it itself)."""
+    client = localapi.Client(args.api_socket)
+    try:
+        if args.command == "join":
+            network = client.join(args.name, args.subnet)
+            print(f"{args.name}: Network {network['network']}, VNI {network['vni']}, this host's lease "
+                  f"{network['lease']} ({network['subnet_file']})")
+        else:
+            client.leave(args.name)
+            print(f"{args.name}: left")
+    except localapi.DaemonError as e:
+        print(f"pyflannel {args.command}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyflannel", description="Inspect a pyflannel host.")
+    parser = argparse.ArgumentParser(prog="pyflannel", description="Inspect a pyflannel host, or make it join or "
+                                                                   "leave a named flannel network.")
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="hosts, leases, reachability and this host's routes")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -119,10 +137,21 @@ def main(argv: list[str] | None = None) -> int:
                         dest="subnet_lease_renew_margin",
                         default=int(os.environ.get(env_name("subnet-lease-renew-margin"), 60)),
                         help="minutes: a lease with less time left is not being renewed (pyflanneld's flag)")
+    for command, text in (("join", "serve a named flannel network on this host (the first host creates it)"),
+                          ("leave", "stop serving a named flannel network: this host's lease and devices go")):
+        action = sub.add_parser(command, help=text)
+        action.add_argument("name", help="the flannel network's name (<prefix>/<NAME> in etcd)")
+        if command == "join":
+            action.add_argument("--subnet", help="its cluster-wide Network, when this host creates it")
+        action.add_argument("-api-socket", "--api-socket", default=os.environ.get("FLANNELD_API_SOCKET",
+                                                                                 paths.DAEMON_SOCKET),
+                            help="pyflanneld's -api-socket (default %(default)s)")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         from pyflannel import doctor as doctor_module
         return doctor_module.run(args)
+    if args.command in ("join", "leave"):
+        return membership(args)
     report = collect(args)
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 1 if report["problems"] else 0
