@@ -137,21 +137,41 @@ def test_leave_and_rejoin(nets):
         str(ipaddress.IPv4Interface(h1.subnet_env("front")["FLANNEL_SUBNET"]).network).replace("/", "-")]
     assert "flannel.2" not in h2.sh("ip", "-o", "link") and not h2.network_env("front").exists()
     wait_until("h1 forgets h2's front subnet", lambda: lease not in h1.sh("ip", "route", "show", "proto", "77"))
+    started = time.monotonic()
     h2.docker("network", "create", "-d", "pyflannel", "--ipam-driver", "pyflannel", *NETWORKS["front"], "front")
+    created = time.monotonic() - started
     h2.docker("run", "-d", "--name", "front-h2", "--network", "front", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www")
+    running = time.monotonic() - started
     found = containers(nets)
-    assert reaches(found[("front", "h1")][0], found[("front", "h2")][0], found[("front", "h2")][1], "icmp")
+    src, dst = found[("front", "h1")], found[("front", "h2")]
+    wait_until("h1's front container reaches the new one", lambda: in_netns(
+        src[0], "ping", "-c", "1", "-W", "0.2", dst[1]).returncode == 0, timeout=10, interval=0)
+    print(f"re-join: network create {created:.2f}s, container running {running:.2f}s, reached from the other host "
+          f"{time.monotonic() - started:.2f}s after the create began")
+
+
+def vteps(host) -> dict[str, str]:
+    """flannel.<VNI> -> its MAC, for every flannel device of the host."""
+    return {name: host.sh("cat", f"/sys/class/net/{name}/address").strip()
+            for name in host.sh("ls", "/sys/class/net").split() if name.startswith("flannel.")}
 
 
 def test_restarts_keep_every_network(nets):
+    """Leases, VNIs and VTEP MACs of every network survive pyflanneld, pyflannel-driver and dockerd restarts."""
     h1, h2 = nets.hosts
     before = {n: h1.subnet_env(n)["FLANNEL_SUBNET"] for n in ("front", "back")}
+    macs = vteps(h1)
+    assert len(macs) == 3
     h1.daemon.kill(signal.SIGTERM)
     h1.start_daemon()
     h1.driver.kill(signal.SIGKILL)
     h1.start_driver()
     wait_until("h1 serves front and back again", lambda: all(h1.network_env(n).exists() for n in before))
-    assert {n: h1.subnet_env(n)["FLANNEL_SUBNET"] for n in before} == before
+    h1.dockerd.kill(signal.SIGTERM, wait=30)
+    h1.start_dockerd()
+    h1.docker("start", *(f"{name}-h1" for name in NETWORKS))
+    assert {n: h1.subnet_env(n)["FLANNEL_SUBNET"] for n in before} == before and vteps(h1) == macs
+    assert {nets.network_config(n)["Backend"]["VNI"] for n in ("front", "back")} == {2, 3}
     found = containers(nets)
     for name in NETWORKS:
         assert reaches(found[(name, "h2")][0], found[(name, "h1")][0], found[(name, "h1")][1], "icmp"), name
