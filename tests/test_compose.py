@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.docker]
 COMPOSE = "/usr/bin/docker-compose"
 INFRA = REPO / "docker-compose.yml"
 DEMO = REPO / "demo" / "docker-compose.yml"
-NETWORKS_DEMO = REPO / "demo" / "docker-compose.networks.yml"
+NETWORKS_DEMO = REPO / "demo" / "shop" / "docker-compose.yml"
 RECORDS = (REPO / "demo" / "backend" / "records.txt").read_text()
 
 
@@ -91,11 +91,11 @@ def test_demo_web_answers_with_backend_records_across_hosts(compose_lab):
 
 
 def test_two_networks_app_front_public_back_internal(compose_lab):
-    """demo/docker-compose.networks.yml: web on h1 (front, published on 8080, and back) fetches from backend on h2
+    """demo/shop/docker-compose.yml: web on h1 (front, published on 8080, and back) fetches from backend on h2
     (back, --internal) across hosts; backend reaches nothing outside; `down` leaves both flannel networks."""
     h1, h2 = compose_lab.hosts
     compose(h2, NETWORKS_DEMO, "up", "-d", "backend")
-    backend = json.loads(h2.docker("inspect", "shop-backend"))[0]["NetworkSettings"]["Networks"]["demo_back"]
+    backend = json.loads(h2.docker("inspect", "shop-backend"))[0]["NetworkSettings"]["Networks"]["shop_back"]
     assert ipaddress.IPv4Address(backend["IPAddress"]) in ipaddress.IPv4Network("10.62.0.0/16")
     compose(h1, NETWORKS_DEMO, "up", "-d", "web", BACKEND_ADDR=backend["IPAddress"])
     page = wait_until("the web's answer through its published port", lambda: fetch(

@@ -104,6 +104,27 @@ def test_enabled_plugin_carries_traffic_across_hosts(plugin_lab):
     assert "PING-OK" in out and "hello from pyflannel" in out
 
 
+def test_plugin_serves_a_named_network(plugin_lab):
+    """The plugin's pyflanneld and driver share the local API inside it: a named flannel network on both hosts
+    carries traffic, is cut off from overlay0, and is left when removed."""
+    h1, h2 = plugin_lab.hosts
+    for host in plugin_lab.hosts:
+        host.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "--ipam-opt",
+                    "pyflannel.network=shop", "shop")
+    h2.docker("run", "-d", "--name", "shopweb", "--network", "shop", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www")
+    web_ip = json.loads(h2.docker("inspect", "shopweb"))[0]["NetworkSettings"]["Networks"]["shop"]["IPAddress"]
+    assert ipaddress.IPv4Address(web_ip) in ipaddress.IPv4Network(plugin_lab.network_config("shop")["Network"])
+    probe = f"timeout 3 wget -q -O- http://{web_ip}/ && echo REACHED"
+    assert "REACHED" in h1.docker("run", "--rm", "--network", "shop", IMAGE, "sh", "-c", probe)
+    assert "REACHED" not in h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "sh", "-c",
+                                      probe, check=False)
+    h2.docker("rm", "-f", "shopweb")
+    for host in plugin_lab.hosts:
+        host.docker("network", "rm", "shop")
+    assert plugin_lab.leases("shop") == {}
+    assert not (h1.workdir / "run" / "flannel" / "networks" / "shop.env").exists()
+
+
 def test_plugin_masquerades_egress_and_publishes_ports(plugin_lab):
     """The driver inside the plugin programs the host's iptables with the plugin's own iptables: containers reach
     the lab's internet as the host, and -p publishes on the host's address."""
