@@ -21,7 +21,8 @@ from urllib.parse import quote
 DEFAULT_NETWORK = "default"  # the name of the network at <prefix>/config, in reports and in pyflannel.network=
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}\Z")
 RESERVED_NAMES = {"config", "subnets"}  # keys of the default network's own layout under <prefix>
-JOIN_SECONDS = 30.0
+JOIN_SECONDS = 10.0   # pyflanneld answers a join within this (else 503: still joining), below gunicorn's timeout
+CLIENT_SECONDS = 12.0
 
 
 class DaemonError(Exception):
@@ -43,7 +44,7 @@ def name_problem(name: str) -> str | None:
 
 
 class Client:
-    def __init__(self, socket_path: str, timeout: float = JOIN_SECONDS):
+    def __init__(self, socket_path: str, timeout: float = CLIENT_SECONDS):
         self.socket_path = socket_path
         self.timeout = timeout
 

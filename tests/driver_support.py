@@ -122,11 +122,13 @@ class DockerSide:
 
     # Docker's call sequences -----------------------------------------------------------------------------------
 
-    def create_network(self, network_id: str | None = None, mtu: str | None = None) -> dict:
-        """`docker network create -d pyflannel --ipam-driver pyflannel [-o mtu]`: pool, gateway, CreateNetwork."""
+    def create_network(self, network_id: str | None = None, mtu: str | None = None,
+                       ipam_options: dict | None = None) -> dict:
+        """`docker network create -d pyflannel --ipam-driver pyflannel [-o mtu] [--ipam-opt K=V]`: pool, gateway,
+        CreateNetwork."""
         network_id = network_id or new_id("n")
         pool = self.ok("IpamDriver.RequestPool", {"AddressSpace": "pyflannel-local", "Pool": "", "SubPool": "",
-                                                 "Options": {}, "V6": False})
+                                                 "Options": ipam_options or {}, "V6": False})
         gw = self.ok("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "",
                                                   "Options": {"RequestAddressType": "com.docker.network.gateway"}})
         generic = {"com.docker.network.driver.mtu": mtu} if mtu else {}

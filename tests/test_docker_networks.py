@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from pyflannel.localapi import Client
 from tests.lab import IMAGE, OUTSIDE_IP, Lab, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
@@ -121,11 +122,38 @@ def test_networks_are_isolated_in_every_direction_and_protocol(nets):
 
 
 def test_internal_network_has_no_way_out(nets):
+    h1, h2 = nets.hosts
     found = containers(nets)
     for name, expected in (("front", True), ("back", False)):
         pid = found[(name, "h1")][0]
         got = in_netns(pid, "timeout", "3", "busybox", "wget", "-qO-", f"http://{OUTSIDE_IP}/cgi-bin/ip")
         assert (got.returncode == 0) == expected, (name, got)
+    # -p on an --internal network publishes nothing (dockerd does not even ask the driver)
+    h1.docker("run", "-d", "--name", "hidden", "--network", "back", "-p", "8099:80", IMAGE, "httpd", "-f", "-p", "80",
+              "-h", "/www")
+    assert "8099" not in h1.sh("iptables", "-t", "nat", "-S")
+    assert HELLO not in h2.sh("timeout", "3", "busybox", "wget", "-qO-", f"http://{h1.ip}:8099/", check=False)
+    h1.docker("rm", "-f", "hidden")
+
+
+def test_network_rm_while_pyflanneld_is_down_leaves_once_it_is_back(nets):
+    """dockerd removes its network whatever the driver answers: the driver removes everything of its own at once and
+    leaves the flannel network at its next call after pyflanneld is back."""
+    h1, _ = nets.hosts
+    h1.docker("network", "create", "-d", "pyflannel", "--ipam-driver", "pyflannel", "--ipam-opt",
+              "pyflannel.network=spare", "spare")
+    spare_bridge = "pfl-" + h1.docker("network", "inspect", "-f", "{{.Id}}", "spare").strip()[:8]
+    before = h1.extra_links()
+    h1.daemon.kill(signal.SIGTERM)
+    h1.docker("network", "rm", "spare")
+    assert before - h1.extra_links() == {spare_bridge}
+    assert len(nets.leases("spare")) == 1  # pyflanneld was not there to leave
+    h1.start_daemon()
+    wait_until("pyflanneld serves spare again", lambda: any(
+        n["name"] == "spare" and n["state"] == "ready" for n in Client(str(h1.api_sock)).networks()))
+    h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "echo")  # any call that starts a container
+    assert nets.leases("spare") == {} and not h1.network_env("spare").exists()
+    assert h1.extra_links() == before - {spare_bridge} - {f"flannel.{nets.network_config('spare')['Backend']['VNI']}"}
 
 
 def test_leave_and_rejoin(nets):

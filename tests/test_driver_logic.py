@@ -2,11 +2,14 @@
 kernel refusal. No root, no namespaces. test_driver_api.py runs the same flows on the real kernel."""
 import ipaddress
 import json
+import os
 import threading
 import time
 
 import pytest
 
+from pyflannel import paths
+from pyflannel.daemon.api import serve as serve_api
 from pyflannel.driver.api import create_app
 from tests.driver_support import DockerSide, write_subnet_env
 from tests.fakes import FakePlumbing
@@ -93,3 +96,58 @@ def test_an_exhausted_lease_is_named_and_freeing_an_address_lets_containers_star
     assert "no free address left in this host's lease 10.5.34.0/29 (5 containers hold addresses)" in err
     docker.stop_container(net, running[2])
     assert docker.run_container(net)["address"] == running[2]["address"]
+
+
+class FakeDaemon:
+    """pyflanneld's side of the local API (its real server, pyflannel/daemon/api.py) over a fake: a join writes the
+    named network's subnet.env, as pyflanneld does; leaves are recorded."""
+
+    def __init__(self, subnet_file):
+        self.subnet_file = str(subnet_file)
+        self.left: list[str] = []
+
+    def join(self, name: str, network: str | None) -> dict:
+        write_subnet_env(paths.network_env_file(self.subnet_file, name), lease="10.60.3.0/24")
+        return {"name": name}
+
+    def leave(self, name: str) -> dict:
+        self.left.append(name)
+        return {}
+
+    def describe(self) -> list:
+        return []
+
+
+def test_named_networks_beside_the_default_one_and_a_leave_pyflanneld_missed(tmp_path):
+    """A Docker network per flannel network; `docker network rm` while pyflanneld is down removes everything of the
+    driver's at once (dockerd deletes its network whatever the driver answers) and the leave is done at the next
+    call once pyflanneld answers."""
+    subnet_file = write_subnet_env(tmp_path / "subnet.env")
+    sock, fake = str(tmp_path / "pyflanneld.sock"), FakeDaemon(subnet_file)
+    plumbing = FakePlumbing()
+    docker = DockerSide(create_app(str(tmp_path / "state"), subnet_file, plumbing=plumbing, daemon_socket=sock))
+    server = serve_api(fake, sock)
+    try:
+        default = docker.create_network()
+        shop = docker.create_network(ipam_options={"pyflannel.network": "shop"})
+        assert shop["pool_id"] == "pyflannel/shop/10.60.3.0/24" and default["pool_id"] == "pyflannel/10.5.34.0/24"
+        again = docker.fails("IpamDriver.RequestPool", {"Pool": "", "Options": {"pyflannel.network": "shop"}}, 409)
+        assert "already has a Docker network on flannel network shop" in again and shop["id"][:12] in again
+        bad = docker.fails("IpamDriver.RequestPool", {"Pool": "", "Options": {"pyflannel.network": "a/b"}}, 400)
+        assert "'a/b' is not valid" in bad
+    finally:
+        server.shutdown()
+        server.server_close()
+    os.unlink(sock)
+    docker.ok("NetworkDriver.DeleteNetwork", {"NetworkID": shop["id"]})
+    docker.ok("IpamDriver.ReleasePool", {"PoolID": shop["pool_id"]})
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["leaving"] == ["shop"] and list(state["networks"]) == [default["id"]]
+    assert list(plumbing.bridges) == [default["bridge"]]
+    server = serve_api(fake, sock)
+    try:
+        docker.run_container(default)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert fake.left == ["shop"] and json.loads((tmp_path / "state" / "state.json").read_text())["leaving"] == []

@@ -57,6 +57,7 @@ class Daemon:
         self.catalog = Catalog(self.store, flags.etcd_prefix)
         self.overlays: dict[str, Overlay] = {}
         self.failed: dict[str, str] = {}  # named networks joined before that could not be served again: why
+        self.rejoining: dict[str, threading.Event] = {}  # set when the network joined before is served again
         self.lock = threading.Lock()  # joins and leaves, one at a time
         self.default: Overlay | None = None
 
@@ -78,6 +79,7 @@ class Daemon:
         self.default.start()
         release_freed_memory()
         for name in self.joined():
+            self.rejoining[name] = threading.Event()
             threading.Thread(target=self._rejoin, args=(name,), name=f"rejoin-{name}", daemon=True).start()
 
     def run(self) -> None:
@@ -112,6 +114,13 @@ class Daemon:
             remove_file(paths.network_env_file(self.flags.subnet_file, name))  # the driver must not use it
         except Stopped:
             pass
+        finally:
+            self.rejoining[name].set()
+
+    def _settled(self, name: str) -> None:
+        """A join or leave of a network being served again after a restart waits for that first."""
+        if name in self.rejoining:
+            self.rejoining[name].wait(JOIN_SECONDS)
 
     def _begin(self, name: str, config: netconfig.NetworkConfig) -> Overlay:
         with self.lock:
@@ -149,6 +158,7 @@ class Daemon:
         except ValueError as e:
             raise UserError(f"--subnet {network!r} is not an IPv4 network ({e})") from None
         self._ready(self.default)  # etcd found, its API chosen
+        self._settled(name)
         overlay = self.overlays.get(name)
         if overlay is not None and overlay.error or name in self.failed:  # failed before: try again from etcd
             self.leave(name)
@@ -163,13 +173,14 @@ class Daemon:
 
     @staticmethod
     def _ready(overlay: Overlay) -> dict:
-        if not overlay.ready.wait(JOIN_SECONDS - 2):
+        if not overlay.ready.wait(JOIN_SECONDS):
             raise Unavailable(f"network {overlay.name}: {overlay.error or 'no lease yet (is etcd reachable?)'}")
         return overlay.describe()
 
     def leave(self, name: str) -> dict:
         if name == DEFAULT_NETWORK:
             raise UserError("the default network is served as long as pyflanneld runs")
+        self._settled(name)
         with self.lock:
             overlay = self.overlays.pop(name, None)
             if overlay is not None:

@@ -172,12 +172,12 @@ class Overlay:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=30)
-        if self.leases is not None and self.leases.lease is not None:
-            try:
-                self.store.delete_lease(self.leases.lease.subnet)
-            except StoreError as e:
-                log.warning("network %s: could not delete lease %s (%s); it expires by itself", self.name,
-                            self.leases.lease.subnet, e)
+        try:  # every lease of ours, also one from before a restart that this run had not taken back yet
+            for lease in self.store.leases()[0]:
+                if lease.public_ip == self.ext.public_ip:
+                    self.store.delete_lease(lease.subnet)
+        except StoreError as e:
+            log.warning("network %s: could not delete our lease (%s); it expires by itself", self.name, e)
         if self.reconciler is not None:
             self.reconciler.reconcile([])
         if self.backend is not None:

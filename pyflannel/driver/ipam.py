@@ -71,15 +71,29 @@ def existing_network_error(network_id: str, net: dict) -> RefusedError:
 
 
 def drop_pool(st: dict, pid: str, daemon: localapi.Client | None) -> None:
-    """Forget a pool no network uses; a named network's host leaves it (pyflanneld deletes its lease). Raises
-    UnavailableError, with nothing changed, when pyflanneld cannot be told."""
-    name = flannel_name(st["pools"][pid])
-    if name and daemon is not None:
-        try:
-            daemon.leave(name)
-        except localapi.DaemonError as e:
-            raise UnavailableError(f"cannot leave {describe_flannel(name)}: {e}") from None
-    del st["pools"][pid]
+    """Forget a pool no network uses; a named network's host leaves it (pyflanneld deletes its lease and devices).
+    Docker deletes its network whatever the driver answers, so when pyflanneld cannot be told now, the leave waits in
+    the state for `leave_pending`."""
+    name = flannel_name(st["pools"].pop(pid))
+    if name and daemon is not None and name not in st["leaving"]:
+        st["leaving"].append(name)
+        leave_pending(st, daemon)
+
+
+def leave_pending(st: dict, daemon: localapi.Client | None) -> None:
+    """Leave the flannel networks that wait for it, unless a pool of theirs exists again. Called at start and by
+    the calls that add or drop pools or start containers: pyflanneld may have been down when their last network
+    went."""
+    in_use = {flannel_name(pool) for pool in st["pools"].values()}
+    for name in list(st["leaving"]):
+        if name not in in_use and daemon is not None:
+            try:
+                daemon.leave(name)
+            except localapi.DaemonError as e:
+                log.warning("cannot leave flannel network %s yet (tried again at the next call): %s", name, e)
+                continue
+            log.info("left flannel network %s", name)
+        st["leaving"].remove(name)
 
 
 class LeaseSource:
@@ -182,6 +196,9 @@ class Ipam:
             for nid, net in st["networks"].items():
                 if flannel_name(net) == name:
                     raise existing_network_error(nid, net)
+            if name in st["leaving"]:  # joined again before the leave could be done: nothing to leave
+                st["leaving"].remove(name)
+            leave_pending(st, self.daemon)
         env = self._join(name, req.pool) if name else self._default_lease(req)
         if req.sub_pool is not None and req.sub_pool != env.lease:
             raise RefusedError(f"SubPool {req.sub_pool} (--ip-range) is not supported: pyflannel hands out the "

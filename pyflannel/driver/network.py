@@ -32,7 +32,8 @@ from . import validation as v
 from .errors import PlumbingError, RefusedError, UnavailableError, ValidationError
 from pyflannel import localapi
 
-from .ipam import HOW_TO_CREATE, LeaseSource, describe_flannel, drop_pool, existing_network_error, flannel_name
+from .ipam import (HOW_TO_CREATE, LeaseSource, describe_flannel, drop_pool, existing_network_error, flannel_name,
+                   leave_pending)
 from .plumbing import BRIDGE_PREFIX, VETH_CONTAINER_PREFIX, VETH_HOST_PREFIX, Plumbing, bridge_name, veth_names
 from .state import StateStore
 
@@ -141,7 +142,7 @@ class NetworkDriver:
             unused = [pid for pid, pool in st["pools"].items()  # no network left on it: its allocations are stale
                       if not any(n["pool"] == pool["pool"] for nid, n in st["networks"].items()
                                  if nid != req.network_id)]
-            for pid in unused:  # first: a flannel network that cannot be left yet keeps everything as it is
+            for pid in unused:
                 drop_pool(st, pid, self.daemon)
             for eid, ep in list(st["endpoints"].items()):
                 if ep["network"] == req.network_id:  # Docker deletes endpoints first; these are leftovers
@@ -233,6 +234,7 @@ class NetworkDriver:
         with self.store.transaction() as st:
             net = self._network(st, req.network_id)
             env = self.lease.current(flannel_name(net))
+            leave_pending(st, self.daemon)
             ep = st["endpoints"].get(req.endpoint_id)
             if ep is None or ep["network"] != req.network_id:
                 raise RefusedError(f"endpoint {req.endpoint_id[:12]} is not known to pyflannel on network "
@@ -355,6 +357,7 @@ class NetworkDriver:
                           if ep["network"] == nid and ep["joined"] for p in published(ep)]
             if complete:  # else the rules of a network without its lease would be lost
                 self._quietly(self.plumbing.reset_rules, rules)
+            leave_pending(st, self.daemon)
             for name, link in sorted(self.plumbing.links().items()):
                 keep = name in bridges if name.startswith(BRIDGE_PREFIX) else name in veths
                 if not keep and name.startswith((BRIDGE_PREFIX, VETH_HOST_PREFIX, VETH_CONTAINER_PREFIX)):

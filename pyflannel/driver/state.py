@@ -10,7 +10,9 @@ answer later calls and to clean up lives here:
       "endpoints": {EndpointID: {"network": NetworkID, "address": "10.5.34.7/24" | "", "mac": "02:42:...",
                                  "mac_generated": true, "veth_host": "pfv-...", "veth_container": "pfc-...",
                                  "joined": false, "sandbox": ""}},
-      "pools":     {PoolID:     {"pool": "10.5.34.0/24", "allocated": ["10.5.34.2", ...], "last": "10.5.34.2"}}
+      "pools":     {PoolID:     {"pool": "10.5.34.0/24", "allocated": ["10.5.34.2", ...], "last": "10.5.34.2",
+                                 "flannel": "" | "shop"}},
+      "leaving":   ["shop", ...]    named flannel networks to leave, once pyflanneld answers
     }
 
 A transaction holds a thread lock (gunicorn threads) and an flock on state.lock (gunicorn worker processes), reads
@@ -43,7 +45,7 @@ class StateError(DriverError):
 
 
 def empty_state() -> dict:
-    return {"version": STATE_VERSION, "networks": {}, "endpoints": {}, "pools": {}}
+    return {"version": STATE_VERSION, "networks": {}, "endpoints": {}, "pools": {}, "leaving": []}
 
 
 class StateStore:
@@ -76,10 +78,10 @@ class StateStore:
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             raise StateError(f"state file {self.path} has an unknown format (expected version {STATE_VERSION})")
         state = empty_state()
-        for key in ("networks", "endpoints", "pools"):
-            if not isinstance(data.get(key, {}), dict):
-                raise StateError(f"state file {self.path}: {key!r} must be an object")
-            state[key] = data.get(key, {})
+        for key, kind in (("networks", dict), ("endpoints", dict), ("pools", dict), ("leaving", list)):
+            if not isinstance(data.get(key, kind()), kind):
+                raise StateError(f"state file {self.path}: {key!r} must be {'an object' if kind is dict else 'a list'}")
+            state[key] = data.get(key, kind())
         return state
 
     def _save(self, state: dict) -> None:
