@@ -510,6 +510,16 @@ class Lab:
                 host.add_container()
         return self
 
+    def start_docker(self, engine: str) -> "Lab":
+        """The Docker set-up: the default network config, then pyflanneld, pyflannel-driver and a dockerd of
+        `engine` on every host."""
+        self.set_config()
+        for host in self.hosts:
+            host.start_daemon()
+            host.start_driver()
+            host.start_dockerd(engine)
+        return self
+
     # --- etcd, seen from the switch namespace ----------------------------------------------------------------
     def etcd_get(self, path: str) -> dict:
         with inside(self.switch):

@@ -22,12 +22,7 @@ HTTPD = ("httpd", "-f", "-p", "80", "-h", "/www")
 @pytest.fixture(scope="module")
 def docker_lab(docker_engine):
     with Lab(2) as lab:
-        lab.set_config()
-        for host in lab.hosts:
-            host.start_daemon()
-            host.start_driver()
-            host.start_dockerd(docker_engine)
-        yield lab
+        yield lab.start_docker(docker_engine)
 
 
 @pytest.fixture

@@ -32,12 +32,8 @@ UDP_LISTENER = ("import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_D
 @pytest.fixture(scope="module")
 def nets(docker_engine):
     with Lab(2) as lab:
-        lab.set_config()
         lab.add_outside()
-        for host in lab.hosts:
-            host.start_daemon()
-            host.start_driver()
-            host.start_dockerd(docker_engine)
+        lab.start_docker(docker_engine)
         created = {}
         for host in lab.hosts:
             for name, args in NETWORKS.items():

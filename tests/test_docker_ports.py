@@ -25,13 +25,8 @@ UDP_ECHO = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 @pytest.fixture(scope="module")
 def ports_lab(docker_engine):
     with Lab(2) as lab:
-        lab.set_config()
         lab.outside_ns = lab.add_outside()
-        for host in lab.hosts:
-            host.start_daemon()
-            host.start_driver()
-            host.start_dockerd(docker_engine)
-        yield lab
+        yield lab.start_docker(docker_engine)
 
 
 def make_network(lab, *options: str) -> None:

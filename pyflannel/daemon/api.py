@@ -13,7 +13,7 @@ from urllib.parse import unquote
 from pyflannel.kernel.errors import KernelError
 
 from .catalog import NetworkConflict
-from .errors import UserError
+from .errors import Stopped, UserError
 from .store.base import ConfigNotFound, StoreError
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def serve(daemon, path: str) -> _Server:
                 self.reply(200, call(name, body))
             except (UserError, ConfigNotFound, StoreError, KernelError, Unavailable) as e:
                 self.reply(status_of(e), {"error": str(e)})
+            except Stopped:
+                self.reply(503, {"error": "pyflanneld is stopping"})
 
         def reply(self, status: int, body: dict):
             data = json.dumps(body).encode()

@@ -86,7 +86,13 @@ class Daemon:
         try:
             self.default.run()
         finally:
-            for overlay in list(self.overlays.values()):
+            self.request_stop()
+
+    def request_stop(self) -> None:
+        """SIGTERM: every network finishes the etcd or kernel call in flight and starts nothing new."""
+        with self.lock:
+            self.stop.set()
+            for overlay in self.overlays.values():
                 overlay.stop.set()
 
     # --- named networks ---------------------------------------------------------------------------------------
@@ -124,6 +130,10 @@ class Daemon:
 
     def _begin(self, name: str, config: netconfig.NetworkConfig) -> Overlay:
         with self.lock:
+            if name in self.overlays:  # another join of the same name got here first
+                return self.overlays[name]
+            if self.stop.is_set():
+                raise Stopped()
             self._check_clash(name, config)
             overlay = Overlay(name, self.store.child(name), self.flags, self.ext, self.metrics, config=config)
             self.overlays[name] = overlay
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         log.error("%s", e)
         return 1
-    signal.signal(signal.SIGTERM, lambda *_: daemon.stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=daemon.request_stop).start())
     try:
         daemon.start()
         daemon.run()
