@@ -120,12 +120,28 @@ def membership(args) -> int:
     return 0
 
 
+def names(args) -> int:
+    """`pyflannel status --names`: every host's container names in the networks this host serves."""
+    try:
+        records = localapi.Client(args.api_socket).names()
+    except localapi.DaemonError as e:
+        print(f"pyflannel status --names: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        rows = [[r["network"], ", ".join(r["names"]), r["address"], r["host"]] for r in records]
+        print("\n".join(table(("network", "names", "address", "host"), rows)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyflannel", description="Inspect a pyflannel host, or make it join or "
                                                                    "leave a named flannel network.")
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="hosts, leases, reachability and this host's routes")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--names", action="store_true", help="the container names pyflanneld answers over DNS")
     _add_store_flags(status)
     doctor = sub.add_parser("doctor", help="check this host for known flannel problems, each with its fix")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
@@ -152,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         return doctor_module.run(args)
     if args.command in ("join", "leave"):
         return membership(args)
+    if args.names:
+        return names(args)
     report = collect(args)
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 1 if report["problems"] else 0

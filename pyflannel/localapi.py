@@ -7,6 +7,8 @@ HTTP with JSON bodies on a Unix socket (default /run/flannel/pyflanneld.sock, ro
                                  writes its config to etcd. Answers once the lease is held and NAME's subnet.env is
                                  written: the network's description.
     DELETE /v1/networks/NAME     leave NAME: the lease is deleted and the kernel state goes.
+    PUT    /v1/names             this host's containers and their names per network (the whole set, each time)
+    GET    /v1/names             every host's container names in the networks served: {"names": [...]}
 
 An error is {"error": "..."} with 400 (bad name or body), 409 (contradicts etcd or another network) or 503 (etcd
 not reachable, still joining).
@@ -83,3 +85,11 @@ class Client:
 
     def networks(self) -> list[dict]:
         return self._call("GET", "/v1/networks").get("networks", [])
+
+    def publish(self, containers: list[dict]) -> None:
+        """This host's containers on flannel networks, all of them: [{"id", "networks": {NAME or "": {"address",
+        "names"}}}]; their names are answered over DNS on every host."""
+        self._call("PUT", "/v1/names", {"containers": containers})
+
+    def names(self) -> list[dict]:
+        return self._call("GET", "/v1/names").get("names", [])

@@ -70,6 +70,15 @@ class MemoryStore(Store):
         if self.keys.get(key) == expected:
             del self.keys[key]
 
+    def read_folder(self, folder: str) -> dict[str, str]:
+        top = folder + "/"
+        return {key[len(top):]: value for key, value in self.keys.items() if key.startswith(top)}
+
+    def replace_keys(self, folder: str, items: dict[str, str], ttl: int) -> None:
+        for key in self.read_folder(folder):
+            del self.keys[f"{folder}/{key}"]
+        self.keys.update({f"{folder}/{key}": value for key, value in items.items()})
+
     def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
         if position < self.compacted:
             raise HistoryLost(f"revision {position} is compacted")

@@ -30,12 +30,16 @@ from pathlib import Path
 
 from pyroute2 import netns as pr_netns
 
+from pyflannel.daemon.flags import DNS_ADDRESS
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 UNDERLAY = ipaddress.IPv4Network("192.0.2.0/24")
 SWITCH_IP = "192.0.2.2"
 ROUTER_IP = "192.0.2.254"          # the lab's "internet" router, on the underlay (add_outside)
 OUTSIDE_IP = "203.0.113.1"         # a documentation address behind it: the "internet"
+OUTSIDE_DNS = OUTSIDE_IP           # its DNS server (tests/upstream_dns.py): every lab pyflanneld's -dns-upstream
+OUTSIDE_NAMES = {"www.example.test": OUTSIDE_IP}
 # GET /cgi-bin/ip of a busybox httpd with this script answers with the caller's address as the server sees it.
 WHOAMI_CGI = '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n%s\\n" "$REMOTE_ADDR"\n'
 ETCD_URL = f"http://{SWITCH_IP}:2379"
@@ -44,7 +48,8 @@ DOCKER = "/usr/bin/docker"
 # The Docker engines of the test matrix: Debian 12's dockerd (the system's) and Debian 13's (`make engines`).
 DOCKER_ENGINES = {"20.10": None, "26.1": REPO / "build" / "engines" / "docker-26.1" / "bin"}
 IMAGE = "pfbox:latest"
-BUSYBOX_APPLETS = ("sh", "ip", "ping", "httpd", "nc", "wget", "sleep", "cat", "echo", "ifconfig", "hostname", "timeout")
+BUSYBOX_APPLETS = ("sh", "ip", "ping", "httpd", "nc", "wget", "sleep", "cat", "echo", "ifconfig", "hostname", "timeout",
+                   "nslookup")
 # `ip netns exec` remounts /sys and hides the cgroup mounts dockerd and containerd need: mount them again first.
 CGROUP_MOUNTS = """
 mount -t tmpfs cgroup /sys/fs/cgroup
@@ -174,7 +179,7 @@ class Host:
         iface = [] if "-iface" in extra else ["-iface", "eth0"]
         args = ["-etcd-endpoints", self.lab.etcd_endpoints, *iface, "-subnet-file", str(self.subnet_file),
                 "--state-dir", str(self.state_dir), "-etcd-prefix", self.lab.prefix_key, "-api-socket",
-                str(self.api_sock), *extra]
+                str(self.api_sock), "-dns-upstream", OUTSIDE_DNS, *extra]
         self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", [str(VENV_BIN / "pyflanneld"), *args], ns=self.ns)
         if wait_ready:
             wait_until(f"{self.name}'s subnet.env", lambda: self.subnet_file.exists() or not self.daemon.alive(),
@@ -216,7 +221,7 @@ class Host:
         self.driver = self.lab.spawn(f"{self.name}-driver", [
             str(VENV_BIN / "pyflannel-driver"), "--socket", str(self.driver_sock), "--state-dir",
             str(self.workdir / "driver"), "--subnet-file", str(self.subnet_file), "--daemon-socket",
-            str(self.api_sock), *extra], ns=self.ns)
+            str(self.api_sock), "--docker-host", f"unix://{self.docker_sock}", *extra], ns=self.ns)
         wait_until(f"{self.name}'s driver serving", lambda: "Booting worker" in self.driver.log()[earlier:]
                    or not self.driver.alive())
         assert self.driver.alive(), f"pyflannel-driver on {self.name} exited:\n{self.driver.log()}"
@@ -240,7 +245,8 @@ class Host:
         path = f"{bin_dir}:{os.environ['PATH']}" if bin_dir else os.environ["PATH"]
         self.dockerd = self.lab.spawn(f"{self.name}-dockerd", [
             "sh", "-c", DOCKERD_WRAPPER, "dockerd", "-H", f"unix://{self.docker_sock}",
-            "--data-root", str(root / "data"), "--exec-root", str(root / "exec"), "--pidfile", str(root / "pid")],
+            "--data-root", str(root / "data"), "--exec-root", str(root / "exec"), "--pidfile", str(root / "pid"),
+            "--dns", DNS_ADDRESS],
             ns=self.ns, env={"PATH": path})
         wait_until(f"{self.name}'s dockerd", lambda: self.docker_ready() or not self.dockerd.alive(), timeout=60,
                    interval=0.3)
@@ -422,6 +428,8 @@ class Lab:
         _write_whoami(www)
         self.outside = self.spawn("outside-httpd", ["busybox", "httpd", "-f", "-p", f"{OUTSIDE_IP}:80", "-h",
                                                     str(www)], ns=ns)
+        self.spawn("outside-dns", [str(VENV_BIN / "python"), str(REPO / "tests" / "upstream_dns.py"), OUTSIDE_DNS,
+                                   *(f"{name}={ip}" for name, ip in OUTSIDE_NAMES.items())], ns=ns)
         return ns
 
     def start_etcd(self, *extra: str, scheme: str = "http", ready=None) -> Process:

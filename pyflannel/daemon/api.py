@@ -19,6 +19,7 @@ from .store.base import ConfigNotFound, StoreError
 log = logging.getLogger(__name__)
 
 PREFIX = "/v1/networks"
+NAMES = "/v1/names"
 
 
 class Unavailable(Exception):
@@ -40,12 +41,23 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 def serve(daemon, path: str) -> _Server:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path.rstrip("/") == NAMES:
+                return self.reply(200, {"names": daemon.names.listing()})
             if self.path.rstrip("/") != PREFIX:
                 return self.reply(404, {"error": f"no such resource {self.path}"})
             self.reply(200, {"networks": daemon.describe()})
 
         def do_PUT(self):
+            if self.path.rstrip("/") == NAMES:
+                try:
+                    return self.reply(200, daemon.publish(self._body()["containers"]))
+                except (KeyError, TypeError, ValueError, AttributeError) as e:
+                    return self.reply(400, {"error": f'the body must be {{"containers": [...]}} ({e})'})
             self._network_call(lambda name, body: daemon.join(name, body.get("Network")))
+
+        def _body(self) -> dict:
+            length = int(self.headers.get("Content-Length") or 0)
+            return json.loads(self.rfile.read(length)) if length else {}
 
         def do_DELETE(self):
             self._network_call(lambda name, body: daemon.leave(name))
@@ -55,8 +67,7 @@ def serve(daemon, path: str) -> _Server:
                 return self.reply(404, {"error": f"no such resource {self.path}"})
             name = unquote(self.path[len(PREFIX) + 1:])
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else {}
+                body = self._body()
             except ValueError as e:
                 return self.reply(400, {"error": f"the body is not JSON: {e}"})
             if not isinstance(body, dict) or not isinstance(body.get("Network", ""), (str, type(None))):

@@ -44,6 +44,8 @@ def _seconds(text: str) -> float:
     return value
 
 
+DNS_ADDRESS = "169.254.53.53"  # link-local: never routed off the host, the same on every host
+
 # name, type, default, repeatable, help
 FLAGS = [
     ("etcd-endpoints", str, "http://127.0.0.1:4001,http://127.0.0.1:2379", False,
@@ -69,6 +71,10 @@ FLAGS = [
     ("driver-socket", str, paths.DRIVER_SOCKET, False, "pyflannel-driver's socket, whose metrics /metrics includes"),
     ("api-socket", str, paths.DAEMON_SOCKET, False, "Unix socket of the local API, on which pyflannel-driver and the "
      "CNI plugin join and leave named networks"),
+    ("dns-address", str, DNS_ADDRESS, False, "address (put on lo) where container names are answered over DNS, the "
+     "same on every host; give it to dockerd as --dns; empty: no DNS"),
+    ("dns-upstream", str, None, True, "resolver for the other names; repeatable (default: /etc/resolv.conf's)"),
+    ("names-ttl", _positive_int, 60, False, "seconds a host's container names stay in etcd after it stops renewing"),
 ]
 
 
@@ -94,6 +100,9 @@ class Flags:
     reconcile_interval: float
     driver_socket: str
     api_socket: str
+    dns_address: str
+    dns_upstream: list[str]
+    names_ttl: int
 
 
 def env_name(flag: str) -> str:
@@ -130,7 +139,7 @@ def parse(argv: list[str], env: dict | None = None) -> Flags:
     parser = build_parser(env)
     ns = parser.parse_args(argv)
     values = vars(ns)
-    for name in ("iface", "iface-regex"):
+    for name in ("iface", "iface-regex", "dns-upstream"):
         dest = name.replace("-", "_")
         if values[dest] is None:
             values[dest] = [s for s in env.get(env_name(name), "").split(",") if s]

@@ -18,19 +18,21 @@ import threading
 
 from pyflannel import paths
 from pyflannel.files import remove_file, write_atomically
+from pyflannel.kernel import links
 from pyflannel.kernel.errors import KernelError
 from pyflannel.kernel.netlink import Kernel
 from pyflannel.localapi import DEFAULT_NETWORK, JOIN_SECONDS
 
 from . import config as netconfig
 from . import flags as cli_flags
-from . import iface
+from . import dns, iface
 from . import store as stores
 from .api import Unavailable, serve as serve_api
 from .catalog import Catalog, NetworkConflict, check_name
 from .errors import Stopped, UserError
 from .health import Health, serve
 from .metrics import Metrics
+from .names import Container, NameBook
 from .overlay import Overlay, with_backoff
 from .store.base import ConfigNotFound
 
@@ -60,6 +62,7 @@ class Daemon:
         self.rejoining: dict[str, threading.Event] = {}  # set when the network joined before is served again
         self.lock = threading.Lock()  # joins and leaves, one at a time
         self.default: Overlay | None = None
+        self.names = NameBook(self._served, "", flags.names_ttl, self.stop)  # this host's PublicIP comes at start
 
     # --- start-up --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -77,10 +80,40 @@ class Daemon:
         self.overlays[DEFAULT_NETWORK] = self.default
         self.api = serve_api(self, f.api_socket)
         self.default.start()
+        self.names.public_ip = self.ext.public_ip
+        threading.Thread(target=self.names.run, name="names", daemon=True).start()
+        if f.dns_address:
+            self._serve_dns(f.dns_address)
         release_freed_memory()
         for name in self.joined():
             self.rejoining[name] = threading.Event()
             threading.Thread(target=self._rejoin, args=(name,), name=f"rejoin-{name}", daemon=True).start()
+
+    def _served(self) -> dict[str, Overlay]:
+        """The networks whose lease is held: where names are written and read."""
+        return {name: overlay for name, overlay in list(self.overlays.items()) if overlay.ready.is_set()}
+
+    def _serve_dns(self, address: str) -> None:
+        try:
+            where = ipaddress.IPv4Address(address)
+        except ValueError:
+            raise UserError(f"-dns-address={address!r} is not an IPv4 address") from None
+        links.ensure_address("lo", ipaddress.IPv4Interface(f"{where}/32"))
+        upstreams = self.flags.dns_upstream or dns.upstreams_from(exclude=address)
+        try:
+            dns.serve(dns.Resolver(self.names, upstreams), address)
+        except OSError as e:
+            raise UserError(f"cannot answer DNS on {address}:53: {e.strerror}") from None
+
+    def publish(self, containers: list[dict]) -> dict:
+        """The driver's view of this host's containers: [{"id", "networks": {network: {"address", "names"}}}]."""
+        parsed = []
+        for c in containers:
+            networks = {(n or DEFAULT_NETWORK): (str(ipaddress.IPv4Address(e["address"])), tuple(map(str, e["names"])))
+                        for n, e in c["networks"].items()}
+            parsed.append(Container(str(c["id"]), networks))
+        self.names.publish(parsed)
+        return {}
 
     def run(self) -> None:
         try:

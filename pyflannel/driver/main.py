@@ -17,11 +17,13 @@ import logging
 import os
 import sys
 
-from pyflannel import paths, subnetenv
+from pyflannel import localapi, paths, subnetenv
 
 from .errors import DriverError
+from .publisher import NamePublisher
 from .server import (GRACEFUL_SECONDS, StartupError, build_server, claim_instance, prepare_socket_path,
                      socket_activated)
+from .state import StateStore
 
 log = logging.getLogger("pyflannel.driver")
 
@@ -36,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pyflanneld's subnet.env with this host's lease (default %(default)s)")
     p.add_argument("--daemon-socket", default=paths.DAEMON_SOCKET,
                    help="pyflanneld's local API, to join and leave named flannel networks (default %(default)s)")
+    p.add_argument("--docker-host", default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
+                   help="the local Docker engine, whose containers' names pyflanneld answers over DNS on every host "
+                        "(default: DOCKER_HOST, else %(default)s; empty: publish no names)")
     p.add_argument("--workers", type=int, default=1, help="gunicorn worker processes (default %(default)s)")
     p.add_argument("--threads", type=int, default=4, help="threads per worker (default %(default)s)")
     p.add_argument("--timeout", type=int, default=15, help="seconds before a stuck worker is restarted (default %(default)s)")
@@ -69,8 +74,11 @@ def main(argv=None) -> int:
             log.info("this host's lease: %s (gateway %s, MTU %d)", env.lease, env.gateway, env.mtu)
         except subnetenv.SubnetEnvError as e:
             log.warning("%s; Docker calls will fail until it exists", e)
+        publisher = None
+        if args.docker_host and args.daemon_socket:
+            publisher = NamePublisher(args.docker_host, StateStore(args.state_dir), localapi.Client(args.daemon_socket))
         server = build_server(app, args.socket, workers=args.workers, threads=args.threads, timeout=args.timeout,
-                              log_level=args.log_level)
+                              log_level=args.log_level, on_ready=publisher.start if publisher else None)
     except (StartupError, DriverError) as e:
         print(f"pyflannel-driver: {e}", file=sys.stderr)
         return 1

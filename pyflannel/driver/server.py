@@ -167,9 +167,17 @@ def _inode(path: str) -> int | None:
         return None
 
 
-def build_server(app, socket_path: str, *, workers: int, threads: int, timeout: int, log_level: str):
+def build_server(app, socket_path: str, *, workers: int, threads: int, timeout: int, log_level: str,
+                 on_ready=None):
+    """`on_ready()` runs in the master once it serves (before any worker is forked from it)."""
     socket_path = os.path.abspath(socket_path)
     DriverWorker.activated = socket_activated()
+
+    def when_ready(server) -> None:
+        if not DriverWorker.activated:
+            _secure_socket(socket_path)
+        if on_ready is not None:
+            on_ready()
 
     class DriverServer(BaseApplication):
         def load_config(self):
@@ -186,7 +194,7 @@ def build_server(app, socket_path: str, *, workers: int, threads: int, timeout: 
                 "errorlog": "-",
                 "accesslog": None,
                 "proc_name": "pyflannel-driver",
-                "when_ready": lambda server: None if DriverWorker.activated else _secure_socket(socket_path),
+                "when_ready": when_ready,
                 "control_socket_disable": True,  # gunicorn >= 24 would otherwise open a control socket
             }
             for key, value in options.items():

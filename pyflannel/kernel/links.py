@@ -244,3 +244,19 @@ def configure(name: str, address: ipaddress.IPv4Interface, routes: list[tuple[st
                 ipr.route("add", dst=dst, gateway=gateway)
     except NetlinkError as e:
         raise netlink_error(f"cannot configure {name} with {address}", e) from None
+
+
+def ensure_address(name: str, address: ipaddress.IPv4Interface) -> bool:
+    """Add `address` to the link `name` unless it has it; True when added."""
+    try:
+        with namespaces.netlink(None) as ipr:
+            idx = lookup(ipr, name)
+            if idx is None:
+                raise KernelError(f"{name} is missing")
+            have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=socket.AF_INET)}
+            if (str(address.ip), address.network.prefixlen) in have:
+                return False
+            ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
+            return True
+    except NetlinkError as e:
+        raise netlink_error(f"cannot add {address} to {name}", e) from None

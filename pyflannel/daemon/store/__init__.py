@@ -86,6 +86,12 @@ class DetectedStore(Store):
     def delete_key(self, key: str, expected: str) -> None:
         self.store().delete_key(key, expected)
 
+    def read_folder(self, folder: str) -> dict[str, str]:
+        return self.store().read_folder(folder)
+
+    def replace_keys(self, folder: str, items: dict[str, str], ttl: int) -> None:
+        self.store().replace_keys(folder, items, ttl)
+
     def child(self, name: str) -> Store:
         """A named network lives in the API the default network was found in."""
         return self.store().child(name)

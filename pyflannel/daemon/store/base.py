@@ -172,6 +172,15 @@ class Store(abc.ABC):
     def delete_key(self, key: str, expected: str) -> None:
         """Delete <prefix>/<key> if it holds `expected`; nothing otherwise."""
 
+    # --- short-lived records of one host: container names (names.py) -------------------------------------------
+    @abc.abstractmethod
+    def read_folder(self, folder: str) -> dict[str, str]:
+        """{key below <prefix>/<folder>/: value} of every key under it, at any depth."""
+
+    @abc.abstractmethod
+    def replace_keys(self, folder: str, items: dict[str, str], ttl: int) -> None:
+        """Make <prefix>/<folder>/ hold exactly `items`, each expiring `ttl` s from now unless written again."""
+
     def child(self, name: str) -> "Store":
         """The same etcd, API and credentials with the prefix <prefix>/<name>: the named network `name`."""
         raise NotImplementedError(type(self).__name__)

@@ -168,6 +168,25 @@ class EtcdV2Store(Store):
         except (LeaseNotFound, LeaseTaken):
             pass
 
+    def read_folder(self, folder: str) -> dict[str, str]:
+        top = f"{self.prefix}/{folder}/"
+        try:
+            result = self._call(self.client.read, top.rstrip("/"), recursive=True)
+        except LeaseNotFound:
+            return {}
+        return {node.key[len(top):]: node.value for node in result.leaves
+                if not node.dir and node.key.startswith(top)}
+
+    def replace_keys(self, folder: str, items: dict[str, str], ttl: int) -> None:
+        stale = self.read_folder(folder).keys() - items.keys()
+        for key, value in items.items():
+            self._call(self.client.write, f"{self.prefix}/{folder}/{key}", value, ttl=ttl)
+        for key in stale:
+            try:
+                self._call(self.client.delete, f"{self.prefix}/{folder}/{key}")
+            except LeaseNotFound:
+                pass
+
     def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
         try:
             result = self._call(self._watch_client.read, f"{self.prefix}/subnets", recursive=True, wait=True,

@@ -77,6 +77,7 @@ class EtcdV3Store(Store):
         self._ordered = len(self._clients) < 2  # endpoints that answer come first, decided at the first call
         self._read_expiry = read_expiry
         self._expirations: dict[int, datetime] = {}  # etcd lease ID -> when it ends (an etcd lease's TTL only shrinks)
+        self._folder_leases: dict[str, int] = {}  # replace_keys' folder -> the etcd lease its keys are on
 
     # --- requests: failover across endpoints, authentication -------------------------------------------------
     def _call(self, fn, watch: bool = False):
@@ -216,6 +217,7 @@ class EtcdV3Store(Store):
         child = copy.copy(self)
         child.prefix = f"{self.prefix}/{name}"
         child._expirations = {}
+        child._folder_leases = {}
         return child
 
     def named_configs(self) -> dict[str, str]:
@@ -249,6 +251,34 @@ class EtcdV3Store(Store):
         compare = {"key": _b64(full), "target": "VALUE", "result": "EQUAL", "value": _b64(expected)}
         delete = {"request_delete_range": {"key": _b64(full)}}
         self._call(lambda client: client.transaction({"compare": [compare], "success": [delete]}))
+
+    # --- short-lived records ----------------------------------------------------------------------------------
+    def read_folder(self, folder: str) -> dict[str, str]:
+        top = f"{self.prefix}/{folder}/"
+        kvs = self._call(lambda client: self._range(client, top, prefix=True)).get("kvs", [])
+        return {_text(kv["key"])[len(top):]: _text(kv.get("value")) for kv in kvs}
+
+    def replace_keys(self, folder: str, items: dict[str, str], ttl: int) -> None:
+        """All keys on one fresh etcd lease, stale ones deleted, in one transaction; then the folder's previous etcd
+        lease is revoked (it holds no key any more): a host that stops writing loses its keys `ttl` s later."""
+        top = f"{self.prefix}/{folder}/"
+
+        def write(client: Etcd3Client) -> int:
+            have = {_text(kv["key"]) for kv in self._range(client, top, prefix=True).get("kvs", [])}
+            granted = client.lease(ttl)
+            ops = [{"request_put": {"key": _b64(top + key), "value": _b64(value), "lease": granted.id}}
+                   for key, value in items.items()]
+            ops += [{"request_delete_range": {"key": _b64(key)}} for key in have - {top + k for k in items}]
+            client.transaction({"compare": [], "success": ops})
+            return granted.id
+
+        lease_id = self._call(write)
+        previous, self._folder_leases[folder] = self._folder_leases.get(folder), lease_id
+        if previous:
+            try:
+                self._call(lambda client: EtcdLease(previous, client).revoke())
+            except StoreError:
+                pass  # it expires by itself
 
     # --- watch -------------------------------------------------------------------------------------------------
     def _watch_once(self, client: Etcd3Client, position: int, timeout: float) -> list[dict]:

@@ -1,0 +1,136 @@
+"""Container names across hosts: this host's names go to etcd with a TTL, every host's names come back for DNS.
+
+pyflannel-driver hands pyflanneld the whole set of this host's containers on pyflannel networks (`publish`, through
+the local API's PUT /v1/names) whenever Docker says something changed. Per network served, the book keeps them in
+etcd as one key per container address,
+
+    <network prefix>/names/<this host's PublicIP>/<address> = {"names": ["web", "www", ...], "address": "10.60.3.2"}
+
+(<network prefix>: <prefix> for the default network, <prefix>/<NAME> for a named one), rewritten on every change and
+every TTL/3 s on keys that expire after the TTL: the names of a host that died go by themselves. Every POLL_SECONDS
+it reads the names of every host in each network served; `lookup` answers from that copy.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from .store.base import StoreError
+
+log = logging.getLogger(__name__)
+
+FOLDER = "names"
+POLL_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Container:
+    """One of this host's containers, as the driver sees it: its names and address on each flannel network."""
+    id: str
+    networks: dict  # flannel network name -> (address, names)
+
+
+class NameBook:
+    def __init__(self, overlays, public_ip: str, ttl: int, stop: threading.Event):
+        """`overlays()`: the served networks, name -> Overlay (each with its store and Network)."""
+        self.overlays = overlays
+        self.public_ip = public_ip
+        self.ttl = ttl
+        self.stop = stop
+        self.changed = threading.Event()
+        self.lock = threading.Lock()
+        self.containers: list[Container] = []
+        self.written: set[str] = set()  # networks whose folder holds (or held) names of ours
+        self.known: dict[str, dict[str, dict]] = {}  # network -> key (<host>/<address>) -> record
+
+    # --- this host's names --------------------------------------------------------------------------------------
+    def publish(self, containers: list[Container]) -> None:
+        with self.lock:
+            self.containers = containers
+        self.changed.set()
+
+    def _own(self) -> dict[str, dict[str, str]]:
+        """network -> {address: record JSON} of this host's containers."""
+        own: dict[str, dict[str, str]] = {}
+        with self.lock:
+            for container in self.containers:
+                for network, (address, names) in container.networks.items():
+                    own.setdefault(network, {})[address] = json.dumps({"names": sorted(names), "address": address})
+        return own
+
+    def networks_of(self, address: str) -> set[str] | None:
+        """The networks of the local container that has `address` (on any of them): what it may look up. None for
+        an address of no local container (the host itself): every network."""
+        with self.lock:
+            for container in self.containers:
+                if any(a == address for a, _ in container.networks.values()):
+                    return set(container.networks)
+        return None
+
+    # --- the loop: write ours, read everyone's --------------------------------------------------------------------
+    def run(self) -> None:
+        next_write = 0.0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if self.changed.is_set() or now >= next_write:
+                self.changed.clear()
+                if self._write():
+                    next_write = now + self.ttl / 3
+                else:
+                    next_write = now + POLL_SECONDS  # etcd unreachable: again soon
+            self._read()
+            self.changed.wait(POLL_SECONDS)
+
+    def _write(self) -> bool:
+        own, ok = self._own(), True
+        served = self.overlays()
+        for network in (set(own) | self.written) & set(served):
+            try:
+                served[network].store.replace_keys(f"{FOLDER}/{self.public_ip}", own.get(network, {}), self.ttl)
+            except StoreError as e:
+                log.warning("names of network %s: %s", network, e)
+                ok = False
+                continue
+            (self.written.add if own.get(network) else self.written.discard)(network)
+        return ok
+
+    def _read(self) -> None:
+        known = {}
+        for network, overlay in self.overlays().items():
+            try:
+                folder = overlay.store.read_folder(FOLDER)
+            except StoreError:
+                folder = None
+            if folder is None:
+                known[network] = self.known.get(network, {})  # keep what we had while etcd is away
+                continue
+            records = {}
+            for key, text in folder.items():
+                try:
+                    record = json.loads(text)
+                    records[key] = {"names": [str(n).lower() for n in record["names"]],
+                                    "address": str(record["address"]), "host": key.split("/", 1)[0]}
+                except (ValueError, KeyError, TypeError):
+                    continue  # not a record of ours
+            known[network] = records
+        self.known = known
+
+    # --- answers ------------------------------------------------------------------------------------------------
+    def lookup(self, name: str, networks: set[str] | None) -> list[str]:
+        """The addresses `name` has on `networks` (None: all), each once, in a stable order."""
+        name = name.lower()
+        found = []
+        for network, records in sorted(self.known.items()):
+            if networks is not None and network not in networks:
+                continue
+            for key, record in sorted(records.items()):
+                if name in record["names"] and record["address"] not in found:
+                    found.append(record["address"])
+        return found
+
+    def listing(self) -> list[dict]:
+        return [{"network": network, **record} for network, records in sorted(self.known.items())
+                for _, record in sorted(records.items())]
