@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from bench import cni
+from bench import cni, dns
 from tests.lab import DOCKER, IMAGE, Lab, inside, sh, wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -303,6 +303,8 @@ def table(r: dict) -> str:
                  f"{wall['none']:.3f}s)", "12.3f")
     if "cni" in r:
         lines.extend(cni.table_lines(r["cni"]))
+    if "dns" in r:
+        lines.extend(dns.table_lines(r["dns"]))
     return "\n".join(lines)
 
 
@@ -315,7 +317,7 @@ def main() -> int:
              ("convergence 10", lambda: convergence(results, 10)),
              ("convergence 1000", lambda: convergence(results, 1000)), ("scale 1000", lambda: scale(results, 1000)),
              ("scale 5000", lambda: scale(results, 5000)), ("lifecycle", lambda: lifecycle(results)),
-             ("cni", lambda: cni.latency(results))]
+             ("cni", lambda: cni.latency(results)), ("dns", lambda: dns.measure(results))]
     only = os.environ.get("BENCH_ONLY")  # e.g. BENCH_ONLY="wire host-gw,lifecycle" while working on one part
     for name, step in steps:
         if only and name not in only.split(","):

@@ -3,13 +3,17 @@ containers, pyflanneld keeps them in etcd with a TTL and answers them over DNS o
 --dns 169.254.53.53, the default -dns-address); other names go to the lab internet's resolver."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import signal
+import socket
 import time
 
 import pytest
+from dnslib import DNSRecord
 
-from tests.lab import IMAGE, OUTSIDE_IP, VENV_BIN, Lab, wait_until
+from pyflannel.localapi import Client
+from tests.lab import DNS_ADDRESS, IMAGE, OUTSIDE_IP, VENV_BIN, Lab, inside, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 HELLO = "hello from pyflannel"
@@ -96,3 +100,35 @@ def test_a_dead_hosts_names_expire_after_the_ttl(names_lab):
     h2.start_daemon("-names-ttl", str(TTL))
     h2.start_driver()
     wait_until("doomed is back", lambda: lookup(h1, "client", "doomed"), timeout=40, interval=0.5)
+
+
+@pytest.mark.parametrize("etcd_api", ["v2", "v3"])
+def test_names_in_etcd_come_and_go_with_their_host(make_lab, etcd_api):
+    """Without Docker: names handed to pyflanneld's API on one host are answered over DNS on the other, on both etcd
+    APIs (v3: keys on an etcd lease); withdrawn they go at once, and a killed host's go after the TTL."""
+    lab = make_lab(2, etcd_api=etcd_api)
+    lab.set_config()
+    h1, h2 = lab.hosts
+    for host in lab.hosts:
+        host.start_daemon("-names-ttl", "3")
+    address = str(ipaddress.IPv4Interface(h1.subnet_env()["FLANNEL_SUBNET"]).ip + 5)
+    alpha = [{"id": "c1", "networks": {"": {"address": address, "names": ["alpha", "a1"]}}}]
+    Client(str(h1.api_sock)).publish(alpha)
+    wait_until("alpha answered on h2", lambda: resolve(h2, "alpha") == [address], timeout=10, interval=0.1)
+    assert [r["names"] for r in Client(str(h2.api_sock)).names()] == [["a1", "alpha"]]
+    Client(str(h1.api_sock)).publish([])
+    wait_until("alpha withdrawn", lambda: resolve(h2, "alpha") == [], timeout=5, interval=0.1)
+    Client(str(h1.api_sock)).publish(alpha)
+    wait_until("alpha again", lambda: resolve(h2, "alpha") == [address], timeout=10, interval=0.1)
+    h1.daemon.kill(signal.SIGKILL)
+    started = time.monotonic()
+    wait_until("alpha expired", lambda: resolve(h2, "alpha") == [], timeout=15, interval=0.2)
+    assert time.monotonic() - started >= 1.0
+
+
+def resolve(host, name: str) -> list[str]:
+    """A query to the host's pyflanneld (its -dns-address), from the host's own namespace."""
+    with inside(host.ns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.sendto(DNSRecord.question(name).pack(), (DNS_ADDRESS, 53))
+        return sorted(str(rr.rdata) for rr in DNSRecord.parse(sock.recv(4096)).rr)

@@ -36,34 +36,35 @@ def upstreams_from(path: str = RESOLV_CONF, exclude: str = "") -> list[str]:
 
 
 class Resolver:
-    def __init__(self, book: NameBook, upstreams: list[str]):
+    def __init__(self, book: NameBook, upstreams: list[str], upstream_port: int = 53):
         self.book = book
         self.upstreams = upstreams
+        self.upstream_port = upstream_port
 
-    def answer(self, data: bytes, asker: str) -> bytes | None:
+    def answer(self, data: bytes, asker: str) -> tuple[bytes | None, DNSRecord | None]:
+        """(the reply, None) for a name of ours; (None, the query) for one to forward; (None, None) for garbage."""
         try:
             query = DNSRecord.parse(data)
         except DNSError:
-            return None  # not DNS: no answer, as a resolver does
+            return None, None  # not DNS: no answer, as a resolver does
         if len(query.questions) != 1:
-            return self.forward(data, query)
+            return None, query
         question = query.q
-        name = str(question.qname).rstrip(".")
-        addresses = self.book.lookup(name, self.book.networks_of(asker))
+        addresses = self.book.lookup(str(question.qname).rstrip("."), self.book.networks_of(asker))
         if not addresses:
-            return self.forward(data, query)
+            return None, query
         reply = query.reply()
         if question.qtype in (QTYPE.A, QTYPE.ANY):
             for address in addresses:
                 reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=ANSWER_TTL))
-        return reply.pack()  # other types of a known name: no data, no error
+        return reply.pack(), None  # other types of a known name: no data, no error
 
     def forward(self, data: bytes, query: DNSRecord) -> bytes:
         for server in self.upstreams:
             try:
                 with socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM) as sock:
                     sock.settimeout(UPSTREAM_SECONDS)
-                    sock.sendto(data, (server, 53))
+                    sock.sendto(data, (server, self.upstream_port))
                     while True:
                         reply, _ = sock.recvfrom(65535)
                         if reply[:2] == data[:2]:  # the answer to this query (same id)
@@ -76,27 +77,33 @@ class Resolver:
 
 
 def serve(resolver: Resolver, address: str, port: int = 53, workers: int = 16) -> socket.socket:
-    """Answer on address:port (UDP) in a thread; forwarding runs in a pool so a slow upstream blocks no answer."""
+    """Answer on address:port (UDP) in a thread; forwarding runs in a pool, so a slow upstream delays no answer."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((address, port))
     pool = ThreadPoolExecutor(workers, thread_name_prefix="dns")
 
-    def reply(data: bytes, peer) -> None:
-        answer = resolver.answer(data, peer[0])
-        if answer is not None:
-            try:
-                sock.sendto(answer, peer)
-            except OSError:
-                pass
+    def send(reply: bytes, peer) -> None:
+        try:
+            sock.sendto(reply, peer)
+        except OSError:
+            pass
+
+    def forward(data: bytes, query: DNSRecord, peer) -> None:
+        send(resolver.forward(data, query), peer)
 
     def loop() -> None:
+        """Names of ours are answered here at once; the rest is forwarded from the pool."""
         while True:
             try:
                 data, peer = sock.recvfrom(65535)
             except OSError:
                 return
-            pool.submit(reply, data, peer)
+            reply, query = resolver.answer(data, peer[0])
+            if reply is not None:
+                send(reply, peer)
+            elif query is not None:
+                pool.submit(forward, data, query, peer)
 
     threading.Thread(target=loop, name="dns", daemon=True).start()
     log.info("DNS for container names on %s:%d, other names forwarded to %s", address, port,

@@ -45,6 +45,7 @@ class NameBook:
         self.containers: list[Container] = []
         self.written: set[str] = set()  # networks whose folder holds (or held) names of ours
         self.known: dict[str, dict[str, dict]] = {}  # network -> key (<host>/<address>) -> record
+        self.index: dict[str, list[tuple[str, str]]] = {}  # name -> (network, address) of every record with it
 
     # --- this host's names --------------------------------------------------------------------------------------
     def publish(self, containers: list[Container]) -> None:
@@ -116,19 +117,20 @@ class NameBook:
                 except (ValueError, KeyError, TypeError):
                     continue  # not a record of ours
             known[network] = records
-        self.known = known
+        index: dict[str, list[tuple[str, str]]] = {}
+        for network, records in sorted(known.items()):
+            for _, record in sorted(records.items()):
+                for name in record["names"]:
+                    index.setdefault(name, []).append((network, record["address"]))
+        self.known, self.index = known, index
 
     # --- answers ------------------------------------------------------------------------------------------------
     def lookup(self, name: str, networks: set[str] | None) -> list[str]:
         """The addresses `name` has on `networks` (None: all), each once, in a stable order."""
-        name = name.lower()
         found = []
-        for network, records in sorted(self.known.items()):
-            if networks is not None and network not in networks:
-                continue
-            for key, record in sorted(records.items()):
-                if name in record["names"] and record["address"] not in found:
-                    found.append(record["address"])
+        for network, address in self.index.get(name.lower(), ()):
+            if (networks is None or network in networks) and address not in found:
+                found.append(address)
         return found
 
     def listing(self) -> list[dict]:

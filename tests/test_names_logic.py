@@ -1,0 +1,72 @@
+"""The name book and the resolver on fakes (an in-memory store, a fake upstream): who sees which names, replicas,
+other record types, forwarding. No root, no etcd."""
+import socket
+import threading
+import types
+
+import pytest
+from dnslib import RCODE, RR, DNSRecord
+
+from pyflannel.daemon.dns import Resolver
+from pyflannel.daemon.names import Container, NameBook
+from tests.fakes import MemoryStore
+
+pytestmark = pytest.mark.unit
+
+
+def book_of(networks: dict[str, MemoryStore], public_ip: str = "192.0.2.11") -> NameBook:
+    overlays = {name: types.SimpleNamespace(store=store) for name, store in networks.items()}
+    return NameBook(lambda: overlays, public_ip, 60, threading.Event())
+
+
+def ask(resolver: Resolver, name: str, asker: str, qtype: str = "A") -> DNSRecord | None:
+    reply, query = resolver.answer(DNSRecord.question(name, qtype).pack(), asker)
+    return DNSRecord.parse(reply) if reply else None
+
+
+def test_names_are_answered_to_the_networks_that_share_them():
+    shop, crm = MemoryStore(), MemoryStore()
+    here, there = book_of({"shop": shop, "crm": crm}), book_of({"shop": shop, "crm": crm}, "192.0.2.12")
+    here.publish([Container("a", {"shop": ("10.60.1.2", ("client",))}),
+                  Container("b", {"crm": ("10.61.1.2", ("crmclient",))})])
+    there.publish([Container("c", {"shop": ("10.60.2.2", ("web", "www"))}),
+                   Container("d", {"crm": ("10.61.2.2", ("web",))}),
+                   Container("e", {"shop": ("10.60.2.3", ("api",))})])
+    here._write(), there._write()
+    assert set(shop.read_folder("names")) == {"192.0.2.11/10.60.1.2", "192.0.2.12/10.60.2.2", "192.0.2.12/10.60.2.3"}
+    here._read()
+    resolver = Resolver(here, [])
+    assert [str(rr.rdata) for rr in ask(resolver, "web", "10.60.1.2").rr] == ["10.60.2.2"]  # shop's web only
+    assert [str(rr.rdata) for rr in ask(resolver, "WWW.", "10.60.1.2").rr] == ["10.60.2.2"]
+    assert [str(rr.rdata) for rr in ask(resolver, "web", "10.61.1.2").rr] == ["10.61.2.2"]  # crm's web only
+    assert ask(resolver, "api", "10.61.1.2") is None  # not shared with crm: forwarded (nobody here: none)
+    assert sorted(str(rr.rdata) for rr in ask(resolver, "web", "192.0.2.11").rr) == ["10.60.2.2", "10.61.2.2"]
+    empty = ask(resolver, "web", "10.60.1.2", "AAAA")
+    assert empty.header.rcode == RCODE.NOERROR and empty.rr == []  # a known name without IPv6: no data, no error
+    there.publish([Container("c", {"shop": ("10.60.2.2", ("web",))})])  # api stopped, www alias gone
+    there._write(), here._read()
+    assert ask(resolver, "api", "10.60.1.2") is None and ask(resolver, "www", "10.60.1.2") is None
+    there.publish([])
+    there._write()
+    assert set(shop.read_folder("names")) == {"192.0.2.11/10.60.1.2"} and not crm.read_folder("names/192.0.2.12")
+
+
+def test_other_names_are_forwarded_and_a_dead_upstream_is_a_servfail():
+    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    upstream.bind(("127.0.0.1", 0))
+
+    def answer_once():
+        data, peer = upstream.recvfrom(4096)
+        reply = DNSRecord.parse(data).reply()
+        reply.add_answer(*RR.fromZone("www.example.test. 60 A 203.0.113.1"))
+        upstream.sendto(reply.pack(), peer)
+
+    threading.Thread(target=answer_once, daemon=True).start()
+    resolver = Resolver(book_of({}), ["127.0.0.1"], upstream.getsockname()[1])
+    query = DNSRecord.question("www.example.test")
+    _, to_forward = resolver.answer(query.pack(), "10.60.1.2")
+    forwarded = DNSRecord.parse(resolver.forward(query.pack(), to_forward))
+    assert [str(rr.rdata) for rr in forwarded.rr] == ["203.0.113.1"]
+    upstream.close()
+    failed = DNSRecord.parse(resolver.forward(query.pack(), query))
+    assert failed.header.rcode == RCODE.SERVFAIL and failed.header.id == query.header.id
