@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import IMAGE, REPO, Lab, inside, wait_until
+from tests.lab import IMAGE, OUTSIDE_DNS, REPO, Lab, inside, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 COMPOSE = "/usr/bin/docker-compose"
@@ -28,7 +28,8 @@ def compose(host, file: Path, *args: str, **env: str) -> str:
                    "FLANNELD_ETCD_ENDPOINTS": host.lab.etcd_url, "FLANNELD_IFACE": "eth0",
                    "PYFLANNEL_RUN_DIR": str(host.workdir / "run-flannel"),
                    "PYFLANNEL_STATE_DIR": str(host.workdir / "state"),
-                   "PYFLANNEL_PLUGIN_DIR": str(host.workdir / "plugins"), "DEMO_IMAGE": IMAGE, **env}
+                   "PYFLANNEL_PLUGIN_DIR": str(host.workdir / "plugins"), "DEMO_IMAGE": IMAGE,
+                   "PYFLANNEL_DOCKER_SOCK": str(host.docker_sock), "FLANNELD_DNS_UPSTREAM": OUTSIDE_DNS, **env}
     done = subprocess.run([COMPOSE, "-f", str(file), *args], env=environment, capture_output=True, text=True,
                           timeout=120)
     if done.returncode != 0:
@@ -80,13 +81,12 @@ def test_compose_runs_daemon_and_driver(compose_lab):
 def test_demo_web_answers_with_backend_records_across_hosts(compose_lab):
     h1, h2 = compose_lab.hosts
     compose(h2, DEMO, "up", "-d", "backend")
-    backend = overlay_ip(h2, "demo-backend")
-    compose(h1, DEMO, "up", "-d", "web", BACKEND_ADDR=backend)
+    compose(h1, DEMO, "up", "-d", "web")  # web finds `backend` by its service name: no address passed
     web = overlay_ip(h1, "demo-web")
-    page = wait_until("the web's answer", lambda: fetch(h1, f"http://{web}/cgi-bin/query"), timeout=30,
-                      interval=0.5)
+    page = wait_until("the web's answer", lambda: RECORDS in (page := fetch(h1, f"http://{web}/cgi-bin/query"))
+                      and page, timeout=30, interval=0.5)
     print(page)
-    assert f"got from backend {backend}:" in page and RECORDS in page
+    assert "got from backend backend:" in page
     assert "demo-backend" not in h1.docker("ps", "-a", "--format", "{{.Names}}")  # the data crossed hosts
 
 
@@ -97,10 +97,11 @@ def test_two_networks_app_front_public_back_internal(compose_lab):
     compose(h2, NETWORKS_DEMO, "up", "-d", "backend")
     backend = json.loads(h2.docker("inspect", "shop-backend"))[0]["NetworkSettings"]["Networks"]["shop_back"]
     assert ipaddress.IPv4Address(backend["IPAddress"]) in ipaddress.IPv4Network("10.62.0.0/16")
-    compose(h1, NETWORKS_DEMO, "up", "-d", "web", BACKEND_ADDR=backend["IPAddress"])
-    page = wait_until("the web's answer through its published port", lambda: fetch(
-        h2, f"http://{h1.ip}:8080/cgi-bin/query"), timeout=30, interval=0.5)
-    assert f"got from backend {backend['IPAddress']}:" in page and RECORDS in page
+    compose(h1, NETWORKS_DEMO, "up", "-d", "web")  # `backend` here is shop's, not the overlay0 demo's
+    page = wait_until("the web's answer through its published port", lambda: RECORDS in (page := fetch(
+        h2, f"http://{h1.ip}:8080/cgi-bin/query")) and page, timeout=30, interval=0.5)
+    assert "got from backend backend:" in page
+    assert h1.docker("exec", "shop-web", "nslookup", "backend", check=False).count(backend["IPAddress"]) == 1
     assert compose_lab.network_config("shop-back")["Network"] == "10.62.0.0/16"
     assert compose_lab.network_config("shop-front")["Network"].startswith("10.128.")
     out = h2.docker("exec", "shop-backend", "timeout", "3", "wget", "-qO-", f"http://{h1.ip}:8080/", check=False)

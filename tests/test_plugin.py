@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.lab import IMAGE, OUTSIDE_IP, Lab, wait_until
+from tests.lab import IMAGE, OUTSIDE_DNS, OUTSIDE_IP, Lab, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 PLUGIN = "pyflannel:latest"  # dockerd registers a managed driver under its full reference, tag included
@@ -65,7 +65,8 @@ def plugin_lab(plugin_build, docker_engine):
             (host.workdir / "run").mkdir()
             host.docker("plugin", "create", "pyflannel", str(plugin_build / "pyflannel"), timeout=120)
             host.docker("plugin", "set", "pyflannel", f"FLANNELD_ETCD_ENDPOINTS={lab.etcd_url}",
-                        "FLANNELD_IFACE=eth0", f"host-run.source={host.workdir / 'run'}")
+                        "FLANNELD_IFACE=eth0", f"FLANNELD_DNS_UPSTREAM={OUTSIDE_DNS}",
+                        f"host-run.source={host.workdir / 'run'}", f"docker-sock.source={host.docker_sock}")
             lab.enable_seconds.append(enable(host))
         yield lab
 
@@ -118,6 +119,9 @@ def test_plugin_serves_a_named_network(plugin_lab):
     assert "REACHED" in h1.docker("run", "--rm", "--network", "shop", IMAGE, "sh", "-c", probe)
     assert "REACHED" not in h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "sh", "-c",
                                       probe, check=False)
+    wait_until("shopweb resolves on h1", lambda: "REACHED" in h1.docker(
+        "run", "--rm", "--network", "shop", IMAGE, "sh", "-c", "timeout 3 wget -q -O- http://shopweb/ && echo REACHED",
+        check=False), timeout=20, interval=0.5)  # its name, published by the plugin's driver, answered by its daemon
     h2.docker("rm", "-f", "shopweb")
     for host in plugin_lab.hosts:
         host.docker("network", "rm", "shop")
@@ -193,7 +197,7 @@ def test_enable_with_etcd_unreachable_succeeds_and_says_why(plugin_lab, plugin_b
     h1 = plugin_lab.hosts[0]
     h1.docker("plugin", "create", "pyflannel", str(plugin_build / "pyflannel"), timeout=120)
     h1.docker("plugin", "set", "pyflannel", "FLANNELD_ETCD_ENDPOINTS=http://192.0.2.2:2999", "FLANNELD_IFACE=eth0",
-              f"host-run.source={h1.workdir / 'run-no-etcd'}")
+              f"host-run.source={h1.workdir / 'run-no-etcd'}", f"docker-sock.source={h1.docker_sock}")
     (h1.workdir / "run-no-etcd").mkdir()
     h1.docker("plugin", "enable", "pyflannel", timeout=60)
     with pytest.raises(RuntimeError, match=r"subnet.env does not exist: is pyflanneld running"):
