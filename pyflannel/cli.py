@@ -16,7 +16,7 @@ from pyflannel import localapi, paths, subnetenv
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     from pyflannel.daemon.flags import FLAGS, endpoint_list, env_name
     for name, kind, default, _, text in FLAGS:
-        if name.startswith("etcd-") or name in ("subnet-file", "api-socket"):
+        if name.startswith("etcd-") or name in ("subnet-file", "api-socket", "dns-address"):
             parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"),
                                 type=endpoint_list if name == "etcd-endpoints" else str,
                                 default=os.environ.get(env_name(name), default), help=text)

@@ -13,6 +13,7 @@ The map — each check is one small function below, in this order:
     forwarding  ip_forward is on and FORWARD lets pyflannel's bridges through
     masquerade  every masqueraded Docker network of pyflannel's has its egress rule
     networks    pyflanneld serves every named flannel network it joined, and every one a Docker network is on
+    dns         pyflanneld answers DNS (container names across hosts) on its -dns-address
 
 A finding is a "problem" (exit code 1) or "unknown" (what could not be read; exit code unaffected).
 No shell anywhere: `iptables` is run with argument lists of fixed words and a validated port; ethtool features
@@ -25,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import socket
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -70,6 +72,7 @@ class Facts:
     kernel: object = field(default=None, repr=False)
     driver_networks: list | None = None  # pyflannel-driver's networks (its state file); None: unreadable
     daemon_networks: list | None = None  # the flannel networks pyflanneld serves (local API); None: no answer
+    dns_address: str = ""
     daemon_error: str = ""
 
     @property
@@ -96,7 +99,8 @@ def gather(args) -> Facts:
     from pyflannel.daemon.store.base import ConfigNotFound, StoreError
 
     facts = Facts(args.subnet_file, args.etcd_endpoints,
-                  args.etcd_prefix.rstrip("/"), timedelta(minutes=args.subnet_lease_renew_margin), kernel=Kernel())
+                  args.etcd_prefix.rstrip("/"), timedelta(minutes=args.subnet_lease_renew_margin), kernel=Kernel(),
+                  dns_address=args.dns_address)
     try:
         facts.env = subnetenv.read(args.subnet_file)
     except subnetenv.SubnetEnvError as e:
@@ -488,6 +492,25 @@ def check_networks(facts: Facts) -> list[Finding]:
     return findings
 
 
+def check_dns(facts: Facts) -> list[Finding]:
+    if not facts.dns_address:
+        return []  # -dns-address "": no DNS on purpose
+    from dnslib import DNSError, DNSRecord
+    query = DNSRecord.question("pyflannel-doctor.invalid")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(1.0)
+            sock.sendto(query.pack(), (facts.dns_address, 53))
+            if DNSRecord.parse(sock.recv(4096)).header.id == query.header.id:
+                return []
+    except (OSError, DNSError):
+        pass
+    return [Finding("dns", PROBLEM, f"nothing answers DNS on {facts.dns_address}:53: containers on other hosts "
+                                    f"cannot be found by name",
+                    f"start pyflanneld with -dns-address {facts.dns_address} (port 53 must be free there), and give "
+                    f"dockerd \"dns\": [\"{facts.dns_address}\"]")]
+
+
 CHECKS = [
     ("subnet-env", "subnet.env exists and parses", check_subnet_env),
     ("etcd", "etcd answers and holds a valid network config", check_etcd),
@@ -500,6 +523,7 @@ CHECKS = [
     ("forwarding", "ip_forward is on and FORWARD lets pyflannel's bridges through", check_forwarding),
     ("masquerade", "every masqueraded Docker network of pyflannel's has its egress rule", check_masquerade),
     ("networks", "pyflanneld serves every named flannel network it joined or Docker uses", check_networks),
+    ("dns", "pyflanneld answers DNS for container names", check_dns),
 ]
 
 

@@ -13,10 +13,10 @@ from tests.lab import VENV_BIN, wait_until
 pytestmark = pytest.mark.lab
 
 
-def doctor(lab, host) -> tuple[int, dict]:
+def doctor(lab, host, *extra: str) -> tuple[int, dict]:
     done = subprocess.run(["ip", "netns", "exec", host.ns, str(VENV_BIN / "pyflannel"), "doctor", "--json",
                            "-etcd-endpoints", lab.etcd_url, "-subnet-file", str(host.subnet_file), "-api-socket",
-                           str(host.api_sock)], capture_output=True, text=True, timeout=60)
+                           str(host.api_sock), *extra], capture_output=True, text=True, timeout=60)
     assert done.stdout, done.stderr
     return done.returncode, json.loads(done.stdout)
 
@@ -29,9 +29,9 @@ def problems(report: dict) -> dict[str, list[dict]]:
     return found
 
 
-def only_problem(lab, host, check: str) -> dict:
+def only_problem(lab, host, check: str, *extra: str) -> dict:
     """Run doctor; exactly one check reports one problem, exit code 1; that finding is returned."""
-    rc, report = doctor(lab, host)
+    rc, report = doctor(lab, host, *extra)
     found = problems(report)
     assert rc == 1 and list(found) == [check] and len(found[check]) == 1, report
     return found[check][0]
@@ -59,6 +59,9 @@ def test_doctor_finds_each_planted_problem(make_lab):
     text = h1.sh(str(VENV_BIN / "pyflannel"), "doctor", "-etcd-endpoints", lab.etcd_url,
                  "-subnet-file", str(h1.subnet_file))
     assert "no problems found" in text and "ok       routes" in text
+    rc, report = doctor(lab, h1, "-dns-address", "169.254.53.54")  # where no pyflanneld answers DNS
+    assert rc == 1 and [f["check"] for f in report["findings"]] == ["dns"]
+    assert "169.254.53.54:53" in report["findings"][0]["message"]
 
     # 1. a foreign route more specific than the Network steals part of it
     h1.sh("ip", "route", "add", "10.5.200.0/25", "dev", "eth0")
@@ -97,7 +100,7 @@ def test_doctor_finds_each_planted_problem(make_lab):
     h1.daemon.kill()
     own = h1.subnet_env()["FLANNEL_SUBNET"].replace(".1/", ".0-")
     lab.etcd_request("PUT", f"{lab.prefix_key}/subnets/{own}", lab.leases()[own]["value"], ttl=60)
-    finding = only_problem(lab, h1, "lease")
+    finding = only_problem(lab, h1, "lease", "-dns-address", "")  # (pyflanneld's DNS is down with it)
     assert "expires in" in finding["message"] and "restart pyflanneld" in finding["fix"]
 
     # 6. the UDP port taken by another socket where no flannel.1 exists (h2: daemon stopped, device gone)
@@ -113,7 +116,7 @@ def test_doctor_finds_each_planted_problem(make_lab):
 
     # 7. etcd is gone: one problem; what needs etcd is "unknown", the kernel checks still run
     lab.etcd.kill()
-    rc, report = doctor(lab, h1)
+    rc, report = doctor(lab, h1, "-dns-address", "")  # (h1's pyflanneld is still stopped, its DNS with it)
     assert rc == 1 and list(problems(report)) == ["etcd"], report
     assert "unreachable" in problems(report)["etcd"][0]["message"]
     assert report["checks"]["lease"] == report["checks"]["public-ip"] == "unknown"

@@ -45,7 +45,8 @@ def test_the_units_encode_the_boot_order(units):
     assert "docker.service" in driver["Unit"]["Before"] and driver["Unit"]["Requires"] == "pyflannel-driver.socket"
     assert sock["Socket"]["ListenStream"] == "/run/docker/plugins/pyflannel.sock"
     assert sock["Socket"]["SocketMode"] == "0660" and sock["Install"]["WantedBy"] == "sockets.target"
+    assert daemon["Service"]["CapabilityBoundingSet"] == "CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE"
+    assert driver["Service"]["CapabilityBoundingSet"] == "CAP_NET_ADMIN CAP_NET_RAW"
     for service in (daemon, driver):
-        assert service["Service"]["CapabilityBoundingSet"] == "CAP_NET_ADMIN CAP_NET_RAW"
         assert service["Service"]["ProtectSystem"] == "strict" and service["Service"]["Restart"] in ("always",
                                                                                                   "on-failure")
