@@ -262,7 +262,7 @@ def test_v3_only_etcd_with_tls_client_certificates(make_lab):
     assert keys == [f"{lab.prefix_key}/subnets/{lease.network_address}-24"]
     # `pyflannel status` reads the same etcd, and the lease's expiry from its etcd lease
     report = json.loads(h1.sh(str(VENV_BIN / "pyflannel"), "status", "--json", "-etcd-endpoints", lab.etcd_url,
-                              "-subnet-file", str(h1.subnet_file), *tls_flags))
+                              "-subnet-file", str(h1.subnet_file), "-api-socket", str(h1.api_sock), *tls_flags))
     assert report["host"]["etcd"] == "reachable" and [h["subnet"] for h in report["hosts"]] == [str(lease)]
     assert 23 * 3600 < int(report["hosts"][0]["expires_in"].rstrip("s")) <= 24 * 3600
     # without a client certificate the same etcd refuses, and the daemon says why instead of leasing
