@@ -98,12 +98,13 @@ class Daemon:
             where = ipaddress.IPv4Address(address)
         except ValueError:
             raise UserError(f"-dns-address={address!r} is not an IPv4 address") from None
-        links.ensure_address("lo", ipaddress.IPv4Interface(f"{where}/32"))
         upstreams = self.flags.dns_upstream or dns.upstreams_from(exclude=address)
         try:
+            links.ensure_address("lo", ipaddress.IPv4Interface(f"{where}/32"))
             dns.serve(dns.Resolver(self.names, upstreams), address)
-        except OSError as e:
-            raise UserError(f"cannot answer DNS on {address}:53: {e.strerror}") from None
+        except (OSError, KernelError) as e:  # the overlay matters more: it is served without DNS (doctor says so)
+            log.error("no DNS for container names: cannot answer on %s:53: %s", address,
+                      getattr(e, "strerror", None) or e)
 
     def publish(self, containers: list[dict]) -> dict:
         """The driver's view of this host's containers: [{"id", "networks": {network: {"address", "names"}}}]."""
