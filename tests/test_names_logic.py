@@ -41,6 +41,7 @@ def test_names_are_answered_to_the_networks_that_share_them():
     assert [str(rr.rdata) for rr in ask(resolver, "web", "10.61.1.2").rr] == ["10.61.2.2"]  # crm's web only
     assert ask(resolver, "api", "10.61.1.2") is None  # not shared with crm: forwarded (nobody here: none)
     assert sorted(str(rr.rdata) for rr in ask(resolver, "web", "192.0.2.11").rr) == ["10.60.2.2", "10.61.2.2"]
+    assert ask(resolver, "web", "172.17.0.2") is None  # a container of Docker's bridge: no names of ours
     empty = ask(resolver, "web", "10.60.1.2", "AAAA")
     assert empty.header.rcode == RCODE.NOERROR and empty.rr == []  # a known name without IPv6: no data, no error
     there.publish([Container("c", {"shop": ("10.60.2.2", ("web",))})])  # api stopped, www alias gone

@@ -81,6 +81,7 @@ class Daemon:
         self.api = serve_api(self, f.api_socket)
         self.default.start()
         self.names.public_ip = self.ext.public_ip
+        self.names.host_addresses |= {self.ext.public_ip, f.dns_address}
         threading.Thread(target=self.names.run, name="names", daemon=True).start()
         if f.dns_address:
             self._serve_dns(f.dns_address)

@@ -43,6 +43,7 @@ class NameBook:
         self.changed = threading.Event()
         self.lock = threading.Lock()
         self.containers: list[Container] = []
+        self.host_addresses: set[str] = {public_ip}  # and the DNS address, given when DNS starts
         self.written: set[str] = set()  # networks whose folder holds (or held) names of ours
         self.known: dict[str, dict[str, dict]] = {}  # network -> key (<host>/<address>) -> record
         self.index: dict[str, list[tuple[str, str]]] = {}  # name -> (network, address) of every record with it
@@ -63,13 +64,14 @@ class NameBook:
         return own
 
     def networks_of(self, address: str) -> set[str] | None:
-        """The networks of the local container that has `address` (on any of them): what it may look up. None for
-        an address of no local container (the host itself): every network."""
+        """What the asker at `address` may look up: the networks of the local container that has the address (on
+        any of them); every network (None) for the host itself (dockerd 28 forwards from the host's namespace,
+        and an address on lo answers itself from itself); nothing for anyone else (a container of another driver)."""
         with self.lock:
             for container in self.containers:
                 if any(a == address for a, _ in container.networks.values()):
                     return set(container.networks)
-        return None
+        return None if address in self.host_addresses or address.startswith("127.") else set()
 
     # --- the loop: write ours, read everyone's --------------------------------------------------------------------
     def run(self) -> None:
