@@ -9,6 +9,7 @@ HTTP with JSON bodies on a Unix socket (default /run/flannel/pyflanneld.sock, ro
     DELETE /v1/networks/NAME     leave NAME: the lease is deleted and the kernel state goes.
     PUT    /v1/names             this host's containers and their names per network (the whole set, each time)
     GET    /v1/names             every host's container names in the networks served: {"names": [...]}
+    GET    /v1/names/own         how many of this host's containers it holds: {"containers": N}
 
 An error is {"error": "..."} with 400 (bad name or body), 409 (contradicts etcd or another network) or 503 (etcd
 not reachable, still joining).
@@ -93,3 +94,7 @@ class Client:
 
     def names(self) -> list[dict]:
         return self._call("GET", "/v1/names").get("names", [])
+
+    def published(self) -> int:
+        """How many of this host's containers pyflanneld holds: fewer than were published means it restarted."""
+        return self._call("GET", "/v1/names/own").get("containers", 0)

@@ -102,6 +102,18 @@ def test_a_dead_hosts_names_expire_after_the_ttl(names_lab):
     wait_until("doomed is back", lambda: lookup(h1, "client", "doomed"), timeout=40, interval=0.5)
 
 
+def test_a_restarted_pyflanneld_answers_names_again_within_seconds(names_lab):
+    """A new pyflanneld knows none of its host's containers: the driver sees it and sends them again at once."""
+    h1, h2, _ = names_lab.hosts
+    h2.docker("run", "-d", "--name", "steady", "--network", "shop", IMAGE, "sleep", "1000")
+    wait_until("steady resolves", lambda: lookup(h1, "client", "steady"), timeout=15, interval=0.2)
+    h1.daemon.kill(signal.SIGTERM)
+    h1.start_daemon("-names-ttl", str(TTL))
+    started = time.monotonic()
+    wait_until("steady resolves again", lambda: lookup(h1, "client", "steady"), timeout=15, interval=0.2)
+    print(f"names answered again {time.monotonic() - started:.1f} s after a pyflanneld restart")
+
+
 @pytest.mark.parametrize("etcd_api", ["v2", "v3"])
 def test_names_in_etcd_come_and_go_with_their_host(make_lab, etcd_api):
     """Without Docker: names handed to pyflanneld's API on one host are answered over DNS on the other, on both etcd

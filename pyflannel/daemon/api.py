@@ -43,6 +43,8 @@ def serve(daemon, path: str) -> _Server:
         def do_GET(self):
             if self.path.rstrip("/") == NAMES:
                 return self.reply(200, {"names": daemon.names.listing()})
+            if self.path.rstrip("/") == NAMES + "/own":
+                return self.reply(200, {"containers": daemon.names.published()})
             if self.path.rstrip("/") != PREFIX:
                 return self.reply(404, {"error": f"no such resource {self.path}"})
             self.reply(200, {"networks": daemon.describe()})

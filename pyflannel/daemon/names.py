@@ -54,6 +54,11 @@ class NameBook:
             self.containers = containers
         self.changed.set()
 
+    def published(self) -> int:
+        """How many of this host's containers the driver handed over (0 after a restart, until it does again)."""
+        with self.lock:
+            return len(self.containers)
+
     def _own(self) -> dict[str, dict[str, str]]:
         """network -> {address: record JSON} of this host's containers."""
         own: dict[str, dict[str, str]] = {}

@@ -4,10 +4,10 @@ For every running container on a pyflannel network: its name, its network aliase
 dockerd 26 also lists them as DNSNames) and its address, per flannel network. pyflanneld keeps them in etcd and
 answers them over DNS on every host (daemon/names.py, daemon/dns.py).
 
-It runs in two threads of the driver's master process, never in a request handler: calling the Docker API from one
+It runs in threads of the driver's master process, never in a request handler: calling the Docker API from one
 can deadlock dockerd during its start-up (projectcalico/libnetwork-plugin#49). One follows Docker's events and marks
-a change; the other sends the set after each change, and every RESYNC_SECONDS in any case (a pyflanneld restarted
-meanwhile gets it back).
+a change; another sends the set after each change, and every RESYNC_SECONDS in any case; a third asks pyflanneld
+every CHECK_SECONDS how many containers it holds, so that a restarted one gets the set back at once.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from .state import StateError, StateStore
 log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = 30.0
+CHECK_SECONDS = 2.0
 RETRY_SECONDS = 2.0
 SETTLE_SECONDS = 0.05  # events come in bursts (a container's die, disconnect, stop): one snapshot for the burst
 ACTIONS = {"start", "die", "stop", "kill", "destroy", "connect", "disconnect", "rename", "restart", "unpause"}
@@ -60,6 +61,7 @@ class NamePublisher:
     def start(self) -> None:
         threading.Thread(target=self._follow_events, name="docker-events", daemon=True).start()
         threading.Thread(target=self._send, name="names", daemon=True).start()
+        threading.Thread(target=self._follow_daemon, name="names-check", daemon=True).start()
         log.info("publishing container names from the Docker engine at %s", self.docker_url)
 
     def _client(self) -> docker.DockerClient:
@@ -80,6 +82,16 @@ class NamePublisher:
                                 RETRY_SECONDS)
                 complained = True
             time.sleep(RETRY_SECONDS)
+
+    def _follow_daemon(self) -> None:
+        """A restarted pyflanneld holds none of our containers: send them again at once (one cheap call a check)."""
+        while True:
+            time.sleep(CHECK_SECONDS)
+            try:
+                if self.sent and self.daemon.published() != len(self.sent):
+                    self.changed.set()
+            except localapi.DaemonError:
+                pass
 
     def _send(self) -> None:
         while True:
