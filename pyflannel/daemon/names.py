@@ -102,7 +102,10 @@ class NameBook:
                 log.warning("names of network %s: %s", network, e)
                 ok = False
                 continue
-            (self.written.add if own.get(network) else self.written.discard)(network)
+            if own.get(network):
+                self.written.add(network)
+            else:
+                self.written.discard(network)
         return ok
 
     def _read(self) -> None:
