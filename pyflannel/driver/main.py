@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         if args.docker_host and args.daemon_socket:
             publisher = NamePublisher(args.docker_host, StateStore(args.state_dir), localapi.Client(args.daemon_socket))
         server = build_server(app, args.socket, workers=args.workers, threads=args.threads, timeout=args.timeout,
-                              log_level=args.log_level, on_ready=publisher.start if publisher else None)
+                              log_level=args.log_level, in_worker=publisher.start if publisher else None)
     except (StartupError, DriverError) as e:
         print(f"pyflannel-driver: {e}", file=sys.stderr)
         return 1

@@ -4,8 +4,9 @@ For every running container on a pyflannel network: its name, its network aliase
 dockerd 26 also lists them as DNSNames) and its address, per flannel network. pyflanneld keeps them in etcd and
 answers them over DNS on every host (daemon/names.py, daemon/dns.py).
 
-It runs in threads of the driver's master process, never in a request handler: calling the Docker API from one
-can deadlock dockerd during its start-up (projectcalico/libnetwork-plugin#49). One follows Docker's events and marks
+It runs in threads of the driver's worker (each worker, with --workers above 1: the set sent is the same), never in
+a request handler: calling the Docker API from one can deadlock dockerd during its start-up
+(projectcalico/libnetwork-plugin#49). One follows Docker's events and marks
 a change; another sends the set after each change, and every RESYNC_SECONDS in any case; a third asks pyflanneld
 every CHECK_SECONDS how many containers it holds, so that a restarted one gets the set back at once.
 """

@@ -168,16 +168,11 @@ def _inode(path: str) -> int | None:
 
 
 def build_server(app, socket_path: str, *, workers: int, threads: int, timeout: int, log_level: str,
-                 on_ready=None):
-    """`on_ready()` runs in the master once it serves (before any worker is forked from it)."""
+                 in_worker=None):
+    """`in_worker()` runs in each worker once it is set up: the place for background threads (the master forks
+    workers, so it keeps no threads of its own; and a master killed outright must look the same to its workers)."""
     socket_path = os.path.abspath(socket_path)
     DriverWorker.activated = socket_activated()
-
-    def when_ready(server) -> None:
-        if not DriverWorker.activated:
-            _secure_socket(socket_path)
-        if on_ready is not None:
-            on_ready()
 
     class DriverServer(BaseApplication):
         def load_config(self):
@@ -194,7 +189,8 @@ def build_server(app, socket_path: str, *, workers: int, threads: int, timeout: 
                 "errorlog": "-",
                 "accesslog": None,
                 "proc_name": "pyflannel-driver",
-                "when_ready": when_ready,
+                "when_ready": lambda server: None if DriverWorker.activated else _secure_socket(socket_path),
+                "post_worker_init": lambda worker: in_worker() if in_worker is not None else None,
                 "control_socket_disable": True,  # gunicorn >= 24 would otherwise open a control socket
             }
             for key, value in options.items():
