@@ -1,5 +1,6 @@
 """The name book and the resolver on fakes (an in-memory store, a fake upstream): who sees which names, replicas,
 other record types, forwarding. No root, no etcd."""
+import ipaddress
 import socket
 import threading
 import types
@@ -14,8 +15,12 @@ from tests.fakes import MemoryStore
 pytestmark = pytest.mark.unit
 
 
+CIDRS = {"shop": "10.60.0.0/16", "crm": "10.61.0.0/16"}
+
+
 def book_of(networks: dict[str, MemoryStore], public_ip: str = "192.0.2.11") -> NameBook:
-    overlays = {name: types.SimpleNamespace(store=store) for name, store in networks.items()}
+    overlays = {name: types.SimpleNamespace(store=store, config=types.SimpleNamespace(
+        network=ipaddress.IPv4Network(CIDRS[name]))) for name, store in networks.items()}
     return NameBook(lambda: overlays, public_ip, 60, threading.Event())
 
 
@@ -42,6 +47,7 @@ def test_names_are_answered_to_the_networks_that_share_them():
     assert ask(resolver, "api", "10.61.1.2") is None  # not shared with crm: forwarded (nobody here: none)
     assert sorted(str(rr.rdata) for rr in ask(resolver, "web", "192.0.2.11").rr) == ["10.60.2.2", "10.61.2.2"]
     assert ask(resolver, "web", "172.17.0.2") is None  # a container of Docker's bridge: no names of ours
+    assert [str(rr.rdata) for rr in ask(resolver, "web", "10.60.1.9").rr] == ["10.60.2.2"]  # just started: by Network
     empty = ask(resolver, "web", "10.60.1.2", "AAAA")
     assert empty.header.rcode == RCODE.NOERROR and empty.rr == []  # a known name without IPv6: no data, no error
     there.publish([Container("c", {"shop": ("10.60.2.2", ("web",))})])  # api stopped, www alias gone

@@ -107,24 +107,28 @@ def test_enabled_plugin_carries_traffic_across_hosts(plugin_lab):
 
 def test_plugin_serves_a_named_network(plugin_lab):
     """The plugin's pyflanneld and driver share the local API inside it: a named flannel network on both hosts
-    carries traffic, is cut off from overlay0, and is left when removed."""
+    carries traffic, is cut off from overlay0, its containers are found by name, and it is left when removed."""
     h1, h2 = plugin_lab.hosts
-    for host in plugin_lab.hosts:
-        host.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "--ipam-opt",
-                    "pyflannel.network=shop", "shop")
-    h2.docker("run", "-d", "--name", "shopweb", "--network", "shop", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www")
-    web_ip = json.loads(h2.docker("inspect", "shopweb"))[0]["NetworkSettings"]["Networks"]["shop"]["IPAddress"]
-    assert ipaddress.IPv4Address(web_ip) in ipaddress.IPv4Network(plugin_lab.network_config("shop")["Network"])
-    probe = f"timeout 3 wget -q -O- http://{web_ip}/ && echo REACHED"
-    assert "REACHED" in h1.docker("run", "--rm", "--network", "shop", IMAGE, "sh", "-c", probe)
-    assert "REACHED" not in h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "sh", "-c",
-                                      probe, check=False)
-    wait_until("shopweb resolves on h1", lambda: "REACHED" in h1.docker(
-        "run", "--rm", "--network", "shop", IMAGE, "sh", "-c", "timeout 3 wget -q -O- http://shopweb/ && echo REACHED",
-        check=False), timeout=20, interval=0.5)  # its name, published by the plugin's driver, answered by its daemon
-    h2.docker("rm", "-f", "shopweb")
-    for host in plugin_lab.hosts:
-        host.docker("network", "rm", "shop")
+    try:
+        for host in plugin_lab.hosts:
+            host.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "--ipam-opt",
+                        "pyflannel.network=shop", "shop")
+        h2.docker("run", "-d", "--name", "shopweb", "--network", "shop", IMAGE, "httpd", "-f", "-p", "80", "-h",
+                  "/www")
+        web_ip = json.loads(h2.docker("inspect", "shopweb"))[0]["NetworkSettings"]["Networks"]["shop"]["IPAddress"]
+        assert ipaddress.IPv4Address(web_ip) in ipaddress.IPv4Network(plugin_lab.network_config("shop")["Network"])
+        probe = "timeout 3 wget -q -O- http://{}/ && echo REACHED"
+        assert "REACHED" in h1.docker("run", "--rm", "--network", "shop", IMAGE, "sh", "-c", probe.format(web_ip))
+        assert "REACHED" not in h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "sh", "-c",
+                                          probe.format(web_ip), check=False)
+        # by name: published by the plugin's driver, answered by the plugin's daemon
+        wait_until("shopweb found by name from h1", lambda: "REACHED" in h1.docker(
+            "run", "--rm", "--network", "shop", IMAGE, "sh", "-c", probe.format("shopweb"), check=False),
+            timeout=20, interval=0.5)
+    finally:
+        h2.docker("rm", "-f", "shopweb", check=False)
+        for host in plugin_lab.hosts:
+            host.docker("network", "rm", "shop", check=False)
     assert plugin_lab.leases("shop") == {}
     assert not (h1.workdir / "run" / "flannel" / "networks" / "shop.env").exists()
 

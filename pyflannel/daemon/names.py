@@ -12,6 +12,7 @@ it reads the names of every host in each network served; `lookup` answers from t
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import threading
@@ -69,14 +70,25 @@ class NameBook:
         return own
 
     def networks_of(self, address: str) -> set[str] | None:
-        """What the asker at `address` may look up: the networks of the local container that has the address (on
-        any of them); every network (None) for the host itself (dockerd 28 forwards from the host's namespace,
-        and an address on lo answers itself from itself); nothing for anyone else (a container of another driver)."""
+        """What the asker at `address` may look up:
+        - a local container the driver published: the networks it is on (it asks from one address of them);
+        - an address in a network's Network: that network (a container just started, not yet published, may ask
+          for a name at once);
+        - the host itself: every network, None (dockerd 28 forwards from the host's namespace; an address on lo
+          asks from itself);
+        - anyone else (a container of another driver): nothing."""
         with self.lock:
             for container in self.containers:
                 if any(a == address for a, _ in container.networks.values()):
                     return set(container.networks)
-        return None if address in self.host_addresses or address.startswith("127.") else set()
+        try:
+            ip = ipaddress.IPv4Address(address)
+        except ValueError:
+            return set()
+        inside = {name for name, overlay in self.overlays().items() if ip in overlay.config.network}
+        if inside:
+            return inside
+        return None if address in self.host_addresses or ip.is_loopback else set()
 
     # --- the loop: write ours, read everyone's --------------------------------------------------------------------
     def run(self) -> None:
