@@ -244,10 +244,10 @@ def test_reboot_brings_back_the_same_lease_and_the_containers(overlay, boot_orde
 
 
 def test_churn_leaves_nothing_behind(overlay):
-    """300 `docker run --rm` one after the other (100 on the second engine, for the suite's time), then 20 at a time:
+    """300 `docker run --rm` one after the other (50 on the second engine, for the suite's time), then 20 at a time:
     no veth, address, state entry or iptables rule is left, and no call failed."""
     h1 = overlay.hosts[0]
-    sequential = 300 if h1.engine == "20.10" else 100
+    sequential = 300 if h1.engine == "20.10" else 50
 
     def rules() -> list[str]:
         return sorted(line for table in ("filter", "nat") for line in h1.sh("iptables", "-t", table, "-S").splitlines()
