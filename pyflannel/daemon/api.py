@@ -1,5 +1,5 @@
 """The local API's server side (the protocol is in pyflannel/localapi.py): a threaded HTTP server on a Unix socket,
-mode 0600, that hands each call to the daemon's join / leave / describe."""
+mode 0600, that hands each call to the daemon: join, leave and describe networks; publish and list names."""
 from __future__ import annotations
 
 import json

@@ -204,14 +204,17 @@ class Ipam:
             raise RefusedError(f"SubPool {req.sub_pool} (--ip-range) is not supported: pyflannel hands out the "
                                f"whole lease {env.lease}. Create the network without --ip-range: `{HOW_TO_CREATE}`")
         pid = pool_id(env.lease, name)
+        overlaps = self.plumbing.routes_overlapping(env.lease) if req.pool is None and self.plumbing else []
+        if overlaps:
+            if name:  # joined for nothing: leave again (a failure here only leaves a lease that expires)
+                with self.store.transaction() as st:
+                    st["leaving"].append(name)
+                    leave_pending(st, self.daemon)
+            advice = ("" if name else f", or name the pool explicitly with `docker network create -d pyflannel "
+                                      f"--ipam-driver pyflannel --subnet {env.lease} NAME`")
+            raise RefusedError(f"this host's lease {env.lease} overlaps the route(s) {', '.join(overlaps)}, so Docker "
+                               f"would refuse the pool: remove the overlapping route{advice}")
         with self.store.transaction() as st:
-            if req.pool is None and self.plumbing is not None:
-                overlaps = self.plumbing.routes_overlapping(env.lease)
-                if overlaps:
-                    raise RefusedError(
-                        f"this host's flannel lease {env.lease} overlaps the route(s) {', '.join(overlaps)}, so Docker "
-                        f"would refuse the pool: remove the overlapping route, or name the pool explicitly with "
-                        f"`docker network create -d pyflannel --ipam-driver pyflannel --subnet {env.lease} NAME`")
             self._note_request(env.lease)
             st["pools"].setdefault(pid, {"pool": str(env.lease), "allocated": [], "last": None, "flannel": name})
         return {"PoolID": pid, "Pool": str(env.lease), "Data": gateway_data(env)}
