@@ -1,4 +1,5 @@
 """Where pyflannel's processes meet on a host: the one owner of these default paths (each is also a flag)."""
+import os
 
 SUBNET_FILE = "/run/flannel/subnet.env"            # pyflanneld writes it; the driver, CNI, status and doctor read it
 STATE_DIR = "/var/lib/pyflannel"                   # pyflanneld's state (the VTEP MAC)
@@ -11,5 +12,4 @@ def network_env_file(subnet_file: str, name: str) -> str:
     """The subnet.env of the named flannel network `name` (the default network's is `subnet_file` itself)."""
     if not name:
         return subnet_file
-    import os
     return os.path.join(os.path.dirname(subnet_file), "networks", f"{name}.env")

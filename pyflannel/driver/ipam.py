@@ -75,7 +75,13 @@ def drop_pool(st: dict, pid: str, daemon: localapi.Client | None) -> None:
     Docker deletes its network whatever the driver answers, so when pyflanneld cannot be told now, the leave waits in
     the state for `leave_pending`."""
     name = flannel_name(st["pools"].pop(pid))
-    if name and daemon is not None and name not in st["leaving"]:
+    if name:
+        leave(st, name, daemon)
+
+
+def leave(st: dict, name: str, daemon: localapi.Client | None) -> None:
+    """Leave the flannel network `name` now, or at a later call if pyflanneld cannot be told now."""
+    if daemon is not None and name not in st["leaving"]:
         st["leaving"].append(name)
         leave_pending(st, daemon)
 
@@ -206,10 +212,9 @@ class Ipam:
         pid = pool_id(env.lease, name)
         overlaps = self.plumbing.routes_overlapping(env.lease) if req.pool is None and self.plumbing else []
         if overlaps:
-            if name:  # joined for nothing: leave again (a failure here only leaves a lease that expires)
+            if name:  # joined for nothing: leave again
                 with self.store.transaction() as st:
-                    st["leaving"].append(name)
-                    leave_pending(st, self.daemon)
+                    leave(st, name, self.daemon)
             advice = ("" if name else f", or name the pool explicitly with `docker network create -d pyflannel "
                                       f"--ipam-driver pyflannel --subnet {env.lease} NAME`")
             raise RefusedError(f"this host's lease {env.lease} overlaps the route(s) {', '.join(overlaps)}, so Docker "
