@@ -104,13 +104,18 @@ def render(report: dict) -> str:
 
 
 def membership(args) -> int:
-    """`pyflannel join|leave NAME`: for hosts whose containers come from CNI (the Docker driver does it itself)."""
+    """`pyflannel join|leave NAME`: for hosts whose containers come from CNI (the Docker driver does it itself);
+    `pyflannel rotate-key [NAME]`: a new WireGuard key for a network of this host."""
     client = localapi.Client(args.api_socket)
     try:
         if args.command == "join":
             network = client.join(args.name, args.subnet)
             print(f"{args.name}: Network {network['network']}, VNI {network['vni']}, this host's lease "
                   f"{network['lease']} ({network['subnet_file']})")
+        elif args.command == "rotate-key":
+            network = client.rotate_key(args.name)
+            print(f"{args.name}: new WireGuard public key {network['public_key']}, published in lease "
+                  f"{network['lease']}")
         else:
             client.leave(args.name)
             print(f"{args.name}: left")
@@ -154,9 +159,14 @@ def main(argv: list[str] | None = None) -> int:
                         default=int(os.environ.get(env_name("subnet-lease-renew-margin"), 60)),
                         help="minutes: a lease with less time left is not being renewed (pyflanneld's flag)")
     for command, text in (("join", "serve a named flannel network on this host (the first host creates it)"),
-                          ("leave", "stop serving a named flannel network: this host's lease and devices go")):
+                          ("leave", "stop serving a named flannel network: this host's lease and devices go"),
+                          ("rotate-key", "give this host a new WireGuard key in a wireguard network; peers follow")):
         action = sub.add_parser(command, help=text)
-        action.add_argument("name", help="the flannel network's name (<prefix>/<NAME> in etcd)")
+        if command == "rotate-key":
+            action.add_argument("name", nargs="?", default=localapi.DEFAULT_NETWORK,
+                                help="the flannel network (default: %(default)s)")
+        else:
+            action.add_argument("name", help="the flannel network's name (<prefix>/<NAME> in etcd)")
         if command == "join":
             action.add_argument("--subnet", help="its cluster-wide Network, when this host creates it")
         action.add_argument("-api-socket", "--api-socket", default=os.environ.get("FLANNELD_API_SOCKET",
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from pyflannel import doctor as doctor_module
         return doctor_module.run(args)
-    if args.command in ("join", "leave"):
+    if args.command in ("join", "leave", "rotate-key"):
         return membership(args)
     if args.names:
         return names(args)

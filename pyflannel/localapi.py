@@ -84,6 +84,10 @@ class Client:
     def leave(self, name: str) -> dict:
         return self._call("DELETE", f"/v1/networks/{quote(name, safe='')}")
 
+    def rotate_key(self, name: str) -> dict:
+        """A new WireGuard key for network `name` on this host; returns the network as `networks` describes it."""
+        return self._call("POST", f"/v1/networks/{quote(name, safe='')}/rotate-key")
+
     def networks(self) -> list[dict]:
         return self._call("GET", "/v1/networks").get("networks", [])
 

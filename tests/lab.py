@@ -168,6 +168,11 @@ class Host:
     def api_sock(self) -> Path:
         return self.workdir / "pyflanneld.sock"
 
+    @property
+    def wireguard_dir(self) -> Path:
+        """What this host's pyflanneld sees as /var/run/wireguard (wireguard-go's UAPI sockets)."""
+        return self.workdir / "wireguard"
+
     def network_env(self, name: str) -> Path:
         """The subnet.env of the named flannel network `name` on this host."""
         return self.workdir / "networks" / f"{name}.env"
@@ -180,7 +185,13 @@ class Host:
         args = ["-etcd-endpoints", self.lab.etcd_endpoints, *iface, "-subnet-file", str(self.subnet_file),
                 "--state-dir", str(self.state_dir), "-etcd-prefix", self.lab.prefix_key, "-api-socket",
                 str(self.api_sock), "-dns-upstream", OUTSIDE_DNS, *extra]
-        self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", [str(VENV_BIN / "pyflanneld"), *args], ns=self.ns)
+        # wireguard-go's UAPI sockets live in /var/run/wireguard, one folder for every lab host: each daemon (and
+        # the wireguard-go it starts) sees its own folder there, in the mount namespace `ip netns exec` made for it.
+        self.wireguard_dir.mkdir(exist_ok=True)
+        os.makedirs("/run/wireguard", exist_ok=True)
+        argv = ["sh", "-c", 'mount --bind "$0" /run/wireguard && exec "$@"', str(self.wireguard_dir),
+                str(VENV_BIN / "pyflanneld"), *args]
+        self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", argv, ns=self.ns)
         if wait_ready:
             wait_until(f"{self.name}'s subnet.env", lambda: self.subnet_file.exists() or not self.daemon.alive(),
                        timeout=30)

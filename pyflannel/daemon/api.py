@@ -19,6 +19,7 @@ from .store.base import ConfigNotFound, StoreError
 log = logging.getLogger(__name__)
 
 PREFIX = "/v1/networks"
+ROTATE_KEY = "/rotate-key"
 NAMES = "/v1/names"
 
 
@@ -61,6 +62,12 @@ def serve(daemon, path: str) -> _Server:
             length = int(self.headers.get("Content-Length") or 0)
             return json.loads(self.rfile.read(length)) if length else {}
 
+        def do_POST(self):
+            if not self.path.endswith(ROTATE_KEY):
+                return self.reply(404, {"error": f"no such resource {self.path}"})
+            self.path = self.path[:-len(ROTATE_KEY)]
+            self._network_call(lambda name, body: daemon.rotate_key(name))
+
         def do_DELETE(self):
             self._network_call(lambda name, body: daemon.leave(name))
 
@@ -78,6 +85,8 @@ def serve(daemon, path: str) -> _Server:
                 self.reply(200, call(name, body))
             except (UserError, ConfigNotFound, StoreError, KernelError, Unavailable) as e:
                 self.reply(status_of(e), {"error": str(e)})
+            except TimeoutError:
+                self.reply(503, {"error": f"network {name} is busy: try again"})
             except Stopped:
                 self.reply(503, {"error": "pyflanneld is stopping"})
 

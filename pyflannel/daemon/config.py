@@ -8,9 +8,21 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 from .subnets import IPv4Network
 
-BACKEND_TYPES = ("vxlan", "host-gw")
+BACKEND_TYPES = ("vxlan", "host-gw", "wireguard")
 VXLAN_DEFAULT_VNI = 1
 VXLAN_DEFAULT_PORT = 8472
+WIREGUARD_DEFAULT_PORT = 51820
+WIREGUARD_MODES = ("separate", "auto", "ipv4")  # flannel's; "ipv6" needs IPv6, which pyflannel has not yet
+
+
+@dataclass(frozen=True)
+class WireGuardConfig:
+    """flannel's wireguard backend keys: ListenPort, PSK, PersistentKeepaliveInterval (seconds), MTU (of the
+    underlay; the device gets 80 less), Mode."""
+    listen_port: int = WIREGUARD_DEFAULT_PORT
+    psk: str | None = None
+    keepalive: int = 0
+    mtu: int | None = None
 
 
 @dataclass(frozen=True)
@@ -23,6 +35,7 @@ class NetworkConfig:
     vni: int = VXLAN_DEFAULT_VNI
     port: int = VXLAN_DEFAULT_PORT
     direct_routing: bool = False
+    wireguard: WireGuardConfig | None = None
     raw: dict = field(default_factory=dict, compare=False)
 
 
@@ -99,4 +112,20 @@ def parse(text: str) -> NetworkConfig:
     direct = backend.get("DirectRouting", False)
     if not isinstance(direct, bool):
         raise ConfigError("Backend.DirectRouting", direct, "must be true or false")
-    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend_type, vni, port, direct, raw)
+    wireguard = _wireguard(backend) if backend_type == "wireguard" else None
+    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend_type, vni, port, direct, wireguard, raw)
+
+
+def _wireguard(backend: dict) -> WireGuardConfig:
+    from pyflannel.kernel.wireguard import key_problem
+    psk = backend.get("PSK") or None
+    if psk is not None and key_problem(psk):
+        raise ConfigError("Backend.PSK", "(hidden)", key_problem(psk))
+    mode = backend.get("Mode", "separate")
+    if mode not in WIREGUARD_MODES:
+        raise ConfigError("Backend.Mode", mode, f"must be one of {', '.join(WIREGUARD_MODES)} (IPv6 modes need "
+                                                f"IPv6, not supported yet)")
+    mtu = _int(backend, "MTU", 1500, 1280, 65535, "Backend.MTU") if "MTU" in backend else None
+    return WireGuardConfig(_int(backend, "ListenPort", WIREGUARD_DEFAULT_PORT, 1, 65535, "Backend.ListenPort"), psk,
+                           _int(backend, "PersistentKeepaliveInterval", 0, 0, 65535,
+                                "Backend.PersistentKeepaliveInterval"), mtu)

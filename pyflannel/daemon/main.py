@@ -234,6 +234,13 @@ class Daemon:
                 self._save_joined()
         return {}
 
+    def rotate_key(self, name: str) -> dict:
+        overlay = self.default if name == DEFAULT_NETWORK else self.overlays.get(name)
+        if overlay is None:
+            raise UserError(f"this host does not serve network {name}")
+        self._ready(overlay)
+        return overlay.rotate_key()
+
     def describe(self) -> list[dict]:
         failed = {name: {"name": name, "state": "failed", "error": error} for name, error in self.failed.items()}
         return [described for _, described in sorted({**failed, **{name: overlay.describe() for name, overlay in

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+from concurrent.futures import Future
 import shutil
 import threading
 import time
@@ -33,6 +34,7 @@ from .subnets import IPv4Network
 
 log = logging.getLogger("pyflanneld")
 
+LOOP_CALL_SECONDS = 10.0
 LAST_LEASE = "last-lease"  # in the state dir: the subnet we held last, preferred at start when subnet.env is gone
 RENEW_RETRY = timedelta(minutes=1)
 WATCH_POLL_SECONDS = 10.0  # an idle watch is re-issued (and its member checked) this often
@@ -194,6 +196,7 @@ class Overlay:
         return {"name": self.name, "network": str(c.network) if c else None,
                 "vni": c.vni if c and c.backend_type == "vxlan" else None,
                 "backend": c.backend_type if c else None, "device": getattr(self.backend, "device", None),
+                **(self.backend.details() if self.backend else {}),
                 "lease": str(lease.subnet) if lease else None,
                 "peers": len(self.reconciler.programmed) if self.reconciler else 0,
                 "subnet_file": self.subnet_file,
@@ -237,7 +240,9 @@ class Overlay:
                 event = None
             if self.stop.is_set():
                 break  # told to stop while waiting: no new action, not even for an event already read
-            if event is not None:
+            if callable(event):
+                event()
+            elif event is not None:
                 self.handle(event, received)
                 continue
             if self.next_renew is not None and datetime.now(timezone.utc) >= self.next_renew:
@@ -245,6 +250,30 @@ class Overlay:
             if time.monotonic() >= next_reconcile:
                 self.reconcile()
                 next_reconcile = time.monotonic() + self.flags.reconcile_interval
+
+    def in_loop(self, fn):
+        """fn's result, run by this network's loop (which alone touches its lease and kernel state)."""
+        done = Future()
+
+        def call():
+            try:
+                done.set_result(fn())
+            except Exception as e:
+                done.set_exception(e)
+        self.events.put((time.monotonic(), call))
+        return done.result(LOOP_CALL_SECONDS)
+
+    def rotate_key(self) -> dict:
+        """A new WireGuard key on our device, then in our lease: peers follow from the lease event."""
+        if not hasattr(self.backend, "rotate_key"):
+            raise UserError(f"network {self.name} uses the {self.config.backend_type} backend, which has no key: "
+                            f"only wireguard networks have one")
+
+        def rotate():
+            self.leases.backend_data = self.backend.rotate_key()
+            self.next_renew = self.renew()  # publishes the new key (or tries again within a minute)
+            return self.describe()
+        return self.in_loop(rotate)
 
     def handle(self, event: LeaseEvent, received: float) -> None:
         """Apply one watch event; `received` is when the watcher read it (time.monotonic())."""

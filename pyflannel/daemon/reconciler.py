@@ -10,6 +10,7 @@ wanted entries differ from those programmed, or every FULL_DIFF_SECONDS in any c
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -17,7 +18,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from pyflannel.kernel.errors import KernelError
 from pyflannel.kernel.netlink import Change, FdbEntry, Kernel, Neighbor, Route, watch_deletions
+from pyflannel.kernel.wireguard import WireGuardPeer
 
 from .backend import Backend, PeerEntries
 from .store.base import Lease
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Repairs:
-    """Entries a full reconcile changed, by kind: "route", "neighbor", "fdb"."""
+    """Entries a full reconcile changed, by kind: "route", "neighbor", "fdb", "wireguard-peer"."""
     added: Counter = field(default_factory=Counter)
     removed: Counter = field(default_factory=Counter)
 
@@ -36,7 +39,7 @@ class Repairs:
         return any(self.added.values()) or any(self.removed.values())
 
 
-KINDS = {Route: "route", Neighbor: "neighbor", FdbEntry: "fdb"}
+KINDS = {Route: "route", Neighbor: "neighbor", FdbEntry: "fdb", WireGuardPeer: "wireguard-peer"}
 FULL_DIFF_SECONDS = 300.0
 
 
@@ -76,31 +79,36 @@ class Reconciler:
             log.info("peer %s removed", subnet)
 
     def _apply(self, changes: list[Change]) -> list[Change]:
-        """Make the changes in one batch; a refused one is logged and does not stop the others. Returns those made."""
-        try:
-            refused = self.kernel.apply(changes)
-        except OSError as e:
-            refused = [(change, e) for change in changes]
-            log.warning("could not make %d kernel changes: %s", len(changes), e)
-        else:
-            for change, error in refused:
-                log.warning("could not %s %s %s: %s", "add" if change.add else "delete", KINDS[type(change.entry)],
-                            change.entry, error)
+        """Make the changes in batches, in order (rtnetlink's, the WireGuard device's); a refused one is logged and
+        does not stop the others. Returns those made."""
+        refused = []
+        for target, run in itertools.groupby(changes, self._target):
+            run = list(run)
+            try:
+                refused += target.apply(run)
+            except OSError as e:
+                refused += [(change, e) for change in run]
+        for change, error in refused:
+            log.warning("could not %s %s %s: %s", "add" if change.add else "delete", KINDS[type(change.entry)],
+                        change.entry, error)
         if refused:
             self.kernel_touched.set()  # the kernel is not as `programmed` says: the next reconcile diffs in full
         failed = {change for change, _ in refused}
         return [change for change in changes if change not in failed]
 
+    def _target(self, change: Change):
+        return self.backend.peer_device if isinstance(change.entry, WireGuardPeer) else self.kernel
+
     @staticmethod
     def _additions(e: PeerEntries) -> list[Change]:
-        """In flannel's order: neighbor, FDB, route."""
-        return [Change(True, entry) for entry in (e.neighbor, e.fdb, e.route) if entry]
+        """In flannel's order: (WireGuard peer,) neighbor, FDB, route."""
+        return [Change(True, entry) for entry in (e.peer, e.neighbor, e.fdb, e.route) if entry]
 
     @staticmethod
     def _removals(e: PeerEntries, keep: PeerEntries | None = None) -> list[Change]:
-        """Route, FDB, neighbor; entries that `keep` still needs stay."""
-        kept = {keep.route, keep.fdb, keep.neighbor} if keep else set()
-        return [Change(False, entry) for entry in (e.route, e.fdb, e.neighbor) if entry and entry not in kept]
+        """Route, FDB, neighbor, WireGuard peer; entries that `keep` still needs stay."""
+        kept = {keep.route, keep.fdb, keep.neighbor, keep.peer} if keep else set()
+        return [Change(False, entry) for entry in (e.route, e.fdb, e.neighbor, e.peer) if entry and entry not in kept]
 
     # --- full diff -------------------------------------------------------------------------------------------
     def reconcile(self, peers: Iterable[Lease]) -> Repairs:
@@ -124,12 +132,15 @@ class Reconciler:
         want_fdb = {e.fdb for e in wanted.values() if e.fdb}
         have_neigh = k.neighbors(index) if index else set()
         have_fdb = k.fdb(index) if index else set()
+        device = self.backend.peer_device
+        want_peers = {e.peer for e in wanted.values() if e.peer}
+        have_peers = self._device_peers(device) if device else set()
 
-        # Stale first (route, FDB, neighbor), then missing in flannel's order (neighbor, FDB, route).
+        # Stale first (route, FDB, neighbor, peer), then missing in flannel's order (peer, neighbor, FDB, route).
         changes = [Change(False, entry) for entry in (*(have_routes - want_routes), *(have_fdb - want_fdb),
-                                                      *(have_neigh - want_neigh))]
-        changes += [Change(True, entry) for entry in (*(want_neigh - have_neigh), *(want_fdb - have_fdb),
-                                                      *(want_routes - have_routes))]
+                                                      *(have_neigh - want_neigh), *(have_peers - want_peers))]
+        changes += [Change(True, entry) for entry in (*(want_peers - have_peers), *(want_neigh - have_neigh),
+                                                      *(want_fdb - have_fdb), *(want_routes - have_routes))]
         for change in self._apply(changes):
             (repairs.added if change.add else repairs.removed)[KINDS[type(change.entry)]] += 1
         if repairs:
@@ -139,3 +150,12 @@ class Reconciler:
                              daemon=True).start()
         self._last_full_diff = time.monotonic()
         return repairs
+
+    @staticmethod
+    def _device_peers(device) -> set[WireGuardPeer]:
+        """The device's peers; none when they cannot be read (every wanted one is then written again)."""
+        try:
+            return device.peers()
+        except (OSError, KernelError) as e:
+            log.warning("could not read the peers of %s: %s", device.name, e)
+            return set()

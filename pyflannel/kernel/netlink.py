@@ -65,9 +65,9 @@ class Route:
 
 @dataclass(frozen=True)
 class Change:
-    """Add (replace) or delete one kernel entry."""
+    """Add (replace) or delete one kernel entry (a WireGuard peer too: kernel/wireguard.py applies those)."""
     add: bool
-    entry: Neighbor | FdbEntry | Route
+    entry: object
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,9 @@ class Kernel:
         return self.ipr.get_links(index)[0]
 
     def vxlan_attrs(self, index: int) -> dict:
-        info = self.link(index).get("IFLA_LINKINFO")
-        if not info or info.get("IFLA_INFO_KIND") != "vxlan":
+        if self.link_kind(index) != "vxlan":
             return {}
+        info = self.link(index).get("IFLA_LINKINFO")
         return dict((k, v) for k, v in info.get("IFLA_INFO_DATA")["attrs"] if k.startswith("IFLA_VXLAN"))
 
     def create_vxlan(self, name: str, vni: int, port: int, local: str, link_index: int, mac: str, mtu: int) -> int:
@@ -128,8 +128,15 @@ class Kernel:
                                 f"already (another flanneld?)") from None
             raise
         index = self.link_index(name)
-        self.ipr.link("set", index=index, state="up")
+        self.set_up(index)
         return index
+
+    def link_kind(self, index: int) -> str | None:
+        info = self.link(index).get("IFLA_LINKINFO")
+        return info.get("IFLA_INFO_KIND") if info else None
+
+    def set_up(self, index: int) -> None:
+        self.ipr.link("set", index=index, state="up")
 
     def delete_link(self, index: int) -> None:
         self.ipr.link("del", index=index)

@@ -4,8 +4,9 @@ from __future__ import annotations
 from .base import Backend, PeerEntries
 from .hostgw import HostGwBackend
 from .vxlan import VxlanBackend
+from .wireguard import WireGuardBackend
 
-BACKENDS = {cls.type: cls for cls in (VxlanBackend, HostGwBackend)}
+BACKENDS = {cls.type: cls for cls in (VxlanBackend, HostGwBackend, WireGuardBackend)}
 
 
 def for_config(config, ext, kernel, state_dir) -> Backend:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from pyflannel.kernel.netlink import FdbEntry, Kernel, Neighbor, Route
+from pyflannel.kernel.wireguard import Device, WireGuardPeer
 
 from ..config import NetworkConfig
 from ..iface import ExternalInterface
@@ -14,10 +15,11 @@ from ..store.base import Lease
 
 @dataclass(frozen=True)
 class PeerEntries:
-    """What one peer lease puts in the kernel, in the order it goes in (neighbor, FDB, route)."""
+    """What one peer lease puts in the kernel, in the order it goes in (WireGuard peer, neighbor, FDB, route)."""
     route: Route
     neighbor: Neighbor | None = None
     fdb: FdbEntry | None = None
+    peer: WireGuardPeer | None = None
 
 
 class Backend(abc.ABC):
@@ -38,6 +40,15 @@ class Backend(abc.ABC):
     def overlay_ifindex(self) -> int | None:
         """The device whose neighbor and FDB tables belong to us, if the backend has one."""
         return None
+
+    @property
+    def peer_device(self) -> Device | None:
+        """The WireGuard device whose peers belong to us, if the backend has one."""
+        return None
+
+    def details(self) -> dict:
+        """What `pyflannel status` shows of the backend beside its type and device."""
+        return {}
 
     @abc.abstractmethod
     def prepare(self) -> dict | None:
