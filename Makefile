@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iptables ethtool \
                 docker.io containerd runc busybox-static iperf3 tcpdump \
-                containernetworking-plugins docker-compose python3-venv
+                containernetworking-plugins docker-compose python3-venv wireguard-go
 PYTEST_ARGS ?=
 
 .PHONY: install system-deps test test-unit test-lab demo demo-down bench clean plugin images cni engines units install-host

@@ -51,9 +51,24 @@ def test_explicit_values_and_backend_options():
     ('{"Network": "10.5.0.0/16", "Backend": {"Port": 70000}}', "Backend.Port", "65535"),
     ('{"Network": "10.5.0.0/16", "Backend": {"DirectRouting": "yes"}}', "Backend.DirectRouting", "true or false"),
     ('{"Network": "10.5.0.0/16", "EnableIPv6": true}', "EnableIPv6", "not supported"),
+    ('{"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard", "PSK": "secret"}}', "Backend.PSK", "base64"),
+    ('{"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard", "Mode": "ipv6"}}', "Backend.Mode", "IPv6"),
+    ('{"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard", "ListenPort": 0}}', "Backend.ListenPort", "from 1"),
+    ('{"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard", "MTU": 500}}', "Backend.MTU", "from 1280"),
 ])
 def test_invalid_config_names_the_field(text, field, fragment):
     with pytest.raises(ConfigError) as e:
         parse(text)
     assert e.value.field == field
     assert f"{field}=" in str(e.value) and fragment in str(e.value)
+
+
+def test_wireguard_keys_and_defaults_follow_flannel():
+    c = parse('{"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard"}}')
+    assert c.backend_type == "wireguard"
+    assert (c.wireguard.listen_port, c.wireguard.psk, c.wireguard.keepalive, c.wireguard.mtu) == (51820, None, 0, None)
+    psk = "A" * 43 + "="
+    c = parse('{"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard", "ListenPort": 51000, "PSK": "%s", '
+              '"PersistentKeepaliveInterval": 25, "MTU": 9000, "Mode": "auto"}}' % psk)
+    assert (c.wireguard.listen_port, c.wireguard.psk, c.wireguard.keepalive, c.wireguard.mtu) == (51000, psk, 25, 9000)
+    assert "secret" not in str(ConfigError("Backend.PSK", "(hidden)", "x"))  # a bad PSK is never echoed

@@ -1,0 +1,147 @@
+"""The wireguard backend on a 3-host lab (wireguard-go: this kernel has no WireGuard module): flannel's lease format,
+container traffic encrypted on the underlay, keys kept across restarts, peers following leases, key rotation under
+traffic."""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pyflannel.kernel import wireguard as wg
+from tests.lab import VENV_BIN, Lab, ping, sh, wait_until
+
+pytestmark = pytest.mark.lab
+
+PSK = base64.b64encode(b"pyflannel-test-preshared-key-32b").decode()
+CONFIG = {"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard", "PSK": PSK, "PersistentKeepaliveInterval": 25}}
+MARKER = b"pyflannel-secret"  # ping's payload pattern: 16 bytes, repeated through each packet
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab(3) as lab:
+        lab.start_network(CONFIG)
+        yield lab
+
+
+def peers(host) -> set[wg.WireGuardPeer]:
+    code, pairs = wg.uapi_call(str(host.wireguard_dir / "flannel-wg.sock"), "get=1", [])
+    assert code == 0
+    return wg._peers_from_uapi(pairs)
+
+
+def public_key(lab, host) -> str:
+    return next(lease["attrs"]["BackendData"]["PublicKey"] for lease in lab.leases().values()
+                if lease["attrs"]["PublicIP"] == host.ip)
+
+
+def expected_peers(lab, host) -> set[wg.WireGuardPeer]:
+    return {wg.WireGuardPeer(lease["attrs"]["BackendData"]["PublicKey"], f"{lease['attrs']['PublicIP']}:51820",
+                             (key.replace("-", "/"),), 25, PSK)
+            for key, lease in lab.leases().items() if lease["attrs"]["PublicIP"] != host.ip}
+
+
+def test_leases_devices_and_peers_as_flannel_has_them(lab):
+    leases = lab.leases()
+    assert len(leases) == 3
+    for host in lab.hosts:
+        lease = next(lease for lease in leases.values() if lease["attrs"]["PublicIP"] == host.ip)
+        assert lease["attrs"]["BackendType"] == "wireguard"
+        assert set(lease["attrs"]["BackendData"]) == {"PublicKey", "Port"}
+        assert lease["attrs"]["BackendData"]["Port"] == 51820
+        key_file = host.state_dir / "wireguard.key"
+        assert os.stat(key_file).st_mode & 0o777 == 0o600
+        assert wg.public_key_of(key_file.read_text().strip()) == lease["attrs"]["BackendData"]["PublicKey"]
+        assert host.subnet_env()["FLANNEL_MTU"] == "1420"  # the underlay's 1500 less WireGuard's 80
+        assert "mtu 1420" in host.sh("ip", "link", "show", "flannel-wg")
+        assert peers(host) == expected_peers(lab, host)
+        routes = host.sh("ip", "route", "show", "proto", "77", "dev", "flannel-wg")
+        assert len(routes.splitlines()) == 2
+        assert "wireguard-go" in host.daemon.log()  # the implementation chosen is reported at start
+
+
+def test_container_traffic_is_encrypted_on_the_underlay(lab):
+    h1, h2, _ = lab.hosts
+    capture = lab.workdir / "underlay.pcap"
+    tcpdump = lab.spawn("tcpdump", ["tcpdump", "-Z", "root", "-i", "port1", "-nn", "--immediate-mode", "-U", "-w", str(capture),
+                                    f"ip and host {h1.ip} and host {h2.ip}"], ns=lab.switch)
+    wait_until("tcpdump listening", lambda: "listening on" in tcpdump.log(), timeout=10)
+    src, dst = h1.containers[0], h2.containers[0]
+    out = sh("ping", "-c", "5", "-i", "0.2", "-s", "200", "-p", MARKER.hex(), dst.ip, ns=src.ns)
+    assert "5 received" in out and "PATTERN" in out
+    tcpdump.kill(signal.SIGINT)
+    packets = subprocess.run(["tcpdump", "-nn", "-r", str(capture)], capture_output=True, text=True,
+                             check=True).stdout
+    lines = packets.splitlines()
+    print(f"underlay between {h1.name} and {h2.name}: {len(lines)} packets, all UDP 51820 <-> 51820")
+    assert len(lines) >= 10, tcpdump.log()
+    both = rf"({re.escape(h1.ip)}|{re.escape(h2.ip)})\.51820"
+    assert all(re.search(rf"IP {both} > {both}: UDP", line) for line in lines), packets
+    assert MARKER not in capture.read_bytes()
+
+
+def test_every_container_reaches_every_other(lab):
+    failures = [(a.ip, b.ip) for x in lab.hosts for y in lab.hosts if x is not y
+                for a in x.containers for b in y.containers if not ping(a.ns, b.ip)]
+    assert failures == []
+
+
+def test_restart_and_reboot_keep_the_key(lab):
+    h1, h2, _ = lab.hosts
+    key = public_key(lab, h1)
+    h1.daemon.kill(signal.SIGTERM)
+    h1.start_daemon()
+    wait_until("h1 restarted", lambda: "reusing flannel-wg" in h1.daemon.log(), timeout=20)
+    # a reboot: the device (and wireguard-go with it) and /run's subnet.env are gone; the state dir stays
+    h1.daemon.kill(signal.SIGTERM)
+    h1.sh("ip", "link", "del", "flannel-wg")
+    h1.subnet_file.unlink()
+    h1.start_daemon()
+    assert "created flannel-wg (wireguard-go" in h1.daemon.log()
+    assert public_key(lab, h1) == key
+    wait_until("h2 reaches h1 again", lambda: ping(h2.containers[0].ns, h1.containers[0].ip, tries=1), timeout=20)
+    assert peers(h2) == expected_peers(lab, h2)
+
+
+def test_key_rotation_under_traffic(lab):
+    h1, h2, h3 = lab.hosts
+    old = public_key(lab, h1)
+    interval, count = 0.01, 500
+    pinger = subprocess.Popen(["ip", "netns", "exec", h2.containers[0].ns, "ping", "-q", "-i", str(interval), "-c",
+                               str(count), "-W", "1", h1.containers[0].ip], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    rotated = subprocess.run([str(VENV_BIN / "pyflannel"), "rotate-key", "-api-socket", str(h1.api_sock)],
+                             capture_output=True, text=True, timeout=30)
+    assert rotated.returncode == 0, rotated.stderr
+    new = public_key(lab, h1)
+    assert new != old and new in rotated.stdout
+    assert wg.public_key_of((h1.state_dir / "wireguard.key").read_text().strip()) == new
+    summary = pinger.communicate(timeout=60)[0]
+    sent, received = map(int, re.search(r"(\d+) packets transmitted, (\d+) received", summary).groups())
+    gap = (sent - received) * interval
+    print(f"key rotation under traffic: {sent - received} of {sent} pings lost ({gap:.2f} s at {interval} s)")
+    assert gap < 5.0  # less than one handshake retry (WireGuard's REKEY_TIMEOUT)
+    for host in (h2, h3):
+        assert peers(host) == expected_peers(lab, host)
+        assert ping(host.containers[0].ns, h1.containers[0].ip)
+
+
+def test_a_removed_lease_removes_the_peer(lab):
+    h1, h2, h3 = lab.hosts
+    key = public_key(lab, h3)
+    h3.daemon.kill(signal.SIGTERM)
+    lease = next(k for k, v in lab.leases().items() if v["attrs"]["PublicIP"] == h3.ip)
+    lab.etcd_delete(f"{lab.prefix_key}/subnets/{lease}")
+    for host in (h1, h2):
+        wait_until(f"{host.name} drops h3's peer", lambda: all(p.public_key != key for p in peers(host)), timeout=10)
+        assert lease.replace("-", "/") not in host.sh("ip", "route", "show", "proto", "77")
+    h3.start_daemon()
+    wait_until("h3's lease back", lambda: len(lab.leases()) == 3, timeout=20)
+    wait_until("h3's peers back", lambda: all(peers(h) == expected_peers(lab, h) for h in lab.hosts), timeout=20)
+    assert public_key(lab, h3) == key
+    assert ping(h1.containers[0].ns, h3.containers[0].ip)
