@@ -19,6 +19,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from bench import cni, dns
+from pyflannel import localapi
 from tests.lab import DOCKER, IMAGE, Lab, inside, sh, wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -149,6 +150,28 @@ def wire_hostgw_and_plain(results: dict) -> None:
         lab.close()
 
 
+def wire_wireguard(results: dict) -> None:
+    """Namespace containers on two hosts: on pyflannel wireguard (the default network; wireguard-go, as this kernel
+    has no WireGuard module) and on a pyflannel VXLAN network of the same hosts; and the underlay."""
+    lab = Lab(2)
+    try:
+        lab.start_network({"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard"}})
+        for host in lab.hosts:
+            localapi.Client(str(host.api_sock)).join("vx")
+            host.add_bridge("cbrvx", network="vx")
+            host.add_container("cbrvx", network="vx")
+        h1, h2 = lab.hosts
+        paths = {"underlay": (netns(h2.ns), netns(h1.ns), h2.ip)}
+        for name, index in (("wireguard", 0), ("vxlan", 1)):
+            c1, c2 = h1.containers[index], h2.containers[index]
+            wait_until(f"{name} path", lambda: subprocess.run(netns(c1.ns) + ["ping", "-c1", "-W1", c2.ip],
+                                                              capture_output=True).returncode == 0)
+            paths[name] = (netns(c2.ns), netns(c1.ns), c2.ip)
+        results["wire"]["wireguard lab"] = compare_paths(paths)
+    finally:
+        lab.close()
+
+
 def seed(lab: Lab, count: int) -> None:
     for i in range(count):
         key, value = fake_lease(i)
@@ -271,7 +294,8 @@ def table(r: dict) -> str:
 
     for lab, candidates in (("vxlan lab", (("vxlan", "underlay", 0.85), ("vxlan", "swarm overlay", 1.0))),
                             ("host-gw lab", (("host-gw", "underlay", 0.95), ("host-gw", "plain bridge", None),
-                                             ("plain bridge", "underlay", None)))):
+                                             ("plain bridge", "underlay", None))),
+                            ("wireguard lab", (("wireguard", "underlay", None), ("wireguard", "vxlan", None)))):
         w = r["wire"].get(lab)
         if not w:
             continue
@@ -314,6 +338,7 @@ def main() -> int:
                "wire": {}, "convergence": {}, "scale": {}}
     steps = [("wire vxlan", lambda: wire_vxlan_and_swarm(results)),
              ("wire host-gw", lambda: wire_hostgw_and_plain(results)),
+             ("wire wireguard", lambda: wire_wireguard(results)),
              ("convergence 10", lambda: convergence(results, 10)),
              ("convergence 1000", lambda: convergence(results, 1000)), ("scale 1000", lambda: scale(results, 1000)),
              ("scale 5000", lambda: scale(results, 5000)), ("lifecycle", lambda: lifecycle(results)),

@@ -109,9 +109,9 @@ def membership(args) -> int:
     client = localapi.Client(args.api_socket)
     try:
         if args.command == "join":
-            network = client.join(args.name, args.subnet)
-            print(f"{args.name}: Network {network['network']}, VNI {network['vni']}, this host's lease "
-                  f"{network['lease']} ({network['subnet_file']})")
+            network = client.join(args.name, args.subnet, args.backend)
+            print(f"{args.name}: Network {network['network']}, backend {network['backend']}, device "
+                  f"{network['device']}, this host's lease {network['lease']} ({network['subnet_file']})")
         elif args.command == "rotate-key":
             network = client.rotate_key(args.name)
             print(f"{args.name}: new WireGuard public key {network['public_key']}, published in lease "
@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             action.add_argument("name", help="the flannel network's name (<prefix>/<NAME> in etcd)")
         if command == "join":
             action.add_argument("--subnet", help="its cluster-wide Network, when this host creates it")
+            action.add_argument("--backend", choices=("vxlan", "wireguard"),
+                                help="its backend, when this host creates it (default vxlan)")
         action.add_argument("-api-socket", "--api-socket", default=os.environ.get("FLANNELD_API_SOCKET",
                                                                                  paths.DAEMON_SOCKET),
                             help="pyflanneld's -api-socket (default %(default)s)")

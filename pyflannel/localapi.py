@@ -78,8 +78,10 @@ class Client:
             raise DaemonError(f"pyflanneld: {reply.get('error') or f'HTTP {status}'}", status or 503)
         return reply
 
-    def join(self, name: str, network: str | None = None) -> dict:
-        return self._call("PUT", f"/v1/networks/{quote(name, safe='')}", {"Network": network} if network else {})
+    def join(self, name: str, network: str | None = None, backend: str | None = None) -> dict:
+        """Serve network `name`; a new one gets `network` (its Network) and `backend` (vxlan or wireguard)."""
+        body = {key: value for key, value in (("Network", network), ("Backend", backend)) if value}
+        return self._call("PUT", f"/v1/networks/{quote(name, safe='')}", body)
 
     def leave(self, name: str) -> dict:
         return self._call("DELETE", f"/v1/networks/{quote(name, safe='')}")

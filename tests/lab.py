@@ -529,10 +529,10 @@ class Lab:
                 host.add_container()
         return self
 
-    def start_docker(self, engine: str) -> "Lab":
-        """The Docker set-up: the default network config, then pyflanneld, pyflannel-driver and a dockerd of
-        `engine` on every host."""
-        self.set_config()
+    def start_docker(self, engine: str, config: dict | None = None) -> "Lab":
+        """The Docker set-up: the network config (default: the usual VXLAN one), then pyflanneld, pyflannel-driver
+        and a dockerd of `engine` on every host."""
+        self.set_config(config)
         for host in self.hosts:
             host.start_daemon()
             host.start_driver()

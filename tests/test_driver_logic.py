@@ -105,8 +105,10 @@ class FakeDaemon:
     def __init__(self, subnet_file):
         self.subnet_file = str(subnet_file)
         self.left: list[str] = []
+        self.backends: list[str | None] = []
 
-    def join(self, name: str, network: str | None) -> dict:
+    def join(self, name: str, network: str | None, backend: str | None = None) -> dict:
+        self.backends.append(backend)
         write_subnet_env(paths.network_env_file(self.subnet_file, name), lease="10.60.3.0/24")
         return {"name": name}
 
@@ -135,6 +137,10 @@ def test_named_networks_beside_the_default_one_and_a_leave_pyflanneld_missed(tmp
         assert "already has a Docker network on flannel network shop" in again and shop["id"][:12] in again
         bad = docker.fails("IpamDriver.RequestPool", {"Pool": "", "Options": {"pyflannel.network": "a/b"}}, 400)
         assert "'a/b' is not valid" in bad
+        for options in ({"pyflannel.network": "x", "pyflannel.backend": "udp"}, {"pyflannel.backend": "wireguard"}):
+            refused = docker.fails("IpamDriver.RequestPool", {"Pool": "", "Options": options}, 400)
+            assert "pyflannel.backend" in refused and "use vxlan or wireguard" in refused
+        assert fake.backends == [None]
     finally:
         server.shutdown()
         server.server_close()

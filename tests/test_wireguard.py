@@ -13,7 +13,8 @@ import time
 import pytest
 
 from pyflannel.kernel import wireguard as wg
-from tests.lab import VENV_BIN, Lab, ping, sh, wait_until
+from pyflannel.localapi import Client, DaemonError
+from tests.lab import IMAGE, VENV_BIN, Lab, ping, sh, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -145,3 +146,37 @@ def test_a_removed_lease_removes_the_peer(lab):
     wait_until("h3's peers back", lambda: all(peers(h) == expected_peers(lab, h) for h in lab.hosts), timeout=20)
     assert public_key(lab, h3) == key
     assert ping(h1.containers[0].ns, h3.containers[0].ip)
+
+
+# --- Docker: the default network and a named one on wireguard ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def docker_lab(docker_engine):
+    with Lab(2) as lab:
+        lab.start_docker(docker_engine, config=CONFIG)
+        for host in lab.hosts:
+            host.docker("network", "create", "-d", "pyflannel", "--ipam-driver", "pyflannel", "overlay0")
+            host.docker("network", "create", "-d", "pyflannel", "--ipam-driver", "pyflannel", "--ipam-opt",
+                        "pyflannel.network=vault", "--ipam-opt", "pyflannel.backend=wireguard", "vault")
+        yield lab
+
+
+@pytest.mark.docker
+def test_docker_containers_reach_each_other_over_wireguard(docker_lab):
+    h1, h2 = docker_lab.hosts
+    vault = docker_lab.network_config("vault")
+    assert vault["Backend"] == {"Type": "wireguard", "VNI": 2, "ListenPort": 51821}
+    for host in docker_lab.hosts:
+        assert "mtu 1420" in host.sh("ip", "link", "show", "flannel-wg.2")
+        assert host.network_env("vault").exists()
+    for network in ("overlay0", "vault"):
+        h2.docker("run", "-d", "--name", f"target-{network}", "--network", network, IMAGE, "sleep", "600")
+        ip = h2.docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                       f"target-{network}").strip()
+        out = h1.docker("run", "--rm", "--network", network, IMAGE, "sh", "-c",
+                        f"cat /sys/class/net/eth0/mtu; ping -c 2 -W 2 {ip}", timeout=60)
+        assert out.splitlines()[0] == "1420" and "2 packets received" in out, out
+    leases = docker_lab.leases("vault")
+    assert {lease["attrs"]["BackendData"]["Port"] for lease in leases.values()} == {51821}
+    with pytest.raises(DaemonError) as refused:
+        Client(str(h1.api_sock)).join("vault", backend="vxlan")
+    assert refused.value.status == 409 and "uses the wireguard backend" in str(refused.value)

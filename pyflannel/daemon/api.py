@@ -56,7 +56,7 @@ def serve(daemon, path: str) -> _Server:
                     return self.reply(200, daemon.publish(self._body()["containers"]))
                 except (KeyError, TypeError, ValueError, AttributeError) as e:
                     return self.reply(400, {"error": f'the body must be {{"containers": [...]}} ({e})'})
-            self._network_call(lambda name, body: daemon.join(name, body.get("Network")))
+            self._network_call(lambda name, body: daemon.join(name, body.get("Network"), body.get("Backend")))
 
         def _body(self) -> dict:
             length = int(self.headers.get("Content-Length") or 0)
@@ -79,8 +79,10 @@ def serve(daemon, path: str) -> _Server:
                 body = self._body()
             except ValueError as e:
                 return self.reply(400, {"error": f"the body is not JSON: {e}"})
-            if not isinstance(body, dict) or not isinstance(body.get("Network", ""), (str, type(None))):
-                return self.reply(400, {"error": 'the body must be {"Network": "CIDR"} or {}'})
+            if not isinstance(body, dict) or not all(isinstance(body.get(key, ""), (str, type(None)))
+                                                     for key in ("Network", "Backend")):
+                return self.reply(400, {"error": 'the body must be {"Network": "CIDR", "Backend": "TYPE"} (both '
+                                                 'optional)'})
             try:
                 self.reply(200, call(name, body))
             except (UserError, ConfigNotFound, StoreError, KernelError, Unavailable) as e:

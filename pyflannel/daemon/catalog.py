@@ -40,6 +40,16 @@ def check_name(name: str) -> None:
         raise UserError(problem or f"network name {name!r} names the default network")
 
 
+def backend_config(backend: str, vni: int) -> dict:
+    """A new named network's Backend. Its VNI numbers it on this host (device flannel.<VNI> or flannel-wg.<VNI>);
+    WireGuard also needs a UDP port of its own beside the default network's 51820."""
+    if backend == "vxlan":
+        return {"Type": "vxlan", "VNI": vni}
+    if backend == "wireguard":
+        return {"Type": "wireguard", "VNI": vni, "ListenPort": netconfig.WIREGUARD_DEFAULT_PORT + vni - 1}
+    raise UserError(f"backend {backend!r}: a named network can use vxlan or wireguard")
+
+
 def _parsed(configs: dict[str, str]) -> dict[str, netconfig.NetworkConfig]:
     good = {}
     for name, text in configs.items():
@@ -62,16 +72,20 @@ class Catalog:
     def where(self, name: str) -> str:
         return f"{self.prefix}/{name}/config"
 
-    def config(self, name: str, wanted: IPv4Network | None, create: bool) -> str:
-        """The raw config of network `name`, written first if absent and `create`; NetworkConflict when `wanted`
-        contradicts it, ConfigNotFound when absent and not `create`."""
+    def config(self, name: str, wanted: IPv4Network | None, create: bool, backend: str | None = None) -> str:
+        """The raw config of network `name`, written first if absent and `create` (with `backend`, default vxlan);
+        NetworkConflict when `wanted` or `backend` contradicts it, ConfigNotFound when absent and not `create`."""
         try:
             text = self.root.child(name).network_config()
         except ConfigNotFound:
             if not create:
                 raise ConfigNotFound(f"network {name}: {self.where(name)} is not in etcd (deleted?); write it "
                                      f"again, or remove the Docker network and create it again") from None
-            text = self._create(name, wanted)
+            text = self._create(name, wanted, backend or "vxlan")
+        if backend is not None and netconfig.parse(text).backend_type != backend:
+            raise NetworkConflict(f"network {name} uses the {netconfig.parse(text).backend_type} backend in etcd "
+                                  f"({self.where(name)}); the {backend} backend asked for contradicts it: ask for "
+                                  f"{netconfig.parse(text).backend_type}, or for no backend")
         if wanted is not None:
             have = netconfig.parse(text).network
             if have != wanted:
@@ -88,13 +102,13 @@ class Catalog:
             pass
         return others
 
-    def _create(self, name: str, wanted: IPv4Network | None) -> str:
+    def _create(self, name: str, wanted: IPv4Network | None, backend: str) -> str:
         others = self._others(name)
         claimed = []
         try:
             network = self._claim_network(name, wanted, others, claimed)
             vni = self._claim_vni(name, others, claimed)
-            text = json.dumps({"Network": str(network), "Backend": {"Type": "vxlan", "VNI": vni}})
+            text = json.dumps({"Network": str(network), "Backend": backend_config(backend, vni)})
             if self.root.child(name).create_config(text):
                 log.info("network %s created in etcd: %s", name, text)
                 return text

@@ -182,20 +182,24 @@ class Daemon:
             c = other.config
             if other_name == name or c is None:
                 continue
-            if config.backend_type == c.backend_type == "vxlan" and c.vni == config.vni:
+            if config.backend_type == c.backend_type and c.vni == config.vni:
                 raise NetworkConflict(f"network {name} has VNI {config.vni} in etcd ({self.catalog.where(name)}), "
                                       f"which network {other_name} on this host uses already: give one of them "
                                       f"another Backend.VNI")
+            if config.wireguard and c.wireguard and config.wireguard.listen_port == c.wireguard.listen_port:
+                raise NetworkConflict(f"network {name} has WireGuard ListenPort {config.wireguard.listen_port} in "
+                                      f"etcd ({self.catalog.where(name)}), which network {other_name} on this host "
+                                      f"uses already: give one of them another Backend.ListenPort")
             if c.network.overlaps(config.network):
                 raise NetworkConflict(f"network {name}'s Network {config.network} overlaps network {other_name}'s "
                                       f"{c.network}")
 
-    def join(self, name: str, network: str | None) -> dict:
+    def join(self, name: str, network: str | None, backend: str | None = None) -> dict:
         """Serve network `name` (written to etcd first if new); returns its description once its lease is held."""
         if name == DEFAULT_NETWORK:
-            if network:
-                raise UserError(f"the default network's Network is in {self.flags.etcd_prefix}/config; "
-                                f"--subnet does not apply to it")
+            if network or backend:
+                raise UserError(f"the default network's Network and Backend are in {self.flags.etcd_prefix}/config; "
+                                f"--subnet and a backend do not apply to it")
             return self._ready(self.default)
         check_name(name)
         try:
@@ -209,11 +213,14 @@ class Daemon:
             self.leave(name)
             overlay = None
         if overlay is None:
-            config = netconfig.parse(self.catalog.config(name, wanted, create=True))
+            config = netconfig.parse(self.catalog.config(name, wanted, create=True, backend=backend))
             overlay = self.overlays.get(name) or self._begin(name, config)
         if wanted is not None and overlay.config.network != wanted:
             raise NetworkConflict(f"network {name} is {overlay.config.network} in etcd; --subnet {wanted} "
                                   f"contradicts it")
+        if backend is not None and overlay.config.backend_type != backend:
+            raise NetworkConflict(f"network {name} uses the {overlay.config.backend_type} backend in etcd; the "
+                                  f"{backend} backend asked for contradicts it")
         return self._ready(overlay)
 
     @staticmethod

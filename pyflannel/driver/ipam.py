@@ -47,6 +47,8 @@ LOCAL_ADDRESS_SPACE = "pyflannel-local"
 GLOBAL_ADDRESS_SPACE = "pyflannel-global"
 HOW_TO_CREATE = "docker network create -d pyflannel --ipam-driver pyflannel NAME"
 OPT_NETWORK = "pyflannel.network"  # --ipam-opt: the flannel network's name
+OPT_BACKEND = "pyflannel.backend"  # --ipam-opt: a new flannel network's backend (vxlan, wireguard)
+BACKENDS = ("vxlan", "wireguard")
 POOL_LOOP_LIMIT = 16
 POOL_LOOP_WINDOW = 10.0  # seconds
 
@@ -198,6 +200,11 @@ class Ipam:
         name = "" if name == localapi.DEFAULT_NETWORK else name
         if name and localapi.name_problem(name):
             raise ValidationError(f"Options[{OPT_NETWORK!r}]", localapi.name_problem(name))
+        backend = req.options.get(OPT_BACKEND) or None
+        if backend is not None and (backend not in BACKENDS or not name):
+            raise ValidationError(f"Options[{OPT_BACKEND!r}]", f"{backend!r}: use {' or '.join(BACKENDS)}, with "
+                                  f"--ipam-opt {OPT_NETWORK}=NAME (the default network's backend is in its etcd "
+                                  f"config)")
         with self.store.transaction() as st:  # before joining: a refused call must not leave a lease behind
             for nid, net in st["networks"].items():
                 if flannel_name(net) == name:
@@ -205,7 +212,7 @@ class Ipam:
             if name in st["leaving"]:  # joined again before the leave could be done: nothing to leave
                 st["leaving"].remove(name)
             leave_pending(st, self.daemon)
-        env = self._join(name, req.pool) if name else self._default_lease(req)
+        env = self._join(name, req.pool, backend) if name else self._default_lease(req)
         if req.sub_pool is not None and req.sub_pool != env.lease:
             raise RefusedError(f"SubPool {req.sub_pool} (--ip-range) is not supported: pyflannel hands out the "
                                f"whole lease {env.lease}. Create the network without --ip-range: `{HOW_TO_CREATE}`")
@@ -232,12 +239,13 @@ class Ipam:
                 f"lease pyflanneld got for this host. Create the network without --subnet: `{HOW_TO_CREATE}`")
         return env
 
-    def _join(self, name: str, network: ipaddress.IPv4Network | None) -> subnetenv.SubnetEnv:
-        """This host's lease in the named network, joined first (`network`: its cluster-wide Network, --subnet)."""
+    def _join(self, name: str, network: ipaddress.IPv4Network | None, backend: str | None) -> subnetenv.SubnetEnv:
+        """This host's lease in the named network, joined first (`network`: its cluster-wide Network, --subnet;
+        `backend`: a new network's)."""
         if self.daemon is None:
             raise RefusedError(f"--ipam-opt {OPT_NETWORK}={name}: this driver has no pyflanneld API to join it")
         try:
-            self.daemon.join(name, str(network) if network else None)
+            self.daemon.join(name, str(network) if network else None, backend)
         except localapi.DaemonError as e:
             error = RefusedError if e.status in (400, 409) else UnavailableError
             raise error(f"cannot join flannel network {name}: {e}") from None
