@@ -5,7 +5,7 @@
 1. PyInstaller (one-dir) freezes plugin/entrypoint.py, with the `pyflannel` package from this repository, into
    OUT/pyinstaller/dist/pyflannel: one multi-call binary.
 2. Assembles OUT/pyflannel/rootfs: the frozen binary in /opt/pyflannel with the command symlinks in /usr/bin,
-   iptables (nft) with its extensions, every shared library these need (ldd) plus the dynamic loader, and the few
+   iptables (nft) with its extensions, wireguard-go, every shared library these need (ldd) plus the dynamic loader, and the few
    /etc files and empty folders the processes and dockerd's bind mounts expect.
 3. Copies config.json beside it (OUT/pyflannel is what `docker plugin create` takes) and writes
    OUT/pyflannel-rootfs.tar (what `docker import` takes for the compose image).
@@ -29,6 +29,7 @@ EXCLUDED_MODULES = ("pytest", "_pytest", "readline", "tkinter", "pydoc", "lib2to
 IPTABLES = Path("/usr/sbin/xtables-nft-multi")
 IPTABLES_NAMES = ("iptables", "iptables-save", "iptables-restore")
 XTABLES_DIR = Path("/usr/lib/x86_64-linux-gnu/xtables")
+WIREGUARD_GO = Path("/usr/bin/wireguard-go")  # the wireguard backend's device where the kernel has no module
 ETC_FILES = {
     "etc/passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\n",
     "etc/group": "root:x:0:\n",
@@ -94,11 +95,13 @@ def assemble_rootfs(rootfs: Path, frozen: Path) -> None:
     install_file(rootfs, IPTABLES, str(IPTABLES))
     for name in IPTABLES_NAMES:
         (rootfs / "usr" / "sbin" / name).symlink_to(IPTABLES.name)
+    install_file(rootfs, WIREGUARD_GO, str(WIREGUARD_GO))
     extensions = [p for p in XTABLES_DIR.glob("lib*.so") if p.name.startswith(("libxt_", "libipt_"))]
     for extension in extensions:
         install_file(rootfs, extension, str(extension))
     internal = rootfs / "opt" / "pyflannel" / "_internal"
-    elves = [p for p in (rootfs / "opt").rglob("*") if p.is_file() and is_elf(p)] + [IPTABLES, *extensions]
+    elves = [p for p in (rootfs / "opt").rglob("*") if p.is_file() and is_elf(p)] + [IPTABLES, WIREGUARD_GO,
+                                                                                   *extensions]
     for lib in shared_libraries(elves, internal.resolve()):
         install_file(rootfs, lib, str(lib))
     for name, text in ETC_FILES.items():

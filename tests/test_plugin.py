@@ -106,13 +106,16 @@ def test_enabled_plugin_carries_traffic_across_hosts(plugin_lab):
 
 
 def test_plugin_serves_a_named_network(plugin_lab):
-    """The plugin's pyflanneld and driver share the local API inside it: a named flannel network on both hosts
-    carries traffic, is cut off from overlay0, its containers are found by name, and it is left when removed."""
+    """The plugin's pyflanneld and driver share the local API inside it: a named flannel network on both hosts (on
+    WireGuard: the plugin carries wireguard-go) carries traffic, is cut off from overlay0, its containers are found
+    by name, and it is left when removed."""
     h1, h2 = plugin_lab.hosts
     try:
         for host in plugin_lab.hosts:
             host.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "--ipam-opt",
-                        "pyflannel.network=shop", "shop")
+                        "pyflannel.network=shop", "--ipam-opt", "pyflannel.backend=wireguard", "shop")
+        assert plugin_lab.network_config("shop")["Backend"]["Type"] == "wireguard"
+        assert all("flannel-wg." in host.sh("ip", "link", "show") for host in plugin_lab.hosts)
         h2.docker("run", "-d", "--name", "shopweb", "--network", "shop", IMAGE, "httpd", "-f", "-p", "80", "-h",
                   "/www")
         web_ip = json.loads(h2.docker("inspect", "shopweb"))[0]["NetworkSettings"]["Networks"]["shop"]["IPAddress"]
@@ -130,6 +133,7 @@ def test_plugin_serves_a_named_network(plugin_lab):
         for host in plugin_lab.hosts:
             host.docker("network", "rm", "shop", check=False)
     assert plugin_lab.leases("shop") == {}
+    assert not any("flannel-wg." in host.sh("ip", "link", "show") for host in plugin_lab.hosts)
     assert not (h1.workdir / "run" / "flannel" / "networks" / "shop.env").exists()
 
 

@@ -86,6 +86,17 @@ def test_container_traffic_is_encrypted_on_the_underlay(lab):
     assert MARKER not in capture.read_bytes()
 
 
+def test_a_peer_removed_by_hand_comes_back(lab):
+    h1, h2, _ = lab.hosts
+    gone = next(iter(peers(h1)))
+    code, _ = wg.uapi_call(str(h1.wireguard_dir / "flannel-wg.sock"), "set=1",
+                           [f"public_key={base64.b64decode(gone.public_key).hex()}", "remove=true"])
+    assert code == 0 and gone not in peers(h1)
+    started = time.monotonic()
+    wait_until("the peer back", lambda: gone in peers(h1), timeout=15)  # the reconciler runs every 10 s
+    print(f"a WireGuard peer removed by hand was back after {time.monotonic() - started:.1f} s")
+
+
 def test_every_container_reaches_every_other(lab):
     failures = [(a.ip, b.ip) for x in lab.hosts for y in lab.hosts if x is not y
                 for a in x.containers for b in y.containers if not ping(a.ns, b.ip)]

@@ -118,9 +118,13 @@ class Reconciler:
             if entries is not None:
                 wanted[lease.subnet] = entries
         k, repairs = self.kernel, Repairs()
+        device = self.backend.peer_device
         if (wanted == self.programmed and not self.kernel_touched.is_set() and self._last_full_diff is not None
-                and time.monotonic() - self._last_full_diff < FULL_DIFF_SECONDS):
-            return repairs  # nothing of ours was deleted and nothing new is wanted: the kernel is as we left it
+                and time.monotonic() - self._last_full_diff < FULL_DIFF_SECONDS
+                and (device is None or self._device_peers(device) == {e.peer for e in wanted.values() if e.peer})):
+            # nothing of ours was deleted and nothing new is wanted: the kernel is as we left it (a WireGuard
+            # device's peers are read each time: no monitor tells of their removal, and reading them is cheap)
+            return repairs
         self.programmed = wanted
         self.kernel_touched.clear()  # before the dumps: a deletion from now on is seen now or next time
 
@@ -132,7 +136,6 @@ class Reconciler:
         want_fdb = {e.fdb for e in wanted.values() if e.fdb}
         have_neigh = k.neighbors(index) if index else set()
         have_fdb = k.fdb(index) if index else set()
-        device = self.backend.peer_device
         want_peers = {e.peer for e in wanted.values() if e.peer}
         have_peers = self._device_peers(device) if device else set()
 

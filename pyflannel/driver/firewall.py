@@ -13,8 +13,8 @@
                 ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP         comes in from outside its Network but replies
                                                                      and published ports, on this host or any other;
              -i <bridge> -o flannel.+ ! -d <flannel Network> -j DROP   and nothing leaves through another flannel
-                                                                     network's device (egress NAT would give it an
-                                                                     address of that network)
+             -i <bridge> -o flannel-wg+ ! -d <flannel Network> -j DROP network's device, VXLAN or WireGuard (egress
+                                                                     NAT would give it an address of that network)
              --internal: nothing in or out but the flannel Network
              -i <bridge> ! -d <flannel Network> -j DROP ; -o <bridge> ! -s <flannel Network> -j DROP
     filter PYFLANNEL-INPUT      (first in INPUT)     the bridge gets route_localnet (for `curl localhost:PORT`);
@@ -33,7 +33,8 @@ NAT_OUT = "PYFLANNEL-NAT-OUT"
 PORTS = "PYFLANNEL-PORTS"
 ISOLATION = "PYFLANNEL-ISOLATION"
 INPUT = "PYFLANNEL-INPUT"
-OVERLAY_DEVICES = "flannel.+"  # the VXLAN devices of every flannel network, flannel.<VNI>
+# the devices of every flannel network: VXLAN's flannel.<VNI>, WireGuard's flannel-wg and flannel-wg.<VNI>
+OVERLAY_DEVICES = ("flannel.+", "flannel-wg+")
 CHAINS = (("nat", NAT_OUT), ("nat", PORTS), ("filter", ISOLATION), ("filter", INPUT))
 # Where our chains are hooked in: (table, built-in chain, rule, first?)
 HOOKS = (
@@ -84,7 +85,8 @@ def network_rules(net: NetworkSpec) -> list[Rule]:
     return rules + [
         Rule("filter", ISOLATION, ("-o", net.bridge, "!", "-s", network, "-m", "conntrack", "!", "--ctstate",
                                    "RELATED,ESTABLISHED,DNAT", "-j", "DROP")),
-        Rule("filter", ISOLATION, ("-i", net.bridge, "-o", OVERLAY_DEVICES, "!", "-d", network, "-j", "DROP")),
+        *(Rule("filter", ISOLATION, ("-i", net.bridge, "-o", devices, "!", "-d", network, "-j", "DROP"))
+          for devices in OVERLAY_DEVICES),
         Rule("nat", NAT_OUT, ("-o", net.bridge, "-m", "addrtype", "--src-type", "LOCAL", "-j", "MASQUERADE")),
         Rule("nat", NAT_OUT, ("-o", net.bridge, "-s", lease, "-m", "conntrack", "--ctstate", "DNAT", "-j",
                               "MASQUERADE")),
