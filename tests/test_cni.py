@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import REPO, VENV_BIN, Lab, wait_until
+from tests.lab import REPO, VENV_BIN, Lab, sh, wait_until
 
 pytestmark = pytest.mark.lab
 HELLO = "hello from pyflannel"
@@ -249,3 +249,23 @@ def test_a_conflist_names_a_flannel_network(lab, binary):
     for host in lab.hosts:
         done = host.run_cni(binary, "DEL", plugin_conf(host, network="shop"), f"shop-{host.name}", "")
         assert done.returncode == 0, done
+
+
+def test_a_conflist_creates_a_wireguard_network(lab, binary):
+    """"backend": "wireguard" with "network": the network is created on WireGuard; containers get its MTU (the
+    underlay's less 80) and reach each other across hosts through flannel-wg.<VNI>."""
+    ips = {}
+    for host in lab.hosts:
+        conf = plugin_conf(host, network="vault", backend="wireguard", daemonSocket=str(host.api_sock))
+        container = lab.add_ns(f"{host.name}vault")
+        result = answer(host.run_cni(binary, "ADD", conf, f"vault-{host.name}", f"/run/netns/{container}"))
+        ips[host.name] = (container, ipaddress.IPv4Interface(result["ips"][0]["address"]).ip)
+        assert "mtu 1420" in sh("ip", "link", "show", "eth0", ns=container)
+    backend = lab.network_config("vault")["Backend"]
+    assert backend["Type"] == "wireguard" and backend["ListenPort"] == 51820 + backend["VNI"] - 1
+    (ns1, _), (_, ip2) = ips["h1"], ips["h2"]
+    assert subprocess.run(["ip", "netns", "exec", ns1, "ping", "-c1", "-W2", str(ip2)]).returncode == 0
+    bad = error(lab.hosts[0].run_cni(binary, "ADD", plugin_conf(lab.hosts[0], backend="wireguard"), "x", "/x"))
+    assert bad["code"] == 7 and "'backend'" in bad["msg"]
+    for host in lab.hosts:
+        assert host.run_cni(binary, "DEL", plugin_conf(host, network="vault"), f"vault-{host.name}", "").returncode == 0

@@ -2,6 +2,7 @@
 
     {"type": "pyflannel", "name": "pfnet", "cniVersion": "1.0.0",
      "network": "shop",                            optional: a named flannel network (default: <prefix>/config's)
+     "backend": "wireguard",                       optional: a new "network"'s backend (vxlan, the default, or wireguard)
      "daemonSocket": "/run/flannel/pyflanneld.sock",  optional: pyflanneld's local API, to join "network"
      "subnetFile": "/run/flannel/subnet.env",      optional, flannel's default
      "dataDir": "/var/lib/cni/flannel",            optional, where each container's delegate config is kept
@@ -37,6 +38,7 @@ NATIVE_KEYS = {"type", "name", "cniVersion", "bridge", "mtu", "isGateway", "isDe
                "ipMasq", "ipam", "runtimeConfig"}
 NATIVE_IPAM_KEYS = {"type", "ranges", "routes", "dataDir"}
 NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+BACKENDS = ("vxlan", "wireguard")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class FlannelConf:
     name: str
     version: str
     network: str          # "" for the default flannel network
+    backend: str | None   # the named network's backend, when this host creates it
     daemon_socket: str
     subnet_file: str
     data_dir: str
@@ -75,6 +78,10 @@ def parse(config: dict) -> FlannelConf:
     network = "" if network == localapi.DEFAULT_NETWORK else network
     if network and localapi.name_problem(network):
         raise CniError(INVALID_CONFIG, f"network config: 'network': {localapi.name_problem(network)}")
+    backend = _field(config, "backend", (str, type(None)), None, "vxlan or wireguard")
+    if backend is not None and (backend not in BACKENDS or not network):
+        raise CniError(INVALID_CONFIG, f"network config: 'backend' {backend!r}: use vxlan or wireguard, with "
+                                       f"'network' (the default network's backend is in its etcd config)")
     subnet_file = _field(config, "subnetFile", str, paths.SUBNET_FILE, "a path")
     data_dir = _field(config, "dataDir", str, DEFAULT_DATA_DIR, "a path")
     daemon_socket = _field(config, "daemonSocket", str, paths.DAEMON_SOCKET, "a path")
@@ -83,7 +90,8 @@ def parse(config: dict) -> FlannelConf:
             raise CniError(INVALID_CONFIG, f"network config: {key!r} must be an absolute path, got {path!r}")
     if network:
         delegate.setdefault("bridge", bridge_for(network))
-    return FlannelConf(name=name, version=config["cniVersion"], network=network, daemon_socket=daemon_socket,
+    return FlannelConf(name=name, version=config["cniVersion"], network=network, backend=backend,
+                       daemon_socket=daemon_socket,
                        subnet_file=subnet_file, data_dir=data_dir,
                        delegate=delegate, ipam=dict(_field(config, "ipam", dict, {}, "an object")),
                        runtime_config=_field(config, "runtimeConfig", (dict, type(None)), None, "an object"))
@@ -99,7 +107,7 @@ def read_subnet_env(conf: FlannelConf) -> subnetenv.SubnetEnv:
     path = paths.network_env_file(conf.subnet_file, conf.network)
     if conf.network and not os.path.exists(path):
         try:
-            localapi.Client(conf.daemon_socket).join(conf.network)
+            localapi.Client(conf.daemon_socket).join(conf.network, backend=conf.backend)
         except localapi.DaemonError as e:
             raise CniError(TRY_AGAIN_LATER, f"cannot join flannel network {conf.network}: {e}") from None
     try:
