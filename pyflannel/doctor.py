@@ -7,9 +7,12 @@ The map — each check is one small function below, in this order:
     lease       our lease (FLANNEL_SUBNET) is in etcd with more than the renew margin left
     public-ip   no two leases share a PublicIP (autodetection picked the same NAT address on two hosts)
     routes      no foreign route inside the flannel Network is more specific than the Network: it steals traffic
-    mtu         vxlan: flannel.<VNI> MTU == FLANNEL_MTU == underlay MTU - 50; host-gw: external MTU == FLANNEL_MTU
+    mtu         vxlan: flannel.<VNI> MTU == FLANNEL_MTU == underlay MTU - 50; host-gw: external MTU == FLANNEL_MTU;
+                wireguard: flannel-wg MTU == FLANNEL_MTU == (Backend.MTU or external MTU) - 80
     offload     not both tx-checksum-ip-generic on flannel.<VNI> and MASQUERADE --random-fully (the 63 s delay)
     vxlan-port  UDP Backend.Port is not taken by another socket and not dropped by an iptables INPUT rule
+    wireguard   flannel-wg works (wireguard-go answers), has a peer for every lease, and its ListenPort is not
+                dropped by an iptables INPUT rule
     forwarding  ip_forward is on and FORWARD lets pyflannel's bridges through
     masquerade  every masqueraded Docker network of pyflannel's has its egress rule
     networks    pyflanneld serves every named flannel network it joined, and every one a Docker network is on
@@ -32,10 +35,11 @@ from datetime import datetime, timedelta, timezone
 
 from pyflannel import localapi, subnetenv
 from pyflannel.daemon.backend.vxlan import VXLAN_OVERHEAD
+from pyflannel.daemon.backend.wireguard import WIREGUARD_OVERHEAD
 from pyflannel.driver import firewall
 from pyflannel.driver.plumbing import BRIDGE_PREFIX
 from pyflannel.driver.state import STATE_FILE
-from pyflannel.kernel import iptables
+from pyflannel.kernel import iptables, wireguard
 from pyflannel.kernel.errors import KernelError
 from pyflannel.kernel.netlink import RTPROT_PYFLANNEL, TX_CHECKSUM, Kernel
 
@@ -66,7 +70,7 @@ class Facts:
     etcd_error: str = ""
     config_error: str = ""
     leases: list | None = None  # None: etcd could not be read
-    backend: str | None = None  # "vxlan", "host-gw" or None (unknown)
+    backend: str | None = None  # "vxlan", "host-gw", "wireguard" or None (unknown)
     vni: int = 1
     port: int = 8472
     kernel: object = field(default=None, repr=False)
@@ -85,7 +89,7 @@ class Facts:
 
     @property
     def device(self) -> str:
-        return f"flannel.{self.vni}"
+        return "flannel-wg" if self.backend == "wireguard" else f"flannel.{self.vni}"
 
     def own_lease(self):
         return next((lease for lease in self.leases or () if lease.subnet == self.own_subnet), None)
@@ -129,15 +133,21 @@ def gather(args) -> Facts:
         facts.daemon_error = str(e)
     if facts.config:
         facts.backend, facts.vni, facts.port = facts.config.backend_type, facts.config.vni, facts.config.port
+        if facts.config.wireguard:
+            facts.port = facts.config.wireguard.listen_port
     else:
         _backend_from_kernel(facts)
     return facts
 
 
 def _backend_from_kernel(facts: Facts) -> None:
-    """Without the config (etcd down), a flannel.<VNI> VXLAN device tells the backend, VNI and port."""
+    """Without the config (etcd down), a flannel.<VNI> VXLAN device tells the backend, VNI and port; flannel-wg
+    tells WireGuard (its port is the config's default, 51820, unless the config is read)."""
     for iface in facts.kernel.interfaces():
         name = iface.name or ""
+        if name == "flannel-wg":
+            facts.backend, facts.port = "wireguard", 51820
+            return
         if name.startswith("flannel.") and name[8:].isdigit():
             attrs = facts.kernel.vxlan_attrs(iface.index)
             if attrs:
@@ -153,6 +163,12 @@ def _iface_by_index(facts: Facts, index: int | None):
 
 def _iface_with_ip(facts: Facts, ip: str):
     return next((i for i in facts.kernel.interfaces() if any(str(a.ip) == ip for a in i.addresses)), None)
+
+
+def _external_iface(facts: Facts):
+    """The interface holding our lease's PublicIP, else the default route's."""
+    lease = facts.own_lease()
+    return (_iface_with_ip(facts, lease.public_ip) if lease else None) or _default_route_iface(facts)
 
 
 def _default_route_iface(facts: Facts):
@@ -307,8 +323,7 @@ def check_mtu(facts: Facts) -> list[Finding]:
                                                             else "backend unknown (no config, no flannel device)"))]
     env_mtu = facts.env.mtu
     if facts.backend == "host-gw":
-        lease = facts.own_lease()
-        ext = (_iface_with_ip(facts, lease.public_ip) if lease else None) or _default_route_iface(facts)
+        ext = _external_iface(facts)
         if ext and ext.mtu != env_mtu:
             return [Finding("mtu", PROBLEM, f"FLANNEL_MTU={env_mtu} in subnet.env but the external interface "
                                             f"{ext.name} has MTU {ext.mtu}",
@@ -316,13 +331,20 @@ def check_mtu(facts: Facts) -> list[Finding]:
         return []
     index = facts.kernel.link_index(facts.device)
     if index is None:
-        return [Finding("mtu", PROBLEM, f"{facts.device} does not exist: no VXLAN traffic leaves or reaches "
-                                        f"this host", f"start pyflanneld (it creates {facts.device})")]
+        return [Finding("mtu", PROBLEM, f"{facts.device} does not exist: no {facts.backend} traffic leaves or "
+                                        f"reaches this host", f"start pyflanneld (it creates {facts.device})")]
     mtu = facts.kernel.link(index).get("IFLA_MTU")
-    underlay = _iface_by_index(facts, facts.kernel.vxlan_attrs(index).get("IFLA_VXLAN_LINK"))
     expected, why = env_mtu, f"FLANNEL_MTU={env_mtu} in subnet.env"
-    if underlay:
-        expected, why = underlay.mtu - VXLAN_OVERHEAD, f"{underlay.name} MTU {underlay.mtu} - {VXLAN_OVERHEAD}"
+    if facts.backend == "wireguard":
+        configured = facts.config.wireguard.mtu if facts.config else None
+        underlay = _external_iface(facts)
+        if configured or underlay:
+            base, what = (configured, "Backend.MTU") if configured else (underlay.mtu, f"{underlay.name} MTU")
+            expected, why = base - WIREGUARD_OVERHEAD, f"{what} {base} - {WIREGUARD_OVERHEAD}"
+    else:
+        underlay = _iface_by_index(facts, facts.kernel.vxlan_attrs(index).get("IFLA_VXLAN_LINK"))
+        if underlay:
+            expected, why = underlay.mtu - VXLAN_OVERHEAD, f"{underlay.name} MTU {underlay.mtu} - {VXLAN_OVERHEAD}"
     findings = []
     if mtu != expected:
         findings.append(Finding("mtu", PROBLEM, f"{facts.device} MTU is {mtu}, expected {expected} ({why}; "
@@ -409,19 +431,51 @@ def check_vxlan_port(facts: Facts) -> list[Finding]:
                                                            f"{socket_owner(inode)}: {facts.device} cannot be created",
                                     f"stop that process, or set another Backend.Port in {facts.prefix}/config"))
     underlay = _iface_by_index(facts, facts.kernel.vxlan_attrs(index).get("IFLA_VXLAN_LINK")) if index else None
+    return findings + _input_drops("vxlan-port", "VXLAN", port, underlay)
+
+
+def _input_drops(check: str, what: str, port: int, underlay) -> list[Finding]:
+    """The iptables INPUT rule that drops UDP `port` (the overlay's packets) from the other hosts, if one does."""
     rules = iptables_rules("filter", "INPUT")
     if isinstance(rules, str):
-        return findings + [Finding("vxlan-port", UNKNOWN, f"INPUT rules unreadable: {rules}")]
+        return [Finding(check, UNKNOWN, f"INPUT rules unreadable: {rules}")]
     for rule in rules:
         verdict = input_verdict(rule, port, underlay.name if underlay else None)
         if verdict == "accept":
             break
         if verdict == "block":
-            findings.append(Finding("vxlan-port", PROBLEM, f"iptables rule `{shlex.join(rule)}` drops VXLAN "
-                                                           f"(UDP {port}) from the other hosts",
-                                    shlex.join(["iptables", "-D", *rule[1:]])))
-            break
-    return findings
+            return [Finding(check, PROBLEM, f"iptables rule `{shlex.join(rule)}` drops {what} (UDP {port}) from "
+                                            f"the other hosts", shlex.join(["iptables", "-D", *rule[1:]]))]
+    return []
+
+
+def check_wireguard(facts: Facts) -> list[Finding]:
+    if facts.backend != "wireguard":
+        return []
+    if facts.kernel.link_index(facts.device) is None:
+        return [Finding("wireguard", PROBLEM, f"{facts.device} does not exist: no encrypted traffic leaves or "
+                                              f"reaches this host", f"start pyflanneld (it creates {facts.device})")]
+    device = wireguard.existing_device(facts.kernel, facts.device)
+    if device is None:
+        return [Finding("wireguard", PROBLEM, f"{facts.device} has no WireGuard behind it (wireguard-go gone? "
+                                              f"{wireguard.uapi_path(facts.device)} does not answer)",
+                        f"ip link del {facts.device}; restart pyflanneld (it starts wireguard-go again)")]
+    findings = []
+    try:
+        have = {peer.public_key: peer for peer in device.peers()}
+    except (OSError, KernelError) as e:
+        return [Finding("wireguard", UNKNOWN, f"the peers of {facts.device} are unreadable: {e}")]
+    for lease in facts.leases or ():
+        key = (lease.backend_data or {}).get("PublicKey")
+        if lease.subnet == facts.own_subnet or lease.backend_type != "wireguard" or not key:
+            continue
+        peer = have.get(key)
+        if peer is None or str(lease.subnet) not in peer.allowed_ips:
+            findings.append(Finding("wireguard", PROBLEM, f"{facts.device} has no peer for {lease.subnet} "
+                                                          f"({lease.public_ip}, public key {key}): traffic to it is "
+                                                          f"dropped", "wait for pyflanneld's reconciler "
+                                                                      "(--reconcile-interval), or restart pyflanneld"))
+    return findings + _input_drops("wireguard", "WireGuard", int(facts.port), _external_iface(facts))
 
 
 def check_forwarding(facts: Facts) -> list[Finding]:
@@ -520,6 +574,7 @@ CHECKS = [
     ("mtu", "flannel device / subnet.env / underlay MTUs agree", check_mtu),
     ("offload", "no VXLAN checksum offload together with MASQUERADE --random-fully", check_offload),
     ("vxlan-port", "the VXLAN UDP port is free for us and not dropped by iptables", check_vxlan_port),
+    ("wireguard", "flannel-wg works, has every peer, and its UDP port is not dropped", check_wireguard),
     ("forwarding", "ip_forward is on and FORWARD lets pyflannel's bridges through", check_forwarding),
     ("masquerade", "every masqueraded Docker network of pyflannel's has its egress rule", check_masquerade),
     ("networks", "pyflanneld serves every named flannel network it joined or Docker uses", check_networks),

@@ -168,6 +168,13 @@ class Host:
     def api_sock(self) -> Path:
         return self.workdir / "pyflanneld.sock"
 
+    def with_own_run_wireguard(self, *argv: str) -> list[str]:
+        """`argv` seeing this host's folder as /var/run/wireguard: wireguard-go's UAPI sockets live there, one
+        folder for every lab host otherwise. The bind mount stays in the mount namespace `ip netns exec` makes."""
+        self.wireguard_dir.mkdir(exist_ok=True)
+        os.makedirs("/run/wireguard", exist_ok=True)
+        return ["sh", "-c", 'mount --bind "$0" /run/wireguard && exec "$@"', str(self.wireguard_dir), *argv]
+
     @property
     def wireguard_dir(self) -> Path:
         """What this host's pyflanneld sees as /var/run/wireguard (wireguard-go's UAPI sockets)."""
@@ -185,13 +192,8 @@ class Host:
         args = ["-etcd-endpoints", self.lab.etcd_endpoints, *iface, "-subnet-file", str(self.subnet_file),
                 "--state-dir", str(self.state_dir), "-etcd-prefix", self.lab.prefix_key, "-api-socket",
                 str(self.api_sock), "-dns-upstream", OUTSIDE_DNS, *extra]
-        # wireguard-go's UAPI sockets live in /var/run/wireguard, one folder for every lab host: each daemon (and
-        # the wireguard-go it starts) sees its own folder there, in the mount namespace `ip netns exec` made for it.
-        self.wireguard_dir.mkdir(exist_ok=True)
-        os.makedirs("/run/wireguard", exist_ok=True)
-        argv = ["sh", "-c", 'mount --bind "$0" /run/wireguard && exec "$@"', str(self.wireguard_dir),
-                str(VENV_BIN / "pyflanneld"), *args]
-        self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", argv, ns=self.ns)
+        self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", self.with_own_run_wireguard(
+            str(VENV_BIN / "pyflanneld"), *args), ns=self.ns)
         if wait_ready:
             wait_until(f"{self.name}'s subnet.env", lambda: self.subnet_file.exists() or not self.daemon.alive(),
                        timeout=30)

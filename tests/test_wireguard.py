@@ -4,6 +4,7 @@ traffic."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import signal
@@ -95,6 +96,26 @@ def test_a_peer_removed_by_hand_comes_back(lab):
     started = time.monotonic()
     wait_until("the peer back", lambda: gone in peers(h1), timeout=15)  # the reconciler runs every 10 s
     print(f"a WireGuard peer removed by hand was back after {time.monotonic() - started:.1f} s")
+
+
+def test_doctor_on_a_wireguard_host(lab):
+    """Clean: nothing found (MTU 1500 - 80, every peer); an INPUT rule dropping UDP 51820 is named, with its fix."""
+    h1 = lab.hosts[0]
+    doctor = h1.with_own_run_wireguard(str(VENV_BIN / "pyflannel"), "doctor", "--json", "-etcd-endpoints",
+                                       lab.etcd_url, "-subnet-file", str(h1.subnet_file), "-api-socket",
+                                       str(h1.api_sock))
+    report = json.loads(h1.sh(*doctor))
+    assert report["problems"] == 0 and report["checks"]["wireguard"] == "ok" and report["checks"]["mtu"] == "ok"
+    rule = ["INPUT", "-p", "udp", "-m", "udp", "--dport", "51820", "-j", "DROP"]
+    h1.sh("iptables", "-I", *rule)
+    try:
+        done = subprocess.run(["ip", "netns", "exec", h1.ns, *doctor], capture_output=True, text=True, timeout=60)
+        found = [f for f in json.loads(done.stdout)["findings"] if f["severity"] == "problem"]
+        assert done.returncode == 1 and [f["check"] for f in found] == ["wireguard"], found
+        assert "drops WireGuard (UDP 51820)" in found[0]["message"]
+        assert found[0]["fix"] == "iptables -D " + " ".join(rule)
+    finally:
+        h1.sh("iptables", "-D", *rule)
 
 
 def test_every_container_reaches_every_other(lab):

@@ -272,20 +272,27 @@ def _answers(path: str) -> bool:
 
 
 # --- opening ------------------------------------------------------------------------------------------------------
+def existing_device(kernel: Kernel, name: str) -> Device | None:
+    """The WireGuard device `name` if it exists and works: a kernel one, or a TUN whose wireguard-go answers."""
+    index = kernel.link_index(name)
+    if index is None:
+        return None
+    kind = kernel.link_kind(index)
+    if kind == "wireguard":
+        return KernelDevice(kernel, name, index)
+    if kind == "tun" and _answers(uapi_path(name)):
+        return UserspaceDevice(kernel, name, index)
+    return None
+
+
 def open_device(kernel: Kernel, name: str, mtu: int, log_path: str) -> Device:
     """The WireGuard device `name`, adopted if it exists and works, else created: by the kernel's module, or by
     wireguard-go (its output goes to `log_path`) when the kernel has none. MTU set, link up."""
+    device = existing_device(kernel, name)
     index = kernel.link_index(name)
-    device: Device | None = None
-    if index is not None:
-        kind = kernel.link_kind(index)
-        if kind == "wireguard":
-            device = KernelDevice(kernel, name, index)
-        elif kind == "tun" and _answers(uapi_path(name)):
-            device = UserspaceDevice(kernel, name, index)
-        else:
-            log.info("replacing %s: a %s device without a working WireGuard behind it", name, kind)
-            kernel.delete_link(index)
+    if device is None and index is not None:
+        log.info("replacing %s: a %s device without a working WireGuard behind it", name, kernel.link_kind(index))
+        kernel.delete_link(index)
     if device is None:
         device = _create(kernel, name, log_path)
     else:
