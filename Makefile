@@ -67,21 +67,33 @@ plugin: $(PLUGIN_OUT)/pyflannel-rootfs.tar
 images: plugin
 	$(DOCKER) import --change 'ENV PATH=/usr/bin:/usr/sbin:/bin:/sbin' $(PLUGIN_OUT)/pyflannel-rootfs.tar pyflannel:latest
 
-# The CNI plugin as one pyinstaller binary, dist/cni/pyflannel (its file name is the conflist's "type").
-# pyinstaller cannot see through the editable install, so it works from a plain install in build/cni/site;
-# modules the plugin never imports are left out (smaller binary, faster start).
-CNI_BIN := dist/cni/pyflannel
+# The CNI plugin, two files for the CNI bin folder:
+# - dist/cni/pyflannel (its file name is the conflist's "type"): the thin client (pyflannel/cni/thin.py) as a zipapp
+#   run by `/usr/bin/python3 -IS`; it hands each call to pyflanneld, compiled modules inside to start faster;
+# - dist/cni/pyflannel-inprocess: the complete plugin as one pyinstaller binary, run by the thin client when
+#   pyflanneld does not answer. pyinstaller cannot see through the editable install, so it works from a plain install
+#   in build/cni/site; modules the plugin never imports are left out (smaller binary, faster start).
+CNI_THIN := dist/cni/pyflannel
+CNI_THIN_MODULES := __init__.py localapi.py paths.py cni/__init__.py cni/thin.py
+CNI_BIN := dist/cni/pyflannel-inprocess
 CNI_SOURCES := $(shell find pyflannel -name '*.py') pyproject.toml
 CNI_EXCLUDES := decimal doctest email http pydoc pyexpat xml tkinter unicodedata pyflannel.daemon \
                 flask werkzeug jinja2 gunicorn docker requests urllib3 etcd etcd3gw prometheus_client
 
+$(CNI_THIN): $(addprefix pyflannel/,$(CNI_THIN_MODULES)) Makefile
+	rm -rf build/cni-thin && mkdir -p build/cni-thin/pyflannel/cni dist/cni
+	for m in $(CNI_THIN_MODULES); do cp pyflannel/$$m build/cni-thin/pyflannel/$$m; done
+	printf 'import sys\nfrom pyflannel.cni.thin import main\nsys.exit(main())\n' > build/cni-thin/__main__.py
+	/usr/bin/python3 -m compileall -q -b build/cni-thin/pyflannel
+	/usr/bin/python3 -m zipapp build/cni-thin -p '/usr/bin/python3 -IS' -o $@
+
 $(CNI_BIN): $(CNI_SOURCES) | $(VENV)/.build-installed
 	rm -rf build/cni && $(VENV)/bin/pip install -q --no-deps --target build/cni/site .
-	cd build/cni && ../../$(VENV)/bin/pyinstaller --onefile --strip --noconfirm --log-level WARN --name pyflannel \
-		--paths site --distpath ../../dist/cni --workpath work --specpath . \
+	cd build/cni && ../../$(VENV)/bin/pyinstaller --onefile --strip --noconfirm --log-level WARN \
+		--name pyflannel-inprocess --paths site --distpath ../../dist/cni --workpath work --specpath . \
 		$(addprefix --exclude-module ,$(CNI_EXCLUDES)) site/pyflannel/cni/__main__.py
 
-cni: $(CNI_BIN)
+cni: $(CNI_THIN) $(CNI_BIN)
 
 # A real host: pyflannel in a venv under PREFIX and its systemd units (systemd/, @BINDIR@ replaced) in UNITDIR,
 # enabled and started when systemd runs: pyflanneld after network-online, the driver's socket before docker.

@@ -3,13 +3,16 @@
 HTTP with JSON bodies on a Unix socket (default /run/flannel/pyflanneld.sock, root only):
 
     GET    /v1/networks          every flannel network this host serves: {"networks": [{"name", "network", ...}]}
-    PUT    /v1/networks/NAME     join NAME (body {"Network": "10.60.0.0/16"} or {}); the first host to use a name
-                                 writes its config to etcd. Answers once the lease is held and NAME's subnet.env is
-                                 written: the network's description.
+    PUT    /v1/networks/NAME     join NAME (body {"Network": "10.60.0.0/16", "Backend": "wireguard"}, both optional);
+                                 the first host to use a name writes its config to etcd. Answers once the lease is
+                                 held and NAME's subnet.env is written: the network's description.
     DELETE /v1/networks/NAME     leave NAME: the lease is deleted and the kernel state goes.
     PUT    /v1/names             this host's containers and their names per network (the whole set, each time)
     GET    /v1/names             every host's container names in the networks served: {"names": [...]}
     GET    /v1/names/own         how many of this host's containers it holds: {"containers": N}
+    POST   /v1/networks/NAME/rotate-key   a new WireGuard key for NAME on this host: the network's description
+    POST   /v1/cni               run a CNI call ({"env": {CNI_* ...}, "stdin": the config}) as the plugin would:
+                                 {"code": its exit code, "output": its stdout}
 
 An error is {"error": "..."} with 400 (bad name or body), 409 (contradicts etcd or another network) or 503 (etcd
 not reachable, still joining).
@@ -19,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-from urllib.parse import quote
 
 DEFAULT_NETWORK = "default"  # the name of the network at <prefix>/config, in reports and in pyflannel.network=
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}\Z")
@@ -36,6 +38,10 @@ class DaemonError(Exception):
         self.status = status
 
 
+class DaemonUnreachable(DaemonError):
+    """Nothing accepted the connection: the call was not made (a fallback may do it instead)."""
+
+
 def name_problem(name: str) -> str | None:
     """Why `name` cannot name a flannel network (it becomes an etcd key), or None."""
     if not NAME.match(name):
@@ -44,6 +50,11 @@ def name_problem(name: str) -> str | None:
     if name in RESERVED_NAMES:
         return f"network name {name!r} is reserved (<prefix>/{name} is part of the default network's layout)"
     return None
+
+
+def _network_path(name: str) -> str:
+    from urllib.parse import quote  # here: the thin CNI client imports this module and never needs it (start-up)
+    return f"/v1/networks/{quote(name, safe='')}"
 
 
 class Client:
@@ -57,16 +68,20 @@ class Client:
         request = (f"{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(data)}\r\n\r\n").encode() + data
         chunks = []
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(self.timeout)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.timeout)
+            try:
                 sock.connect(self.socket_path)
+            except OSError as e:
+                raise DaemonUnreachable(f"pyflanneld does not answer on {self.socket_path} ({e.strerror or e}): is "
+                                        f"it running? (its -api-socket flag names the socket)") from None
+            try:
                 sock.sendall(request)
                 while chunk := sock.recv(1 << 16):
                     chunks.append(chunk)
-        except OSError as e:
-            raise DaemonError(f"pyflanneld does not answer on {self.socket_path} ({e.strerror or e}): is it running? "
-                              f"(its -api-socket flag names the socket)") from None
+            except OSError as e:
+                raise DaemonError(f"pyflanneld took the call on {self.socket_path} but gave no answer "
+                                  f"({e.strerror or e})") from None
         head, _, text = b"".join(chunks).partition(b"\r\n\r\n")
         status_line = head.split(b"\r\n", 1)[0].split()
         status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 0
@@ -81,14 +96,18 @@ class Client:
     def join(self, name: str, network: str | None = None, backend: str | None = None) -> dict:
         """Serve network `name`; a new one gets `network` (its Network) and `backend` (vxlan or wireguard)."""
         body = {key: value for key, value in (("Network", network), ("Backend", backend)) if value}
-        return self._call("PUT", f"/v1/networks/{quote(name, safe='')}", body)
+        return self._call("PUT", _network_path(name), body)
 
     def leave(self, name: str) -> dict:
-        return self._call("DELETE", f"/v1/networks/{quote(name, safe='')}")
+        return self._call("DELETE", _network_path(name))
+
+    def cni(self, environ: dict, stdin: bytes) -> dict:
+        """A CNI call run by pyflanneld (the thin CNI client's path): {"code": exit code, "output": stdout}."""
+        return self._call("POST", "/v1/cni", {"env": environ, "stdin": stdin.decode()})
 
     def rotate_key(self, name: str) -> dict:
         """A new WireGuard key for network `name` on this host; returns the network as `networks` describes it."""
-        return self._call("POST", f"/v1/networks/{quote(name, safe='')}/rotate-key")
+        return self._call("POST", _network_path(name) + "/rotate-key")
 
     def networks(self) -> list[dict]:
         return self._call("GET", "/v1/networks").get("networks", [])

@@ -1,6 +1,7 @@
-"""The CNI plugin `pyflannel`, as the pyinstaller binary `make cni` builds: the CNI contract and its errors, the
-kernel state ADD leaves and DEL removes, CHECK, host-local interchangeability, a delegated plugin, and containerd's
-`ctr run --cni` on two lab hosts with traffic between them."""
+"""The CNI plugin `pyflannel` as `make cni` builds it (the thin client, which hands calls to pyflanneld, and the
+complete plugin beside it): the CNI contract and its errors, both paths, the kernel state ADD leaves and DEL removes,
+CHECK, host-local interchangeability, a delegated plugin, and containerd's `ctr run --cni` on two lab hosts with
+traffic between them."""
 from __future__ import annotations
 
 import ipaddress
@@ -19,7 +20,7 @@ HELLO = "hello from pyflannel"
 
 @pytest.fixture(scope="session")
 def binary() -> Path:
-    """`make cni` (incremental): the single-file binary dist/cni/pyflannel."""
+    """`make cni` (incremental): the thin client dist/cni/pyflannel, beside it dist/cni/pyflannel-inprocess."""
     subprocess.run(["make", "-s", "cni"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return REPO / "dist" / "cni" / "pyflannel"
 
@@ -37,10 +38,12 @@ def lab():
 
 
 def plugin_conf(host, **extra) -> dict:
-    """The conflist's plugin entry as the runtime hands it over (name and cniVersion copied in)."""
+    """The conflist's plugin entry as the runtime hands it over (name and cniVersion copied in); the thin client
+    hands the calls to the host's pyflanneld."""
     return {"cniVersion": "1.0.0", "name": "pfnet", "type": "pyflannel", "subnetFile": str(host.subnet_file),
             "dataDir": str(host.workdir / "cni-flannel"), "ipam": {"dataDir": str(host.workdir / "cni-networks")},
-            "delegate": {"hairpinMode": True, "isDefaultGateway": True}, **extra}
+            "daemonSocket": str(host.api_sock), "delegate": {"hairpinMode": True, "isDefaultGateway": True},
+            **extra}
 
 
 def answer(done: subprocess.CompletedProcess) -> dict | None:
@@ -84,6 +87,30 @@ def test_version_and_clear_errors(binary, tmp_path):
         reply = error(run({**env, **extra}, stdin))
         assert reply["code"] == code and text in reply["msg"], (extra, reply)
     print("VERSION and 8 error cases answered with CNI error JSON, exit 1, no traceback")
+
+
+def test_pyflanneld_runs_the_calls_and_without_it_the_plugin_does(lab, binary):
+    """The thin client hands ADD and DEL to pyflanneld; with no pyflanneld on "daemonSocket" the complete plugin
+    beside it does the same work; with neither, a clear error."""
+    host = lab.hosts[0]
+    results = {}
+    for path, socket_path in (("daemon", str(host.api_sock)), ("in-process", str(host.workdir / "nobody.sock"))):
+        container = lab.add_ns(f"thin{len(results)}")
+        cid = f"thin-{path}"
+        conf = plugin_conf(host, daemonSocket=socket_path)
+        results[path] = answer(host.run_cni(binary, "ADD", conf, cid, f"/run/netns/{container}"))
+        assert results[path]["ips"][0]["address"].startswith(host.subnet_env()["FLANNEL_SUBNET"].rsplit(".", 1)[0])
+        assert "master cni0" in host.sh("ip", "-d", "link", "show", results[path]["interfaces"][1]["name"])
+        assert host.run_cni(binary, "DEL", conf, cid, f"/run/netns/{container}").returncode == 0
+        in_daemon = f"CNI ADD {cid}: done" in host.daemon.log() and f"CNI DEL {cid}: done" in host.daemon.log()
+        assert in_daemon == (path == "daemon")
+    alone = host.workdir / "alone"
+    alone.mkdir()
+    (alone / "pyflannel").write_bytes(binary.read_bytes())
+    (alone / "pyflannel").chmod(0o755)
+    missing = error(host.run_cni(alone / "pyflannel", "ADD", plugin_conf(host, daemonSocket="/nonexistent.sock"),
+                                 "x", "/run/netns/x"))
+    assert missing["code"] == 11 and "pyflannel-inprocess" in missing["msg"] and "is missing" in missing["msg"]
 
 
 def test_add_check_del_leave_the_kernel_clean(lab, binary):
@@ -183,7 +210,8 @@ def test_containerd_ctr_run_cni_across_hosts(lab, binary):
     conflist = lambda h: {"cniVersion": "1.0.0", "name": "pfnet", "plugins": [  # noqa: E731
         {k: v for k, v in plugin_conf(h).items() if k not in ("cniVersion", "name")}]}
     for host in lab.hosts:
-        host.start_containerd(conflist(host), {"pyflannel": binary})
+        host.start_containerd(conflist(host), {"pyflannel": binary,
+                                               "pyflannel-inprocess": binary.parent / "pyflannel-inprocess"})
     h1, h2 = lab.hosts
     ips = {}
     for host, name in ((h1, "c1"), (h2, "c2")):

@@ -5,7 +5,8 @@ attaches natively (bridge + host-local, see bridge.py) or runs the delegate plug
 config, so they work with what ADD did even when subnet.env is gone. Every failure is a CNI error on stdout, exit 1.
 
 bridge.py (and with it pyroute2, about 100 ms of imports) is imported only when netlink work is due, so VERSION,
-config errors and a DEL with nothing to do answer at once.
+config errors and a DEL with nothing to do answer at once. Usually none of this starts for a call: the thin client
+(thin.py) hands it to pyflanneld, which runs `run` with everything loaded already.
 """
 from __future__ import annotations
 
@@ -68,7 +69,14 @@ HANDLERS = {"ADD": add, "DEL": delete, "CHECK": check}
 
 
 def main() -> int:
-    environ = dict(os.environ)
+    code, answer = run(dict(os.environ), sys.stdin.buffer.read())
+    if answer:
+        sys.stdout.write(answer)
+    return code
+
+
+def run(environ: dict, stdin: bytes) -> tuple[int, str]:
+    """One CNI call: (exit code, what goes to stdout). Run here, or in pyflanneld for the thin client (thin.py)."""
     command = environ.get("CNI_COMMAND", "")
     version = LATEST_VERSION
     try:
@@ -78,7 +86,7 @@ def main() -> int:
             raise CniError(INVALID_ENVIRONMENT, f"CNI_COMMAND={command!r}: expected one of {', '.join(COMMANDS)}",
                            "this is a CNI plugin, run by a container runtime (containerd, CRI-O, ...)")
         else:
-            req = read_request(environ, sys.stdin.buffer.read())
+            req = read_request(environ, stdin)
             version = req.version
             answer = HANDLERS[command](req, netconf.parse(req.config), environ)
     except CniError as e:
@@ -87,6 +95,4 @@ def main() -> int:
         answer, code = CniError(INTERNAL, f"internal error: {type(e).__name__}: {e}").to_json(version), 1
     else:
         code = 0
-    if answer is not None:
-        sys.stdout.write(json.dumps(answer) + "\n")
-    return code
+    return code, json.dumps(answer) + "\n" if answer is not None else ""

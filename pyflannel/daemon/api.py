@@ -1,5 +1,6 @@
 """The local API's server side (the protocol is in pyflannel/localapi.py): a threaded HTTP server on a Unix socket,
-mode 0600, that hands each call to the daemon: join, leave and describe networks; publish and list names."""
+mode 0600, that hands each call to the daemon: join, leave and describe networks; publish and list names; rotate a
+WireGuard key; run a CNI call for the thin CNI client."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/v1/networks"
 ROTATE_KEY = "/rotate-key"
+CNI = "/v1/cni"
 NAMES = "/v1/names"
 
 
@@ -63,6 +65,14 @@ def serve(daemon, path: str) -> _Server:
             return json.loads(self.rfile.read(length)) if length else {}
 
         def do_POST(self):
+            if self.path == CNI:
+                try:
+                    body = self._body()
+                    environ, stdin = dict(body["env"]), body["stdin"].encode()
+                except (KeyError, TypeError, ValueError, AttributeError) as e:
+                    return self.reply(400, {"error": f'the body must be {{"env": {{...}}, "stdin": "..."}} ({e})'})
+                code, output = daemon.cni(environ, stdin)
+                return self.reply(200, {"code": code, "output": output})
             if not self.path.endswith(ROTATE_KEY):
                 return self.reply(404, {"error": f"no such resource {self.path}"})
             self.path = self.path[:-len(ROTATE_KEY)]

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from pyflannel import paths
 from pyflannel.files import remove_file, write_atomically
@@ -61,6 +62,7 @@ class Daemon:
         self.failed: dict[str, str] = {}  # named networks joined before that could not be served again: why
         self.rejoining: dict[str, threading.Event] = {}  # set when the network joined before is served again
         self.lock = threading.Lock()  # joins and leaves, one at a time
+        self.cni_lock = threading.Lock()
         self.default: Overlay | None = None
         self.names = NameBook(self._served, "", flags.names_ttl, self.stop)  # this host's PublicIP comes at start
 
@@ -240,6 +242,17 @@ class Daemon:
             if overlay is not None or self.failed.pop(name, None) is not None:
                 self._save_joined()
         return {}
+
+    def cni(self, environ: dict, stdin: bytes) -> tuple[int, str]:
+        """A CNI call of the thin client, run here where pyroute2 is loaded; one at a time, as a runtime's calls
+        for one container are (the plugin's own code was written for a process of its own)."""
+        from pyflannel.cni import main as cni_plugin
+        started = time.monotonic()
+        with self.cni_lock:
+            code, output = cni_plugin.run(environ, stdin)
+        log.info("CNI %s %s: %s in %.1f ms", environ.get("CNI_COMMAND"), environ.get("CNI_CONTAINERID", "")[:12],
+                 "done" if code == 0 else "error", (time.monotonic() - started) * 1000)
+        return code, output
 
     def rotate_key(self, name: str) -> dict:
         overlay = self.default if name == DEFAULT_NETWORK else self.overlays.get(name)
