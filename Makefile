@@ -74,7 +74,7 @@ images: plugin
 #   pyflanneld does not answer. pyinstaller cannot see through the editable install, so it works from a plain install
 #   in build/cni/site; modules the plugin never imports are left out (smaller binary, faster start).
 CNI_THIN := dist/cni/pyflannel
-CNI_THIN_MODULES := __init__.py localapi.py paths.py cni/__init__.py cni/thin.py
+CNI_THIN_MODULES := __init__.py cni/__init__.py cni/thin.py
 CNI_BIN := dist/cni/pyflannel-inprocess
 CNI_SOURCES := $(shell find pyflannel -name '*.py') pyproject.toml
 CNI_EXCLUDES := decimal doctest email http pydoc pyexpat xml tkinter unicodedata pyflannel.daemon \

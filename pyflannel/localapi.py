@@ -11,8 +11,7 @@ HTTP with JSON bodies on a Unix socket (default /run/flannel/pyflanneld.sock, ro
     GET    /v1/names             every host's container names in the networks served: {"names": [...]}
     GET    /v1/names/own         how many of this host's containers it holds: {"containers": N}
     POST   /v1/networks/NAME/rotate-key   a new WireGuard key for NAME on this host: the network's description
-    POST   /v1/cni               run a CNI call ({"env": {CNI_* ...}, "stdin": the config}) as the plugin would:
-                                 {"code": its exit code, "output": its stdout}
+    POST   /v1/cni               run a CNI call as the plugin would (no JSON: cni/thin.py has the exchange)
 
 An error is {"error": "..."} with 400 (bad name or body), 409 (contradicts etcd or another network) or 503 (etcd
 not reachable, still joining).
@@ -22,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+from urllib.parse import quote
 
 DEFAULT_NETWORK = "default"  # the name of the network at <prefix>/config, in reports and in pyflannel.network=
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}\Z")
@@ -38,10 +38,6 @@ class DaemonError(Exception):
         self.status = status
 
 
-class DaemonUnreachable(DaemonError):
-    """Nothing accepted the connection: the call was not made (a fallback may do it instead)."""
-
-
 def name_problem(name: str) -> str | None:
     """Why `name` cannot name a flannel network (it becomes an etcd key), or None."""
     if not NAME.match(name):
@@ -53,7 +49,6 @@ def name_problem(name: str) -> str | None:
 
 
 def _network_path(name: str) -> str:
-    from urllib.parse import quote  # here: the thin CNI client imports this module and never needs it (start-up)
     return f"/v1/networks/{quote(name, safe='')}"
 
 
@@ -73,8 +68,8 @@ class Client:
             try:
                 sock.connect(self.socket_path)
             except OSError as e:
-                raise DaemonUnreachable(f"pyflanneld does not answer on {self.socket_path} ({e.strerror or e}): is "
-                                        f"it running? (its -api-socket flag names the socket)") from None
+                raise DaemonError(f"pyflanneld does not answer on {self.socket_path} ({e.strerror or e}): is it "
+                                  f"running? (its -api-socket flag names the socket)") from None
             try:
                 sock.sendall(request)
                 while chunk := sock.recv(1 << 16):
@@ -100,10 +95,6 @@ class Client:
 
     def leave(self, name: str) -> dict:
         return self._call("DELETE", _network_path(name))
-
-    def cni(self, environ: dict, stdin: bytes) -> dict:
-        """A CNI call run by pyflanneld (the thin CNI client's path): {"code": exit code, "output": stdout}."""
-        return self._call("POST", "/v1/cni", {"env": environ, "stdin": stdin.decode()})
 
     def rotate_key(self, name: str) -> dict:
         """A new WireGuard key for network `name` on this host; returns the network as `networks` describes it."""

@@ -60,19 +60,28 @@ def serve(daemon, path: str) -> _Server:
                     return self.reply(400, {"error": f'the body must be {{"containers": [...]}} ({e})'})
             self._network_call(lambda name, body: daemon.join(name, body.get("Network"), body.get("Backend")))
 
+        def cni(self):
+            """The thin CNI client's call (cni/thin.py): environment in CNI-Env headers, config as the body."""
+            environ = {}
+            for header in self.headers.get_all("CNI-Env") or ():
+                name, _, value = header.encode("latin-1").decode("utf-8", errors="replace").partition("=")
+                environ[name] = value
+            stdin = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            code, output = daemon.cni(environ, stdin)
+            data = output.encode()
+            self.send_response(200)
+            self.send_header("CNI-Exit-Code", str(code))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
         def _body(self) -> dict:
             length = int(self.headers.get("Content-Length") or 0)
             return json.loads(self.rfile.read(length)) if length else {}
 
         def do_POST(self):
             if self.path == CNI:
-                try:
-                    body = self._body()
-                    environ, stdin = dict(body["env"]), body["stdin"].encode()
-                except (KeyError, TypeError, ValueError, AttributeError) as e:
-                    return self.reply(400, {"error": f'the body must be {{"env": {{...}}, "stdin": "..."}} ({e})'})
-                code, output = daemon.cni(environ, stdin)
-                return self.reply(200, {"code": code, "output": output})
+                return self.cni()
             if not self.path.endswith(ROTATE_KEY):
                 return self.reply(404, {"error": f"no such resource {self.path}"})
             self.path = self.path[:-len(ROTATE_KEY)]

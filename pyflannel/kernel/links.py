@@ -33,8 +33,18 @@ def random_mac() -> str:
 
 
 def lookup(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
+    link = get(ipr, name)
+    return link["index"] if link else None
+
+
+def get(ipr: IPRoute, name: str):
+    """The link `name` (one RTM_GETLINK by name), None if there is none."""
+    try:
+        return ipr.link("get", ifname=name)[0]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
 
 
 def kind(link) -> str | None:
@@ -188,11 +198,10 @@ def state(name: str, netns_fd: int | None = None, routes: bool = False) -> LinkS
     through it only with `routes` (a dump of the routing table: cheap in a container, not on a busy host)."""
     try:
         with namespaces.netlink(netns_fd) as ipr:
-            idx = lookup(ipr, name)
-            if idx is None:
+            link = get(ipr, name)
+            if link is None:
                 return None
-            link = ipr.get_links(idx)[0]
-            master = link.get("master")
+            idx, master = link["index"], link.get("master")
             addresses = frozenset(ipaddress.IPv4Interface(f"{a.get('address')}/{a['prefixlen']}")
                                   for a in ipr.get_addr(index=idx, family=socket.AF_INET))
             through = frozenset((f"{r.get('RTA_DST') or '0.0.0.0'}/{r['dst_len']}", r.get("RTA_GATEWAY"))
@@ -213,19 +222,18 @@ def add_veth_into(host: str, peer: str, netns_fd: int, mtu: int, peer_mac: str, 
             br = lookup(ipr, bridge)
             if br is None:
                 raise KernelError(f"bridge {bridge} is missing")
-            try:
-                ipr.link("add", ifname=host, kind="veth", mtu=mtu,
+            try:  # on the bridge and up from its creation: one request
+                ipr.link("add", ifname=host, kind="veth", mtu=mtu, master=br, state="up",
                          peer={"ifname": peer, "net_ns_fd": netns_fd, "mtu": mtu, "address": peer_mac})
             except NetlinkError as e:
                 if e.code == errno.EEXIST:
                     raise LinkExists(f"cannot create the veth pair {host}/{peer}: {host} exists here or {peer} "
                                      f"exists in the other namespace") from None
                 raise
-            idx = lookup(ipr, host)
-            ipr.link("set", index=idx, master=br, state="up")
+            link = get(ipr, host)
             if hairpin:
-                ipr.brport("set", index=idx, mode=1)
-            return ipr.get_links(idx)[0].get("address")
+                ipr.brport("set", index=link["index"], mode=1)
+            return link.get("address")
     except NetlinkError as e:
         raise netlink_error(f"cannot set up the veth pair {host}/{peer} on {bridge}", e) from None
 
