@@ -6,7 +6,7 @@ import sys
 
 
 def _daemon():
-    from pyflannel.daemon.main import main
+    from pyflannel.pyflanneld import main
     return main()
 
 

@@ -7,8 +7,8 @@ The exchange, on pyflanneld's local API socket (see localapi.py):
                                    the body is the plugin's stdin (the network config) as the runtime gave it
     200, `CNI-Exit-Code: N`        the body is what the plugin writes to stdout
 
-When nothing answers on the daemon socket (the config's "daemonSocket", default /run/flannel/pyflanneld.sock), the
-call is not lost: the complete plugin beside this file (pyflannel-inprocess, the pyinstaller binary) runs it, so a
+When nothing answers on the daemon socket (the config's "daemonSocket", default /run/flannel/pyflanneld.sock), or
+pyflanneld answers 404 (it runs no CNI calls), the call is not lost: the complete plugin beside this file (pyflannel-inprocess, the pyinstaller binary) runs it, so a
 CNI call never fails because pyflanneld is down. A daemon that took the call but gave no answer is a CNI error
 (try again later): the call may have been made, and running it twice is not safe.
 
@@ -99,7 +99,10 @@ def main() -> int:
     lines = head.decode("latin-1").split("\r\n")
     code = next((line.split(":", 1)[1].strip() for line in lines[1:] if line.lower().startswith("cni-exit-code:")),
                 None)
-    if lines[0].split()[1:2] != ["200"] or code is None or not code.isdigit():
+    status = lines[0].split()[1:2]
+    if status == ["404"]:  # a pyflanneld that runs no CNI calls
+        return in_process(stdin)
+    if status != ["200"] or code is None or not code.isdigit():
         return error(f"pyflanneld on {path} answered {lines[0]!r}: {body[:200].decode(errors='replace')}")
     sys.stdout.write(body.decode())
     return int(code)

@@ -62,6 +62,8 @@ def serve(daemon, path: str) -> _Server:
 
         def cni(self):
             """The thin CNI client's call (cni/thin.py): environment in CNI-Env headers, config as the body."""
+            if daemon.cni_plugin is None:
+                return self.reply(404, {"error": "this pyflanneld runs no CNI calls (started without the plugin)"})
             environ = {}
             for header in self.headers.get_all("CNI-Env") or ():
                 name, _, value = header.encode("latin-1").decode("utf-8", errors="replace").partition("=")

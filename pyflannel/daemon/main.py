@@ -51,8 +51,11 @@ def release_freed_memory() -> None:
 
 
 class Daemon:
-    def __init__(self, flags: cli_flags.Flags):
+    def __init__(self, flags: cli_flags.Flags, cni=None):
+        """`cni`: the CNI plugin's `run(environ, stdin) -> (exit code, stdout)`, to serve the thin CNI client's
+        calls (pyflannel/pyflanneld.py hands it in: the daemon and the CNI plugin never import each other)."""
         self.flags = flags
+        self.cni_plugin = cni
         self.stop = threading.Event()
         self.health = Health()
         self.metrics = Metrics(self, flags.driver_socket)
@@ -244,12 +247,11 @@ class Daemon:
         return {}
 
     def cni(self, environ: dict, stdin: bytes) -> tuple[int, str]:
-        """A CNI call of the thin client, run here where pyroute2 is loaded; one at a time, as a runtime's calls
-        for one container are (the plugin's own code was written for a process of its own)."""
-        from pyflannel.cni import main as cni_plugin
+        """A CNI call of the thin client, run here where pyroute2 is loaded; one at a time (the plugin's code was
+        written for a process of its own)."""
         started = time.monotonic()
         with self.cni_lock:
-            code, output = cni_plugin.run(environ, stdin)
+            code, output = self.cni_plugin(environ, stdin)
         log.info("CNI %s %s: %s in %.1f ms", environ.get("CNI_COMMAND"), environ.get("CNI_CONTAINERID", "")[:12],
                  "done" if code == 0 else "error", (time.monotonic() - started) * 1000)
         return code, output
@@ -267,12 +269,12 @@ class Daemon:
                                                                    self.overlays.items()}}.items())]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, cni=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     flags = cli_flags.parse(sys.argv[1:] if argv is None else argv)
     try:
-        daemon = Daemon(flags)
+        daemon = Daemon(flags, cni)
     except ValueError as e:
         log.error("%s", e)
         return 1
