@@ -16,6 +16,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -121,6 +122,12 @@ class Process:
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+    @property
+    def kind(self) -> str:
+        """What the process is, whichever host runs it: "h2-dockerd" is a "dockerd"."""
+        host, _, kind = self.name.partition("-")
+        return kind if re.fullmatch(r"h\d+", host) and kind else self.name
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -625,9 +632,22 @@ class Lab:
         self.close()
 
     def close(self) -> None:
-        for process in reversed(self.processes):
-            with contextlib.suppress(Exception):
-                process.kill(signal.SIGTERM, wait=15)
+        """Stop the processes kind by kind, the last started kind first (dockerd before its driver before
+        pyflanneld), every host's of a kind at once; then remove everything (teardown)."""
+        pending = [p for p in reversed(self.processes) if p.alive()]
+        while pending:
+            kind = pending[0].kind
+            batch = [p for p in pending if p.kind == kind]
+            pending = [p for p in pending if p.kind != kind]
+            for process in batch:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            for process in batch:
+                with contextlib.suppress(Exception):
+                    process.popen.wait(max(0.0, deadline - time.monotonic()))
+                with contextlib.suppress(Exception):
+                    process.kill()
         teardown(self.record())
         self.namespaces.clear()
 

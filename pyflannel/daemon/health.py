@@ -1,12 +1,12 @@
-"""/healthz (the main loop is alive), /readyz (lease held, kernel programmed, etcd reachable) and /metrics."""
+"""/healthz (the main loop is alive), /readyz (lease held, kernel programmed, etcd reachable) and /metrics.
+
+Only a daemon with a healthz port serves them: prometheus_client is imported then, not at every start."""
 from __future__ import annotations
 
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 
 class Health:
@@ -31,7 +31,10 @@ class Health:
         return bool(self.lease and self.programmed and self.etcd_ok), state
 
 
-def serve(health: Health, host: str, port: int, registry: CollectorRegistry) -> ThreadingHTTPServer:
+def serve(health: Health, host: str, port: int, registry) -> ThreadingHTTPServer:
+    """`registry`: the prometheus_client CollectorRegistry served at /metrics."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path == "/metrics":

@@ -32,7 +32,6 @@ from .api import Unavailable, serve as serve_api
 from .catalog import Catalog, NetworkConflict, check_name
 from .errors import Stopped, UserError
 from .health import Health, serve
-from .metrics import Metrics
 from .names import Container, NameBook
 from .overlay import Overlay, with_backoff
 from .store.base import ConfigNotFound
@@ -40,6 +39,30 @@ from .store.base import ConfigNotFound
 log = logging.getLogger("pyflanneld")
 
 JOINED = "networks.json"  # in --state-dir: the named networks this host has joined
+
+
+class Unmeasured:
+    """The metrics of a daemon without a healthz port: nobody can scrape them, so nothing is counted."""
+
+    class _Nothing:
+        def labels(self, *values):
+            return self
+
+        def inc(self, amount: float = 1) -> None:
+            pass
+
+        def observe(self, value: float) -> None:
+            pass
+
+    lease_events = apply_seconds = _Nothing()
+    registry = None
+
+    def count_reconcile(self, repairs) -> None:
+        pass
+
+    @staticmethod
+    def counting(store):
+        return store
 
 
 def release_freed_memory() -> None:
@@ -58,7 +81,11 @@ class Daemon:
         self.cni_plugin = cni
         self.stop = threading.Event()
         self.health = Health()
-        self.metrics = Metrics(self, flags.driver_socket)
+        if flags.healthz_port:
+            from .metrics import Metrics
+            self.metrics = Metrics(self, flags.driver_socket)
+        else:
+            self.metrics = Unmeasured()
         self.store = self.metrics.counting(stores.from_flags(flags, peer_expiry=False))
         self.catalog = Catalog(self.store, flags.etcd_prefix)
         self.overlays: dict[str, Overlay] = {}

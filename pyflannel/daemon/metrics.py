@@ -1,4 +1,5 @@
-"""pyflanneld's Prometheus metrics, served at /metrics on the healthz port.
+"""pyflanneld's Prometheus metrics, served at /metrics on the healthz port (without one, nothing is counted: the
+daemon holds an `Unmeasured` instead, and this module and prometheus_client are not imported).
 
 Counters are bumped where things happen; gauges are read from the running daemon at each scrape; the driver's own
 metrics are fetched from its plugin socket at each scrape and served alongside, so one scrape covers the host.
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 disable_created_metrics()  # a *_created series per counter would double the output and tell little
 # The Store calls the daemon makes, each a value of the `operation` label (create/update share write_lease).
 STORE_OPERATIONS = sorted((Store.__abstractmethods__ - {"write_lease"}) | {"create_lease", "update_lease"})
-REPAIR_KINDS = ("route", "neighbor", "fdb")
+REPAIR_KINDS = ("route", "neighbor", "fdb", "wireguard-peer")
 # A peer's lease reaches the kernel in a few milliseconds (docs/benchmarks.md): buckets start well below that.
 APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DRIVER_TIMEOUT = 2.0

@@ -9,4 +9,37 @@ the CNI plugin and doctor share.
     ports.py       whether a host port is free
     netlink.py     the overlay's entries: the VXLAN device, routes (proto 77), neighbours, FDB; batched changes,
                    a monitor of deletions (pyflanneld's Kernel, also read by doctor and status)
+    wireguard.py   WireGuard devices and peers: the kernel module, or wireguard-go over its UAPI socket
+
+pyroute2 is imported module by module (`pyroute2.iproute`, `pyroute2.netlink...`), never through its package
+`__init__`, which loads every subsystem it has (NDB, IPDB, conntrack, nl80211, ...: 56 more modules, a third of its
+import time and 5 MB of memory that none of pyflannel's programs use); see `_light_pyroute2`.
 """
+import importlib
+import importlib.util
+import sys
+
+
+def _light_pyroute2() -> None:
+    """Register the pyroute2 package without running its `__init__`, so that importing a submodule loads only that
+    submodule. A name only the full `__init__` defines (`from pyroute2 import NDB`, by code other than ours) runs
+    it then, so nothing that expects the whole package breaks."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    package = importlib.util.module_from_spec(spec)
+
+    def __getattr__(name: str):
+        try:
+            return importlib.import_module(f"pyroute2.{name}")
+        except ModuleNotFoundError:
+            pass
+        del package.__getattr__
+        spec.loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = __getattr__
+    sys.modules["pyroute2"] = package
+
+
+_light_pyroute2()

@@ -10,7 +10,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
+from pyroute2.iproute import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import namespaces

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from pyroute2 import IPRoute
+from pyroute2.iproute import IPRoute
 from pyroute2 import netns as pr_netns
 
 from .errors import KernelError

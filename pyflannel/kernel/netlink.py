@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
+from pyroute2.iproute import IPRoute
 from pyroute2.ethtool.ioctl import IoctlEthtool
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NLMSG_ERROR
 from pyroute2.netlink.exceptions import NetlinkError

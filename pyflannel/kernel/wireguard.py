@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pyroute2 import WireGuard
+from pyroute2.netlink.generic.wireguard import WireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import KernelError

@@ -1,12 +1,15 @@
-"""Lease stores: one implementation per etcd API behind the Store interface, and the -etcd-api choice."""
+"""Lease stores: one implementation per etcd API behind the Store interface, and the -etcd-api choice.
+
+Each API's client is imported only when that API is used (python-etcd brings dnspython, etcd3gw brings requests:
+together a fifth of pyflanneld's start-up)."""
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Callable
 
 from ..subnets import IPv4Network
 from .base import ConfigNotFound, Lease, LeaseEvent, Store, StoreError
-from .etcdv2 import EtcdV2Store
-from .etcdv3 import EtcdV3Store
 
 log = logging.getLogger(__name__)
 
@@ -23,25 +26,40 @@ def from_flags(flags, timeout: float = 5.0, peer_expiry: bool = True) -> Store:
     api = flags.etcd_api
     if api not in ETCD_APIS:
         raise ValueError(f"-etcd-api: {api!r} is not one of {', '.join(ETCD_APIS)}")
-    v2 = EtcdV2Store(flags.etcd_endpoints, flags.etcd_prefix, **kw) if api != "v3" else None
-    v3 = EtcdV3Store(flags.etcd_endpoints, flags.etcd_prefix, read_expiry=peer_expiry, **kw) if api != "v2" else None
-    return DetectedStore(v2, v3) if api == "auto" else v2 or v3
+    def v2() -> Store:
+        from .etcdv2 import EtcdV2Store
+        return EtcdV2Store(flags.etcd_endpoints, flags.etcd_prefix, **kw)
+
+    def v3() -> Store:
+        from .etcdv3 import EtcdV3Store
+        return EtcdV3Store(flags.etcd_endpoints, flags.etcd_prefix, read_expiry=peer_expiry, **kw)
+    return DetectedStore(v2, v3) if api == "auto" else v2() if api == "v2" else v3()
 
 
 class DetectedStore(Store):
     """-etcd-api auto: the API in which <prefix>/config exists, v3 first; while neither has it, v3 (as flannel >= 0.18).
 
-    The choice is made by the first call that finds the config, and then kept."""
+    The choice is made by the first call that finds the config, and then kept. Each API's store is made (and its
+    client imported) when it is first asked."""
 
-    def __init__(self, v2: EtcdV2Store, v3: EtcdV3Store):
-        self.v2, self.v3 = v2, v3
+    def __init__(self, make_v2: Callable[[], Store], make_v3: Callable[[], Store]):
+        self._make = {"v2": make_v2, "v3": make_v3}
         self.chosen: Store | None = None
+
+    @functools.cached_property
+    def v2(self) -> Store:
+        return self._make["v2"]()
+
+    @functools.cached_property
+    def v3(self) -> Store:
+        return self._make["v3"]()
 
     def store(self) -> Store:
         if self.chosen is not None:
             return self.chosen
         v3_error = None
-        for api, candidate in (("v3", self.v3), ("v2", self.v2)):
+        for api in ("v3", "v2"):
+            candidate = getattr(self, api)
             try:
                 candidate.network_config()
             except ConfigNotFound:
