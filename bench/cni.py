@@ -37,7 +37,7 @@ def _summary(values: list[float]) -> dict:
     return {"median_ms": statistics.median(values), "p99_ms": statistics.quantiles(values, n=100)[98]}
 
 
-def latency(results: dict, runs: int = 30) -> None:
+def latency(results: dict, runs: int = 60) -> None:
     subprocess.run(["make", "-s", "cni"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     lab = Lab(1)
     try:

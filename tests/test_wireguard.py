@@ -190,6 +190,10 @@ def docker_lab(docker_engine):
             host.docker("network", "create", "-d", "pyflannel", "--ipam-driver", "pyflannel", "--ipam-opt",
                         "pyflannel.network=vault", "--ipam-opt", "pyflannel.backend=wireguard", "vault")
         yield lab
+        for host in lab.hosts:  # removed at once: dockerd would give each 10 s to stop
+            containers = host.docker("ps", "-aq").split()
+            if containers:
+                host.docker("rm", "-f", *containers)
 
 
 @pytest.mark.docker
