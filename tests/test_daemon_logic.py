@@ -72,6 +72,10 @@ def test_a_reservation_without_ttl_stays_one():
     lease = manager(store).acquire()
     assert lease.subnet == N("10.5.9.0/24") and lease.expiration is None
     assert manager(store).renew_due(margin=None) is None
+    mgr = manager(store)
+    mgr.acquire()
+    mgr.backend_data = {"PublicKey": "new key", "Port": 51820}  # what `pyflannel rotate-key` publishes
+    assert mgr.renew().expiration is None and store.data[N("10.5.9.0/24")].backend_data["PublicKey"] == "new key"
 
 
 def test_the_watcher_turns_history_into_events_and_resyncs_after_compaction():

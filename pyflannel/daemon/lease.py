@@ -94,11 +94,13 @@ class LeaseManager:
         return self.lease.expiration - margin
 
     def renew(self) -> Lease:
-        """Extend our lease, if its key still holds what we wrote (compare-and-swap): if it is gone, take it again
-        (the same subnet when still free); if another host holds it now, take another subnet."""
+        """Extend our lease (or write it again with new BackendData: a reservation stays one), if its key still holds
+        what we wrote (compare-and-swap): if it is gone, take it again (the same subnet when still free); if another
+        host holds it now, take another subnet."""
         self._not_stopped()
+        ttl = self.ttl if self.lease.expiration is not None else None
         try:
-            self.lease = self.store.update_lease(self._ours(self.lease.subnet, self.lease), self.ttl,
+            self.lease = self.store.update_lease(self._ours(self.lease.subnet, self.lease), ttl,
                                                  expected=self.lease.attrs_json())
             log.info("renewed lease %s until %s", self.lease.subnet, self.lease.expiration)
             return self.lease
