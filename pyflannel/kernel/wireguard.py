@@ -124,10 +124,13 @@ class KernelDevice(Device):
 
     def peers(self) -> set[WireGuardPeer]:
         found = set()
-        with WireGuard() as wg:
-            for msg in wg.info(self.name):
-                for peer in msg.get("WGDEVICE_A_PEERS") or ():
-                    found.add(_peer_from_genl(peer))
+        try:
+            with WireGuard() as wg:
+                for msg in wg.info(self.name):
+                    for peer in msg.get("WGDEVICE_A_PEERS") or ():
+                        found.add(_peer_from_genl(peer))
+        except NetlinkError as e:
+            raise KernelError(f"reading {self.name}: {e}") from None
         return found
 
     def apply(self, changes: list[Change]) -> list[tuple[Change, OSError]]:
