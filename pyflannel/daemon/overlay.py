@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
-from concurrent.futures import Future
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from datetime import datetime, timedelta, timezone
 
 from pyflannel import paths, subnetenv
