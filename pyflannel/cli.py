@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             action.add_argument("name", help="the flannel network's name (<prefix>/<NAME> in etcd)")
         if command == "join":
             action.add_argument("--subnet", help="its cluster-wide Network, when this host creates it")
-            action.add_argument("--backend", choices=("vxlan", "wireguard"),
+            action.add_argument("--backend", choices=localapi.BACKENDS,
                                 help="its backend, when this host creates it (default vxlan)")
         action.add_argument("-api-socket", "--api-socket", default=os.environ.get("FLANNELD_API_SOCKET",
                                                                                  paths.DAEMON_SOCKET),

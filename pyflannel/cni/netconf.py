@@ -2,7 +2,7 @@
 
     {"type": "pyflannel", "name": "pfnet", "cniVersion": "1.0.0",
      "network": "shop",                            optional: a named flannel network (default: <prefix>/config's)
-     "backend": "wireguard",                       optional: a new "network"'s backend (vxlan, the default, or wireguard)
+     "backend": "wireguard",                       optional: a new "network"'s backend (vxlan by default)
      "daemonSocket": "/run/flannel/pyflanneld.sock",  optional: pyflanneld's local API, to join "network"
      "subnetFile": "/run/flannel/subnet.env",      optional, flannel's default
      "dataDir": "/var/lib/cni/flannel",            optional, where each container's delegate config is kept
@@ -38,7 +38,6 @@ NATIVE_KEYS = {"type", "name", "cniVersion", "bridge", "mtu", "isGateway", "isDe
                "ipMasq", "ipam", "runtimeConfig"}
 NATIVE_IPAM_KEYS = {"type", "ranges", "routes", "dataDir"}
 NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
-BACKENDS = ("vxlan", "wireguard")
 
 
 @dataclass(frozen=True)
@@ -79,9 +78,10 @@ def parse(config: dict) -> FlannelConf:
     if network and localapi.name_problem(network):
         raise CniError(INVALID_CONFIG, f"network config: 'network': {localapi.name_problem(network)}")
     backend = _field(config, "backend", (str, type(None)), None, "vxlan or wireguard")
-    if backend is not None and (backend not in BACKENDS or not network):
-        raise CniError(INVALID_CONFIG, f"network config: 'backend' {backend!r}: use vxlan or wireguard, with "
-                                       f"'network' (the default network's backend is in its etcd config)")
+    if backend is not None and (backend not in localapi.BACKENDS or not network):
+        raise CniError(INVALID_CONFIG, f"network config: 'backend' {backend!r}: use "
+                                       f"{' or '.join(localapi.BACKENDS)}, with 'network' (the default network's "
+                                       f"backend is in its etcd config)")
     subnet_file = _field(config, "subnetFile", str, paths.SUBNET_FILE, "a path")
     data_dir = _field(config, "dataDir", str, DEFAULT_DATA_DIR, "a path")
     daemon_socket = _field(config, "daemonSocket", str, paths.DAEMON_SOCKET, "a path")

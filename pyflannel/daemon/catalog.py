@@ -15,7 +15,7 @@ import json
 import logging
 from typing import Iterator
 
-from pyflannel.localapi import DEFAULT_NETWORK, name_problem
+from pyflannel.localapi import BACKENDS, DEFAULT_NETWORK, name_problem
 
 from . import config as netconfig
 from .errors import ConfigError, UserError
@@ -47,7 +47,7 @@ def backend_config(backend: str, vni: int) -> dict:
         return {"Type": "vxlan", "VNI": vni}
     if backend == "wireguard":
         return {"Type": "wireguard", "VNI": vni, "ListenPort": netconfig.WIREGUARD_DEFAULT_PORT + vni - 1}
-    raise UserError(f"backend {backend!r}: a named network can use vxlan or wireguard")
+    raise UserError(f"backend {backend!r}: a named network can use {' or '.join(BACKENDS)}")
 
 
 def _parsed(configs: dict[str, str]) -> dict[str, netconfig.NetworkConfig]:
@@ -82,16 +82,15 @@ class Catalog:
                 raise ConfigNotFound(f"network {name}: {self.where(name)} is not in etcd (deleted?); write it "
                                      f"again, or remove the Docker network and create it again") from None
             text = self._create(name, wanted, backend or "vxlan")
-        if backend is not None and netconfig.parse(text).backend_type != backend:
-            raise NetworkConflict(f"network {name} uses the {netconfig.parse(text).backend_type} backend in etcd "
-                                  f"({self.where(name)}); the {backend} backend asked for contradicts it: ask for "
-                                  f"{netconfig.parse(text).backend_type}, or for no backend")
-        if wanted is not None:
-            have = netconfig.parse(text).network
-            if have != wanted:
-                raise NetworkConflict(f"network {name} is {have} in etcd ({self.where(name)}); --subnet {wanted} "
-                                      f"contradicts it: create the Docker network with --subnet {have}, or without "
-                                      f"--subnet")
+        found = netconfig.parse(text)
+        if backend is not None and found.backend_type != backend:
+            raise NetworkConflict(f"network {name} uses the {found.backend_type} backend in etcd ({self.where(name)}); "
+                                  f"the {backend} backend asked for contradicts it: ask for {found.backend_type}, or "
+                                  f"for no backend")
+        if wanted is not None and found.network != wanted:
+            raise NetworkConflict(f"network {name} is {found.network} in etcd ({self.where(name)}); --subnet {wanted} "
+                                  f"contradicts it: create the Docker network with --subnet {found.network}, or "
+                                  f"without --subnet")
         return text
 
     def _others(self, name: str) -> dict[str, netconfig.NetworkConfig]:

@@ -118,13 +118,13 @@ class Reconciler:
             if entries is not None:
                 wanted[lease.subnet] = entries
         k, repairs = self.kernel, Repairs()
+        # a WireGuard device's peers are read each time: no monitor tells of their removal, and reading them is cheap
         device = self.backend.peer_device
+        want_peers = {e.peer for e in wanted.values() if e.peer}
+        have_peers = self._device_peers(device) if device else set()
         if (wanted == self.programmed and not self.kernel_touched.is_set() and self._last_full_diff is not None
-                and time.monotonic() - self._last_full_diff < FULL_DIFF_SECONDS
-                and (device is None or self._device_peers(device) == {e.peer for e in wanted.values() if e.peer})):
-            # nothing of ours was deleted and nothing new is wanted: the kernel is as we left it (a WireGuard
-            # device's peers are read each time: no monitor tells of their removal, and reading them is cheap)
-            return repairs
+                and time.monotonic() - self._last_full_diff < FULL_DIFF_SECONDS and have_peers == want_peers):
+            return repairs  # nothing of ours was deleted and nothing new is wanted: the kernel is as we left it
         self.programmed = wanted
         self.kernel_touched.clear()  # before the dumps: a deletion from now on is seen now or next time
 
@@ -136,8 +136,6 @@ class Reconciler:
         want_fdb = {e.fdb for e in wanted.values() if e.fdb}
         have_neigh = k.neighbors(index) if index else set()
         have_fdb = k.fdb(index) if index else set()
-        want_peers = {e.peer for e in wanted.values() if e.peer}
-        have_peers = self._device_peers(device) if device else set()
 
         # Stale first (route, FDB, neighbor, peer), then missing in flannel's order (peer, neighbor, FDB, route).
         changes = [Change(False, entry) for entry in (*(have_routes - want_routes), *(have_fdb - want_fdb),

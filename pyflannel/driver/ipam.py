@@ -48,7 +48,6 @@ GLOBAL_ADDRESS_SPACE = "pyflannel-global"
 HOW_TO_CREATE = "docker network create -d pyflannel --ipam-driver pyflannel NAME"
 OPT_NETWORK = "pyflannel.network"  # --ipam-opt: the flannel network's name
 OPT_BACKEND = "pyflannel.backend"  # --ipam-opt: a new flannel network's backend (vxlan, wireguard)
-BACKENDS = ("vxlan", "wireguard")
 POOL_LOOP_LIMIT = 16
 POOL_LOOP_WINDOW = 10.0  # seconds
 
@@ -201,9 +200,9 @@ class Ipam:
         if name and localapi.name_problem(name):
             raise ValidationError(f"Options[{OPT_NETWORK!r}]", localapi.name_problem(name))
         backend = req.options.get(OPT_BACKEND) or None
-        if backend is not None and (backend not in BACKENDS or not name):
-            raise ValidationError(f"Options[{OPT_BACKEND!r}]", f"{backend!r}: use {' or '.join(BACKENDS)}, with "
-                                  f"--ipam-opt {OPT_NETWORK}=NAME (the default network's backend is in its etcd "
+        if backend is not None and (backend not in localapi.BACKENDS or not name):
+            raise ValidationError(f"Options[{OPT_BACKEND!r}]", f"{backend!r}: use {' or '.join(localapi.BACKENDS)}, "
+                                  f"with --ipam-opt {OPT_NETWORK}=NAME (the default network's backend is in its etcd "
                                   f"config)")
         with self.store.transaction() as st:  # before joining: a refused call must not leave a lease behind
             for nid, net in st["networks"].items():

@@ -108,9 +108,9 @@ class Kernel:
         return self.ipr.get_links(index)[0]
 
     def vxlan_attrs(self, index: int) -> dict:
-        if self.link_kind(index) != "vxlan":
-            return {}
         info = self.link(index).get("IFLA_LINKINFO")
+        if not info or info.get("IFLA_INFO_KIND") != "vxlan":
+            return {}
         return dict((k, v) for k, v in info.get("IFLA_INFO_DATA")["attrs"] if k.startswith("IFLA_VXLAN"))
 
     def create_vxlan(self, name: str, vni: int, port: int, local: str, link_index: int, mac: str, mtu: int) -> int:
