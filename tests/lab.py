@@ -2,7 +2,8 @@
 
 Layout (prefix P is unique per lab):
     P-sw   the "switch": Linux bridge br0 192.0.2.2/24, etcd listening on 192.0.2.2:2379
-    P-h1…  one namespace per host, eth0 192.0.2.11…/24 plugged into the switch
+    P-h1…  one namespace per host, eth0 192.0.2.11…/24 plugged into the switch (an IPv6 underlay lab also
+           gives eth0 2001:db8:0:2::11…/64)
     P-hNcM "containers": namespaces with eth0 on host N's bridge cbr0 (FLANNEL_SUBNET's gateway)
 
 Everything created is recorded and removed by close(), also after a failure (the pytest fixture calls it).
@@ -36,6 +37,7 @@ from pyflannel.daemon.flags import DNS_ADDRESS
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 UNDERLAY = ipaddress.IPv4Network("192.0.2.0/24")
+UNDERLAY6 = ipaddress.IPv6Network("2001:db8:0:2::/64")
 SWITCH_IP = "192.0.2.2"
 ROUTER_IP = "192.0.2.254"          # the lab's "internet" router, on the underlay (add_outside)
 OUTSIDE_IP = "203.0.113.1"         # a documentation address behind it: the "internet"
@@ -148,8 +150,9 @@ class Process:
 @dataclass
 class Container:
     ns: str
-    ip: str
+    ip: str | None  # None: an IPv6-only network
     host: "Host"
+    ip6: str | None = None
 
 
 @dataclass
@@ -162,6 +165,7 @@ class Host:
     daemon: Process | None = None
     containers: list[Container] = field(default_factory=list)
     engine: str = "20.10"
+    ip6: str | None = None  # eth0's IPv6 address in an IPv6 underlay lab
 
     @property
     def subnet_file(self) -> Path:
@@ -348,32 +352,46 @@ class Host:
         """A container bridge holding FLANNEL_SUBNET, as the Docker driver or CNI plugin would make it."""
         env = self.subnet_env(network)
         self.sh("ip", "link", "add", name, "type", "bridge")
-        self.sh("ip", "addr", "add", env["FLANNEL_SUBNET"], "dev", name)
+        if "FLANNEL_SUBNET" in env:
+            self.sh("ip", "addr", "add", env["FLANNEL_SUBNET"], "dev", name)
+        if "FLANNEL_IPV6_SUBNET" in env:
+            self.sh("ip", "addr", "add", env["FLANNEL_IPV6_SUBNET"], "dev", name, "nodad")
         self.sh("ip", "link", "set", name, "mtu", env["FLANNEL_MTU"], "up")
 
     def add_container(self, bridge: str = "cbr0", network: str = "") -> Container:
+        """A namespace on `bridge` with the next address of each family the network has, and default routes."""
         env = self.subnet_env(network)
-        gateway = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"])
         index = len(self.containers) + 1
-        ip = gateway.ip + index
         ns = self.lab.add_ns(f"{self.name}c{index}")
         host_end = f"ve{index}"
         self.sh("ip", "link", "add", host_end, "mtu", env["FLANNEL_MTU"], "type", "veth", "peer", "name", "eth0",
                 "mtu", env["FLANNEL_MTU"], "netns", ns)
         self.sh("ip", "link", "set", host_end, "master", bridge, "up")
-        sh("ip", "addr", "add", f"{ip}/{gateway.network.prefixlen}", "dev", "eth0", ns=ns)
+        addresses = []
+        for key, flags in (("FLANNEL_SUBNET", ()), ("FLANNEL_IPV6_SUBNET", ("nodad",))):
+            if key not in env:
+                addresses.append(None)
+                continue
+            gateway = ipaddress.ip_interface(env[key])
+            ip = gateway.ip + index
+            sh("ip", "addr", "add", f"{ip}/{gateway.network.prefixlen}", "dev", "eth0", *flags, ns=ns)
+            addresses.append((str(ip), str(gateway.ip)))
         sh("ip", "link", "set", "eth0", "up", ns=ns)
         sh("ip", "link", "set", "lo", "up", ns=ns)
-        sh("ip", "route", "add", "default", "via", str(gateway.ip), ns=ns)
-        container = Container(ns, str(ip), self)
+        for family, pair in zip(("-4", "-6"), addresses):
+            if pair:
+                sh("ip", family, "route", "add", "default", "via", pair[1], ns=ns)
+        container = Container(ns, addresses[0] and addresses[0][0], self, addresses[1] and addresses[1][0])
         self.containers.append(container)
         return container
 
 
 class Lab:
-    def __init__(self, hosts: int = 3, etcd: bool = True, etcd_api: str = "v2"):
-        """`etcd_api` v3: etcd runs without the v2 API (as 3.5+ does) and the helpers below use v3."""
+    def __init__(self, hosts: int = 3, etcd: bool = True, etcd_api: str = "v2", underlay_ipv6: bool = False):
+        """`etcd_api` v3: etcd runs without the v2 API (as 3.5+ does) and the helpers below use v3.
+        `underlay_ipv6`: the hosts' eth0 also hold an IPv6 address of UNDERLAY6 (the switch has ::2)."""
         self.etcd_api = etcd_api
+        self.underlay_ipv6 = underlay_ipv6
         self.tag = f"pf{os.getpid() % 10000}{int(time.time() * 1000) % 1000:03d}"
         self.prefix_key = "/coreos.com/network"
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
@@ -388,6 +406,8 @@ class Lab:
             self.switch = self.add_ns("sw")
             sh("ip", "link", "add", "br0", "type", "bridge", ns=self.switch)
             sh("ip", "addr", "add", f"{SWITCH_IP}/24", "dev", "br0", ns=self.switch)
+            if underlay_ipv6:
+                sh("ip", "addr", "add", f"{UNDERLAY6.network_address + 2}/64", "dev", "br0", "nodad", ns=self.switch)
             sh("ip", "link", "set", "br0", "up", ns=self.switch)
             sh("ip", "link", "set", "lo", "up", ns=self.switch)
             for i in range(1, hosts + 1):
@@ -415,11 +435,15 @@ class Lab:
         sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", f"port{index}", "netns", self.switch, ns=ns)
         sh("ip", "link", "set", f"port{index}", "master", "br0", "up", ns=self.switch)
         sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", ns=ns)
+        ip6 = None
+        if self.underlay_ipv6:
+            ip6 = str(UNDERLAY6.network_address + 10 + index)
+            sh("ip", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad", ns=ns)
         sh("ip", "link", "set", "eth0", "up", ns=ns)
-        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=ns)
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", ns=ns)
         workdir = self.workdir / name
         workdir.mkdir()
-        host = Host(self, name, ns, ip, workdir)
+        host = Host(self, name, ns, ip, workdir, ip6=ip6)
         self.hosts.append(host)
         return host
 
