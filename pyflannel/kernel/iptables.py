@@ -1,7 +1,8 @@
 """The one iptables runner: argument lists (never a shell), `-w` to wait for the xtables lock, one timeout.
 
 Rules are token lists such as ["-s", "10.5.0.0/16", "-j", "MASQUERADE"], without the chain; every function takes
-the table and the chain apart from them.
+the table and the chain apart from them. `v6=True` runs ip6tables instead, for IPv6 rules: same tables, same
+chains, same rule syntax.
 """
 from __future__ import annotations
 
@@ -16,69 +17,75 @@ TIMEOUT_SECONDS = 10    # a hung iptables must not hang a Docker call, a CNI cal
 
 
 class IptablesMissing(KernelError):
-    """iptables is not installed."""
+    """iptables (or ip6tables) is not installed."""
 
 
-def available() -> bool:
-    return shutil.which("iptables") is not None
+def _program(v6: bool) -> str:
+    return "ip6tables" if v6 else "iptables"
 
 
-def run(table: str, *args: str) -> subprocess.CompletedProcess:
+def available(*, v6: bool = False) -> bool:
+    return shutil.which(_program(v6)) is not None
+
+
+def run(table: str, *args: str, v6: bool = False) -> subprocess.CompletedProcess:
     """`iptables -w 5 -t TABLE ARGS…`; the result, whatever its exit code. KernelError if it cannot run at all."""
-    path = shutil.which("iptables")
+    program = _program(v6)
+    path = shutil.which(program)
     if path is None:
-        raise IptablesMissing("iptables is not installed")
+        raise IptablesMissing(f"{program} is not installed")
     try:
         return subprocess.run([path, "-w", str(LOCK_WAIT_SECONDS), "-t", table, *args], capture_output=True,
                               text=True, timeout=TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
-        raise KernelError(f"iptables -t {table} {shlex.join(args)} did not finish within {TIMEOUT_SECONDS}s") from None
+        raise KernelError(f"{program} -t {table} {shlex.join(args)} did not finish within {TIMEOUT_SECONDS}s") \
+            from None
     except OSError as e:
-        raise KernelError(f"cannot run iptables: {e.strerror}") from None
+        raise KernelError(f"cannot run {program}: {e.strerror}") from None
 
 
-def must(table: str, *args: str) -> str:
+def must(table: str, *args: str, v6: bool = False) -> str:
     """run(), and KernelError with iptables' own words unless it succeeded; returns its output."""
-    done = run(table, *args)
+    done = run(table, *args, v6=v6)
     if done.returncode != 0:
         why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
-        raise KernelError(f"iptables -t {table} {shlex.join(args)}: {why}")
+        raise KernelError(f"{_program(v6)} -t {table} {shlex.join(args)}: {why}")
     return done.stdout
 
 
-def exists(table: str, chain: str, rule: list[str]) -> bool:
-    return run(table, "-C", chain, *rule).returncode == 0
+def exists(table: str, chain: str, rule: list[str], *, v6: bool = False) -> bool:
+    return run(table, "-C", chain, *rule, v6=v6).returncode == 0
 
 
-def ensure(table: str, chain: str, rule: list[str], first: bool = False) -> bool:
+def ensure(table: str, chain: str, rule: list[str], first: bool = False, *, v6: bool = False) -> bool:
     """Add `rule` to `chain` unless it is there (at the top with `first`); True if it was added."""
-    if exists(table, chain, rule):
+    if exists(table, chain, rule, v6=v6):
         return False
     if first:
-        must(table, "-I", chain, "1", *rule)
+        must(table, "-I", chain, "1", *rule, v6=v6)
     else:
-        must(table, "-A", chain, *rule)
+        must(table, "-A", chain, *rule, v6=v6)
     return True
 
 
-def remove(table: str, chain: str, rule: list[str]) -> None:
+def remove(table: str, chain: str, rule: list[str], *, v6: bool = False) -> None:
     """Delete every copy of `rule` from `chain` (none is fine)."""
     for _ in range(8):  # copies, if someone added the rule more than once
-        if not exists(table, chain, rule):
+        if not exists(table, chain, rule, v6=v6):
             return
-        must(table, "-D", chain, *rule)
+        must(table, "-D", chain, *rule, v6=v6)
 
 
-def listing(table: str, chain: str | None = None) -> list[list[str]]:
+def listing(table: str, chain: str | None = None, *, v6: bool = False) -> list[list[str]]:
     """`iptables -S [CHAIN]`: the "-A …" rules as token lists."""
-    out = must(table, "-S", *([chain] if chain else []))
+    out = must(table, "-S", *([chain] if chain else []), v6=v6)
     return [shlex.split(line) for line in out.splitlines() if line.startswith("-A ")]
 
 
-def policy(table: str, chain: str) -> str | None:
+def policy(table: str, chain: str, *, v6: bool = False) -> str | None:
     """A built-in chain's policy (ACCEPT, DROP), None if it cannot be read."""
     try:
-        out = must(table, "-S", chain)
+        out = must(table, "-S", chain, v6=v6)
     except KernelError:
         return None
     for line in out.splitlines():
@@ -87,11 +94,11 @@ def policy(table: str, chain: str) -> str | None:
     return None
 
 
-def ensure_chain(table: str, chain: str) -> None:
+def ensure_chain(table: str, chain: str, *, v6: bool = False) -> None:
     """Create `chain` unless it exists."""
-    if run(table, "-S", chain).returncode != 0:
-        must(table, "-N", chain)
+    if run(table, "-S", chain, v6=v6).returncode != 0:
+        must(table, "-N", chain, v6=v6)
 
 
-def flush(table: str, chain: str) -> None:
-    must(table, "-F", chain)
+def flush(table: str, chain: str, *, v6: bool = False) -> None:
+    must(table, "-F", chain, v6=v6)
