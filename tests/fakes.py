@@ -159,7 +159,7 @@ class FakeKernel:
 
 
 class FakePlumbing:
-    """The driver's Plumbing seam as dicts: bridges by name -> (gateway, mtu), veth pairs by host end ->
+    """The driver's Plumbing seam as dicts: bridges by name -> (gateway, mtu[, IPv6 gateway]), veth pairs by host end ->
     (container end, bridge, mtu, mac); `refuse` names operations that fail as the kernel would."""
 
     def __init__(self):
@@ -184,9 +184,9 @@ class FakePlumbing:
     def routes_overlapping(network) -> list[str]:
         return []
 
-    def ensure_bridge(self, name, gateway, mtu) -> None:
+    def ensure_bridge(self, name, gateway, mtu, gateway6=None) -> None:
         self._check("ensure_bridge")
-        self.bridges[name] = (gateway, mtu)
+        self.bridges[name] = (gateway, mtu) if gateway6 is None else (gateway, mtu, gateway6)
 
     def delete_bridge(self, name) -> None:
         self.bridges.pop(name, None)

@@ -104,7 +104,7 @@ BAD_REQUESTS = [
                                       "Interface": {"Address": "10.5.34.7/24", "MacAddress": "zz:zz"}},
      "Interface.MacAddress"),
     ("NetworkDriver.CreateEndpoint", {"NetworkID": NID, "EndpointID": EID,
-                                      "Interface": {"Address": "10.5.34.7/24", "AddressIPv6": "fd00::7/64"}},
+                                      "Interface": {"Address": "10.5.34.7/24", "AddressIPv6": "fd00::7"}},
      "Interface.AddressIPv6"),
     ("NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID, "SandboxKey": 5}, "SandboxKey"),
     ("NetworkDriver.Join", {"NetworkID": NID, "EndpointID": EID, "Options": "x"}, "Options"),

@@ -21,6 +21,11 @@
              -i <bridge> -d 127.0.0.0/8 ! --ctstate RELATED,ESTABLISHED -j DROP    but its containers cannot open
                                                                   connections to the host's loopback
 
+A network with IPv6 (`--ipv6`) gets the same rules for its IPv6 lease and Network through ip6tables, in chains of
+the same names: isolation from the IPv6 devices (flannel-v6.<VNI>; WireGuard's match flannel-wg+), egress masquerade,
+hairpin, and a DNAT rule per published port to the container's IPv6 address. Not PYFLANNEL-INPUT: IPv6 has no
+route_localnet (the kernel never routes ::1 out of a link), so `[::1]:PORT` is not published.
+
 Traffic between flannel addresses is never masqueraded (flannel's rule). At start the driver rewrites these chains
 from its state, so a crash neither loses nor leaks a rule.
 """
@@ -33,8 +38,10 @@ NAT_OUT = "PYFLANNEL-NAT-OUT"
 PORTS = "PYFLANNEL-PORTS"
 ISOLATION = "PYFLANNEL-ISOLATION"
 INPUT = "PYFLANNEL-INPUT"
-# the devices of every flannel network: VXLAN's flannel.<VNI>, WireGuard's flannel-wg and flannel-wg.<VNI>
+# the devices of every flannel network: VXLAN's flannel.<VNI>, WireGuard's flannel-wg and flannel-wg.<VNI>; for
+# IPv6 VXLAN's flannel-v6.<VNI> (and WireGuard's flannel-wg-v6…)
 OVERLAY_DEVICES = ("flannel.+", "flannel-wg+")
+OVERLAY_DEVICES6 = ("flannel-v6.+", "flannel-wg+")
 CHAINS = (("nat", NAT_OUT), ("nat", PORTS), ("filter", ISOLATION), ("filter", INPUT))
 # Where our chains are hooked in: (table, built-in chain, rule, first?)
 HOOKS = (
@@ -51,51 +58,78 @@ class Rule:
     table: str
     chain: str
     args: tuple[str, ...]
+    v6: bool = False  # an ip6tables rule
 
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """What a network's rules depend on."""
+    """What a network's rules depend on; the IPv6 lease and Network only with --ipv6."""
     bridge: str
     lease: ipaddress.IPv4Network
     flannel_network: ipaddress.IPv4Network
     masquerade: bool
     internal: bool
+    lease6: ipaddress.IPv6Network | None = None
+    flannel_network6: ipaddress.IPv6Network | None = None
 
 
 @dataclass(frozen=True)
 class Published:
-    """One published port of one container."""
+    """One published port of one container: to its IPv4 address, and to its IPv6 address (if it has one) unless
+    the host address is an IPv4 one."""
     proto: str
-    host_ip: str            # "" for every address of the host
+    host_ip: str            # "" for every address of the host, IPv4 and IPv6
     host_port: int
     container_ip: str
     port: int
+    container_ip6: str = ""
 
     def describe(self) -> str:
-        return f"{self.host_ip or '0.0.0.0'}:{self.host_port}/{self.proto} -> {self.container_ip}:{self.port}"
+        to = self.container_ip + (f", [{self.container_ip6}]" if self.container_ip6 else "")
+        return f"{self.host_ip or '*'}:{self.host_port}/{self.proto} -> {to}:{self.port}"
 
 
 def network_rules(net: NetworkSpec) -> list[Rule]:
-    lease, network = str(net.lease), str(net.flannel_network)
+    rules = _family_rules(net, net.lease, net.flannel_network, OVERLAY_DEVICES, v6=False)
+    if net.lease6 is not None:
+        rules += _family_rules(net, net.lease6, net.flannel_network6, OVERLAY_DEVICES6, v6=True)
+    if not net.internal:
+        rules.append(Rule("filter", INPUT, ("-i", net.bridge, "-d", "127.0.0.0/8", "-m", "conntrack", "!",
+                                            "--ctstate", "RELATED,ESTABLISHED", "-j", "DROP")))
+    return rules
+
+
+def _family_rules(net: NetworkSpec, lease, network, devices: tuple[str, ...], v6: bool) -> list[Rule]:
+    """The rules of one address family (iptables or ip6tables) but PYFLANNEL-INPUT's."""
+    lease, network = str(lease), str(network)
     if net.internal:
-        return [Rule("filter", ISOLATION, ("-i", net.bridge, "!", "-d", network, "-j", "DROP")),
-                Rule("filter", ISOLATION, ("-o", net.bridge, "!", "-s", network, "-j", "DROP"))]
-    rules = [Rule("nat", NAT_OUT, ("-s", lease, "!", "-d", network, "-j", "MASQUERADE"))] if net.masquerade else []
+        return [Rule("filter", ISOLATION, ("-i", net.bridge, "!", "-d", network, "-j", "DROP"), v6),
+                Rule("filter", ISOLATION, ("-o", net.bridge, "!", "-s", network, "-j", "DROP"), v6)]
+    rules = [Rule("nat", NAT_OUT, ("-s", lease, "!", "-d", network, "-j", "MASQUERADE"), v6)] if net.masquerade else []
     return rules + [
         Rule("filter", ISOLATION, ("-o", net.bridge, "!", "-s", network, "-m", "conntrack", "!", "--ctstate",
-                                   "RELATED,ESTABLISHED,DNAT", "-j", "DROP")),
-        *(Rule("filter", ISOLATION, ("-i", net.bridge, "-o", devices, "!", "-d", network, "-j", "DROP"))
-          for devices in OVERLAY_DEVICES),
-        Rule("nat", NAT_OUT, ("-o", net.bridge, "-m", "addrtype", "--src-type", "LOCAL", "-j", "MASQUERADE")),
+                                   "RELATED,ESTABLISHED,DNAT", "-j", "DROP"), v6),
+        *(Rule("filter", ISOLATION, ("-i", net.bridge, "-o", device, "!", "-d", network, "-j", "DROP"), v6)
+          for device in devices),
+        Rule("nat", NAT_OUT, ("-o", net.bridge, "-m", "addrtype", "--src-type", "LOCAL", "-j", "MASQUERADE"), v6),
         Rule("nat", NAT_OUT, ("-o", net.bridge, "-s", lease, "-m", "conntrack", "--ctstate", "DNAT", "-j",
-                              "MASQUERADE")),
-        Rule("filter", INPUT, ("-i", net.bridge, "-d", "127.0.0.0/8", "-m", "conntrack", "!", "--ctstate",
-                               "RELATED,ESTABLISHED", "-j", "DROP")),
+                              "MASQUERADE"), v6),
     ]
 
 
-def port_rule(p: Published) -> Rule:
+def port_rules(ports: list[Published]) -> list[Rule]:
+    """The DNAT rules of published ports: IPv4 to the container's IPv4 address, IPv6 to its IPv6 address."""
+    rules = []
+    for p in ports:
+        host_v6 = ":" in p.host_ip
+        if not host_v6:
+            rules.append(_dnat(p, p.container_ip, v6=False))
+        if p.container_ip6 and (host_v6 or not p.host_ip):
+            rules.append(_dnat(p, f"[{p.container_ip6}]", v6=True))
+    return rules
+
+
+def _dnat(p: Published, container: str, v6: bool) -> Rule:
     where = ("-d", p.host_ip) if p.host_ip else ()
     return Rule("nat", PORTS, ("-p", p.proto, *where, "--dport", str(p.host_port), "-j", "DNAT",
-                               "--to-destination", f"{p.container_ip}:{p.port}"))
+                               "--to-destination", f"{container}:{p.port}"), v6)

@@ -17,6 +17,13 @@ so Docker's rollback of a refused `network create` cannot take the gateway away 
 
 A pool's leftover allocations are dropped by ReleasePool only when no pyflannel network uses the lease any more.
 
+IPv6 (`docker network create --ipv6`): Docker asks for a second pool (V6), answered with this host's IPv6 lease in
+the same flannel network (FLANNEL_IPV6_SUBNET; its config needs EnableIPv6 and IPv6Network), gateway its first
+address, PoolID "pyflannel/fd00:5:0:27::/64" ("pyflannel/shop/fd00:5:0:27::/64"). Addresses are handed out from it
+as from the IPv4 lease. A flannel network without IPv4 (EnableIPv4 false) cannot answer the IPv4 pool Docker < 28
+always asks for: that RequestPool is refused, saying so; a V6 RequestPool alone (Docker 28's --ipv4=false) is
+answered.
+
 RequestPool refuses (instead of answering the same pool again) in the cases where dockerd would otherwise loop
 forever: for a local-scope network created without --subnet, Docker checks the pool against the host's routes and,
 on overlap, calls RequestPool again and again expecting another pool. So RequestPool fails with a clear message
@@ -46,6 +53,8 @@ POOL_ID_PREFIX = "pyflannel/"
 LOCAL_ADDRESS_SPACE = "pyflannel-local"
 GLOBAL_ADDRESS_SPACE = "pyflannel-global"
 HOW_TO_CREATE = "docker network create -d pyflannel --ipam-driver pyflannel NAME"
+HOW_TO_ENABLE_IPV6 = ("set \"EnableIPv6\": true and an \"IPv6Network\" (e.g. \"fd00:5::/48\") in its etcd config and "
+                      "restart pyflanneld, or create the network without --ipv6")
 OPT_NETWORK = "pyflannel.network"  # --ipam-opt: the flannel network's name
 OPT_BACKEND = "pyflannel.backend"  # --ipam-opt: a new flannel network's backend (vxlan, wireguard)
 POOL_LOOP_LIMIT = 16
@@ -59,6 +68,29 @@ def flannel_name(net_or_pool: dict) -> str:
 
 def describe_flannel(name: str) -> str:
     return f"flannel network {name}" if name else "the default flannel network"
+
+
+def network_pools(net: dict) -> set[str]:
+    """The pools a network record uses: its IPv4 lease and, with --ipv6, its IPv6 lease."""
+    return {net["pool"], net.get("pool6")} - {None}
+
+
+def family_lease(env: subnetenv.SubnetEnv, v6: bool):
+    """(lease, gateway with the lease's prefix) of one family; (None, None) if the flannel network lacks it."""
+    return (env.lease6, env.ipv6_subnet) if v6 else (env.lease, env.subnet)
+
+
+def no_ipv6_error(name: str) -> RefusedError:
+    return RefusedError(f"--ipv6: {describe_flannel(name)} has no IPv6 on this host (its subnet.env has no "
+                        f"FLANNEL_IPV6_SUBNET): {HOW_TO_ENABLE_IPV6}")
+
+
+def ipv6_only_error(name: str) -> RefusedError:
+    return RefusedError(
+        f"{describe_flannel(name)} is IPv6-only (its etcd config has \"EnableIPv4\": false; subnet.env has no "
+        f"FLANNEL_SUBNET), but Docker asked for an IPv4 pool: Docker before 28 always does, even with --ipv6. Use "
+        f"Docker 28 or later with `docker network create --ipv4=false --ipv6 -d pyflannel --ipam-driver pyflannel "
+        f"NAME`, or enable IPv4 in the flannel network's config (\"EnableIPv4\": true and a \"Network\")")
 
 
 def existing_network_error(network_id: str, net: dict) -> RefusedError:
@@ -123,29 +155,26 @@ class LeaseSource:
         except subnetenv.SubnetEnvError as e:
             what = f"lease in flannel network {name}" if name else "flannel lease"
             raise UnavailableError(f"no {what} on this host: {e}") from None
-        if env.lease.num_addresses < 4:
-            raise UnavailableError(f"{path}: lease {env.lease} is too small to hold a gateway and containers")
+        for lease in (env.lease, env.lease6):
+            if lease is not None and lease.num_addresses < 4:
+                raise UnavailableError(f"{path}: lease {lease} is too small to hold a gateway and containers")
         return env
 
 
-def pool_id(lease: ipaddress.IPv4Network, name: str = "") -> str:
+def pool_id(lease: ipaddress.IPv4Network | ipaddress.IPv6Network, name: str = "") -> str:
     return f"{POOL_ID_PREFIX}{name}/{lease}" if name else f"{POOL_ID_PREFIX}{lease}"
 
 
-def parse_pool_id(pid: str) -> tuple[str, ipaddress.IPv4Network] | None:
-    """(flannel network name, lease) of one of our pool ids, or None."""
+def parse_pool_id(pid: str) -> tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network] | None:
+    """(flannel network name, lease) of one of our pool ids, IPv4 or IPv6, or None."""
     if not pid.startswith(POOL_ID_PREFIX):
         return None
     name, _, cidr = pid[len(POOL_ID_PREFIX):].rpartition("/")
     name, _, address = name.rpartition("/")
     try:
-        return name, ipaddress.IPv4Network(f"{address}/{cidr}")
+        return name, ipaddress.ip_network(f"{address}/{cidr}")
     except ValueError:
         return None
-
-
-def gateway_data(env: subnetenv.SubnetEnv) -> dict:
-    return {v.GATEWAY_TYPE: str(env.subnet)}
 
 
 class PoolAllocations(AddressStore):
@@ -155,8 +184,8 @@ class PoolAllocations(AddressStore):
     def __init__(self, pool: dict, taken: set[str]):
         self.pool, self.taken = pool, taken
 
-    def last(self) -> ipaddress.IPv4Address | None:
-        return ipaddress.IPv4Address(self.pool["last"]) if self.pool["last"] else None
+    def last(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        return ipaddress.ip_address(self.pool["last"]) if self.pool["last"] else None
 
     def reserve(self, ip: ipaddress.IPv4Address, owner: str) -> bool:
         if str(ip) in self.taken:
@@ -190,8 +219,6 @@ class Ipam:
     # --- pools ------------------------------------------------------------------------------------------------------
 
     def request_pool(self, req: v.RequestPool) -> dict:
-        if req.v6:
-            raise RefusedError("IPv6 is not supported by pyflannel: create the network without --ipv6")
         if req.address_space not in ("", LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE):
             raise ValidationError("AddressSpace", f"unknown address space {req.address_space!r} (pyflannel has "
                                                   f"{LOCAL_ADDRESS_SPACE!r} and {GLOBAL_ADDRESS_SPACE!r})")
@@ -211,44 +238,59 @@ class Ipam:
             if name in st["leaving"]:  # joined again before the leave could be done: nothing to leave
                 st["leaving"].remove(name)
             leave_pending(st, self.daemon)
-        env = self._join(name, req.pool, backend) if name else self._default_lease(req)
-        if req.sub_pool is not None and req.sub_pool != env.lease:
-            raise RefusedError(f"SubPool {req.sub_pool} (--ip-range) is not supported: pyflannel hands out the "
-                               f"whole lease {env.lease}. Create the network without --ip-range: `{HOW_TO_CREATE}`")
-        pid = pool_id(env.lease, name)
-        overlaps = self.plumbing.routes_overlapping(env.lease) if req.pool is None and self.plumbing else []
+        env = self._join(name, req, backend) if name else self._default_lease(req)
+        lease, gateway = family_lease(env, req.v6)
+        problem = (no_ipv6_error(name) if req.v6 else ipv6_only_error(name)) if lease is None else None
+        if problem is None and req.sub_pool is not None and req.sub_pool != lease:
+            problem = RefusedError(f"SubPool {req.sub_pool} (--ip-range) is not supported: pyflannel hands out the "
+                                   f"whole lease {lease}. Create the network without --ip-range: `{HOW_TO_CREATE}`")
+        # Docker's overlap check (and its RequestPool loop) concerns IPv4 pools it did not name
+        overlaps = self.plumbing.routes_overlapping(lease) if (problem is None and req.pool is None and not req.v6
+                                                               and self.plumbing) else []
         if overlaps:
-            if name:  # joined for nothing: leave again
+            advice = ("" if name else f", or name the pool explicitly with `docker network create -d pyflannel "
+                                      f"--ipam-driver pyflannel --subnet {lease} NAME`")
+            problem = RefusedError(f"this host's lease {lease} overlaps the route(s) {', '.join(overlaps)}, so "
+                                   f"Docker would refuse the pool: remove the overlapping route{advice}")
+        if problem is not None:
+            if name:  # joined for nothing: leave again (kept while a pool of the other family uses the network)
                 with self.store.transaction() as st:
                     leave(st, name, self.daemon)
-            advice = ("" if name else f", or name the pool explicitly with `docker network create -d pyflannel "
-                                      f"--ipam-driver pyflannel --subnet {env.lease} NAME`")
-            raise RefusedError(f"this host's lease {env.lease} overlaps the route(s) {', '.join(overlaps)}, so Docker "
-                               f"would refuse the pool: remove the overlapping route{advice}")
+            raise problem
+        pid = pool_id(lease, name)
         with self.store.transaction() as st:
-            self._note_request(env.lease)
-            st["pools"].setdefault(pid, {"pool": str(env.lease), "allocated": [], "last": None, "flannel": name})
-        return {"PoolID": pid, "Pool": str(env.lease), "Data": gateway_data(env)}
+            self._note_request(lease)
+            st["pools"].setdefault(pid, {"pool": str(lease), "allocated": [], "last": None, "flannel": name})
+        return {"PoolID": pid, "Pool": str(lease), "Data": {v.GATEWAY_TYPE: str(gateway)}}
 
     def _default_lease(self, req: v.RequestPool) -> subnetenv.SubnetEnv:
         env = self.lease.current()
-        if req.pool is not None and req.pool != env.lease:
+        lease, _ = family_lease(env, req.v6)
+        if req.pool is not None and lease is not None and req.pool != lease:
             raise RefusedError(
-                f"subnet {req.pool} is not this host's flannel lease {env.lease}: pyflannel hands out only the "
-                f"lease pyflanneld got for this host. Create the network without --subnet: `{HOW_TO_CREATE}`")
+                f"subnet {req.pool} is not this host's flannel {'IPv6 ' if req.v6 else ''}lease {lease}: pyflannel "
+                f"hands out only the lease pyflanneld got for this host. Create the network without --subnet: "
+                f"`{HOW_TO_CREATE}`")
         return env
 
-    def _join(self, name: str, network: ipaddress.IPv4Network | None, backend: str | None) -> subnetenv.SubnetEnv:
-        """This host's lease in the named network, joined first (`network`: its cluster-wide Network, --subnet;
-        `backend`: a new network's)."""
+    def _join(self, name: str, req: v.RequestPool, backend: str | None) -> subnetenv.SubnetEnv:
+        """This host's lease in the named network, joined first (the pool of the request: its cluster-wide Network,
+        --subnet, IPv4 or IPv6; `backend`: a new network's). Joining a network joined already changes nothing."""
         if self.daemon is None:
             raise RefusedError(f"--ipam-opt {OPT_NETWORK}={name}: this driver has no pyflanneld API to join it")
+        network = req.pool if not req.v6 else None  # a new network's config is written with an IPv4 Network
         try:
             self.daemon.join(name, str(network) if network else None, backend)
         except localapi.DaemonError as e:
             error = RefusedError if e.status in (400, 409) else UnavailableError
             raise error(f"cannot join flannel network {name}: {e}") from None
-        return self.lease.current(name)
+        env = self.lease.current(name)
+        if req.v6 and req.pool is not None and env.ipv6_network is not None and req.pool != env.ipv6_network:
+            with self.store.transaction() as st:
+                leave(st, name, self.daemon)
+            raise RefusedError(f"cannot join flannel network {name}: its IPv6Network is {env.ipv6_network} in etcd; "
+                               f"--subnet {req.pool} contradicts it")
+        return env
 
     def _note_request(self, lease) -> None:
         with self._recent_lock:
@@ -270,7 +312,7 @@ class Ipam:
             pool = st["pools"].get(req.pool_id)
             if pool is None:
                 return {}
-            users = [nid for nid, n in st["networks"].items() if n.get("pool") == pool["pool"]]
+            users = [nid for nid, n in st["networks"].items() if pool["pool"] in network_pools(n)]
             if users:
                 # Docker's rollback of a refused second network releases the pool the first one still uses; and
                 # dockerd 20.10 releases it before DeleteNetwork, which then drops it (network.delete_network).
@@ -283,28 +325,30 @@ class Ipam:
 
     # --- addresses --------------------------------------------------------------------------------------------------
 
-    def _current_pool(self, pid: str) -> tuple[subnetenv.SubnetEnv, ipaddress.IPv4Network]:
+    def _current_pool(self, pid: str):
+        """(lease, gateway address) of one of our pools, checked against subnet.env."""
         parsed = parse_pool_id(pid)
         if parsed is None:
             raise ValidationError("PoolID", f"unknown pool {pid[:80]!r} (pyflannel pool ids look like "
                                             f"'{POOL_ID_PREFIX}10.5.34.0/24')")
         name, lease = parsed
-        env = self.lease.current(name)
-        if lease != env.lease:
+        now, gateway = family_lease(self.lease.current(name), lease.version == 6)
+        if lease != now:
             raise RefusedError(f"pool {lease} is no longer this host's lease in {describe_flannel(name)} (now "
-                               f"{env.lease}; did pyflanneld get a new lease?): remove the network and create it again "
-                               f"with `{HOW_TO_CREATE}`")
-        return env, env.lease
+                               f"{now or 'none'}; did pyflanneld get a new lease?): remove the network and create "
+                               f"it again with `{HOW_TO_CREATE}`")
+        return lease, gateway.ip
 
     def request_address(self, req: v.RequestAddress) -> dict:
-        env, lease = self._current_pool(req.pool_id)
-        prefix = lease.prefixlen
+        lease, gateway = self._current_pool(req.pool_id)
+        if req.address is not None and req.address.version != lease.version:
+            raise RefusedError(f"address {req.address} is not an IPv{lease.version} address of pool {lease}")
         if req.is_gateway:
-            if req.address is not None and req.address != env.gateway:
+            if req.address is not None and req.address != gateway:
                 raise RefusedError(f"gateway {req.address} is not possible: the gateway of a pyflannel network is the "
-                                   f"first address of this host's lease, {env.gateway}. Create the network without "
+                                   f"first address of this host's lease, {gateway}. Create the network without "
                                    f"--gateway: `{HOW_TO_CREATE}`")
-            return {"Address": str(env.subnet), "Data": {}}
+            return {"Address": f"{gateway}/{lease.prefixlen}", "Data": {}}
         with self.store.transaction() as st:
             pool = st["pools"].setdefault(req.pool_id, {"pool": str(lease), "allocated": [], "last": None,
                                                         "flannel": parse_pool_id(req.pool_id)[0]})
@@ -313,17 +357,17 @@ class Ipam:
                 ip = req.address
                 if ip not in lease or ip in (lease.network_address, lease.broadcast_address):
                     raise RefusedError(f"address {ip} is not a host address of this host's lease {lease}")
-                if ip == env.gateway:
+                if ip == gateway:
                     raise RefusedError(f"address {ip} is the gateway of this host's lease {lease}")
                 if str(ip) in allocated:
                     raise RefusedError(f"address {ip} is already in use")
             else:
-                ip = allocate(AddressRange.of(lease, gateway=env.gateway), PoolAllocations(pool, allocated))
+                ip = allocate(AddressRange.of(lease, gateway=gateway), PoolAllocations(pool, allocated))
                 if ip is None:
                     raise RefusedError(f"no free address left in this host's lease {lease} "
                                        f"({len(allocated)} containers hold addresses)")
-            pool["allocated"] = sorted(allocated | {str(ip)}, key=lambda a: ipaddress.IPv4Address(a))
-        return {"Address": f"{ip}/{prefix}", "Data": {}}
+            pool["allocated"] = sorted(allocated | {str(ip)}, key=ipaddress.ip_address)
+        return {"Address": f"{ip}/{lease.prefixlen}", "Data": {}}
 
     def release_address(self, req: v.ReleaseAddress) -> dict:
         with self.store.transaction() as st:

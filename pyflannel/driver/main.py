@@ -71,7 +71,8 @@ def main(argv=None) -> int:
                          daemon_socket=args.daemon_socket)
         try:
             env = subnetenv.read(args.subnet_file)
-            log.info("this host's lease: %s (gateway %s, MTU %d)", env.lease, env.gateway, env.mtu)
+            log.info("this host's lease: %s (gateway %s), IPv6 %s (gateway %s), MTU %d", env.lease, env.gateway,
+                     env.lease6, env.gateway6, env.mtu)
         except subnetenv.SubnetEnvError as e:
             log.warning("%s; Docker calls will fail until it exists", e)
         publisher = None

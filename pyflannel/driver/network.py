@@ -33,7 +33,7 @@ from .errors import PlumbingError, RefusedError, UnavailableError, ValidationErr
 from pyflannel import localapi
 
 from .ipam import (HOW_TO_CREATE, LeaseSource, describe_flannel, drop_pool, existing_network_error, flannel_name,
-                   leave_pending)
+                   ipv6_only_error, leave_pending, network_pools, no_ipv6_error)
 from .plumbing import BRIDGE_PREFIX, VETH_CONTAINER_PREFIX, VETH_HOST_PREFIX, Plumbing, bridge_name, veth_names
 from .state import StateStore
 
@@ -48,10 +48,49 @@ def effective_mtu(flannel_mtu: int, option: int | None) -> int:
 
 def network_spec(net: dict) -> firewall.NetworkSpec:
     """A network's state record as its rules' input. Records written before egress NAT existed are masqueraded and
-    not internal; they get their flannel Network at the driver's start or their next create (see migrate)."""
+    not internal; they get their flannel Network at the driver's start or their next create (see migrate). Records
+    without "pool6" (no --ipv6, or written before IPv6) have IPv4 rules only."""
     return firewall.NetworkSpec(net["bridge"], ipaddress.IPv4Network(net["pool"]),
                                 ipaddress.IPv4Network(net["flannel_network"]), net.get("masquerade", True),
-                                net.get("internal", False))
+                                net.get("internal", False),
+                                ipaddress.IPv6Network(net["pool6"]) if net.get("pool6") else None,
+                                ipaddress.IPv6Network(net["flannel_network6"]) if net.get("pool6") else None)
+
+
+def gateway6(net: dict) -> ipaddress.IPv6Interface | None:
+    """A network's IPv6 gateway (with its lease's prefix), None without --ipv6."""
+    return ipaddress.IPv6Interface(net["gateway6"]) if net.get("gateway6") else None
+
+
+def check_pool(data: v.IPAMData, subnet: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:
+    """A CreateNetwork pool must be this host's lease (`subnet`: its first address, the gateway, with its prefix)."""
+    family = "" if subnet.version == 4 else "IPv6 "
+    if data.pool != subnet.network:
+        raise RefusedError(
+            f"subnet {data.pool} is not this host's flannel {family}lease {subnet.network}: a pyflannel network must "
+            f"use the lease pyflanneld got for this host. Create it with `{HOW_TO_CREATE}` (or, with another IPAM "
+            f"driver, --subnet {subnet.network})")
+    if data.gateway is not None and data.gateway.ip != subnet.ip:
+        raise RefusedError(f"gateway {data.gateway.ip} is not the first address of this host's {family}lease "
+                           f"({subnet.ip}): create the network without --gateway")
+
+
+def check_address(field: str, address, pool: str | None, gateway: str | None) -> None:
+    """An endpoint's address (of either family) must be in the network's pool of that family and not its gateway."""
+    if pool is None:
+        raise RefusedError(f"{field} {address}: the network has no IPv6 pool (it was created without --ipv6)")
+    if address.network != ipaddress.ip_network(pool):
+        raise RefusedError(f"{field} {address} is not in the network's subnet {pool}")
+    if address.ip == ipaddress.ip_interface(gateway).ip:
+        raise RefusedError(f"{field} {address} is the network's gateway")
+
+
+def lease_change(net: dict, env) -> str:
+    """How this host's leases differ from the network's pools, as "A to B"; "" when they do not."""
+    changes = [f"{net['pool']} to {env.lease}"] if net["pool"] != str(env.lease) else []
+    if net.get("pool6") and net["pool6"] != str(env.lease6):
+        changes.append(f"{net['pool6']} to {env.lease6 or 'no IPv6 lease'}")
+    return " and ".join(changes)
 
 
 def migrate(net: dict, env) -> dict:
@@ -82,8 +121,6 @@ class NetworkDriver:
     # --- networks ---------------------------------------------------------------------------------------------------
 
     def create_network(self, req: v.CreateNetwork) -> dict:
-        if req.ipv6_requested:
-            raise RefusedError("IPv6 is not supported by pyflannel: create the network without --ipv6")
         if req.ipv4_disabled:
             raise RefusedError("a pyflannel network needs IPv4: create it without --ipv4=false")
         if len(req.ipv4) != 1:
@@ -92,19 +129,20 @@ class NetworkDriver:
         data = req.ipv4[0]
         name = next((flannel_name(p) for p in self.store.load()["pools"].values() if p["pool"] == str(data.pool)), "")
         env = self.lease.current(name)
-        if data.pool != env.lease:
-            raise RefusedError(
-                f"subnet {data.pool} is not this host's flannel lease {env.lease}: a pyflannel network must use "
-                f"the lease pyflanneld got for this host. Create it with `{HOW_TO_CREATE}` (or, with another IPAM "
-                f"driver, --subnet {env.lease})")
-        if data.gateway is not None and data.gateway.ip != env.gateway:
-            raise RefusedError(f"gateway {data.gateway.ip} is not the first address of this host's lease "
-                               f"({env.gateway}): create the network without --gateway")
+        if env.lease is None:
+            raise ipv6_only_error(name)
+        check_pool(data, env.subnet)
+        if req.ipv6_requested:
+            if env.lease6 is None:
+                raise no_ipv6_error(name)
+            if len(req.ipv6) != 1:
+                raise ValidationError("IPv6Data", f"--ipv6 needs exactly one IPv6 pool, got {len(req.ipv6)}: "
+                                                  f"`{HOW_TO_CREATE} --ipv6`")
+            check_pool(req.ipv6[0], env.ipv6_subnet)
         if req.mtu_option and req.mtu_option > env.mtu:  # `docker network inspect` would show an MTU not in force
             raise RefusedError(f"-o {v.OPT_MTU}={req.mtu_option} is above this overlay's MTU {env.mtu} "
                                f"(FLANNEL_MTU: the underlay's MTU less the encapsulation): bigger packets would not "
                                f"cross it. Use at most {env.mtu}, or leave the option out")
-        gateway = ipaddress.IPv4Interface(f"{env.gateway}/{env.lease.prefixlen}")
         with self.store.transaction() as st:
             known = st["networks"].get(req.network_id)
             if known is not None:  # repeated call: same answer, repair the bridge and rules if needed
@@ -114,13 +152,22 @@ class NetworkDriver:
                 if flannel_name(other) == name:
                     raise existing_network_error(other_id, other)
             bridge = bridge_name(req.network_id)
-            net = {"bridge": bridge, "pool": str(env.lease), "gateway": str(gateway), "mtu_option": req.mtu_option,
+            net = {"bridge": bridge, "pool": str(env.lease), "gateway": str(env.subnet), "mtu_option": req.mtu_option,
                    "flannel_network": str(env.network), "masquerade": req.masquerade, "internal": req.internal,
                    "flannel": name}
-            self._plug_network(net, env.mtu)
+            if req.ipv6_requested:
+                net.update(pool6=str(env.lease6), gateway6=str(env.ipv6_subnet), flannel_network6=str(env.ipv6_network))
+            existed = bridge in self.plumbing.links()  # e.g. a device in the way: reported, never deleted
+            try:
+                self._plug_network(net, env.mtu)
+            except Exception:  # nothing of a network Docker will not have stays behind
+                self._quietly(self.plumbing.remove_rules, firewall.network_rules(network_spec(net)))
+                if not existed:
+                    self._quietly(self.plumbing.delete_bridge, bridge)
+                raise
             st["networks"][req.network_id] = net
-        log.info("network %s created on %s: bridge %s, %s", req.network_id[:12], describe_flannel(name), bridge,
-                 gateway)
+        log.info("network %s created on %s: bridge %s, %s%s", req.network_id[:12], describe_flannel(name), bridge,
+                 env.subnet, f", {env.ipv6_subnet}" if req.ipv6_requested else "")
         return {}
 
     def _plug_network(self, net: dict, flannel_mtu: int) -> None:
@@ -130,7 +177,7 @@ class NetworkDriver:
 
     def _bridge_up(self, net: dict, flannel_mtu: int) -> None:
         self.plumbing.ensure_bridge(net["bridge"], ipaddress.IPv4Interface(net["gateway"]),
-                                    effective_mtu(flannel_mtu, net["mtu_option"]))
+                                    effective_mtu(flannel_mtu, net["mtu_option"]), gateway6(net))
         if not net.get("internal"):
             self.plumbing.route_localnet(net["bridge"])
 
@@ -140,13 +187,13 @@ class NetworkDriver:
             if net is None:
                 return {}
             unused = [pid for pid, pool in st["pools"].items()  # no network left on it: its allocations are stale
-                      if not any(n["pool"] == pool["pool"] for nid, n in st["networks"].items()
+                      if not any(pool["pool"] in network_pools(n) for nid, n in st["networks"].items()
                                  if nid != req.network_id)]
             for pid in unused:
                 drop_pool(st, pid, self.daemon)
             for eid, ep in list(st["endpoints"].items()):
                 if ep["network"] == req.network_id:  # Docker deletes endpoints first; these are leftovers
-                    self.plumbing.remove_rules([firewall.port_rule(p) for p in published(ep)])
+                    self.plumbing.remove_rules(firewall.port_rules(published(ep)))
                     self.plumbing.delete_veth(ep["veth_host"], ep["veth_container"])
                     del st["endpoints"][eid]
             if "flannel_network" in net:  # else a record from before egress NAT, never given rules
@@ -183,13 +230,12 @@ class NetworkDriver:
                     raise RefusedError(f"endpoint {req.endpoint_id[:12]} already belongs to network "
                                        f"{known['network'][:12]}")
                 return self._endpoint_reply(known, iface)
-            pool = ipaddress.IPv4Network(net["pool"])
             address = iface.address if iface else None
             if address is not None:
-                if address.network != pool:
-                    raise RefusedError(f"Interface.Address {address} is not in the network's subnet {pool}")
-                if address.ip == ipaddress.IPv4Interface(net["gateway"]).ip:
-                    raise RefusedError(f"Interface.Address {address} is the network's gateway")
+                check_address("Interface.Address", address, net["pool"], net["gateway"])
+            address6 = iface.address6 if iface else None
+            if address6 is not None:
+                check_address("Interface.AddressIPv6", address6, net.get("pool6"), net.get("gateway6"))
             host, container = veth_names(req.endpoint_id)
             clash = [e for e, ep in st["endpoints"].items() if ep["veth_host"] == host]
             if clash:
@@ -203,7 +249,7 @@ class NetworkDriver:
             st["endpoints"][req.endpoint_id] = {
                 "network": req.network_id, "address": str(address) if address else "", "mac": mac,
                 "mac_generated": generated, "veth_host": host, "veth_container": container,
-                "joined": False, "sandbox": ""}
+                "joined": False, "sandbox": "", "address6": str(address6) if address6 else ""}
             return self._endpoint_reply(st["endpoints"][req.endpoint_id], iface)
 
     def endpoint_oper_info(self, req: v.EndpointRef) -> dict:
@@ -213,14 +259,14 @@ class NetworkDriver:
             return {"Value": {}}
         net = st["networks"].get(ep["network"], {})
         return {"Value": {"bridge": net.get("bridge", ""), "veth_host": ep["veth_host"], "address": ep["address"],
-                          "mac": ep["mac"], "joined": ep["joined"]}}
+                          "address6": ep.get("address6", ""), "mac": ep["mac"], "joined": ep["joined"]}}
 
     def _unplug(self, endpoint_id: str, then) -> dict:
         """Delete an endpoint's veth pair, then `then(state, endpoint)`; an unknown endpoint is no error."""
         with self.store.transaction() as st:
             ep = st["endpoints"].get(endpoint_id)
             if ep is not None:
-                self.plumbing.remove_rules([firewall.port_rule(p) for p in published(ep)])
+                self.plumbing.remove_rules(firewall.port_rules(published(ep)))
                 self.plumbing.delete_veth(ep["veth_host"], ep["veth_container"])
                 then(st, ep)
         return {}
@@ -239,14 +285,14 @@ class NetworkDriver:
             if ep is None or ep["network"] != req.network_id:
                 raise RefusedError(f"endpoint {req.endpoint_id[:12]} is not known to pyflannel on network "
                                    f"{req.network_id[:12]} (CreateEndpoint was not called, or the state was lost)")
-            if net["pool"] != str(env.lease):
+            change = lease_change(net, env)
+            if change:
                 raise RefusedError(f"this host's lease in {describe_flannel(flannel_name(net))} changed from "
-                                   f"{net['pool']} to {env.lease} (did "
-                                   f"pyflanneld get a new lease?): remove the network and create it again with "
-                                   f"`{HOW_TO_CREATE}`")
+                                   f"{change} (did pyflanneld get a new lease?): remove the network and create it "
+                                   f"again with `{HOW_TO_CREATE}`")
             gateway = ipaddress.IPv4Interface(net["gateway"])
             mtu = effective_mtu(env.mtu, net["mtu_option"])
-            self.plumbing.ensure_bridge(net["bridge"], gateway, mtu)
+            self.plumbing.ensure_bridge(net["bridge"], gateway, mtu, gateway6(net))
             try:
                 self.plumbing.ensure_veth(ep["veth_host"], ep["veth_container"], net["bridge"], mtu, ep["mac"])
             except Exception:
@@ -255,11 +301,14 @@ class NetworkDriver:
                 raise
             ep["joined"] = True
             ep["sandbox"] = req.sandbox_key
-        reply = {"InterfaceName": {"SrcName": ep["veth_container"], "DstPrefix": "eth"}, "GatewayIPv6": ""}
-        if net.get("internal"):  # no default route: the flannel Network only, through the bridge
-            return {**reply, "Gateway": "", "DisableGatewayService": True, "StaticRoutes": [
-                {"Destination": net["flannel_network"], "RouteType": 0, "NextHop": str(gateway.ip)}]}
-        return {**reply, "Gateway": str(gateway.ip), "DisableGatewayService": False}
+        reply = {"InterfaceName": {"SrcName": ep["veth_container"], "DstPrefix": "eth"}}
+        v6 = gateway6(net)
+        if net.get("internal"):  # no default routes: the flannel Networks only, through the bridge
+            routes = [(net["flannel_network"], gateway.ip)] + ([(net["flannel_network6"], v6.ip)] if v6 else [])
+            return {**reply, "Gateway": "", "GatewayIPv6": "", "DisableGatewayService": True, "StaticRoutes": [
+                {"Destination": network, "RouteType": 0, "NextHop": str(hop)} for network, hop in routes]}
+        return {**reply, "Gateway": str(gateway.ip), "GatewayIPv6": str(v6.ip) if v6 else "",
+                "DisableGatewayService": False}
 
     def leave(self, req: v.EndpointRef) -> dict:
         return self._unplug(req.endpoint_id, lambda st, ep: ep.update(joined=False, sandbox="", ports=[]))
@@ -279,16 +328,23 @@ class NetworkDriver:
                 raise RefusedError("an --internal pyflannel network publishes no ports: remove -p/-P, or use a "
                                    "network without --internal")
             if not published(ep):  # a repeated call keeps the ports chosen the first time
+                v6_hosts = [str(b.host_ip) for b in bindings if b.host_ip is not None and b.host_ip.version == 6]
+                if v6_hosts and not ep.get("address6"):
+                    raise RefusedError(f"cannot publish on the IPv6 address {v6_hosts[0]}: the container has no IPv6 "
+                                       f"address (its network was created without --ipv6)")
                 taken = {(p.proto, p.host_ip, p.host_port): eid for eid, other in st["endpoints"].items()
                          for p in published(other)}
-                container_ip = str(ipaddress.IPv4Interface(ep["address"]).ip)
-                ep["ports"] = [vars(self._choose(b, container_ip, taken, req.endpoint_id)) for b in bindings]
-            self.plumbing.add_rules([firewall.port_rule(p) for p in published(ep)])
+                ips = (str(ipaddress.IPv4Interface(ep["address"]).ip),
+                       str(ipaddress.IPv6Interface(ep["address6"]).ip) if ep.get("address6") else "")
+                ep["ports"] = [vars(self._choose(b, ips, taken, req.endpoint_id)) for b in bindings]
+            self.plumbing.add_rules(firewall.port_rules(published(ep)))
         log.info("endpoint %s publishes %s", req.endpoint_id[:12], ", ".join(p.describe() for p in published(ep)))
         return {}
 
-    def _choose(self, b: v.PortBinding, container_ip: str, taken: dict, endpoint_id: str) -> firewall.Published:
-        """The binding's host port: the one asked for, the first free one of its range, or (-P) of Docker's."""
+    def _choose(self, b: v.PortBinding, container_ips: tuple[str, str], taken: dict,
+                endpoint_id: str) -> firewall.Published:
+        """The binding's host port: the one asked for, the first free one of its range, or (-P) of Docker's.
+        `container_ips`: the container's IPv4 and IPv6 ("" without) addresses."""
         host_ip = str(b.host_ip) if b.host_ip else ""
         first, last = (b.host_port, b.host_port_end) if b.host_port else EPHEMERAL_PORTS
         clash = None
@@ -301,7 +357,7 @@ class NetworkDriver:
             if self.plumbing.port_in_use(b.proto, host_ip, port):
                 clash = clash or "held by a process on this host"
                 continue
-            chosen = firewall.Published(b.proto, host_ip, port, container_ip, b.port)
+            chosen = firewall.Published(b.proto, host_ip, port, container_ips[0], b.port, container_ips[1])
             taken[(b.proto, host_ip, port)] = endpoint_id
             return chosen
         asked = f"{host_ip or '0.0.0.0'}:{first}" + (f"-{last}" if last != first else "") + f"/{b.proto}"
@@ -315,7 +371,7 @@ class NetworkDriver:
         with self.store.transaction() as st:
             ep = st["endpoints"].get(req.endpoint_id)
             if ep is not None and published(ep):
-                self.plumbing.remove_rules([firewall.port_rule(p) for p in published(ep)])
+                self.plumbing.remove_rules(firewall.port_rules(published(ep)))
                 ep["ports"] = []
         return {}
 
@@ -347,14 +403,15 @@ class NetworkDriver:
                 env = envs.get(flannel_name(net))
                 if env is None:
                     continue
-                if net["pool"] != str(env.lease):
-                    log.warning("network %s uses %s but this host's lease is now %s: recreate the network",
-                                nid[:12], net["pool"], env.lease)
+                change = lease_change(net, env)
+                if change:
+                    log.warning("network %s: this host's lease changed from %s: recreate the network", nid[:12],
+                                change)
                     continue
                 self._quietly(self._bridge_up, migrate(net, env), env.mtu)
                 rules += firewall.network_rules(network_spec(net))
-                rules += [firewall.port_rule(p) for ep in st["endpoints"].values()
-                          if ep["network"] == nid and ep["joined"] for p in published(ep)]
+                rules += firewall.port_rules([p for ep in st["endpoints"].values()
+                                              if ep["network"] == nid and ep["joined"] for p in published(ep)])
             if complete:  # else the rules of a network without its lease would be lost
                 self._quietly(self.plumbing.reset_rules, rules)
             leave_pending(st, self.daemon)

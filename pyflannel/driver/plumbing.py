@@ -1,11 +1,13 @@
 """The driver's kernel plumbing: its names for things, on top of pyflannel.kernel.
 
     host namespace                                               container sandbox (Docker's doing)
-    pfl-<net id[:8]>   bridge, FLANNEL_SUBNET (10.5.34.1/24), up
+    pfl-<net id[:8]>   bridge, FLANNEL_SUBNET (10.5.34.1/24), up; with --ipv6 also FLANNEL_IPV6_SUBNET
+                       (fd00:5:0:27::1/64, without DAD)
       └─ pfv-<ep id[:10]>  veth host end, on the bridge, up  ──── pfc-<ep id[:10]> → moved + renamed eth0 by Docker
 
 Traffic to other hosts' subnets leaves the bridge through the host's routing table (pyflanneld's routes via
-flannel.1 or host-gw); kernel.forwarding lets it through (ip_forward, FORWARD accept rules where the policy is DROP).
+flannel.1 or host-gw); kernel.forwarding lets it through (IPv4 and, with --ipv6, IPv6 forwarding; FORWARD accept
+rules where the policy is DROP).
 
 Names: bridge 12 characters, veth ends 14 (the kernel allows 15). The prefixes mark interfaces as ours; at startup
 the driver deletes any of them its state does not know (see network.NetworkDriver.reconcile). Plumbing is the seam
@@ -41,7 +43,7 @@ _as_plumbing_error = reraised_as(lambda fn, e: PlumbingError(str(e)))
 class Plumbing:
     def __init__(self, proc_sys: str = forwarding.PROC_SYS):
         self.proc_sys = proc_sys
-        self._hooked = False
+        self._hooked: set[bool] = set()  # the families (v6 or not) whose chains are hooked in
 
     @staticmethod
     def links() -> dict[str, dict]:
@@ -53,10 +55,14 @@ class Plumbing:
         return links.routes_overlapping(network)
 
     @_as_plumbing_error
-    def ensure_bridge(self, name: str, gateway: ipaddress.IPv4Interface, mtu: int) -> None:
-        """Create or repair the bridge (kind, gateway address only, MTU, up); then forwarding through it."""
+    def ensure_bridge(self, name: str, gateway: ipaddress.IPv4Interface, mtu: int,
+                      gateway6: ipaddress.IPv6Interface | None = None) -> None:
+        """Create or repair the bridge (kind, gateway addresses only, MTU, up); then forwarding through it."""
         links.ensure_bridge(name, gateway, mtu)
-        forwarding.allow(name, self.proc_sys)
+        if gateway6 is not None:
+            forwarding.enable_ipv6(name, self.proc_sys)
+            links.ensure_gateway6(name, gateway6)
+        forwarding.allow(name, self.proc_sys, v6=gateway6 is not None)
 
     @_as_plumbing_error
     def delete_bridge(self, name: str) -> None:
@@ -95,34 +101,39 @@ class Plumbing:
 
     @_as_plumbing_error
     def reset_rules(self, rules: list[firewall.Rule]) -> None:
-        """Our chains hold exactly `rules` afterwards (at start: the state's rules, nothing else)."""
-        self._hook()
-        for table, chain in firewall.CHAINS:
-            iptables.flush(table, chain)
-        for rule in rules:
-            iptables.must(rule.table, "-A", rule.chain, *rule.args)
+        """Our chains hold exactly `rules` afterwards (at start: the state's rules, nothing else). ip6tables' chains
+        too, where ip6tables exists (or is needed)."""
+        for v6 in (False, True):
+            family = [rule for rule in rules if rule.v6 == v6]
+            if v6 and not family and not iptables.available(v6=True):
+                continue
+            self._hook(v6)
+            for table, chain in firewall.CHAINS:
+                iptables.flush(table, chain, v6=v6)
+            for rule in family:
+                iptables.must(rule.table, "-A", rule.chain, *rule.args, v6=v6)
 
     @_as_plumbing_error
     def add_rules(self, rules: list[firewall.Rule]) -> None:
-        self._hook()
         for rule in rules:
-            iptables.ensure(rule.table, rule.chain, list(rule.args))
+            self._hook(rule.v6)
+            iptables.ensure(rule.table, rule.chain, list(rule.args), v6=rule.v6)
 
     @_as_plumbing_error
     def remove_rules(self, rules: list[firewall.Rule]) -> None:
-        if not iptables.available():
-            return
         for rule in rules:
-            iptables.remove(rule.table, rule.chain, list(rule.args))
+            if iptables.available(v6=rule.v6):
+                iptables.remove(rule.table, rule.chain, list(rule.args), v6=rule.v6)
 
-    def _hook(self) -> None:
-        if self._hooked:
+    def _hook(self, v6: bool) -> None:
+        """Our chains exist in the family's tables and are hooked in (once per process)."""
+        if v6 in self._hooked:
             return
         for table, chain in firewall.CHAINS:
-            iptables.ensure_chain(table, chain)
+            iptables.ensure_chain(table, chain, v6=v6)
         for table, chain, rule, first in firewall.HOOKS:
-            iptables.ensure(table, chain, list(rule), first=first)
-        self._hooked = True
+            iptables.ensure(table, chain, list(rule), first=first, v6=v6)
+        self._hooked.add(v6)
 
     def route_localnet(self, bridge: str) -> None:
         forwarding.route_localnet(bridge, self.proc_sys)

@@ -113,27 +113,49 @@ def object_id(obj: dict, key: str) -> str:
     return value
 
 
-def ipv4_network(value: str, path: str) -> ipaddress.IPv4Network:
+# Per IP version: the types and an example of each form, for error messages.
+FAMILY = {
+    4: (ipaddress.IPv4Network, ipaddress.IPv4Interface, ipaddress.IPv4Address, "10.5.34.0/24", "10.5.34.7"),
+    6: (ipaddress.IPv6Network, ipaddress.IPv6Interface, ipaddress.IPv6Address, "fd00:5:0:27::/64", "fd00:5:0:27::7"),
+}
+
+
+def ip_network(value: str, path: str, version: int = 4):
+    network_type, _, _, example, _ = FAMILY[version]
     try:
-        return ipaddress.IPv4Network(value, strict=False)
+        return network_type(value, strict=False)
     except ValueError:
-        raise ValidationError(path, f"must be an IPv4 network like 10.5.34.0/24, got {value[:80]!r}") from None
+        raise ValidationError(path, f"must be an IPv{version} network like {example}, got {value[:80]!r}") from None
 
 
-def ipv4_interface(value: str, path: str) -> ipaddress.IPv4Interface:
+def ip_interface(value: str, path: str, version: int = 4):
+    _, interface_type, _, network, address = FAMILY[version]
+    problem = f"must be an IPv{version} address with prefix like {address}/{network.split('/')[1]}, got {value[:80]!r}"
     if "/" not in value:
-        raise ValidationError(path, f"must be an IPv4 address with prefix like 10.5.34.7/24, got {value[:80]!r}")
+        raise ValidationError(path, problem)
     try:
-        return ipaddress.IPv4Interface(value)
+        return interface_type(value)
     except ValueError:
-        raise ValidationError(path, f"must be an IPv4 address with prefix like 10.5.34.7/24, got {value[:80]!r}") from None
+        raise ValidationError(path, problem) from None
 
 
-def ipv4_address(value: str, path: str) -> ipaddress.IPv4Address:
+def ip_address(value: str, path: str, version: int = 4):
+    _, _, address_type, _, example = FAMILY[version]
     try:
-        return ipaddress.IPv4Address(value)
+        return address_type(value)
     except ValueError:
-        raise ValidationError(path, f"must be a plain IPv4 address like 10.5.34.7, got {value[:80]!r}") from None
+        raise ValidationError(path, f"must be a plain IPv{version} address like {example}, got {value[:80]!r}") \
+            from None
+
+
+def any_address(value: str, path: str, with_prefix: bool = False) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address of either family (where the pool or the request says which one it must be); `with_prefix`: given
+    as address/prefix."""
+    try:
+        return ipaddress.ip_interface(value).ip if with_prefix else ipaddress.ip_address(value)
+    except ValueError:
+        raise ValidationError(path, f"must be a plain IP address like 10.5.34.7 or fd00:5:0:27::7, got "
+                                    f"{value[:80]!r}") from None
 
 
 def mac_address(value: str, path: str) -> str:
@@ -147,8 +169,8 @@ def mac_address(value: str, path: str) -> str:
 @dataclass(frozen=True)
 class IPAMData:
     address_space: str
-    pool: ipaddress.IPv4Network
-    gateway: ipaddress.IPv4Interface | None
+    pool: ipaddress.IPv4Network | ipaddress.IPv6Network
+    gateway: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None
     aux_addresses: dict
 
 
@@ -156,6 +178,7 @@ class IPAMData:
 class CreateNetwork:
     network_id: str
     ipv4: list[IPAMData]
+    ipv6: list[IPAMData]
     ipv6_requested: bool       # IPv6Data non-empty or enable_ipv6 set
     ipv4_disabled: bool
     internal: bool
@@ -164,12 +187,12 @@ class CreateNetwork:
     masquerade: bool = True    # -o com.docker.network.bridge.enable_ip_masquerade=false turns egress NAT off
 
 
-def _ipam_data(item: Any, path: str) -> IPAMData:
+def _ipam_data(item: Any, path: str, version: int) -> IPAMData:
     if not isinstance(item, dict):
         raise ValidationError(path, f"must be an object, got {_type_name(item)}")
-    pool = ipv4_network(string(item, "Pool", f"{path}.Pool"), f"{path}.Pool")
+    pool = ip_network(string(item, "Pool", f"{path}.Pool"), f"{path}.Pool", version)
     gw_text = string(item, "Gateway", f"{path}.Gateway", required=False)
-    gateway = ipv4_interface(gw_text, f"{path}.Gateway") if gw_text else None
+    gateway = ip_interface(gw_text, f"{path}.Gateway", version) if gw_text else None
     return IPAMData(address_space=string(item, "AddressSpace", f"{path}.AddressSpace", required=False),
                     pool=pool, gateway=gateway, aux_addresses=mapping(item, "AuxAddresses", f"{path}.AuxAddresses"))
 
@@ -203,13 +226,13 @@ def create_network(body: Any) -> CreateNetwork:
     mtu_option = None
     if generic.get(OPT_MTU) not in (None, "", 0):
         mtu_option = mtu_value(generic[OPT_MTU], f"Options[{OPT_GENERIC!r}][{OPT_MTU!r}]")
-    ipv4 = [_ipam_data(item, f"IPv4Data[{i}]") for i, item in enumerate(_ipam_list(body, "IPv4Data"))]
-    ipv6 = _ipam_list(body, "IPv6Data")
+    ipv4 = [_ipam_data(item, f"IPv4Data[{i}]", 4) for i, item in enumerate(_ipam_list(body, "IPv4Data"))]
+    ipv6 = [_ipam_data(item, f"IPv6Data[{i}]", 6) for i, item in enumerate(_ipam_list(body, "IPv6Data"))]
     enable_ipv6 = boolean(options, OPT_ENABLE_IPV6, f"Options[{OPT_ENABLE_IPV6!r}]")
     enable_ipv4 = boolean(options, OPT_ENABLE_IPV4, f"Options[{OPT_ENABLE_IPV4!r}]", default=True)
     internal = boolean(options, OPT_INTERNAL, f"Options[{OPT_INTERNAL!r}]")
     masquerade = option_bool(generic, OPT_MASQUERADE, f"-o {OPT_MASQUERADE}", default=True)
-    return CreateNetwork(network_id=network_id, ipv4=ipv4, ipv6_requested=bool(ipv6) or enable_ipv6,
+    return CreateNetwork(network_id=network_id, ipv4=ipv4, ipv6=ipv6, ipv6_requested=bool(ipv6) or enable_ipv6,
                          ipv4_disabled=not enable_ipv4, internal=internal, mtu_option=mtu_option, generic=generic,
                          masquerade=masquerade)
 
@@ -228,6 +251,7 @@ def network_ref(body: Any) -> NetworkRef:
 class EndpointInterface:
     address: ipaddress.IPv4Interface | None
     mac: str               # "" when Docker left it to the driver
+    address6: ipaddress.IPv6Interface | None = None
 
 
 @dataclass(frozen=True)
@@ -249,12 +273,11 @@ def create_endpoint(body: Any) -> CreateEndpoint:
             raise ValidationError("Interface", f"must be an object or null, got {_type_name(iface)}")
         addr_text = string(iface, "Address", "Interface.Address", required=False)
         v6_text = string(iface, "AddressIPv6", "Interface.AddressIPv6", required=False)
-        if v6_text:
-            raise ValidationError("Interface.AddressIPv6", "IPv6 is not supported by pyflannel")
         mac_text = string(iface, "MacAddress", "Interface.MacAddress", required=False)
         interface = EndpointInterface(
-            address=ipv4_interface(addr_text, "Interface.Address") if addr_text else None,
-            mac=mac_address(mac_text, "Interface.MacAddress") if mac_text else "")
+            address=ip_interface(addr_text, "Interface.Address") if addr_text else None,
+            mac=mac_address(mac_text, "Interface.MacAddress") if mac_text else "",
+            address6=ip_interface(v6_text, "Interface.AddressIPv6", 6) if v6_text else None)
     return CreateEndpoint(network_id, endpoint_id, interface, options)
 
 
@@ -274,10 +297,11 @@ def endpoint_ref(body: Any) -> EndpointRef:
 
 @dataclass(frozen=True)
 class PortBinding:
-    """One published port: -p [host_ip:]host_port[-host_port_end]:port[/proto]; host_port 0 means any (-P)."""
+    """One published port: -p [host_ip:]host_port[-host_port_end]:port[/proto]; host_port 0 means any (-P); no
+    host_ip (or 0.0.0.0, ::) means every address of the host, of both families."""
     proto: str
     port: int
-    host_ip: ipaddress.IPv4Address | None
+    host_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     host_port: int
     host_port_end: int
 
@@ -305,10 +329,7 @@ def port_bindings(options: dict) -> list[PortBinding]:
         if proto is None:
             raise ValidationError(f"{path}.Proto", f"must be 6 (tcp), 17 (udp) or 132 (sctp), got {item.get('Proto')!r}"[:200])
         host_text = string(item, "HostIP", f"{path}.HostIP", required=False)
-        if ":" in host_text:
-            raise ValidationError(f"{path}.HostIP", f"{host_text[:80]}: IPv6 host addresses are not supported by "
-                                                    f"pyflannel")
-        host_ip = ipv4_address(host_text, f"{path}.HostIP") if host_text else None
+        host_ip = any_address(host_text, f"{path}.HostIP") if host_text else None
         if host_ip is not None and host_ip.is_unspecified:
             host_ip = None
         port = _port(item, "Port", f"{path}.Port", allow_zero=False)
@@ -339,8 +360,8 @@ def join(body: Any) -> Join:
 @dataclass(frozen=True)
 class RequestPool:
     address_space: str
-    pool: ipaddress.IPv4Network | None
-    sub_pool: ipaddress.IPv4Network | None
+    pool: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    sub_pool: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     options: dict[str, str]
     v6: bool
 
@@ -349,11 +370,12 @@ def request_pool(body: Any) -> RequestPool:
     body = body_object(body)
     pool_text = string(body, "Pool", "Pool", required=False)
     sub_text = string(body, "SubPool", "SubPool", required=False)
+    v6 = boolean(body, "V6", "V6")
+    version = 6 if v6 else 4
     return RequestPool(address_space=string(body, "AddressSpace", "AddressSpace", required=False),
-                       pool=ipv4_network(pool_text, "Pool") if pool_text else None,
-                       sub_pool=ipv4_network(sub_text, "SubPool") if sub_text else None,
-                       options=string_map(body, "Options", "Options"),
-                       v6=boolean(body, "V6", "V6"))
+                       pool=ip_network(pool_text, "Pool", version) if pool_text else None,
+                       sub_pool=ip_network(sub_text, "SubPool", version) if sub_text else None,
+                       options=string_map(body, "Options", "Options"), v6=v6)
 
 
 @dataclass(frozen=True)
@@ -369,7 +391,7 @@ def pool_ref(body: Any) -> PoolRef:
 @dataclass(frozen=True)
 class RequestAddress:
     pool_id: str
-    address: ipaddress.IPv4Address | None
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     options: dict[str, str]
 
     @property
@@ -377,9 +399,9 @@ class RequestAddress:
         return self.options.get(REQUEST_ADDRESS_TYPE) == GATEWAY_TYPE
 
 
-def _plain_or_cidr(text: str, path: str) -> ipaddress.IPv4Address:
-    # Docker sends a plain IP; accept A.B.C.D/nn too, it costs nothing.
-    return ipv4_interface(text, path).ip if "/" in text else ipv4_address(text, path)
+def _plain_or_cidr(text: str, path: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # Docker sends a plain IP; accept one with a prefix too, it costs nothing. The pool says which family it must be.
+    return any_address(text, path, with_prefix="/" in text)
 
 
 def request_address(body: Any) -> RequestAddress:
@@ -393,7 +415,7 @@ def request_address(body: Any) -> RequestAddress:
 @dataclass(frozen=True)
 class ReleaseAddress:
     pool_id: str
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def release_address(body: Any) -> ReleaseAddress:
