@@ -24,6 +24,9 @@ ROOT_NETNS = os.readlink("/proc/thread-self/ns/net")
 LEASE = "10.5.34.0/24"
 NETWORK = "10.5.0.0/16"
 GATEWAY = "10.5.34.1"
+LEASE6 = "fd00:5:0:27::/64"       # the IPv6 lease of a dual-stack (or IPv6-only) network
+NETWORK6 = "fd00:5::/48"
+GATEWAY6 = "fd00:5:0:27::1"
 FLANNEL_MTU = 1450
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 
@@ -56,8 +59,10 @@ def throwaway_netns(tag: str = "drv"):
         shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
 
 
-def write_subnet_env(path, lease: str = LEASE, mtu: int = FLANNEL_MTU) -> str:
-    subnetenv.write(str(path), subnetenv.for_lease(NETWORK, lease, mtu, True))
+def write_subnet_env(path, lease: str | None = LEASE, mtu: int = FLANNEL_MTU, lease6: str | None = None) -> str:
+    """subnet.env as pyflanneld writes it: IPv4 `lease`, and the IPv6 `lease6` of a dual-stack network (`lease`
+    None: an IPv6-only network)."""
+    subnetenv.write(str(path), subnetenv.for_lease(NETWORK, lease, mtu, True, NETWORK6, lease6))
     return str(path)
 
 
@@ -74,7 +79,9 @@ def link(name: str) -> dict | None:
         return {"kind": msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"), "mtu": msg.get("mtu"),
                 "mac": msg.get("address"), "up": bool(msg["flags"] & 1), "master": master_name,
                 "ipv4": sorted(f"{a.get('address')}/{a['prefixlen']}"
-                               for a in ipr.get_addr(index=found[0], family=socket.AF_INET))}
+                               for a in ipr.get_addr(index=found[0], family=socket.AF_INET)),
+                "ipv6": sorted(f"{a.get('address')}/{a['prefixlen']}" + (" nodad" if a["flags"] & 0x02 else "")
+                               for a in ipr.get_addr(index=found[0], family=socket.AF_INET6) if a["scope"] == 0)}
 
 
 def our_links() -> list[str]:
@@ -122,32 +129,43 @@ class DockerSide:
 
     # Docker's call sequences -----------------------------------------------------------------------------------
 
-    def create_network(self, network_id: str | None = None, mtu: str | None = None,
-                       ipam_options: dict | None = None) -> dict:
-        """`docker network create -d pyflannel --ipam-driver pyflannel [-o mtu] [--ipam-opt K=V]`: pool, gateway,
-        CreateNetwork."""
-        network_id = network_id or new_id("n")
+    def request_pool(self, ipam_options: dict | None = None, v6: bool = False) -> tuple[dict, dict]:
+        """RequestPool, then the gateway's RequestAddress (as dockerd 20.10 does): (pool reply, gateway reply)."""
         pool = self.ok("IpamDriver.RequestPool", {"AddressSpace": "pyflannel-local", "Pool": "", "SubPool": "",
-                                                 "Options": ipam_options or {}, "V6": False})
+                                                 "Options": ipam_options or {}, "V6": v6})
         gw = self.ok("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": "",
                                                   "Options": {"RequestAddressType": "com.docker.network.gateway"}})
-        generic = {"com.docker.network.driver.mtu": mtu} if mtu else {}
-        self.ok("NetworkDriver.CreateNetwork", network_request(network_id, gateway=gw["Address"], generic=generic,
-                                                               pool=pool["Pool"]))
-        return {"id": network_id, "pool_id": pool["PoolID"], "bridge": "pfl-" + network_id[:8]}
+        return pool, gw
 
-    def run_container(self, net: dict, endpoint_id: str | None = None, mac: str = "") -> dict:
-        """`docker run --network X`: RequestAddress, CreateEndpoint, Join."""
+    def create_network(self, network_id: str | None = None, mtu: str | None = None,
+                       ipam_options: dict | None = None, ipv6: bool = False, **options) -> dict:
+        """`docker network create -d pyflannel --ipam-driver pyflannel [--ipv6] [-o mtu] [--ipam-opt K=V]`: pools,
+        gateways, CreateNetwork (`options`: its further Options, e.g. com.docker.network.internal)."""
+        network_id = network_id or new_id("n")
+        pool, gw = self.request_pool(ipam_options)
+        pool6, gw6 = self.request_pool(ipam_options, v6=True) if ipv6 else ({}, {})
+        generic = {"com.docker.network.driver.mtu": mtu} if mtu else {}
+        self.ok("NetworkDriver.CreateNetwork", network_request(
+            network_id, gateway=gw["Address"], generic=generic, pool=pool["Pool"],
+            ipv6=(pool6["Pool"], gw6["Address"]) if ipv6 else None, **options))
+        return {"id": network_id, "pool_id": pool["PoolID"], "bridge": "pfl-" + network_id[:8],
+                "pool_id6": pool6.get("PoolID")}
+
+    def run_container(self, net: dict, endpoint_id: str | None = None, mac: str = "", ip6: str = "") -> dict:
+        """`docker run --network X [--ip6 A]`: RequestAddress (for each pool of the network), CreateEndpoint,
+        Join."""
         endpoint_id = endpoint_id or new_id("e")
         addr = self.ok("IpamDriver.RequestAddress", {"PoolID": net["pool_id"], "Address": "", "Options": {}})
+        addr6 = self.ok("IpamDriver.RequestAddress", {"PoolID": net["pool_id6"], "Address": ip6, "Options": {}}) \
+            if net.get("pool_id6") else {"Address": ""}
         created = self.ok("NetworkDriver.CreateEndpoint", {
             "NetworkID": net["id"], "EndpointID": endpoint_id, "Options": {},
-            "Interface": {"Address": addr["Address"], "AddressIPv6": "", "MacAddress": mac}})
+            "Interface": {"Address": addr["Address"], "AddressIPv6": addr6["Address"], "MacAddress": mac}})
         joined = self.ok("NetworkDriver.Join", {"NetworkID": net["id"], "EndpointID": endpoint_id,
                                                "SandboxKey": f"/var/run/docker/netns/{endpoint_id[:12]}",
                                                "Options": {}})
-        return {"id": endpoint_id, "address": addr["Address"], "created": created, "joined": joined,
-                "host": "pfv-" + endpoint_id[:10], "container": "pfc-" + endpoint_id[:10]}
+        return {"id": endpoint_id, "address": addr["Address"], "address6": addr6["Address"], "created": created,
+                "joined": joined, "host": "pfv-" + endpoint_id[:10], "container": "pfc-" + endpoint_id[:10]}
 
     def stop_container(self, net: dict, ep: dict) -> None:
         ref = {"NetworkID": net["id"], "EndpointID": ep["id"]}
@@ -155,16 +173,24 @@ class DockerSide:
         self.ok("NetworkDriver.Leave", ref)
         self.ok("NetworkDriver.DeleteEndpoint", ref)
         self.ok("IpamDriver.ReleaseAddress", {"PoolID": net["pool_id"], "Address": ep["address"].split("/")[0]})
+        if ep.get("address6"):
+            self.ok("IpamDriver.ReleaseAddress", {"PoolID": net["pool_id6"], "Address": ep["address6"].split("/")[0]})
 
 
 def network_request(network_id: str, pool: str = LEASE, gateway: str | None = GATEWAY + "/24",
-                    generic: dict | None = None, **options) -> dict:
+                    generic: dict | None = None, ipv6: tuple[str, str | None] | None = None, **options) -> dict:
+    """CreateNetwork's body; `ipv6`: (pool, gateway or None) of --ipv6."""
     ipv4 = {"AddressSpace": "pyflannel-local", "Pool": pool, "AuxAddresses": {}}
     if gateway is not None:
         ipv4["Gateway"] = gateway
-    opts = {"com.docker.network.generic": generic or {}, "com.docker.network.enable_ipv6": False}
+    ipv6_data = []
+    if ipv6 is not None:
+        ipv6_data = [{"AddressSpace": "pyflannel-local", "Pool": ipv6[0], "AuxAddresses": {}}]
+        if ipv6[1] is not None:
+            ipv6_data[0]["Gateway"] = ipv6[1]
+    opts = {"com.docker.network.generic": generic or {}, "com.docker.network.enable_ipv6": ipv6 is not None}
     opts.update(options)
-    return {"NetworkID": network_id, "Options": opts, "IPv4Data": [ipv4], "IPv6Data": []}
+    return {"NetworkID": network_id, "Options": opts, "IPv4Data": [ipv4], "IPv6Data": ipv6_data}
 
 
 # --- fixtures (imported by the test modules) -----------------------------------------------------------------------

@@ -129,7 +129,9 @@ def create_app(state_dir: str = paths.DRIVER_STATE_DIR, subnet_file: str = paths
             log.info("unknown method %s", method)
             return error_reply(404, f"pyflannel does not implement {method}")
         started = time.monotonic()
-        result = handler(None if method in BODILESS else _body())
+        body = None if method in BODILESS else _body()
+        log.debug("%s %s", method, json.dumps(body)[:4000])
+        result = handler(body)
         log.info("%s ok (%.0f ms)", method, (time.monotonic() - started) * 1000)
         return reply(result)
 
