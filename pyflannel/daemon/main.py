@@ -103,10 +103,11 @@ class Daemon:
             serve(self.health, f.healthz_ip, f.healthz_port, self.metrics.registry)
         kernel = Kernel()
         try:
-            self.ext = iface.choose(kernel, f.iface, f.iface_regex, f.public_ip)
+            self.ext = iface.choose(kernel, f.iface, f.iface_regex, f.public_ip, f.public_ipv6)
         finally:
             kernel.close()
-        log.info("external interface %s (%s), public IP %s", self.ext.name, self.ext.address, self.ext.public_ip)
+        log.info("external interface %s (%s), public IP %s, public IPv6 %s", self.ext.name, self.ext.address,
+                 self.ext.public_ip, self.ext.public_ipv6 or "none (IPv6 overlays go over IPv4)")
         self.default = Overlay(DEFAULT_NETWORK, self.store, f, self.ext, self.metrics, self.health)
         self.default.stop = self.stop  # the daemon's life is the default network's
         self.overlays[DEFAULT_NETWORK] = self.default
