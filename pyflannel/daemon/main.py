@@ -226,6 +226,9 @@ class Daemon:
             if c.network.overlaps(config.network):
                 raise NetworkConflict(f"network {name}'s Network {config.network} overlaps network {other_name}'s "
                                       f"{c.network}")
+            if c.ipv6 and config.ipv6 and c.ipv6.network.overlaps(config.ipv6.network):
+                raise NetworkConflict(f"network {name}'s IPv6Network {config.ipv6.network} overlaps network "
+                                      f"{other_name}'s {c.ipv6.network}")
 
     def join(self, name: str, network: str | None, backend: str | None = None) -> dict:
         """Serve network `name` (written to etcd first if new); returns its description once its lease is held."""
