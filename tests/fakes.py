@@ -3,6 +3,7 @@ pure logic. They replace nothing: every behaviour that touches etcd or the kerne
 from __future__ import annotations
 
 import itertools
+import socket
 from datetime import datetime, timedelta, timezone
 
 from pyflannel.daemon.store.base import (ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound,
@@ -11,7 +12,7 @@ from pyflannel.kernel.netlink import Change, FdbEntry, Neighbor, Route
 
 
 class MemoryStore(Store):
-    """flannel's schema in a dict: one network config, leases by subnet, and a history of lease events with
+    """flannel's schema in a dict: one network config, leases by (IPv4) subnet, and a history of lease events with
     revisions (the watch); `compact()` forgets the history, as etcd's compaction does."""
 
     def __init__(self, config: str = '{"Network": "10.5.0.0/16"}'):
@@ -39,18 +40,18 @@ class MemoryStore(Store):
 
     def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
         if must_exist and lease.subnet not in self.data:
-            raise LeaseNotFound(str(lease.subnet))
+            raise LeaseNotFound(lease.key)
         if expected is not None and self.data[lease.subnet].attrs_json() != expected:
-            raise LeaseTaken(str(lease.subnet))
+            raise LeaseTaken(lease.key)
         if not must_exist and lease.subnet in self.data:
-            raise LeaseExists(str(lease.subnet))
+            raise LeaseExists(lease.key)
         lease.expiration = datetime.now(timezone.utc) + timedelta(seconds=ttl) if ttl else None
         self.data[lease.subnet] = lease
         self._event(LeaseEvent.ADDED, lease)
         return lease
 
-    def delete_lease(self, subnet) -> None:
-        lease = self.data.pop(subnet, None)
+    def delete_lease(self, lease: Lease) -> None:
+        lease = self.data.pop(lease.subnet, None)
         if lease is not None:
             self._event(LeaseEvent.REMOVED, lease)
 
@@ -100,11 +101,11 @@ class FakeKernel:
         self._indexes = itertools.count(10)
 
     # entries
-    def routes(self) -> set[Route]:
-        return set(self.routes_)
+    def routes(self, family: int = socket.AF_INET) -> set[Route]:
+        return {r for r in self.routes_ if r.dst.version == (6 if family == socket.AF_INET6 else 4)}
 
-    def neighbors(self, ifindex: int) -> set[Neighbor]:
-        return {n for n in self.neigh if n.ifindex == ifindex}
+    def neighbors(self, ifindex: int, family: int = socket.AF_INET) -> set[Neighbor]:
+        return {n for n in self.neigh if n.ifindex == ifindex and (":" in n.ip) == (family == socket.AF_INET6)}
 
     def fdb(self, ifindex: int) -> set[FdbEntry]:
         return {f for f in self.fdb_ if f.ifindex == ifindex}

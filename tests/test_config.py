@@ -9,6 +9,7 @@ from pyflannel.daemon.errors import ConfigError
 pytestmark = pytest.mark.unit
 
 N = ipaddress.IPv4Network
+N6 = ipaddress.IPv6Network
 
 
 def test_defaults_follow_flannel():
@@ -50,7 +51,24 @@ def test_explicit_values_and_backend_options():
     ('{"Network": "10.5.0.0/16", "Backend": {"VNI": 0}}', "Backend.VNI", "from 1"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Port": 70000}}', "Backend.Port", "65535"),
     ('{"Network": "10.5.0.0/16", "Backend": {"DirectRouting": "yes"}}', "Backend.DirectRouting", "true or false"),
-    ('{"Network": "10.5.0.0/16", "EnableIPv6": true}', "EnableIPv6", "not supported"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": true}', "IPv6Network", "missing"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": "yes", "IPv6Network": "fd00:5::/48"}', "EnableIPv6", "true or false"),
+    ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:5::/48"}', "Network", "lease keys"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv4": false}', "EnableIPv4", "no addresses"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "10.6.0.0/16"}', "IPv6Network", "not an IPv6"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/126"}', "IPv6Network", "too small"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:5::/48", "IPv6SubnetLen": 127}',
+     "IPv6SubnetLen", "/126 or shorter"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:5::/48", "IPv6SubnetLen": 49}',
+     "IPv6SubnetLen", "four subnets"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:5::/48", "IPv6SubnetMin": "fd00:6::"}',
+     "IPv6SubnetMin", "not inside IPv6Network"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:5::/48", "IPv6SubnetMax": "fd00:5::1"}',
+     "IPv6SubnetMax", "boundary"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:5::/48", "IPv6SubnetMin": "10.5.1.0"}',
+     "IPv6SubnetMin", "not an IPv6 address"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:5::/48", "Backend": {"Type": '
+     '"wireguard"}}', "EnableIPv6", "vxlan or host-gw"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard", "PSK": "secret"}}', "Backend.PSK", "base64"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard", "Mode": "ipv6"}}', "Backend.Mode", "IPv6"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard", "ListenPort": 0}}', "Backend.ListenPort", "from 1"),
@@ -61,6 +79,19 @@ def test_invalid_config_names_the_field(text, field, fragment):
         parse(text)
     assert e.value.field == field
     assert f"{field}=" in str(e.value) and fragment in str(e.value)
+
+
+def test_ipv6_keys_and_defaults_follow_flannel():
+    c = parse('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:5::/48"}')
+    assert c.enable_ipv4 and c.ipv6.network == N6("fd00:5::/48") and c.ipv6.subnet_len == 64
+    assert c.ipv6.subnet_min == N6("fd00:5:0:1::/64")  # the first subnet is skipped, as for IPv4
+    assert c.ipv6.subnet_max == N6("fd00:5:0:ffff::/64")
+    assert parse('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:5::/64"}').ipv6.subnet_len == 66
+    c = parse('{"Network": "10.5.0.0/16", "EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:5::/48", '
+              '"IPv6SubnetLen": 56, "IPv6SubnetMin": "fd00:5:0:100::", "IPv6SubnetMax": "fd00:5:0:200::"}')
+    assert not c.enable_ipv4 and (c.ipv6.subnet_len, c.ipv6.subnet_min, c.ipv6.subnet_max) == (
+        56, N6("fd00:5:0:100::/56"), N6("fd00:5:0:200::/56"))
+    assert parse('{"Network": "10.5.0.0/16"}').ipv6 is None
 
 
 def test_wireguard_keys_and_defaults_follow_flannel():

@@ -62,7 +62,7 @@ def test_renew_takes_a_deleted_lease_again_on_the_same_subnet():
     store = MemoryStore(CONFIG)
     mgr = manager(store)
     lease = mgr.acquire()
-    store.delete_lease(lease.subnet)
+    store.delete_lease(lease)
     assert mgr.renew().subnet == lease.subnet and lease.subnet in store.data
 
 
@@ -85,7 +85,7 @@ def test_the_watcher_turns_history_into_events_and_resyncs_after_compaction():
     watcher = LeaseWatcher(store, {}, 1)
     assert [(e.kind, e.lease.subnet) for e in watcher.poll(0)] == [(LeaseEvent.ADDED, a.subnet)]
     assert watcher.poll(0) == []
-    store.delete_lease(a.subnet)
+    store.delete_lease(a)
     b = peer("10.5.2.0/24", "192.0.2.13")
     store.create_lease(b, 60)
     store.compact()
@@ -120,7 +120,7 @@ def test_vxlan_device_is_created_once_with_a_kept_mac_and_replaced_when_it_diffe
 
 def test_vxlan_entries_per_peer_and_direct_routing(tmp_path):
     backend = vxlan(FakeKernel(), tmp_path)
-    i = backend.overlay_ifindex
+    i = backend.overlay_devices[0][0]
     entries = backend.entries_for(peer("10.5.3.0/24", "192.0.2.13", "0E:00:00:00:00:03"))
     assert entries.neighbor == Neighbor(i, "10.5.3.0", "0e:00:00:00:00:03")
     assert entries.fdb == FdbEntry(i, "0e:00:00:00:00:03", "192.0.2.13")
@@ -179,7 +179,7 @@ def test_a_stopped_manager_starts_no_etcd_call():
     store = MemoryStore(CONFIG)
     mgr = manager(store)
     mgr.acquire()
-    store.delete_lease(mgr.lease.subnet)
+    store.delete_lease(mgr.lease)
     mgr.stop.set()
     with pytest.raises(Stopped):
         mgr.renew()  # would re-acquire the deleted lease

@@ -106,7 +106,7 @@ def test_update_renews_on_a_new_etcd_lease_and_a_gone_key_is_not_found(store, et
     second = raw(etcd, store, lease.subnet)
     assert second["lease"] != first["lease"] and 3500 < second["ttl"] <= 3600
     assert second["value"]["BackendData"]["VtepMAC"] == "0e:00:00:00:00:02"
-    store.delete_lease(lease.subnet)
+    store.delete_lease(lease)
     assert raw(etcd, store, lease.subnet) == {}
     with pytest.raises(LeaseNotFound):
         store.update_lease(lease, 60)
@@ -148,7 +148,7 @@ def test_watch_events_idle_watch_and_other_keys(store, etcd):
     assert [(e.kind, e.lease.subnet, e.lease.vtep_mac, e.lease.public_ip) for e in events] == [
         (LeaseEvent.ADDED, peer.subnet, "0e:00:00:00:00:01", "192.0.2.12")]
     assert events[0].lease.expiration is not None
-    store.delete_lease(peer.subnet)
+    store.delete_lease(peer)
     assert [(e.kind, e.lease.subnet) for e in watcher.poll(timeout=5)] == [(LeaseEvent.REMOVED, peer.subnet)]
     etcd.put(f"{store.prefix}/subnets/not-a-subnet", "x")
     moved = watcher.position
@@ -160,7 +160,7 @@ def test_compaction_is_history_lost_and_the_watcher_relists(store, etcd):
     watcher = LeaseWatcher(store, {}, position)
     gone = Lease(N("10.5.10.0/24"), "192.0.2.13", "vxlan", DATA)
     store.create_lease(gone, 60)
-    store.delete_lease(gone.subnet)
+    store.delete_lease(gone)
     kept = store.create_lease(Lease(N("10.5.11.0/24"), "192.0.2.14", "vxlan", DATA), 60)
     _, now = store.leases()
     etcd.post(etcd.get_url("/kv/compaction"), json={"revision": now, "physical": True})

@@ -88,7 +88,7 @@ def test_no_free_subnet_is_a_clear_error(store):
 def test_lost_lease_is_taken_again_with_the_same_subnet(store):
     m = manager(store)
     lease = m.acquire()
-    store.delete_lease(lease.subnet)
+    store.delete_lease(lease)
     assert m.renew().subnet == lease.subnet
     assert json.loads(raw(store, lease.subnet).value)["PublicIP"] == "192.0.2.11"
 
@@ -101,7 +101,7 @@ def test_watcher_sees_adds_and_removals_and_resyncs_after_history_loss(store):
     events = watcher.poll(timeout=5)
     assert [(e.kind, e.lease.subnet, e.lease.vtep_mac) for e in events] == [
         (LeaseEvent.ADDED, peer.subnet, "0e:00:00:00:00:01")]
-    store.delete_lease(peer.subnet)
+    store.delete_lease(peer)
     assert [(e.kind, e.lease.subnet) for e in watcher.poll(timeout=5)] == [(LeaseEvent.REMOVED, peer.subnet)]
     # a position older than etcd's 1000-event window: re-list and diff instead of missing events
     other = Lease(N("10.5.9.0/24"), "192.0.2.13", "vxlan", DATA)
@@ -153,11 +153,11 @@ def test_renewal_is_a_compare_and_swap_on_what_we_wrote(etcd_url, etcd_prefix, a
     written = ours.attrs_json()
     store.update_lease(Lease(N("10.5.7.0/24"), "192.0.2.11", "vxlan", DATA), 120, expected=written)  # ours: fine
     theirs = Lease(N("10.5.7.0/24"), "192.0.2.99", "vxlan", DATA)
-    store.delete_lease(ours.subnet)
+    store.delete_lease(ours)
     store.create_lease(theirs, 60)
     with pytest.raises(LeaseTaken):
         store.update_lease(Lease(N("10.5.7.0/24"), "192.0.2.11", "vxlan", DATA), 120, expected=written)
     assert [l.public_ip for l in store.leases()[0]] == ["192.0.2.99"]
-    store.delete_lease(ours.subnet)
+    store.delete_lease(ours)
     with pytest.raises(LeaseNotFound):
         store.update_lease(Lease(N("10.5.7.0/24"), "192.0.2.11", "vxlan", DATA), 120, expected=written)

@@ -59,7 +59,10 @@ def test_named_networks_in_flannels_layout_joined_left_and_restarted(make_lab, e
     crm = api(h2).join("crm")
     assert crm["network"] == "10.128.0.0/16" and crm["vni"] == 3
     api(h1).join("crm")
-    assert lab.network_config("shop") == {"Network": SHOP, "Backend": {"Type": "vxlan", "VNI": 2}}
+    # a new named network is dual stack: an IPv6Network of its own from fd00:f1a0::/32
+    assert lab.network_config("shop") == {"Network": SHOP, "EnableIPv6": True, "IPv6Network": "fd00:f1a0::/48",
+                                          "Backend": {"Type": "vxlan", "VNI": 2}}
+    assert lab.network_config("crm")["IPv6Network"] == "fd00:f1a0:1::/48"
     assert len(lab.leases("shop")) == 3 and len(lab.leases("crm")) == 2 and len(lab.leases()) == 3
     assert {"flannel.1", "flannel.2", "flannel.3"} <= links(h1) and "flannel.3" not in links(h3)
     print(f"joining a new network on a host took {join_seconds * 1000:.0f} ms")
@@ -163,6 +166,7 @@ def test_hosts_creating_networks_at_once_get_distinct_vnis_and_networks(make_lab
     configs = {name: lab.network_config(name) for name in names}
     assert len({c["Backend"]["VNI"] for c in configs.values()}) == len(names)
     assert len({c["Network"] for c in configs.values()}) == len(names)
+    assert len({c["IPv6Network"] for c in configs.values()}) == len(names)
     assert all(j["network"] == configs[j["name"]]["Network"] for j in joined)
     assert all(len(lab.leases(name)) == 3 for name in names)
     timings = []

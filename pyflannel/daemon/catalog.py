@@ -4,10 +4,12 @@ flannel's own multi-network layout: the default network is <prefix>/config + <pr
 <prefix>/<NAME>/config + <prefix>/<NAME>/subnets/, so `flanneld -etcd-prefix <prefix>/<NAME>` can join it.
 
 A new network gets the Network asked for (`--subnet`), or the first free /16 of AUTO_POOL, and the lowest VNI no
-other network uses (VNI 1 stays the default network's). Two hosts creating two networks at the same moment must not
-pick the same VNI or Network: each choice is claimed first with a create-only key, <prefix>/_pyflannel/vni/<VNI> and
-<prefix>/_pyflannel/network/<a.b.c.d-len> (value: the network's name); a network name cannot start with "_", so the
-claims never look like a network.
+other network uses (VNI 1 stays the default network's). A new vxlan or host-gw network is dual stack: it also gets
+the first free /48 of AUTO_POOL6 as its IPv6Network (Docker asks for a network's IPv4 pool before it says the
+network has IPv6, so the IPv6 subnet must be there already). Two hosts creating two networks at the same moment must
+not pick the same VNI or Network: each choice is claimed first with a create-only key, <prefix>/_pyflannel/vni/<VNI>,
+<prefix>/_pyflannel/network/<a.b.c.d-len> and <prefix>/_pyflannel/network6/<addr-len> (value: the network's name); a
+network name cannot start with "_", so the claims never look like a network.
 """
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ from pyflannel.localapi import BACKENDS, DEFAULT_NETWORK, name_problem
 from . import config as netconfig
 from .errors import ConfigError, UserError
 from .store.base import ConfigNotFound, Store
-from .subnets import IPv4Network, lease_key
+from .subnets import IPv4Network, IPv6Network
 
 log = logging.getLogger(__name__)
 
 AUTO_POOL = IPv4Network("10.128.0.0/9")  # Networks of named networks created without --subnet: 128 of /16
 AUTO_PREFIX = 16
+AUTO_POOL6 = IPv6Network("fd00:f1a0::/32")  # IPv6Networks of new named networks: 65536 ULA /48s
+AUTO_PREFIX6 = 48
 CLAIMS = "_pyflannel"
 MAX_VNI = (1 << 24) - 1
 
@@ -62,6 +66,10 @@ def _parsed(configs: dict[str, str]) -> dict[str, netconfig.NetworkConfig]:
 
 def _auto_networks() -> Iterator[IPv4Network]:
     return AUTO_POOL.subnets(new_prefix=AUTO_PREFIX)
+
+
+def _claim_key(network) -> str:
+    return f"network{'6' if network.version == 6 else ''}/{network.network_address}-{network.prefixlen}"
 
 
 class Catalog:
@@ -107,7 +115,10 @@ class Catalog:
         try:
             network = self._claim_network(name, wanted, others, claimed)
             vni = self._claim_vni(name, others, claimed)
-            text = json.dumps({"Network": str(network), "Backend": backend_config(backend, vni)})
+            config = {"Network": str(network)}
+            if backend != "wireguard":  # pyflannel's wireguard carries IPv4 only
+                config.update(EnableIPv6=True, IPv6Network=str(self._claim_network6(name, others, claimed)))
+            text = json.dumps({**config, "Backend": backend_config(backend, vni)})
             if self.root.child(name).create_config(text):
                 log.info("network %s created in etcd: %s", name, text)
                 return text
@@ -117,8 +128,9 @@ class Catalog:
             self._release(claimed, name)
             raise
         winner = netconfig.parse(text)  # it may use what we claimed (the other host found our claims to be its own)
-        self._release([key for key in claimed if key not in (f"vni/{winner.vni}",
-                                                              f"network/{lease_key(winner.network)}")], name)
+        kept = {f"vni/{winner.vni}", _claim_key(winner.network)} | (
+            {_claim_key(winner.ipv6.network)} if winner.ipv6 else set())
+        self._release([key for key in claimed if key not in kept], name)
         return text
 
     def _claim(self, key: str, name: str, claimed: list) -> bool:
@@ -145,15 +157,22 @@ class Catalog:
             if other is not None:
                 raise NetworkConflict(f"--subnet {wanted} overlaps network {other} ({others[other].network}): "
                                       f"choose a Network of its own for {name}")
-            if not self._claim(f"network/{lease_key(wanted)}", name, claimed):
+            if not self._claim(_claim_key(wanted), name, claimed):
                 raise NetworkConflict(f"--subnet {wanted} is being claimed by another network right now: choose "
                                       f"another")
             return wanted
         for network in _auto_networks():
-            if clash(network) is None and self._claim(f"network/{lease_key(network)}", name, claimed):
+            if clash(network) is None and self._claim(_claim_key(network), name, claimed):
                 return network
         raise NetworkConflict(f"every /{AUTO_PREFIX} of {AUTO_POOL} is in use: give network {name} a Network with "
                               f"--subnet")
+
+    def _claim_network6(self, name: str, others: dict, claimed: list) -> IPv6Network:
+        used = [c.ipv6.network for c in others.values() if c.ipv6]
+        for network in AUTO_POOL6.subnets(new_prefix=AUTO_PREFIX6):
+            if not any(network.overlaps(u) for u in used) and self._claim(_claim_key(network), name, claimed):
+                return network
+        raise NetworkConflict(f"every /{AUTO_PREFIX6} of {AUTO_POOL6} is in use")
 
     def _claim_vni(self, name: str, others: dict, claimed: list) -> int:
         used = {c.vni for c in others.values()} | {netconfig.VXLAN_DEFAULT_VNI}

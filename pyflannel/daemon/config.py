@@ -6,13 +6,13 @@ import json
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
-from .subnets import IPv4Network
+from .subnets import IPv4Network, IPv6Network, Subnet
 
 BACKEND_TYPES = ("vxlan", "host-gw", "wireguard")
 VXLAN_DEFAULT_VNI = 1
 VXLAN_DEFAULT_PORT = 8472
 WIREGUARD_DEFAULT_PORT = 51820
-WIREGUARD_MODES = ("separate", "auto", "ipv4")  # flannel's; "ipv6" needs IPv6, which pyflannel has not yet
+WIREGUARD_MODES = ("separate", "auto", "ipv4")  # flannel's, but "ipv6" (an IPv6 underlay for all), not in pyflannel
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,15 @@ class WireGuardConfig:
     psk: str | None = None
     keepalive: int = 0
     mtu: int | None = None
+
+
+@dataclass(frozen=True)
+class IPv6Config:
+    """flannel's IPv6Network, IPv6SubnetLen, IPv6SubnetMin and IPv6SubnetMax, with its defaults."""
+    network: IPv6Network
+    subnet_len: int
+    subnet_min: IPv6Network
+    subnet_max: IPv6Network
 
 
 @dataclass(frozen=True)
@@ -37,19 +46,41 @@ class NetworkConfig:
     direct_routing: bool = False
     wireguard: WireGuardConfig | None = None
     raw: dict = field(default_factory=dict, compare=False)
+    enable_ipv4: bool = True  # False: IPv6 only; the IPv4 subnet is still leased, as flannel's key format needs it
+    ipv6: IPv6Config | None = None  # EnableIPv6
 
 
-def _subnet_at(value, field_name: str, network: IPv4Network, subnet_len: int) -> IPv4Network:
+def _subnet_at(value, field_name: str, network: Subnet, subnet_len: int) -> Subnet:
+    family = f"IPv{network.version}"
     try:
-        addr = ipaddress.IPv4Address(value)
+        addr = ipaddress.ip_address(value)
+        if addr.version != network.version:
+            raise ValueError
     except (ValueError, TypeError):
-        raise ConfigError(field_name, value, "not an IPv4 address")
+        raise ConfigError(field_name, value, f"not an {family} address")
     if addr not in network:
-        raise ConfigError(field_name, value, f"not inside Network {network}")
+        raise ConfigError(field_name, value, f"not inside {'Network' if network.version == 4 else 'IPv6Network'} "
+                                             f"{network}")
     try:
-        return IPv4Network(f"{addr}/{subnet_len}")
+        return type(network)(f"{addr}/{subnet_len}")
     except ValueError:
-        raise ConfigError(field_name, value, f"not on a /{subnet_len} boundary (SubnetLen)")
+        raise ConfigError(field_name, value, f"not on a /{subnet_len} boundary "
+                                             f"({'SubnetLen' if network.version == 4 else 'IPv6SubnetLen'})")
+
+
+def _range(raw: dict, network: Subnet, subnet_len: int, names: tuple[str, str]) -> tuple[Subnet, Subnet]:
+    """SubnetMin and SubnetMax (or their IPv6 twins): given, or flannel's defaults, the second and the last
+    subnet."""
+    size = 1 << (network.max_prefixlen - subnet_len)
+    kind = type(network)
+    low, high = names
+    first = kind((int(network.network_address) + size, subnet_len))
+    last = kind((int(network.broadcast_address) + 1 - size, subnet_len))
+    subnet_min = _subnet_at(raw[low], low, network, subnet_len) if low in raw else first
+    subnet_max = _subnet_at(raw[high], high, network, subnet_len) if high in raw else last
+    if subnet_min.network_address > subnet_max.network_address:
+        raise ConfigError(low, str(subnet_min.network_address), f"is above {high} {subnet_max.network_address}")
+    return subnet_min, subnet_max
 
 
 def _int(raw: dict, key: str, default, lo: int, hi: int, name: str) -> int:
@@ -67,12 +98,16 @@ def parse(text: str) -> NetworkConfig:
     if not isinstance(raw, dict):
         raise ConfigError("config", text[:60], "must be a JSON object")
 
-    if raw.get("EnableIPv4", True) is not True:
-        raise ConfigError("EnableIPv4", raw.get("EnableIPv4"), "pyflannel supports IPv4 networks only")
-    if raw.get("EnableIPv6"):
-        raise ConfigError("EnableIPv6", raw["EnableIPv6"], "IPv6 is not supported yet")
+    enable_ipv4, enable_ipv6 = raw.get("EnableIPv4", True), raw.get("EnableIPv6", False)
+    for key, value in (("EnableIPv4", enable_ipv4), ("EnableIPv6", enable_ipv6)):
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "must be true or false")
+    if not enable_ipv4 and not enable_ipv6:
+        raise ConfigError("EnableIPv4", False, "and EnableIPv6 is not true: the network would have no addresses")
     if "Network" not in raw:
-        raise ConfigError("Network", None, "missing: set it to the flannel network, e.g. \"10.5.0.0/16\"")
+        why = "" if enable_ipv4 else (" (also with EnableIPv4 false: flannel's lease keys begin with an IPv4 "
+                                      "subnet, which pyflannel leases but does not route)")
+        raise ConfigError("Network", None, f"missing: set it to the flannel network, e.g. \"10.5.0.0/16\"{why}")
     try:
         network = IPv4Network(raw["Network"])
     except (ValueError, TypeError) as e:
@@ -91,15 +126,8 @@ def parse(text: str) -> NetworkConfig:
     if subnet_len < network.prefixlen + 2:
         raise ConfigError("SubnetLen", subnet_len, f"must be at least /{network.prefixlen + 2} so that "
                                                    f"Network {network} holds four subnets")
-
-    size = 1 << (32 - subnet_len)
-    first = IPv4Network((int(network.network_address) + size, subnet_len))
-    last = IPv4Network((int(network.broadcast_address) + 1 - size, subnet_len))
-    subnet_min = _subnet_at(raw["SubnetMin"], "SubnetMin", network, subnet_len) if "SubnetMin" in raw else first
-    subnet_max = _subnet_at(raw["SubnetMax"], "SubnetMax", network, subnet_len) if "SubnetMax" in raw else last
-    if subnet_min.network_address > subnet_max.network_address:
-        raise ConfigError("SubnetMin", str(subnet_min.network_address),
-                          f"is above SubnetMax {subnet_max.network_address}")
+    subnet_min, subnet_max = _range(raw, network, subnet_len, ("SubnetMin", "SubnetMax"))
+    ipv6 = _ipv6(raw) if enable_ipv6 else None
 
     backend = raw.get("Backend", {})
     if not isinstance(backend, dict):
@@ -113,7 +141,37 @@ def parse(text: str) -> NetworkConfig:
     if not isinstance(direct, bool):
         raise ConfigError("Backend.DirectRouting", direct, "must be true or false")
     wireguard = _wireguard(backend) if backend_type == "wireguard" else None
-    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend_type, vni, port, direct, wireguard, raw)
+    if ipv6 is not None and backend_type == "wireguard":
+        raise ConfigError("EnableIPv6", True, "the wireguard backend carries IPv4 only in pyflannel: use vxlan or "
+                                              "host-gw for a dual-stack network")
+    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend_type, vni, port, direct, wireguard, raw,
+                         enable_ipv4, ipv6)
+
+
+def _ipv6(raw: dict) -> IPv6Config:
+    """flannel's rules: IPv6SubnetLen defaults to 64 (prefix + 2 for networks longer than /62), at most /126, and
+    IPv6Network must hold four subnets."""
+    if "IPv6Network" not in raw:
+        raise ConfigError("IPv6Network", None, "missing while EnableIPv6 is true: set it, e.g. \"fd00:5::/48\"")
+    try:
+        network = IPv6Network(raw["IPv6Network"])
+    except (ValueError, TypeError) as e:
+        raise ConfigError("IPv6Network", raw["IPv6Network"], f"not an IPv6 network ({e})")
+    if "IPv6SubnetLen" in raw:
+        subnet_len = _int(raw, "IPv6SubnetLen", 64, 1, 128, "IPv6SubnetLen")
+    elif network.prefixlen <= 62:
+        subnet_len = 64
+    elif network.prefixlen <= 124:
+        subnet_len = network.prefixlen + 2
+    else:
+        raise ConfigError("IPv6Network", raw["IPv6Network"], "too small: needs /124 or wider to hold four subnets")
+    if subnet_len > 126:
+        raise ConfigError("IPv6SubnetLen", subnet_len, "must be /126 or shorter")
+    if subnet_len < network.prefixlen + 2:
+        raise ConfigError("IPv6SubnetLen", subnet_len, f"must be at least /{network.prefixlen + 2} so that "
+                                                       f"IPv6Network {network} holds four subnets")
+    subnet_min, subnet_max = _range(raw, network, subnet_len, ("IPv6SubnetMin", "IPv6SubnetMax"))
+    return IPv6Config(network, subnet_len, subnet_min, subnet_max)
 
 
 def _wireguard(backend: dict) -> WireGuardConfig:

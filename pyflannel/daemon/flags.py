@@ -61,6 +61,8 @@ FLAGS = [
     ("iface", str, None, True, "external interface, by name or IP; repeat to give fallbacks in order"),
     ("iface-regex", str, None, True, "regex on interface names or IPs, tried when no -iface is given; repeatable"),
     ("public-ip", str, None, False, "IP other hosts reach us at (default: the external interface's address)"),
+    ("public-ipv6", str, None, False, "IPv6 address other hosts reach us at, for dual-stack networks (default: the "
+     "external interface's global IPv6 address, if it has one; without one IPv6 goes over the IPv4 underlay)"),
     ("subnet-file", str, paths.SUBNET_FILE, False, "where to write subnet.env"),
     ("subnet-lease-renew-margin", _positive_int, 60, False, "renew the lease this many minutes before it expires"),
     ("ip-masq", _bool, False, False, "masquerade traffic that leaves the flannel network"),
@@ -91,6 +93,7 @@ class Flags:
     iface: list[str]
     iface_regex: list[str]
     public_ip: str | None
+    public_ipv6: str | None
     subnet_file: str
     subnet_lease_renew_margin: int
     ip_masq: bool

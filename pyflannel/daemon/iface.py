@@ -1,4 +1,5 @@
-"""Choosing the external interface and PublicIP: -iface (name or IP, repeatable), -iface-regex, -public-ip."""
+"""Choosing the external interface, PublicIP and PublicIPv6: -iface (name or IP, repeatable), -iface-regex,
+-public-ip, -public-ipv6."""
 from __future__ import annotations
 
 import ipaddress
@@ -17,16 +18,23 @@ class ExternalInterface:
     mtu: int
     address: ipaddress.IPv4Interface  # the interface's own address (with its connected prefix)
     public_ip: str
+    address6: ipaddress.IPv6Interface | None = None  # its global IPv6 address, if it has one
+    public_ipv6: str | None = None  # None: dual-stack networks carry IPv6 over the IPv4 underlay
 
-    def on_link(self, ip: str) -> bool:
-        """True when `ip` is on the interface's directly connected subnet."""
+    def on_link(self, ip: str | None) -> bool:
+        """True when `ip` (IPv4 or IPv6) is on one of the interface's directly connected subnets."""
         try:
-            return ipaddress.IPv4Address(ip) in self.address.network
-        except ValueError:
+            addr = ipaddress.ip_address(ip)
+        except (ValueError, TypeError):
             return False
+        own = self.address if addr.version == 4 else self.address6
+        return own is not None and addr in own.network
 
 
 def _matches(iface: Interface, spec: str, regex: bool) -> ipaddress.IPv4Interface | None:
+    """The interface's IPv4 address when its name or one of its addresses (IPv4 or IPv6) matches `spec`."""
+    if iface.addresses and not regex and _canonical(spec) in {str(a.ip) for a in iface.addresses6}:
+        return iface.addresses[0]
     for addr in iface.addresses:
         if regex:
             if re.search(spec, iface.name) or re.search(spec, str(addr.ip)):
@@ -36,6 +44,13 @@ def _matches(iface: Interface, spec: str, regex: bool) -> ipaddress.IPv4Interfac
     return None
 
 
+def _canonical(spec: str) -> str:
+    try:
+        return str(ipaddress.ip_address(spec))
+    except ValueError:
+        return spec
+
+
 def _default_route_interface(kernel: Kernel, interfaces: list[Interface]) -> Interface | None:
     for route in kernel.all_routes():
         if route["dst_len"] == 0 and route.get("RTA_OIF"):
@@ -43,8 +58,9 @@ def _default_route_interface(kernel: Kernel, interfaces: list[Interface]) -> Int
     return None
 
 
-def choose(kernel: Kernel, ifaces: list[str], iface_regexes: list[str], public_ip: str | None) -> ExternalInterface:
-    interfaces = [i for i in kernel.interfaces() if i.name != "lo" and not i.name.startswith("flannel.")]
+def choose(kernel: Kernel, ifaces: list[str], iface_regexes: list[str], public_ip: str | None,
+           public_ipv6: str | None = None) -> ExternalInterface:
+    interfaces = [i for i in kernel.interfaces() if i.name != "lo" and not i.name.startswith("flannel")]
     chosen = None
     for spec in ifaces:
         chosen = next(((i, a) for i in interfaces if (a := _matches(i, spec, False))), None)
@@ -70,4 +86,11 @@ def choose(kernel: Kernel, ifaces: list[str], iface_regexes: list[str], public_i
             ipaddress.IPv4Address(public_ip)
         except ValueError:
             raise UserError(f"-public-ip={public_ip!r} is not an IPv4 address") from None
-    return ExternalInterface(iface.name, iface.index, iface.mtu, addr, public_ip or str(addr.ip))
+    if public_ipv6 is not None:
+        try:
+            public_ipv6 = str(ipaddress.IPv6Address(public_ipv6))
+        except ValueError:
+            raise UserError(f"-public-ipv6={public_ipv6!r} is not an IPv6 address") from None
+    addr6 = iface.addresses6[0] if iface.addresses6 else None
+    return ExternalInterface(iface.name, iface.index, iface.mtu, addr, public_ip or str(addr.ip), addr6,
+                             public_ipv6 or (str(addr6.ip) if addr6 else None))

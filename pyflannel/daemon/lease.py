@@ -11,29 +11,45 @@ from .config import NetworkConfig
 from .errors import NoFreeSubnet, Stopped
 from .store.base import (LEASE_TTL_SECONDS, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken,
                          Store, StoreError)
-from .subnets import IPv4Network, pick_free
+from .subnets import IPv4Network, IPv6Network, lease_key, pick_free
 
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 10
 
 
+def _in_range(subnet, network, subnet_len: int, low, high) -> bool:
+    return (subnet.prefixlen == subnet_len and subnet.subnet_of(network)
+            and low.network_address <= subnet.network_address <= high.network_address)
+
+
 def _fits(subnet: IPv4Network, config: NetworkConfig) -> bool:
-    return (subnet.prefixlen == config.subnet_len and subnet.subnet_of(config.network)
-            and config.subnet_min.network_address <= subnet.network_address <= config.subnet_max.network_address)
+    return _in_range(subnet, config.network, config.subnet_len, config.subnet_min, config.subnet_max)
+
+
+def _fits6(subnet: IPv6Network | None, config: NetworkConfig) -> bool:
+    """An IPv6 subnet inside IPv6Network's range when the network has IPv6; none when it has not."""
+    v6 = config.ipv6
+    if v6 is None or subnet is None:
+        return v6 is None and subnet is None
+    return _in_range(subnet, v6.network, v6.subnet_len, v6.subnet_min, v6.subnet_max)
 
 
 class LeaseManager:
     def __init__(self, store: Store, config: NetworkConfig, public_ip: str, backend_type: str,
                  backend_data: dict | None, *, ttl: int = LEASE_TTL_SECONDS, rng: random.Random | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 stop: threading.Event | None = None):
-        """`stop` set: no further etcd call is started (Stopped), so a stopping daemon takes no new action."""
+                 stop: threading.Event | None = None, public_ipv6: str | None = None,
+                 backend_v6_data: dict | None = None):
+        """`stop` set: no further etcd call is started (Stopped), so a stopping daemon takes no new action.
+        `public_ipv6` and `backend_v6_data` go into a dual-stack lease (flannel's PublicIPv6, BackendV6Data)."""
         self.store = store
         self.config = config
         self.public_ip = public_ip
+        self.public_ipv6 = public_ipv6
         self.backend_type = backend_type
         self.backend_data = backend_data
+        self.backend_v6_data = backend_v6_data
         self.ttl = ttl
         self.rng = rng or random.Random()
         self.clock = clock
@@ -41,47 +57,69 @@ class LeaseManager:
         self.lease: Lease | None = None
         self.listing: tuple[list[Lease], int] = ([], 0)  # the last listing acquire read: leases, etcd position
 
-    def _ours(self, subnet: IPv4Network, previous: Lease | None = None) -> Lease:
+    def _ours(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None, previous: Lease | None = None) -> Lease:
         extra = previous.extra if previous else {}
-        return Lease(subnet, self.public_ip, self.backend_type, self.backend_data, None, dict(extra))
+        v6 = ipv6_subnet is not None
+        return Lease(subnet, self.public_ip, self.backend_type, self.backend_data, None, dict(extra), ipv6_subnet,
+                     self.public_ipv6 if v6 else None, self.backend_v6_data if v6 else None)
 
-    def acquire(self, preferred: IPv4Network | None = None) -> Lease:
-        """flannel's order: our PublicIP's lease, then `preferred` (the old subnet file's) if free, then random."""
+    def acquire(self, preferred: IPv4Network | None = None, preferred6: IPv6Network | None = None) -> Lease:
+        """flannel's order: our PublicIP's lease, then `preferred` (the old subnet file's) if free, then random; on
+        a dual-stack network the IPv6 subnet likewise."""
         for _ in range(CAS_ATTEMPTS):
             self._not_stopped()
             leases, _ = self.listing = self.store.leases()
-            mine = [lease for lease in leases if lease.public_ip == self.public_ip and _fits(lease.subnet, self.config)]
+            ours = [lease for lease in leases if lease.public_ip == self.public_ip]
+            mine = [lease for lease in ours if _fits(lease.subnet, self.config) and _fits6(lease.ipv6_subnet,
+                                                                                            self.config)]
             if mine:
                 existing = mine[0]
                 # A key without TTL is an admin reservation and stays one.
                 ttl = self.ttl if existing.expiration is not None else None
                 self._not_stopped()
                 try:
-                    self.lease = self.store.update_lease(self._ours(existing.subnet, existing), ttl)
+                    self.lease = self.store.update_lease(self._ours(existing.subnet, existing.ipv6_subnet, existing),
+                                                         ttl)
                 except LeaseNotFound:
                     continue
-                log.info("reusing lease %s for %s", existing.subnet, self.public_ip)
+                log.info("reusing lease %s for %s", existing.key, self.public_ip)
                 return self.lease
-            taken = [lease.subnet for lease in leases]
-            if preferred is not None and _fits(preferred, self.config) and not any(
-                    preferred.overlaps(t) for t in taken):
-                subnet = preferred
-            else:
-                subnet = pick_free(self.config.subnet_min, self.config.subnet_max, taken, self.rng)
-            if subnet is None:
-                raise NoFreeSubnet(f"no free subnet: all {len(taken)} leases between SubnetMin "
-                                   f"{self.config.subnet_min.network_address} and SubnetMax "
-                                   f"{self.config.subnet_max.network_address} are taken")
+            for stale in ours:  # ours, but not for this config (IPv6 turned on or off): its IPv4 subnet is kept
+                if _fits(stale.subnet, self.config):
+                    self._not_stopped()
+                    self.store.delete_lease(stale)
+                    log.info("replacing lease %s: it does not match the network's IPv6 config", stale.key)
+                    preferred = preferred or stale.subnet
+                    leases = [lease for lease in leases if lease is not stale]
+            subnet = self._pick(preferred if preferred and _fits(preferred, self.config) else None,
+                                [lease.subnet for lease in leases], self.config.subnet_min, self.config.subnet_max,
+                                ("SubnetMin", "SubnetMax"))
+            ipv6_subnet = None
+            if self.config.ipv6 is not None:
+                v6 = self.config.ipv6
+                ipv6_subnet = self._pick(preferred6 if _fits6(preferred6, self.config) else None,
+                                         [lease.ipv6_subnet for lease in leases if lease.ipv6_subnet],
+                                         v6.subnet_min, v6.subnet_max, ("IPv6SubnetMin", "IPv6SubnetMax"))
             self._not_stopped()
             try:
-                self.lease = self.store.create_lease(self._ours(subnet), self.ttl)
+                self.lease = self.store.create_lease(self._ours(subnet, ipv6_subnet), self.ttl)
             except LeaseExists:
-                log.info("lost the race for %s, trying again", subnet)
-                preferred = None
+                log.info("lost the race for %s, trying again", lease_key(subnet, ipv6_subnet))
+                preferred = preferred6 = None
                 continue
-            log.info("acquired lease %s for %s", subnet, self.public_ip)
+            log.info("acquired lease %s for %s", self.lease.key, self.public_ip)
             return self.lease
         raise StoreError(f"could not acquire a lease after {CAS_ATTEMPTS} compare-and-swap attempts")
+
+    def _pick(self, preferred, taken: list, low, high, names: tuple[str, str]):
+        """`preferred` if it is free, else a random free subnet between `low` and `high`."""
+        if preferred is not None and not any(preferred.overlaps(t) for t in taken):
+            return preferred
+        subnet = pick_free(low, high, taken, self.rng)
+        if subnet is None:
+            raise NoFreeSubnet(f"no free subnet: all {len(taken)} leases between {names[0]} {low.network_address} "
+                               f"and {names[1]} {high.network_address} are taken")
+        return subnet
 
     def _not_stopped(self) -> None:
         if self.stop.is_set():
@@ -100,9 +138,9 @@ class LeaseManager:
         self._not_stopped()
         ttl = self.ttl if self.lease.expiration is not None else None
         try:
-            self.lease = self.store.update_lease(self._ours(self.lease.subnet, self.lease), ttl,
-                                                 expected=self.lease.attrs_json())
-            log.info("renewed lease %s until %s", self.lease.subnet, self.lease.expiration)
+            self.lease = self.store.update_lease(self._ours(self.lease.subnet, self.lease.ipv6_subnet, self.lease),
+                                                 ttl, expected=self.lease.attrs_json())
+            log.info("renewed lease %s until %s", self.lease.key, self.lease.expiration)
             return self.lease
         except LeaseNotFound:
             return self.reacquire()
@@ -118,9 +156,9 @@ class LeaseManager:
         return self.acquire()
 
     def reacquire(self) -> Lease:
-        lost = self.lease.subnet
-        log.warning("our lease %s is gone from etcd: acquiring again", lost)
-        return self.acquire(preferred=lost)
+        lost = self.lease
+        log.warning("our lease %s is gone from etcd: acquiring again", lost.key)
+        return self.acquire(preferred=lost.subnet, preferred6=lost.ipv6_subnet)
 
 
 class LeaseWatcher:
@@ -137,12 +175,17 @@ class LeaseWatcher:
         except HistoryLost:
             log.info("watch fell behind etcd's history: re-listing leases")
             return self.resync()
+        current = []
         for event in events:
+            subnet = event.lease.subnet
             if event.kind == LeaseEvent.ADDED:
-                self.known[event.lease.subnet] = event.lease
+                self.known[subnet] = event.lease
+            elif subnet in self.known and self.known[subnet].key != event.lease.key:
+                continue  # the removal of a key the subnet's holder has replaced (IPv6 turned on or off)
             else:
-                self.known.pop(event.lease.subnet, None)
-        return events
+                self.known.pop(subnet, None)
+            current.append(event)
+        return current
 
     def resync(self) -> list[LeaseEvent]:
         leases, self.position = self.store.leases()

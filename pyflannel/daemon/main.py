@@ -103,10 +103,11 @@ class Daemon:
             serve(self.health, f.healthz_ip, f.healthz_port, self.metrics.registry)
         kernel = Kernel()
         try:
-            self.ext = iface.choose(kernel, f.iface, f.iface_regex, f.public_ip)
+            self.ext = iface.choose(kernel, f.iface, f.iface_regex, f.public_ip, f.public_ipv6)
         finally:
             kernel.close()
-        log.info("external interface %s (%s), public IP %s", self.ext.name, self.ext.address, self.ext.public_ip)
+        log.info("external interface %s (%s), public IP %s, public IPv6 %s", self.ext.name, self.ext.address,
+                 self.ext.public_ip, self.ext.public_ipv6 or "none (IPv6 overlays go over IPv4)")
         self.default = Overlay(DEFAULT_NETWORK, self.store, f, self.ext, self.metrics, self.health)
         self.default.stop = self.stop  # the daemon's life is the default network's
         self.overlays[DEFAULT_NETWORK] = self.default
@@ -225,6 +226,9 @@ class Daemon:
             if c.network.overlaps(config.network):
                 raise NetworkConflict(f"network {name}'s Network {config.network} overlaps network {other_name}'s "
                                       f"{c.network}")
+            if c.ipv6 and config.ipv6 and c.ipv6.network.overlaps(config.ipv6.network):
+                raise NetworkConflict(f"network {name}'s IPv6Network {config.ipv6.network} overlaps network "
+                                      f"{other_name}'s {c.ipv6.network}")
 
     def join(self, name: str, network: str | None, backend: str | None = None) -> dict:
         """Serve network `name` (written to etcd first if new); returns its description once its lease is held."""

@@ -17,11 +17,14 @@ log = logging.getLogger(__name__)
 CHAIN = "PYFLANNEL-POSTRTG"
 
 
-def rules(network: ipaddress.IPv4Network, lease: ipaddress.IPv4Network) -> list[list[str]]:
+def rules(network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+          lease: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[list[str]]:
+    """flannel's rules, for IPv4 or (with ip6tables) IPv6."""
     n, s = str(network), str(lease)
+    multicast = "224.0.0.0/4" if network.version == 4 else "ff00::/8"
     return [
         ["-s", n, "-d", n, "-j", "RETURN"],                                     # pod to pod: keep source
-        ["-s", n, "!", "-d", "224.0.0.0/4", "-j", "MASQUERADE", "--random-fully"],  # pod to the world
+        ["-s", n, "!", "-d", multicast, "-j", "MASQUERADE", "--random-fully"],  # pod to the world
         ["!", "-s", n, "-d", s, "-j", "RETURN"],                                # the world to our pods
         ["!", "-s", n, "-d", n, "-j", "MASQUERADE", "--random-fully"],          # host to remote pods
     ]
@@ -32,24 +35,28 @@ def chain_for(vni: int | None) -> str:
     return CHAIN if vni is None else f"{CHAIN}-{vni}"
 
 
-def install(network: ipaddress.IPv4Network, lease: ipaddress.IPv4Network, chain: str = CHAIN) -> None:
-    """(Re)write the network's chain and hook it into POSTROUTING once; idempotent."""
-    if not iptables.available():
-        raise UserError("-ip-masq needs iptables, which is not installed (apt-get install iptables)")
+def install(network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+            lease: ipaddress.IPv4Network | ipaddress.IPv6Network, chain: str = CHAIN) -> None:
+    """(Re)write the network's chain (in ip6tables for an IPv6 network) and hook it into POSTROUTING once;
+    idempotent."""
+    v6 = network.version == 6
+    if not iptables.available(v6=v6):
+        program = "ip6tables" if v6 else "iptables"
+        raise UserError(f"-ip-masq needs {program}, which is not installed (apt-get install iptables)")
     try:
-        iptables.ensure_chain("nat", chain)
-        iptables.must("nat", "-F", chain)
+        iptables.ensure_chain("nat", chain, v6=v6)
+        iptables.must("nat", "-F", chain, v6=v6)
         for rule in rules(network, lease):
-            iptables.must("nat", "-A", chain, *rule)
-        iptables.ensure("nat", "POSTROUTING", ["-j", chain], first=True)
+            iptables.must("nat", "-A", chain, *rule, v6=v6)
+        iptables.ensure("nat", "POSTROUTING", ["-j", chain], first=True, v6=v6)
     except KernelError as e:
         raise UserError(f"-ip-masq: {e}") from None
     log.info("ip-masq: masquerading traffic from %s that leaves it", network)
 
 
-def uninstall(chain: str) -> None:
+def uninstall(chain: str, v6: bool = False) -> None:
     """The host left the network: its chain goes."""
-    if iptables.available():
-        iptables.remove("nat", "POSTROUTING", ["-j", chain])
-        iptables.run("nat", "-F", chain)
-        iptables.run("nat", "-X", chain)
+    if iptables.available(v6=v6):
+        iptables.remove("nat", "POSTROUTING", ["-j", chain], v6=v6)
+        iptables.run("nat", "-F", chain, v6=v6)
+        iptables.run("nat", "-X", chain, v6=v6)

@@ -30,7 +30,7 @@ from .iface import ExternalInterface
 from .lease import LeaseManager, LeaseWatcher
 from .reconciler import Reconciler
 from .store.base import EXPIRY_NOT_READ, ConfigNotFound, Lease, LeaseEvent, StoreError
-from .subnets import IPv4Network
+from .subnets import IPv4Network, IPv6Network
 
 log = logging.getLogger("pyflanneld")
 
@@ -100,19 +100,22 @@ class Overlay:
         text = with_backoff("reading the network config", read, self.health, self.stop)
         return netconfig.parse(text)
 
-    def previous_subnet(self) -> IPv4Network | None:
-        """The subnet to ask for first: subnet.env's, else the one kept in the state dir (after a reboot /run is
+    def previous_subnets(self) -> tuple[IPv4Network | None, IPv6Network | None]:
+        """The subnets to ask for first: subnet.env's, else the ones kept in the state dir (after a reboot /run is
         empty, and flannel would take a random subnet once the lease expired, stranding the host's Docker
         networks)."""
         try:
-            return subnetenv.read(self.subnet_file).lease
+            env = subnetenv.read(self.subnet_file)
+            if env.lease is not None:
+                return env.lease, env.lease6
         except subnetenv.SubnetEnvError:
             pass
         try:
             with open(os.path.join(self.state_dir, LAST_LEASE)) as f:
-                return IPv4Network(f.read().strip())
-        except (OSError, ValueError):
-            return None
+                words = f.read().split()
+            return IPv4Network(words[0]), IPv6Network(words[1]) if len(words) > 1 else None
+        except (OSError, ValueError, IndexError):
+            return None, None
 
     def start(self) -> None:
         if self.config is None:
@@ -121,9 +124,10 @@ class Overlay:
         self.backend = backends.for_config(self.config, self.ext, self.kernel, self.state_dir)
         backend_data = self.backend.prepare()
         self.leases = LeaseManager(self.store, self.config, self.ext.public_ip, self.backend.type, backend_data,
-                                   stop=self.stop)
-        preferred = self.previous_subnet()
-        with_backoff(f"network {self.name}: acquiring a lease", lambda: self.leases.acquire(preferred), self.health,
+                                   stop=self.stop, public_ipv6=self.backend.public_ipv6,
+                                   backend_v6_data=self.backend.backend_v6_data)
+        preferred = self.previous_subnets()
+        with_backoff(f"network {self.name}: acquiring a lease", lambda: self.leases.acquire(*preferred), self.health,
                      self.stop)
         self.use_lease()
         self.reconciler = Reconciler(self.kernel, self.backend, stop=self.stop)
@@ -137,17 +141,28 @@ class Overlay:
     def use_lease(self) -> None:
         """Our lease is new or changed: devices, masquerading and subnet.env follow it. subnet.env comes last: the
         driver and the CNI plugin take its presence to mean the host is ready."""
-        lease = self.leases.lease
+        lease, c = self.leases.lease, self.config
         self.backend.attach(lease)
         if self.flags.ip_masq:
-            masq.install(self.config.network, lease.subnet, self.masq_chain)
+            if c.enable_ipv4:
+                masq.install(c.network, lease.subnet, self.masq_chain)
+            if c.ipv6 is not None:
+                masq.install(c.ipv6.network, lease.ipv6_subnet, self.masq_chain)
             self.backend.prepare_for_masquerade()
-        env = subnetenv.for_lease(self.config.network, lease.subnet, self.backend.mtu, self.flags.ip_masq)
-        write_atomically(os.path.join(self.state_dir, LAST_LEASE), f"{lease.subnet}\n")
+        env = subnetenv.for_lease(c.network, lease.subnet if c.enable_ipv4 else None, self.backend.mtu,
+                                  self.flags.ip_masq, c.ipv6 and c.ipv6.network, lease.ipv6_subnet)
+        write_atomically(os.path.join(self.state_dir, LAST_LEASE),
+                         " ".join(str(s) for s in (lease.subnet, lease.ipv6_subnet) if s) + "\n")
         subnetenv.write(self.subnet_file, env)
-        self.health.lease = str(lease.subnet)
-        log.info("network %s: lease %s, subnet.env written to %s (MTU %d)", self.name, lease.subnet,
+        self.health.lease = self.lease_text
+        log.info("network %s: lease %s, subnet.env written to %s (MTU %d)", self.name, self.lease_text,
                  self.subnet_file, self.backend.mtu)
+
+    @property
+    def lease_text(self) -> str | None:
+        """Our lease as `pyflannel status` shows it: '10.5.34.0/24', or '10.5.34.0/24 fd00:5:0:27::/64'."""
+        lease = self.leases.lease if self.leases else None
+        return " ".join(str(s) for s in (lease.subnet, lease.ipv6_subnet) if s) if lease else None
 
     def peers(self):
         own = self.leases.lease.subnet
@@ -177,7 +192,7 @@ class Overlay:
         try:  # every lease of ours, also one from before a restart that this run had not taken back yet
             for lease in self.store.leases()[0]:
                 if lease.public_ip == self.ext.public_ip:
-                    self.store.delete_lease(lease.subnet)
+                    self.store.delete_lease(lease)
         except StoreError as e:
             log.warning("network %s: could not delete our lease (%s); it expires by itself", self.name, e)
         if self.reconciler is not None:
@@ -185,7 +200,10 @@ class Overlay:
         if self.backend is not None:
             self.backend.remove()
         if self.flags.ip_masq and self.config is not None:
-            masq.uninstall(self.masq_chain)
+            if self.config.enable_ipv4:
+                masq.uninstall(self.masq_chain)
+            if self.config.ipv6 is not None:
+                masq.uninstall(self.masq_chain, v6=True)
         remove_file(self.subnet_file)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         self.kernel.close()
@@ -194,10 +212,12 @@ class Overlay:
     def describe(self) -> dict:
         c, lease = self.config, self.leases.lease if self.leases else None
         return {"name": self.name, "network": str(c.network) if c else None,
+                "ipv6_network": str(c.ipv6.network) if c and c.ipv6 else None,
                 "vni": c.vni if c and c.backend_type == "vxlan" else None,
                 "backend": c.backend_type if c else None, "device": getattr(self.backend, "device", None),
                 **(self.backend.details() if self.backend else {}),
                 "lease": str(lease.subnet) if lease else None,
+                "ipv6_lease": str(lease.ipv6_subnet) if lease and lease.ipv6_subnet else None,
                 "peers": len(self.reconciler.programmed) if self.reconciler else 0,
                 "subnet_file": self.subnet_file,
                 "state": "ready" if self.ready.is_set() else "failed" if self.error else "starting",
@@ -278,10 +298,11 @@ class Overlay:
     def handle(self, event: LeaseEvent, received: float) -> None:
         """Apply one watch event; `received` is when the watcher read it (time.monotonic())."""
         self.metrics.lease_events.labels(event.kind).inc()
-        own = self.leases.lease.subnet
-        if event.lease.subnet == own:
+        own = self.leases.lease
+        if event.lease.subnet == own.subnet:
             if event.kind == LeaseEvent.REMOVED:
-                self.reacquire()
+                if event.lease.key == own.key:
+                    self.reacquire()  # else: the key we replaced (IPv6 turned on or off)
             elif event.lease.public_ip != self.leases.public_ip:
                 self.lost_to(event.lease)
             elif event.lease.expiration != EXPIRY_NOT_READ:
@@ -294,9 +315,9 @@ class Overlay:
         self.metrics.apply_seconds.observe(time.monotonic() - received)
 
     def reacquire(self) -> None:
-        before = self.leases.lease.subnet
+        before = self.leases.lease.key
         with_backoff("re-acquiring our lease", self.leases.reacquire, self.health, self.stop)
-        if self.leases.lease.subnet != before:
+        if self.leases.lease.key != before:
             self.use_lease()
         self.reconcile()
 
@@ -325,9 +346,9 @@ class Overlay:
 
     def renew(self):
         try:
-            before = self.leases.lease.subnet
+            before = self.leases.lease.key
             self.leases.renew()
-            if self.leases.lease.subnet != before:
+            if self.leases.lease.key != before:
                 self.use_lease()
             return self.leases.renew_due(self.renew_margin)
         except StoreError as e:

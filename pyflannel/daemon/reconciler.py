@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -45,7 +46,7 @@ FULL_DIFF_SECONDS = 300.0
 
 class Reconciler:
     def __init__(self, kernel: Kernel, backend: Backend, watch=watch_deletions, stop: threading.Event | None = None):
-        """`watch(touched, overlay_ifindex, stop)` runs in a thread after the first full diff and sets `touched`
+        """`watch(touched, overlay_ifindexes, stop)` runs in a thread after the first full diff and sets `touched`
         when one of our entries is deleted (a netlink monitor; tests pass another), until `stop` is set."""
         self.kernel = kernel
         self.backend = backend
@@ -101,14 +102,14 @@ class Reconciler:
 
     @staticmethod
     def _additions(e: PeerEntries) -> list[Change]:
-        """In flannel's order: (WireGuard peer,) neighbor, FDB, route."""
-        return [Change(True, entry) for entry in (e.peer, e.neighbor, e.fdb, e.route) if entry]
+        """In flannel's order: (WireGuard peer,) neighbor, FDB, route, for IPv4 then IPv6."""
+        return [Change(True, entry) for entry in e.in_order()]
 
     @staticmethod
     def _removals(e: PeerEntries, keep: PeerEntries | None = None) -> list[Change]:
-        """Route, FDB, neighbor, WireGuard peer; entries that `keep` still needs stay."""
-        kept = {keep.route, keep.fdb, keep.neighbor, keep.peer} if keep else set()
-        return [Change(False, entry) for entry in (e.route, e.fdb, e.neighbor, e.peer) if entry and entry not in kept]
+        """The reverse: route, FDB, neighbor, …, WireGuard peer; entries that `keep` still needs stay."""
+        kept = set(keep.in_order()) if keep else set()
+        return [Change(False, entry) for entry in reversed(e.in_order()) if entry not in kept]
 
     # --- full diff -------------------------------------------------------------------------------------------
     def reconcile(self, peers: Iterable[Lease]) -> Repairs:
@@ -128,14 +129,18 @@ class Reconciler:
         self.programmed = wanted
         self.kernel_touched.clear()  # before the dumps: a deletion from now on is seen now or next time
 
-        want_routes = {e.route for e in wanted.values()}
-        network = self.backend.config.network  # other networks' routes are other reconcilers'
-        have_routes = {route for route in k.routes() if route.dst.subnet_of(network)}
-        index = self.backend.overlay_ifindex
-        want_neigh = {e.neighbor for e in wanted.values() if e.neighbor}
-        want_fdb = {e.fdb for e in wanted.values() if e.fdb}
-        have_neigh = k.neighbors(index) if index else set()
-        have_fdb = k.fdb(index) if index else set()
+        entries = [entry for e in wanted.values() for entry in e.in_order()]
+        want_routes = {e for e in entries if isinstance(e, Route)}
+        want_neigh = {e for e in entries if isinstance(e, Neighbor)}
+        want_fdb = {e for e in entries if isinstance(e, FdbEntry)}
+        config = self.backend.config  # other networks' routes are other reconcilers'
+        have_routes = {route for route in k.routes() if route.dst.subnet_of(config.network)}
+        if config.ipv6 is not None:
+            have_routes |= {route for route in k.routes(socket.AF_INET6) if route.dst.subnet_of(config.ipv6.network)}
+        have_neigh, have_fdb = set(), set()
+        for index, family in self.backend.overlay_devices:
+            have_neigh |= k.neighbors(index, family)
+            have_fdb |= k.fdb(index)
 
         # Stale first (route, FDB, neighbor, peer), then missing in flannel's order (peer, neighbor, FDB, route).
         changes = [Change(False, entry) for entry in (*(have_routes - want_routes), *(have_fdb - want_fdb),
@@ -147,7 +152,8 @@ class Reconciler:
         if repairs:
             log.info("reconcile: %d entries added, %d removed", repairs.added.total(), repairs.removed.total())
         if self._last_full_diff is None:
-            threading.Thread(target=self.watch, args=(self.kernel_touched, index, self.stop), name="kernel-watch",
+            indexes = tuple(index for index, _ in self.backend.overlay_devices)
+            threading.Thread(target=self.watch, args=(self.kernel_touched, indexes, self.stop), name="kernel-watch",
                              daemon=True).start()
         self._last_full_diff = time.monotonic()
         return repairs

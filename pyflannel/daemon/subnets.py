@@ -1,40 +1,56 @@
-"""Subnet arithmetic: flannel's lease keys and the candidate subnets of a network."""
+"""Subnet arithmetic: flannel's lease keys and the candidate subnets of a network (IPv4 or IPv6)."""
 from __future__ import annotations
 
 import ipaddress
 import random
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Union
 
 IPv4Network = ipaddress.IPv4Network
+IPv6Network = ipaddress.IPv6Network
+Subnet = Union[IPv4Network, IPv6Network]
 
 
-def lease_key(subnet: IPv4Network) -> str:
-    """flannel's key name for a lease: 10.5.34.0/24 -> '10.5.34.0-24'."""
-    return f"{subnet.network_address}-{subnet.prefixlen}"
+def lease_key(subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> str:
+    """flannel's key name for a lease: 10.5.34.0/24 -> '10.5.34.0-24'; dual stack, with the IPv6 subnet in RFC 5952
+    form: '10.5.34.0-24&fd00:5:0:27::-64'."""
+    key = f"{subnet.network_address}-{subnet.prefixlen}"
+    if ipv6_subnet is not None:
+        key += f"&{ipv6_subnet.network_address}-{ipv6_subnet.prefixlen}"
+    return key
 
 
-def parse_lease_key(name: str) -> IPv4Network | None:
-    """The subnet a key names, or None for a key that is not an IPv4 lease (dual-stack keys keep their v4 part)."""
-    v4 = name.rsplit("/", 1)[-1].split("&", 1)[0]
-    addr, sep, plen = v4.partition("-")
+def _subnet(text: str, network_type) -> Subnet | None:
+    addr, sep, plen = text.partition("-")
     if not sep or not plen.isdigit():
         return None
     try:
-        return IPv4Network(f"{addr}/{plen}")
+        return network_type(f"{addr}/{plen}")
     except ValueError:
         return None
 
 
-def candidates(subnet_min: IPv4Network, subnet_max: IPv4Network) -> Iterator[IPv4Network]:
+def parse_lease_key(name: str) -> tuple[IPv4Network, IPv6Network | None] | None:
+    """The subnets a key names, (IPv4, IPv6 or None), or None for a key that is not a lease."""
+    v4, dual, v6 = name.rsplit("/", 1)[-1].partition("&")
+    subnet = _subnet(v4, IPv4Network)
+    if subnet is None:
+        return None
+    if not dual:
+        return subnet, None
+    ipv6_subnet = _subnet(v6, IPv6Network)
+    return (subnet, ipv6_subnet) if ipv6_subnet is not None else None
+
+
+def candidates(subnet_min: Subnet, subnet_max: Subnet) -> Iterator[Subnet]:
     """Every subnet from SubnetMin to SubnetMax inclusive, in order."""
     size = subnet_min.num_addresses
     start, end = int(subnet_min.network_address), int(subnet_max.network_address)
     for addr in range(start, end + 1, size):
-        yield IPv4Network((addr, subnet_min.prefixlen))
+        yield type(subnet_min)((addr, subnet_min.prefixlen))
 
 
-def pick_free(subnet_min: IPv4Network, subnet_max: IPv4Network, taken: Iterable[IPv4Network],
-              rng: random.Random | None = None, limit: int = 100) -> IPv4Network | None:
+def pick_free(subnet_min: Subnet, subnet_max: Subnet, taken: Iterable[Subnet],
+              rng: random.Random | None = None, limit: int = 100) -> Subnet | None:
     """flannel's choice: one at random among the first `limit` free subnets, or None when all are taken."""
     same_size, other = set(), []
     for t in taken:  # aligned subnets of one size overlap only when equal: a set lookup, not a scan

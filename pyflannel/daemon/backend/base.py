@@ -15,11 +15,20 @@ from ..store.base import Lease
 
 @dataclass(frozen=True)
 class PeerEntries:
-    """What one peer lease puts in the kernel, in the order it goes in (WireGuard peer, neighbor, FDB, route)."""
-    route: Route
+    """What one peer lease puts in the kernel: a WireGuard peer, then per address family a neighbor, an FDB entry
+    and a route (IPv4's, then IPv6's on a dual-stack network)."""
+    route: Route | None = None  # None on an IPv6-only network
     neighbor: Neighbor | None = None
     fdb: FdbEntry | None = None
     peer: WireGuardPeer | None = None
+    route6: Route | None = None
+    neighbor6: Neighbor | None = None
+    fdb6: FdbEntry | None = None
+
+    def in_order(self) -> list:
+        """The entries in the order they go in (flannel's: neighbor, FDB, route); removal is the reverse."""
+        return [e for e in (self.peer, self.neighbor, self.fdb, self.route, self.neighbor6, self.fdb6, self.route6)
+                if e is not None]
 
 
 class Backend(abc.ABC):
@@ -37,8 +46,18 @@ class Backend(abc.ABC):
         """The MTU containers on this host must use."""
 
     @property
-    def overlay_ifindex(self) -> int | None:
-        """The device whose neighbor and FDB tables belong to us, if the backend has one."""
+    def overlay_devices(self) -> tuple[tuple[int, int], ...]:
+        """(ifindex, address family) of the devices whose neighbor and FDB tables belong to us."""
+        return ()
+
+    @property
+    def public_ipv6(self) -> str | None:
+        """flannel's PublicIPv6 of our lease: the IPv6 underlay address, when the network has IPv6 and uses it."""
+        return self.ext.public_ipv6 if self.config.ipv6 is not None else None
+
+    @property
+    def backend_v6_data(self) -> dict | None:
+        """flannel's BackendV6Data of our lease (after `prepare`), None when the backend publishes none."""
         return None
 
     @property
@@ -69,3 +88,9 @@ class Backend(abc.ABC):
 
     def _direct_route(self, lease: Lease) -> Route:
         return Route(lease.subnet, lease.public_ip, self.ext.index)
+
+    def _direct_route6(self, lease: Lease) -> Route | None:
+        """The peer's IPv6 subnet via its PublicIPv6, when both are there and it is on our link."""
+        if lease.ipv6_subnet is None or self.config.ipv6 is None or not self.ext.on_link(lease.public_ipv6):
+            return None
+        return Route(lease.ipv6_subnet, lease.public_ipv6, self.ext.index)

@@ -1,13 +1,16 @@
-"""VXLAN: device flannel.<VNI>; per peer a neighbor entry, an FDB entry and an onlink route (flannel's order).
+"""VXLAN: device flannel.<VNI> (and flannel-v6.<VNI> on a dual-stack network); per peer and address family a
+neighbor entry, an FDB entry and an onlink route (flannel's order).
 
-Better than flannel: the VTEP MAC is kept in the state dir and reused after a restart, so the FDB entries that
-peers hold for us stay valid.
+Better than flannel: the VTEP MACs are kept in the state dir and reused after a restart, so the FDB entries that
+peers hold for us stay valid; IPv6 also works over an IPv4-only underlay.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
 import os
+import socket
+from dataclasses import dataclass
 
 from pyflannel.files import write_atomically
 from pyflannel.kernel.links import random_mac
@@ -21,8 +24,8 @@ log = logging.getLogger(__name__)
 VXLAN_OVERHEAD = 50
 
 
-def load_or_create_mac(state_dir: str, vni: int) -> str:
-    path = os.path.join(state_dir, f"vtep-mac.{vni}")
+def load_or_create_mac(state_dir: str, name: str) -> str:
+    path = os.path.join(state_dir, name)
     try:
         with open(path) as f:
             mac = f.read().strip().lower()
@@ -35,74 +38,137 @@ def load_or_create_mac(state_dir: str, vni: int) -> str:
     return mac
 
 
+@dataclass
+class Vtep:
+    """One VXLAN device of the network: flannel.<VNI> carries IPv4, flannel-v6.<VNI> IPv6 over the IPv6 underlay
+    (each with a MAC of its own, as flannel has it). Over an IPv4-only underlay, flannel.<VNI> carries both (a
+    second device could not share its VNI, port and local address)."""
+    name: str
+    mac_file: str
+    local: str
+    mac: str = ""
+    index: int | None = None
+
+    @property
+    def overhead(self) -> int:
+        return VXLAN_OVERHEAD + (20 if ":" in self.local else 0)  # an IPv6 outer header is 20 bytes longer
+
+
 class VxlanBackend(Backend):
     type = "vxlan"
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.device = f"flannel.{self.config.vni}"
-        self.mac = ""
-        self._index: int | None = None
+        vni, ext, c = self.config.vni, self.ext, self.config
+        self.vtep = Vtep(f"flannel.{vni}", f"vtep-mac.{vni}", ext.public_ip) if c.enable_ipv4 else None
+        # IPv6 over the IPv6 underlay when the host has one (flannel's only way), else over IPv4 (better than flannel)
+        self.vtep6 = None
+        if c.ipv6 is not None:
+            self.vtep6 = (self.vtep if self.vtep and not ext.public_ipv6 else
+                          Vtep(f"flannel-v6.{vni}", f"vtep-mac-v6.{vni}", ext.public_ipv6 or ext.public_ip))
+        self.vteps = [self.vtep] if self.vtep else []  # the devices, each once
+        if self.vtep6 is not None and self.vtep6 is not self.vtep:
+            self.vteps.append(self.vtep6)
+        self.device = self.vteps[0].name
+
+    @property
+    def mac(self) -> str:
+        return self.vteps[0].mac
 
     @property
     def mtu(self) -> int:
-        return self.ext.mtu - VXLAN_OVERHEAD
+        return min(self.ext.mtu - v.overhead for v in self.vteps)
 
     @property
-    def overlay_ifindex(self) -> int | None:
-        return self._index
+    def overlay_devices(self) -> tuple[tuple[int, int], ...]:
+        return tuple((v.index, family) for v, family in ((self.vtep, socket.AF_INET), (self.vtep6, socket.AF_INET6))
+                     if v is not None and v.index is not None)
 
-    def prepare(self) -> dict:
-        self.mac = load_or_create_mac(self.state_dir, self.config.vni)
-        self._index = self._ensure_device()
-        self.kernel.disable_ipv6_ra(self.device)
-        return {"VNI": self.config.vni, "VtepMAC": self.mac}
+    def details(self) -> dict:
+        if self.vtep6 is None:
+            return {}
+        return {"device_v6": self.vtep6.name, "vtep_mac_v6": self.vtep6.mac,
+                "ipv6_underlay": "IPv6" if ":" in self.vtep6.local else "IPv4"}
 
-    def _ensure_device(self) -> int:
+    def prepare(self) -> dict | None:
+        for vtep in self.vteps:
+            vtep.mac = load_or_create_mac(self.state_dir, vtep.mac_file)
+            vtep.index = self._ensure_device(vtep)
+            self.kernel.disable_ipv6_ra(vtep.name)
+        return {"VNI": self.config.vni, "VtepMAC": self.vtep.mac} if self.vtep else None
+
+    @property
+    def backend_v6_data(self) -> dict | None:
+        return {"VNI": self.config.vni, "VtepMAC": self.vtep6.mac} if self.vtep6 else None
+
+    def _ensure_device(self, vtep: Vtep) -> int:
         k, c = self.kernel, self.config
-        index = k.link_index(self.device)
+        mtu = self.ext.mtu - vtep.overhead
+        index = k.link_index(vtep.name)
         if index is not None:
             attrs = k.vxlan_attrs(index)
-            wanted = {"IFLA_VXLAN_ID": c.vni, "IFLA_VXLAN_PORT": c.port, "IFLA_VXLAN_LOCAL": self.ext.public_ip,
-                      "IFLA_VXLAN_LINK": self.ext.index, "IFLA_VXLAN_UDP_CSUM": 0}
+            local = {"IFLA_VXLAN_LOCAL6": vtep.local} if ":" in vtep.local else {"IFLA_VXLAN_LOCAL": vtep.local,
+                                                                                 "IFLA_VXLAN_UDP_CSUM": 0}
+            wanted = {"IFLA_VXLAN_ID": c.vni, "IFLA_VXLAN_PORT": c.port, "IFLA_VXLAN_LINK": self.ext.index, **local}
             if all(attrs.get(key) == value for key, value in wanted.items()):
                 link = k.link(index)
-                if link.get("IFLA_ADDRESS") != self.mac:
-                    k.set_mac(index, self.mac)
-                if link.get("IFLA_MTU") != self.mtu:
-                    k.set_mtu(index, self.mtu)
-                log.info("reusing %s (VTEP MAC %s)", self.device, self.mac)
+                if link.get("IFLA_ADDRESS") != vtep.mac:
+                    k.set_mac(index, vtep.mac)
+                if link.get("IFLA_MTU") != mtu:
+                    k.set_mtu(index, mtu)
+                log.info("reusing %s (VTEP MAC %s)", vtep.name, vtep.mac)
                 return index
-            log.info("replacing %s: its attributes differ from the config", self.device)
+            log.info("replacing %s: its attributes differ from the config", vtep.name)
             k.delete_link(index)
-        index = k.create_vxlan(self.device, c.vni, c.port, self.ext.public_ip, self.ext.index, self.mac, self.mtu)
-        log.info("created %s (VNI %d, port %d, VTEP MAC %s, MTU %d)", self.device, c.vni, c.port, self.mac, self.mtu)
+        index = k.create_vxlan(vtep.name, c.vni, c.port, vtep.local, self.ext.index, vtep.mac, mtu)
+        log.info("created %s (VNI %d, port %d, local %s, VTEP MAC %s, MTU %d)", vtep.name, c.vni, c.port, vtep.local,
+                 vtep.mac, mtu)
         return index
 
     def attach(self, lease: Lease) -> None:
-        self.kernel.set_only_address(self._index, ipaddress.IPv4Interface(f"{lease.subnet.network_address}/32"))
+        if self.vtep:
+            self.kernel.set_only_address(self.vtep.index, ipaddress.ip_interface(f"{lease.subnet.network_address}/32"))
+        if self.vtep6 and lease.ipv6_subnet is not None:
+            self.kernel.set_only_address(self.vtep6.index,
+                                         ipaddress.ip_interface(f"{lease.ipv6_subnet.network_address}/128"))
 
     def remove(self) -> None:
-        if self._index is not None:
-            self.kernel.delete_link(self._index)
-            log.info("deleted %s", self.device)
-            self._index = None
+        for vtep in self.vteps:
+            if vtep.index is not None:
+                self.kernel.delete_link(vtep.index)
+                log.info("deleted %s", vtep.name)
+                vtep.index = None
 
     def prepare_for_masquerade(self) -> None:
         """The kernel mangles checksums it offloads to a VXLAN device once --random-fully rewrites the port
         (flannel #1279, the "63 second delay"): compute them in software, as flannel does."""
-        self.kernel.disable_tx_checksum_offload(self.device)
+        for vtep in self.vteps:
+            self.kernel.disable_tx_checksum_offload(vtep.name)
 
     def entries_for(self, lease: Lease) -> PeerEntries | None:
         if lease.backend_type != self.type:
             return None
-        if self.config.direct_routing and self.ext.on_link(lease.public_ip):
-            return PeerEntries(self._direct_route(lease))
-        if not lease.vtep_mac:
+        route = neighbor = fdb = route6 = neighbor6 = fdb6 = None
+        if self.vtep:
+            if self.config.direct_routing and self.ext.on_link(lease.public_ip):
+                route = self._direct_route(lease)
+            elif lease.vtep_mac:
+                route, neighbor, fdb = self._through(self.vtep, lease.subnet, lease.vtep_mac, lease.public_ip)
+        if self.vtep6 and lease.ipv6_subnet is not None:
+            remote = lease.public_ipv6 if ":" in self.vtep6.local else lease.public_ip
+            if self.config.direct_routing and self._direct_route6(lease):
+                route6 = self._direct_route6(lease)
+            elif lease.vtep_mac_v6 and remote:
+                route6, neighbor6, fdb6 = self._through(self.vtep6, lease.ipv6_subnet, lease.vtep_mac_v6, remote)
+        if route is None and route6 is None:
             return None
-        vtep = str(lease.subnet.network_address)
-        return PeerEntries(
-            route=Route(lease.subnet, vtep, self._index, onlink=True),
-            neighbor=Neighbor(self._index, vtep, lease.vtep_mac.lower()),
-            fdb=FdbEntry(self._index, lease.vtep_mac.lower(), lease.public_ip),
-        )
+        return PeerEntries(route, neighbor, fdb, route6=route6, neighbor6=neighbor6, fdb6=fdb6)
+
+    @staticmethod
+    def _through(vtep: Vtep, subnet, mac: str, remote: str) -> tuple[Route, Neighbor, FdbEntry]:
+        """flannel's three entries to a peer's subnet over `vtep`: an onlink route via the subnet's network
+        address, a neighbor entry giving that address the peer's VTEP MAC, an FDB entry sending the MAC to `remote`
+        (the peer's underlay address)."""
+        gateway, mac = str(subnet.network_address), mac.lower()
+        return (Route(subnet, gateway, vtep.index, onlink=True), Neighbor(vtep.index, gateway, mac),
+                FdbEntry(vtep.index, mac, remote))

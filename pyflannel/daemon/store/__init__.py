@@ -8,7 +8,6 @@ import functools
 import logging
 from typing import Callable
 
-from ..subnets import IPv4Network
 from .base import ConfigNotFound, Lease, LeaseEvent, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -86,8 +85,8 @@ class DetectedStore(Store):
     def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
         return self.store().write_lease(lease, ttl, must_exist, expected)
 
-    def delete_lease(self, subnet: IPv4Network) -> None:
-        self.store().delete_lease(subnet)
+    def delete_lease(self, lease: Lease) -> None:
+        self.store().delete_lease(lease)
 
     def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
         return self.store().watch_leases(position, timeout)

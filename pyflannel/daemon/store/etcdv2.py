@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import etcd
 import urllib3
 
-from ..subnets import IPv4Network, lease_key, parse_lease_key
+from ..subnets import parse_lease_key
 from .base import (ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken, Store,
                    StoreError, answering_first, answers, parse_endpoints)
 
@@ -72,8 +72,8 @@ class EtcdV2Store(Store):
         self.client  # noqa: B018 - connects both
         return self._clients[1]
 
-    def _key(self, subnet: IPv4Network) -> str:
-        return f"{self.prefix}/subnets/{lease_key(subnet)}"
+    def _key(self, lease: Lease) -> str:
+        return f"{self.prefix}/subnets/{lease.key}"
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -98,11 +98,11 @@ class EtcdV2Store(Store):
             raise ConfigNotFound(f"{self.prefix}/config not found") from None
 
     def _lease_from(self, node) -> Lease | None:
-        subnet = parse_lease_key(node.key)
-        if subnet is None or node.dir:
+        subnets = parse_lease_key(node.key)
+        if subnets is None or node.dir:
             return None
         try:
-            return Lease.from_attrs(subnet, node.value, _expiration(node))
+            return Lease.from_attrs(subnets[0], node.value, _expiration(node), subnets[1])
         except ValueError as e:
             log.warning("ignoring lease %s: %s", node.key, e)
             return None
@@ -119,13 +119,13 @@ class EtcdV2Store(Store):
 
     def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
         cas = {"prevValue": expected} if expected is not None else {"prevExist": must_exist}
-        result = self._call(self.client.write, self._key(lease.subnet), lease.attrs_json(), ttl=ttl, **cas)
+        result = self._call(self.client.write, self._key(lease), lease.attrs_json(), ttl=ttl, **cas)
         lease.expiration = _expiration(result)
         return lease
 
-    def delete_lease(self, subnet: IPv4Network) -> None:
+    def delete_lease(self, lease: Lease) -> None:
         try:
-            self._call(self.client.delete, self._key(subnet))
+            self._call(self.client.delete, self._key(lease))
         except LeaseNotFound:
             pass
 
@@ -199,11 +199,11 @@ class EtcdV2Store(Store):
                 log.warning("etcd at %s does not answer: moving to another member", client.base_uri)
                 self._clients = None
             return [], position
-        subnet = parse_lease_key(result.key)
-        if subnet is None:
+        subnets = parse_lease_key(result.key)
+        if subnets is None:
             return [], result.modifiedIndex
         if result.action in _REMOVALS:
-            lease = Lease(subnet, "", "")
+            lease = Lease(subnets[0], "", "", ipv6_subnet=subnets[1])
             return [LeaseEvent(LeaseEvent.REMOVED, lease)], result.modifiedIndex
         lease = self._lease_from(result)
         return ([LeaseEvent(LeaseEvent.ADDED, lease)] if lease else []), result.modifiedIndex

@@ -21,7 +21,7 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 from etcd3gw.lease import Lease as EtcdLease
 
-from ..subnets import IPv4Network, lease_key, parse_lease_key
+from ..subnets import parse_lease_key
 from .base import (EXPIRY_NOT_READ, ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound,
                    LeaseTaken, PROBE_SECONDS, Store, StoreError, answering_first, parse_endpoints)
 
@@ -136,8 +136,8 @@ class EtcdV3Store(Store):
                 session.headers["Authorization"] = token
 
     # --- keys --------------------------------------------------------------------------------------------------
-    def _key(self, subnet: IPv4Network) -> str:
-        return f"{self.prefix}/subnets/{lease_key(subnet)}"
+    def _key(self, lease: Lease) -> str:
+        return f"{self.prefix}/subnets/{lease.key}"
 
     @staticmethod
     def _range(client: Etcd3Client, key: str, prefix: bool = False) -> dict:
@@ -165,11 +165,12 @@ class EtcdV3Store(Store):
 
     def _lease_from(self, kv: dict, watch: bool = False) -> Lease | None:
         key = _text(kv["key"])
-        subnet = parse_lease_key(key)
-        if subnet is None:
+        subnets = parse_lease_key(key)
+        if subnets is None:
             return None
         try:
-            return Lease.from_attrs(subnet, _text(kv.get("value")), self._expiration(int(kv.get("lease", 0)), watch))
+            return Lease.from_attrs(subnets[0], _text(kv.get("value")),
+                                    self._expiration(int(kv.get("lease", 0)), watch), subnets[1])
         except ValueError as e:
             log.warning("ignoring lease %s: %s", key, e)
             return None
@@ -183,7 +184,7 @@ class EtcdV3Store(Store):
         return leases, int(reply["header"]["revision"])
 
     def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
-        key = self._key(lease.subnet)
+        key = self._key(lease)
 
         def write(client: Etcd3Client) -> int:
             granted = client.lease(ttl) if ttl else None
@@ -209,8 +210,8 @@ class EtcdV3Store(Store):
         lease.expiration = self._expirations.get(lease_id)
         return lease
 
-    def delete_lease(self, subnet: IPv4Network) -> None:
-        self._call(lambda client: client.delete(self._key(subnet)))
+    def delete_lease(self, lease: Lease) -> None:
+        self._call(lambda client: client.delete(self._key(lease)))
 
     # --- named networks ---------------------------------------------------------------------------------------
     def child(self, name: str) -> "EtcdV3Store":
@@ -335,11 +336,11 @@ class EtcdV3Store(Store):
         for item in raw:
             kv = item["kv"]
             position = max(position, int(kv["mod_revision"]))
-            subnet = parse_lease_key(_text(kv["key"]))
-            if subnet is None:
+            subnets = parse_lease_key(_text(kv["key"]))
+            if subnets is None:
                 continue
             if item.get("type") == "DELETE":
-                events.append(LeaseEvent(LeaseEvent.REMOVED, Lease(subnet, "", "")))
+                events.append(LeaseEvent(LeaseEvent.REMOVED, Lease(subnets[0], "", "", ipv6_subnet=subnets[1])))
             else:
                 lease = self._lease_from(kv, watch=True)
                 if lease:
