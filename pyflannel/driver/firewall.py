@@ -22,9 +22,9 @@
                                                                   connections to the host's loopback
 
 A network with IPv6 (`--ipv6`) gets the same rules for its IPv6 lease and Network through ip6tables, in chains of
-the same names: isolation from the IPv6 devices (flannel-v6.<VNI>; WireGuard's match flannel-wg+), egress masquerade,
-hairpin, and a DNAT rule per published port to the container's IPv6 address. Not PYFLANNEL-INPUT: IPv6 has no
-route_localnet (the kernel never routes ::1 out of a link), so `[::1]:PORT` is not published.
+the same names: isolation (the devices above and flannel-v6.<VNI>), egress masquerade, hairpin, and a DNAT rule per
+published port to the container's IPv6 address. Not PYFLANNEL-INPUT: IPv6 has no route_localnet (the kernel never
+routes ::1 out of a link), so `[::1]:PORT` is not published.
 
 Traffic between flannel addresses is never masqueraded (flannel's rule). At start the driver rewrites these chains
 from its state, so a crash neither loses nor leaks a rule.
@@ -38,10 +38,10 @@ NAT_OUT = "PYFLANNEL-NAT-OUT"
 PORTS = "PYFLANNEL-PORTS"
 ISOLATION = "PYFLANNEL-ISOLATION"
 INPUT = "PYFLANNEL-INPUT"
-# the devices of every flannel network: VXLAN's flannel.<VNI>, WireGuard's flannel-wg and flannel-wg.<VNI>; for
-# IPv6 VXLAN's flannel-v6.<VNI> (and WireGuard's flannel-wg-v6…)
+# the devices of every flannel network: VXLAN's flannel.<VNI>, WireGuard's flannel-wg and flannel-wg.<VNI>; IPv6
+# also leaves through VXLAN's flannel-v6.<VNI> (over an IPv6 underlay; over an IPv4 one through flannel.<VNI>)
 OVERLAY_DEVICES = ("flannel.+", "flannel-wg+")
-OVERLAY_DEVICES6 = ("flannel-v6.+", "flannel-wg+")
+OVERLAY_DEVICES6 = OVERLAY_DEVICES + ("flannel-v6.+",)
 CHAINS = (("nat", NAT_OUT), ("nat", PORTS), ("filter", ISOLATION), ("filter", INPUT))
 # Where our chains are hooked in: (table, built-in chain, rule, first?)
 HOOKS = (
