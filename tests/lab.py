@@ -41,6 +41,8 @@ UNDERLAY6 = ipaddress.IPv6Network("2001:db8:0:2::/64")
 SWITCH_IP = "192.0.2.2"
 ROUTER_IP = "192.0.2.254"          # the lab's "internet" router, on the underlay (add_outside)
 OUTSIDE_IP = "203.0.113.1"         # a documentation address behind it: the "internet"
+ROUTER_IP6 = str(UNDERLAY6.network_address + 254)  # the router's IPv6 address, in an IPv6 underlay lab
+OUTSIDE_IP6 = "2001:db8:ffff::1"   # the "internet" over IPv6 (a documentation address too)
 OUTSIDE_DNS = OUTSIDE_IP           # its DNS server (tests/upstream_dns.py): every lab pyflanneld's -dns-upstream
 OUTSIDE_NAMES = {"www.example.test": OUTSIDE_IP}
 # GET /cgi-bin/ip of a busybox httpd with this script answers with the caller's address as the server sees it.
@@ -459,11 +461,15 @@ class Lab:
 
     def add_outside(self) -> str:
         """The "internet": a namespace on the underlay at ROUTER_IP holding OUTSIDE_IP, where every host routes
-        203.0.113.0/24; it serves GET /cgi-bin/ip (the caller's address as it arrives) on OUTSIDE_IP:80."""
+        203.0.113.0/24; it serves GET /cgi-bin/ip (the caller's address as it arrives) on OUTSIDE_IP:80. In an IPv6
+        underlay lab also at ROUTER_IP6 holding OUTSIDE_IP6, where every host routes 2001:db8:ffff::/48, serving the
+        same on [OUTSIDE_IP6]:80."""
         ns = self.add_ns("out")
         sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "portout", "netns", self.switch, ns=ns)
         sh("ip", "link", "set", "portout", "master", "br0", "up", ns=self.switch)
         sh("ip", "addr", "add", f"{ROUTER_IP}/24", "dev", "eth0", ns=ns)
+        if self.underlay_ipv6:
+            sh("ip", "addr", "add", f"{ROUTER_IP6}/64", "dev", "eth0", "nodad", ns=ns)
         sh("ip", "link", "set", "eth0", "up", ns=ns)
         sh("ip", "addr", "add", f"{OUTSIDE_IP}/32", "dev", "lo", ns=ns)
         for host in self.hosts:
@@ -472,6 +478,12 @@ class Lab:
         _write_whoami(www)
         self.outside = self.spawn("outside-httpd", ["busybox", "httpd", "-f", "-p", f"{OUTSIDE_IP}:80", "-h",
                                                     str(www)], ns=ns)
+        if self.underlay_ipv6:
+            sh("ip", "addr", "add", f"{OUTSIDE_IP6}/128", "dev", "lo", ns=ns)
+            for host in self.hosts:
+                host.sh("ip", "-6", "route", "add", "2001:db8:ffff::/48", "via", ROUTER_IP6)
+            self.spawn("outside-httpd6", ["busybox", "httpd", "-f", "-p", f"[{OUTSIDE_IP6}]:80", "-h", str(www)],
+                       ns=ns)
         self.spawn("outside-dns", [str(VENV_BIN / "python"), str(REPO / "tests" / "upstream_dns.py"), OUTSIDE_DNS,
                                    *(f"{name}={ip}" for name, ip in OUTSIDE_NAMES.items())], ns=ns)
         return ns
