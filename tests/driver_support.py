@@ -18,7 +18,7 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from pyflannel import subnetenv
+from pyflannel import paths, subnetenv
 
 ROOT_NETNS = os.readlink("/proc/thread-self/ns/net")
 LEASE = "10.5.34.0/24"
@@ -191,6 +191,29 @@ def network_request(network_id: str, pool: str = LEASE, gateway: str | None = GA
     opts = {"com.docker.network.generic": generic or {}, "com.docker.network.enable_ipv6": ipv6 is not None}
     opts.update(options)
     return {"NetworkID": network_id, "Options": opts, "IPv4Data": [ipv4], "IPv6Data": ipv6_data}
+
+
+class FakeDaemon:
+    """pyflanneld's side of the local API (its real server, pyflannel/daemon/api.py) over a fake: a join writes the
+    named network's subnet.env, as pyflanneld does (with the IPv6 lease `lease6` too: a dual-stack network); leaves
+    are recorded."""
+
+    def __init__(self, subnet_file, lease6: str | None = None):
+        self.subnet_file, self.lease6 = str(subnet_file), lease6
+        self.left: list[str] = []
+        self.backends: list[str | None] = []
+
+    def join(self, name: str, network: str | None, backend: str | None = None) -> dict:
+        self.backends.append(backend)
+        write_subnet_env(paths.network_env_file(self.subnet_file, name), lease="10.60.3.0/24", lease6=self.lease6)
+        return {"name": name}
+
+    def leave(self, name: str) -> dict:
+        self.left.append(name)
+        return {}
+
+    def describe(self) -> list:
+        return []
 
 
 # --- fixtures (imported by the test modules) -----------------------------------------------------------------------

@@ -13,11 +13,10 @@ import time
 
 import pytest
 
-from pyflannel import paths
 from pyflannel.daemon.api import serve as serve_api
 from pyflannel.driver.api import create_app
-from tests.driver_support import (GATEWAY6, LEASE, LEASE6, NETWORK6, DockerSide, link, netns_name,  # noqa: F401
-                                  network_request, new_id, our_links, state_dir, write_subnet_env)
+from tests.driver_support import (GATEWAY6, LEASE, LEASE6, NETWORK6, DockerSide, FakeDaemon, link,  # noqa: F401
+                                  netns_name, network_request, new_id, our_links, state_dir, write_subnet_env)
 from tests.fakes import FakePlumbing
 from tests.lab import IMAGE, OUTSIDE_IP6, Lab, wait_until
 
@@ -67,7 +66,7 @@ def test_a_dual_stack_network_its_containers_and_their_rules(docker):
     assert sysctl(f"ipv6/conf/{net['bridge']}/disable_ipv6") == "0" and sysctl("ipv6/conf/all/forwarding") == "1"
     assert sysctl(f"ipv6/conf/{net['bridge']}/accept_dad") == "0"  # its link-local address is never tentative
     forward = subprocess.run(["ip6tables", "-S", "FORWARD"], capture_output=True, text=True).stdout
-    assert f"-A FORWARD -i {net['bridge']} -j ACCEPT" in forward and f"-A FORWARD -o {net['bridge']} -j ACCEPT" in forward
+    assert all(f"-A FORWARD {way} {net['bridge']} -j ACCEPT" in forward for way in ("-i", "-o"))
     assert f"-A PYFLANNEL-NAT-OUT -s {LEASE6} ! -d {NETWORK6} -j MASQUERADE" in rules()
     assert f"-A PYFLANNEL-ISOLATION ! -d {NETWORK6} -i {net['bridge']} -o flannel-v6.+ -j DROP" in rules()
     assert not [r for r in rules() if "127.0.0.0/8" in r]
@@ -199,32 +198,11 @@ def test_a_state_file_from_before_ipv6_loads_and_its_network_works(netns_name, d
     assert our_links() == [] and rules("iptables") == []
 
 
-class DualStackDaemon:
-    """pyflanneld's local API over a fake whose named networks are dual stack (as the lead's catalog makes new
-    ones): a join writes the network's subnet.env with both leases; leaves are recorded."""
-
-    def __init__(self, subnet_file: str, ipv6: bool = True):
-        self.subnet_file, self.ipv6 = subnet_file, ipv6
-        self.left: list[str] = []
-
-    def join(self, name: str, network: str | None, backend: str | None = None) -> dict:
-        write_subnet_env(paths.network_env_file(self.subnet_file, name), lease="10.60.3.0/24",
-                         lease6="fd00:60:0:3::/64" if self.ipv6 else None)
-        return {"name": name}
-
-    def leave(self, name: str) -> dict:
-        self.left.append(name)
-        return {}
-
-    def describe(self) -> list:
-        return []
-
-
 @pytest.mark.unit
 @pytest.mark.parametrize("ipv6", [True, False])
 def test_a_named_network_answers_its_ipv6_lease_and_is_left_once_both_pools_are_gone(tmp_path, ipv6):
     subnet_file = write_subnet_env(tmp_path / "subnet.env", lease6=LEASE6)
-    sock, fake = str(tmp_path / "pyflanneld.sock"), DualStackDaemon(subnet_file, ipv6)
+    sock, fake = str(tmp_path / "pyflanneld.sock"), FakeDaemon(subnet_file, "fd00:60:0:3::/64" if ipv6 else None)
     docker = DockerSide(create_app(str(tmp_path / "state"), subnet_file, plumbing=FakePlumbing(),
                                    daemon_socket=sock))
     server = serve_api(fake, sock)
@@ -322,8 +300,8 @@ def test_dual_stack_docker_networks_across_hosts(dual_lab):
         seen_by_web = h1.docker("exec", "c1", "wget", "-q", "-O-", f"http://[{web6}]/cgi-bin/ip").strip()
         assert seen_outside == f"[{h1.ip6}]" and seen_by_web == f"[{c1_v6}]"
         assert our_ip6_rules(h1)
-        print(f"\nping6 {h1.name} -> {h2.name} container, just started: avg {rtt} ms, max {worst} ms; the internet sees {seen_outside}, a "
-              f"container on {h2.name} sees {seen_by_web}; {time.monotonic() - started:.1f} s")
+        print(f"\nping6 {h1.name} -> {h2.name} container, just started: avg {rtt} ms, max {worst} ms; the internet "
+              f"sees {seen_outside}, a container on {h2.name} sees {seen_by_web}; {time.monotonic() - started:.1f} s")
     finally:
         for host in dual_lab.hosts:
             host.docker_clear()

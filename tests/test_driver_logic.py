@@ -8,10 +8,9 @@ import time
 
 import pytest
 
-from pyflannel import paths
 from pyflannel.daemon.api import serve as serve_api
 from pyflannel.driver.api import create_app
-from tests.driver_support import DockerSide, write_subnet_env
+from tests.driver_support import DockerSide, FakeDaemon, write_subnet_env
 from tests.fakes import FakePlumbing
 
 pytestmark = pytest.mark.unit
@@ -96,28 +95,6 @@ def test_an_exhausted_lease_is_named_and_freeing_an_address_lets_containers_star
     assert "no free address left in this host's lease 10.5.34.0/29 (5 containers hold addresses)" in err
     docker.stop_container(net, running[2])
     assert docker.run_container(net)["address"] == running[2]["address"]
-
-
-class FakeDaemon:
-    """pyflanneld's side of the local API (its real server, pyflannel/daemon/api.py) over a fake: a join writes the
-    named network's subnet.env, as pyflanneld does; leaves are recorded."""
-
-    def __init__(self, subnet_file):
-        self.subnet_file = str(subnet_file)
-        self.left: list[str] = []
-        self.backends: list[str | None] = []
-
-    def join(self, name: str, network: str | None, backend: str | None = None) -> dict:
-        self.backends.append(backend)
-        write_subnet_env(paths.network_env_file(self.subnet_file, name), lease="10.60.3.0/24")
-        return {"name": name}
-
-    def leave(self, name: str) -> dict:
-        self.left.append(name)
-        return {}
-
-    def describe(self) -> list:
-        return []
 
 
 def test_named_networks_beside_the_default_one_and_a_leave_pyflanneld_missed(tmp_path):
