@@ -185,7 +185,7 @@ class FakePlumbing:
     def routes_overlapping(network) -> list[str]:
         return []
 
-    def ensure_bridge(self, name, gateway, mtu, gateway6=None) -> None:
+    def ensure_bridge(self, name, gateway, gateway6, mtu) -> None:
         self._check("ensure_bridge")
         self.bridges[name] = (gateway, mtu) if gateway6 is None else (gateway, mtu, gateway6)
 

@@ -157,6 +157,52 @@ def test_an_ipv6_only_flannel_network_refuses_the_ipv4_pool_docker_asks_for(netn
     assert our_links() == [] and rules() == []
 
 
+def test_docker_28_makes_an_ipv6_only_network_that_carries_packets(netns_name, tmp_path, state_dir):
+    """`docker network create --ipv4=false --ipv6` (Docker 28) on an IPv6-only flannel network: the bridge has the
+    IPv6 gateway only, a container (its sandbox made here as dockerd makes it) pings it, its ports are published
+    through ip6tables alone."""
+    docker = DockerSide(create_app(state_dir, write_subnet_env(tmp_path / "subnet.env", lease=None, lease6=LEASE6)))
+    pool6, gateway6 = docker.request_pool(v6=True)
+    net_id, ep_id = new_id("n"), new_id("e")
+    bridge, container_end = "pfl-" + net_id[:8], "pfc-" + ep_id[:10]
+    body = network_request(net_id, ipv6=(LEASE6, gateway6["Address"]), **{"com.docker.network.enable_ipv4": False})
+    docker.ok("NetworkDriver.CreateNetwork", {**body, "IPv4Data": []})
+    assert link(bridge)["ipv4"] == [] and link(bridge)["ipv6"] == [f"{GATEWAY6}/64 nodad"]
+    assert link(bridge)["mac"] == "02:42:00:00:00:01"
+    assert rules("iptables") == [] and f"-A PYFLANNEL-NAT-OUT -s {LEASE6} ! -d {NETWORK6} -j MASQUERADE" in rules()
+    address6 = docker.ok("IpamDriver.RequestAddress", {"PoolID": pool6["PoolID"], "Address": ""})["Address"]
+    ref = {"NetworkID": net_id, "EndpointID": ep_id}
+    assert docker.ok("NetworkDriver.CreateEndpoint", {**ref, "Interface": {"Address": "", "AddressIPv6": address6}}) \
+        == {"Interface": {"MacAddress": "02:42:00:00:00:02"}}
+    joined = docker.ok("NetworkDriver.Join", {**ref, "SandboxKey": "/x"})
+    assert joined["Gateway"] == "" and joined["GatewayIPv6"] == GATEWAY6
+    sandbox = f"pfltest-sandbox-{ep_id[:8]}"
+    subprocess.run(["ip", "netns", "add", sandbox], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", container_end, "netns", sandbox], check=True)
+        for command in (["ip", "link", "set", container_end, "up"],
+                        ["ip", "addr", "add", address6, "dev", container_end, "nodad"],
+                        ["ip", "-6", "route", "add", "default", "via", GATEWAY6]):
+            subprocess.run(["ip", "netns", "exec", sandbox, *command], check=True)
+        ping = subprocess.run(["ip", "netns", "exec", sandbox, "ping", "-6", "-c", "2", "-W", "2", GATEWAY6],
+                              capture_output=True, text=True)
+        assert "2 received" in ping.stdout, ping.stdout + ping.stderr
+    finally:
+        subprocess.run(["ip", "netns", "del", sandbox])
+    err = docker.fails("NetworkDriver.ProgramExternalConnectivity", {**ref, "Options": {"com.docker.network.portmap": [
+        {"Proto": 6, "Port": 80, "HostIP": "192.0.2.11", "HostPort": 8080}]}}, 409)
+    assert "has no IPv4 address (its network was IPv6-only: created with --ipv4=false)" in err
+    docker.ok("NetworkDriver.ProgramExternalConnectivity", {**ref, "Options": {"com.docker.network.portmap": [
+        {"Proto": 6, "Port": 80, "HostIP": "", "HostPort": 8080}]}})
+    assert [r for r in rules() if "-j DNAT" in r] == [
+        f"-A PYFLANNEL-PORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination [{address6.split('/')[0]}]:80"]
+    assert rules("iptables") == []
+    for call in ("NetworkDriver.Leave", "NetworkDriver.DeleteEndpoint"):
+        docker.ok(call, ref)
+    docker.ok("NetworkDriver.DeleteNetwork", {"NetworkID": net_id})
+    assert our_links() == [] and rules() == []
+
+
 def test_ipv6_pools_and_addresses_survive_a_restart_and_old_state_still_loads(netns_name, dual_env, state_dir):
     docker = DockerSide(create_app(state_dir, dual_env))
     net = docker.create_network(ipv6=True)
@@ -196,6 +242,22 @@ def test_a_state_file_from_before_ipv6_loads_and_its_network_works(netns_name, d
     docker.ok("NetworkDriver.Leave", {"NetworkID": net_id, "EndpointID": ep_id})
     docker.ok("NetworkDriver.DeleteNetwork", {"NetworkID": net_id})
     assert our_links() == [] and rules("iptables") == []
+
+
+@pytest.mark.unit
+def test_a_create_the_kernel_refuses_half_way_leaves_no_bridge_and_no_rule(tmp_path):
+    plumbing = FakePlumbing()
+    docker = DockerSide(create_app(str(tmp_path / "state"), write_subnet_env(tmp_path / "subnet.env", lease6=LEASE6),
+                                   plumbing=plumbing))
+    plumbing.refuse.add("add_rules")  # after the bridge was made
+    pool, gateway = docker.request_pool()
+    pool6, gateway6 = docker.request_pool(v6=True)
+    body = network_request(new_id(), gateway=gateway["Address"], ipv6=(pool6["Pool"], gateway6["Address"]))
+    assert "cannot add_rules" in docker.fails("NetworkDriver.CreateNetwork", body, 500)
+    assert plumbing.bridges == {} and plumbing.rules == []
+    plumbing.refuse.clear()
+    docker.ok("NetworkDriver.CreateNetwork", body)  # Docker's retry
+    assert len(plumbing.bridges) == 1 and any(rule.v6 for rule in plumbing.rules)
 
 
 @pytest.mark.unit

@@ -63,10 +63,11 @@ class Rule:
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """What a network's rules depend on; the IPv6 lease and Network only with --ipv6."""
+    """What a network's rules depend on; the IPv4 lease and Network but on an IPv6-only network, the IPv6 ones only
+    with --ipv6."""
     bridge: str
-    lease: ipaddress.IPv4Network
-    flannel_network: ipaddress.IPv4Network
+    lease: ipaddress.IPv4Network | None
+    flannel_network: ipaddress.IPv4Network | None
     masquerade: bool
     internal: bool
     lease6: ipaddress.IPv6Network | None = None
@@ -75,24 +76,27 @@ class NetworkSpec:
 
 @dataclass(frozen=True)
 class Published:
-    """One published port of one container: to its IPv4 address, and to its IPv6 address (if it has one) unless
-    the host address is an IPv4 one."""
+    """One published port of one container: to its IPv4 address (if it has one) unless the host address is an IPv6
+    one, and to its IPv6 address (if it has one) unless the host address is an IPv4 one."""
     proto: str
     host_ip: str            # "" for every address of the host, IPv4 and IPv6
     host_port: int
-    container_ip: str
+    container_ip: str       # "" on an IPv6-only network
     port: int
     container_ip6: str = ""
 
     def describe(self) -> str:
-        to = self.container_ip + (f", [{self.container_ip6}]" if self.container_ip6 else "")
+        to = ", ".join(filter(None, (self.container_ip, f"[{self.container_ip6}]" if self.container_ip6 else "")))
         return f"{self.host_ip or '*'}:{self.host_port}/{self.proto} -> {to}:{self.port}"
 
 
 def network_rules(net: NetworkSpec) -> list[Rule]:
-    rules = _family_rules(net, net.lease, net.flannel_network, OVERLAY_DEVICES, v6=False)
+    rules = []
     if net.lease6 is not None:
         rules += _family_rules(net, net.lease6, net.flannel_network6, OVERLAY_DEVICES6, v6=True)
+    if net.lease is None:  # an IPv6-only network
+        return rules
+    rules = _family_rules(net, net.lease, net.flannel_network, OVERLAY_DEVICES, v6=False) + rules
     if not net.internal:
         rules.append(Rule("filter", INPUT, ("-i", net.bridge, "-d", "127.0.0.0/8", "-m", "conntrack", "!",
                                             "--ctstate", "RELATED,ESTABLISHED", "-j", "DROP")))
@@ -122,7 +126,7 @@ def port_rules(ports: list[Published]) -> list[Rule]:
     rules = []
     for p in ports:
         host_v6 = ":" in p.host_ip
-        if not host_v6:
+        if p.container_ip and not host_v6:
             rules.append(_dnat(p, p.container_ip, v6=False))
         if p.container_ip6 and (host_v6 or not p.host_ip):
             rules.append(_dnat(p, f"[{p.container_ip6}]", v6=True))

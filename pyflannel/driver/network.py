@@ -49,17 +49,20 @@ def effective_mtu(flannel_mtu: int, option: int | None) -> int:
 def network_spec(net: dict) -> firewall.NetworkSpec:
     """A network's state record as its rules' input. Records written before egress NAT existed are masqueraded and
     not internal; they get their flannel Network at the driver's start or their next create (see migrate). Records
-    without "pool6" (no --ipv6, or written before IPv6) have IPv4 rules only."""
-    return firewall.NetworkSpec(net["bridge"], ipaddress.IPv4Network(net["pool"]),
-                                ipaddress.IPv4Network(net["flannel_network"]), net.get("masquerade", True),
-                                net.get("internal", False),
+    without "pool6" (no --ipv6, or written before IPv6) have IPv4 rules only; an IPv6-only network's ("pool" null)
+    IPv6 rules only."""
+    return firewall.NetworkSpec(net["bridge"], ipaddress.IPv4Network(net["pool"]) if net["pool"] else None,
+                                ipaddress.IPv4Network(net["flannel_network"]) if net["pool"] else None,
+                                net.get("masquerade", True), net.get("internal", False),
                                 ipaddress.IPv6Network(net["pool6"]) if net.get("pool6") else None,
                                 ipaddress.IPv6Network(net["flannel_network6"]) if net.get("pool6") else None)
 
 
-def gateway6(net: dict) -> ipaddress.IPv6Interface | None:
-    """A network's IPv6 gateway (with its lease's prefix), None without --ipv6."""
-    return ipaddress.IPv6Interface(net["gateway6"]) if net.get("gateway6") else None
+def gateways(net: dict) -> tuple[ipaddress.IPv4Interface | None, ipaddress.IPv6Interface | None]:
+    """A network's gateways with their leases' prefixes: IPv4 (None on an IPv6-only network, made with Docker 28's
+    --ipv4=false), IPv6 (None without --ipv6)."""
+    return (ipaddress.IPv4Interface(net["gateway"]) if net["gateway"] else None,
+            ipaddress.IPv6Interface(net["gateway6"]) if net.get("gateway6") else None)
 
 
 def check_pool(data: v.IPAMData, subnet: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:
@@ -75,10 +78,16 @@ def check_pool(data: v.IPAMData, subnet: ipaddress.IPv4Interface | ipaddress.IPv
                            f"({subnet.ip}): create the network without --gateway")
 
 
+def without_family(version: int) -> str:
+    """How a network came to lack an address family, for messages."""
+    return "created without --ipv6" if version == 6 else "IPv6-only: created with --ipv4=false"
+
+
 def check_address(field: str, address, pool: str | None, gateway: str | None) -> None:
     """An endpoint's address (of either family) must be in the network's pool of that family and not its gateway."""
     if pool is None:
-        raise RefusedError(f"{field} {address}: the network has no IPv6 pool (it was created without --ipv6)")
+        raise RefusedError(f"{field} {address}: the network has no IPv{address.version} pool (it was "
+                           f"{without_family(address.version)})")
     if address.network != ipaddress.ip_network(pool):
         raise RefusedError(f"{field} {address} is not in the network's subnet {pool}")
     if address.ip == ipaddress.ip_interface(gateway).ip:
@@ -87,10 +96,9 @@ def check_address(field: str, address, pool: str | None, gateway: str | None) ->
 
 def lease_change(net: dict, env) -> str:
     """How this host's leases differ from the network's pools, as "A to B"; "" when they do not."""
-    changes = [f"{net['pool']} to {env.lease}"] if net["pool"] != str(env.lease) else []
-    if net.get("pool6") and net["pool6"] != str(env.lease6):
-        changes.append(f"{net['pool6']} to {env.lease6 or 'no IPv6 lease'}")
-    return " and ".join(changes)
+    return " and ".join(f"{pool} to {lease or 'none'}" for pool, lease in ((net["pool"], env.lease),
+                                                                          (net.get("pool6"), env.lease6))
+                        if pool and pool != str(lease))
 
 
 def migrate(net: dict, env) -> dict:
@@ -121,17 +129,19 @@ class NetworkDriver:
     # --- networks ---------------------------------------------------------------------------------------------------
 
     def create_network(self, req: v.CreateNetwork) -> dict:
-        if req.ipv4_disabled:
-            raise RefusedError("a pyflannel network needs IPv4: create it without --ipv4=false")
-        if len(req.ipv4) != 1:
-            raise ValidationError("IPv4Data", f"exactly one IPv4 pool is needed, got {len(req.ipv4)}: "
-                                              f"`{HOW_TO_CREATE}`")
-        data = req.ipv4[0]
-        name = next((flannel_name(p) for p in self.store.load()["pools"].values() if p["pool"] == str(data.pool)), "")
+        if req.ipv4_disabled and not req.ipv6_requested:
+            raise RefusedError("--ipv4=false needs --ipv6: a pyflannel network has IPv4, IPv6 or both")
+        pools = req.ipv6 if req.ipv4_disabled else req.ipv4
+        if len(pools) != 1:
+            family, key = ("IPv6", "IPv6Data") if req.ipv4_disabled else ("IPv4", "IPv4Data")
+            raise ValidationError(key, f"exactly one {family} pool is needed, got {len(pools)}: `{HOW_TO_CREATE}`")
+        name = next((flannel_name(p) for p in self.store.load()["pools"].values() if p["pool"] == str(pools[0].pool)),
+                    "")
         env = self.lease.current(name)
-        if env.lease is None:
-            raise ipv6_only_error(name)
-        check_pool(data, env.subnet)
+        if not req.ipv4_disabled:
+            if env.lease is None:
+                raise ipv6_only_error(name)
+            check_pool(req.ipv4[0], env.subnet)
         if req.ipv6_requested:
             if env.lease6 is None:
                 raise no_ipv6_error(name)
@@ -152,9 +162,10 @@ class NetworkDriver:
                 if flannel_name(other) == name:
                     raise existing_network_error(other_id, other)
             bridge = bridge_name(req.network_id)
-            net = {"bridge": bridge, "pool": str(env.lease), "gateway": str(env.subnet), "mtu_option": req.mtu_option,
-                   "flannel_network": str(env.network), "masquerade": req.masquerade, "internal": req.internal,
-                   "flannel": name}
+            net = {"bridge": bridge, "pool": None, "gateway": None, "mtu_option": req.mtu_option,
+                   "flannel_network": None, "masquerade": req.masquerade, "internal": req.internal, "flannel": name}
+            if not req.ipv4_disabled:
+                net.update(pool=str(env.lease), gateway=str(env.subnet), flannel_network=str(env.network))
             if req.ipv6_requested:
                 net.update(pool6=str(env.lease6), gateway6=str(env.ipv6_subnet), flannel_network6=str(env.ipv6_network))
             existed = bridge in self.plumbing.links()  # e.g. a device in the way: reported, never deleted
@@ -166,8 +177,8 @@ class NetworkDriver:
                     self._quietly(self.plumbing.delete_bridge, bridge)
                 raise
             st["networks"][req.network_id] = net
-        log.info("network %s created on %s: bridge %s, %s%s", req.network_id[:12], describe_flannel(name), bridge,
-                 env.subnet, f", {env.ipv6_subnet}" if req.ipv6_requested else "")
+        log.info("network %s created on %s: bridge %s, %s", req.network_id[:12], describe_flannel(name), bridge,
+                 ", ".join(str(gateway) for gateway in gateways(net) if gateway))
         return {}
 
     def _plug_network(self, net: dict, flannel_mtu: int) -> None:
@@ -176,9 +187,8 @@ class NetworkDriver:
         self.plumbing.add_rules(firewall.network_rules(network_spec(net)))
 
     def _bridge_up(self, net: dict, flannel_mtu: int) -> None:
-        self.plumbing.ensure_bridge(net["bridge"], ipaddress.IPv4Interface(net["gateway"]),
-                                    effective_mtu(flannel_mtu, net["mtu_option"]), gateway6(net))
-        if not net.get("internal"):
+        self.plumbing.ensure_bridge(net["bridge"], *gateways(net), effective_mtu(flannel_mtu, net["mtu_option"]))
+        if not net.get("internal") and net["gateway"]:
             self.plumbing.route_localnet(net["bridge"])
 
     def delete_network(self, req: v.NetworkRef) -> dict:
@@ -244,7 +254,8 @@ class NetworkDriver:
             if iface is not None and iface.mac:
                 mac, generated = iface.mac, False
             else:
-                mac = mac_for(address.ip) if address is not None else random_mac()
+                known_ip = address or address6
+                mac = mac_for(known_ip.ip) if known_ip is not None else random_mac()
                 generated = True
             st["endpoints"][req.endpoint_id] = {
                 "network": req.network_id, "address": str(address) if address else "", "mac": mac,
@@ -290,9 +301,9 @@ class NetworkDriver:
                 raise RefusedError(f"this host's lease in {describe_flannel(flannel_name(net))} changed from "
                                    f"{change} (did pyflanneld get a new lease?): remove the network and create it "
                                    f"again with `{HOW_TO_CREATE}`")
-            gateway = ipaddress.IPv4Interface(net["gateway"])
+            gateway, gateway6 = gateways(net)
             mtu = effective_mtu(env.mtu, net["mtu_option"])
-            self.plumbing.ensure_bridge(net["bridge"], gateway, mtu, gateway6(net))
+            self.plumbing.ensure_bridge(net["bridge"], gateway, gateway6, mtu)
             try:
                 self.plumbing.ensure_veth(ep["veth_host"], ep["veth_container"], net["bridge"], mtu, ep["mac"])
             except Exception:
@@ -302,13 +313,13 @@ class NetworkDriver:
             ep["joined"] = True
             ep["sandbox"] = req.sandbox_key
         reply = {"InterfaceName": {"SrcName": ep["veth_container"], "DstPrefix": "eth"}}
-        v6 = gateway6(net)
         if net.get("internal"):  # no default routes: the flannel Networks only, through the bridge
-            routes = [(net["flannel_network"], gateway.ip)] + ([(net["flannel_network6"], v6.ip)] if v6 else [])
+            routes = [(net[key], hop.ip) for key, hop in (("flannel_network", gateway), ("flannel_network6", gateway6))
+                      if hop is not None]
             return {**reply, "Gateway": "", "GatewayIPv6": "", "DisableGatewayService": True, "StaticRoutes": [
                 {"Destination": network, "RouteType": 0, "NextHop": str(hop)} for network, hop in routes]}
-        return {**reply, "Gateway": str(gateway.ip), "GatewayIPv6": str(v6.ip) if v6 else "",
-                "DisableGatewayService": False}
+        return {**reply, "Gateway": str(gateway.ip) if gateway else "", "GatewayIPv6": str(gateway6.ip) if gateway6
+                else "", "DisableGatewayService": False}
 
     def leave(self, req: v.EndpointRef) -> dict:
         return self._unplug(req.endpoint_id, lambda st, ep: ep.update(joined=False, sandbox="", ports=[]))
@@ -321,21 +332,21 @@ class NetworkDriver:
         with self.store.transaction() as st:
             net = self._network(st, req.network_id)
             ep = st["endpoints"].get(req.endpoint_id)
-            if ep is None or not ep["address"]:
+            if ep is None or not (ep["address"] or ep.get("address6")):
                 raise RefusedError(f"endpoint {req.endpoint_id[:12]} is not known to pyflannel (or has no address): "
                                    f"cannot publish its ports")
             if net.get("internal"):
                 raise RefusedError("an --internal pyflannel network publishes no ports: remove -p/-P, or use a "
                                    "network without --internal")
             if not published(ep):  # a repeated call keeps the ports chosen the first time
-                v6_hosts = [str(b.host_ip) for b in bindings if b.host_ip is not None and b.host_ip.version == 6]
-                if v6_hosts and not ep.get("address6"):
-                    raise RefusedError(f"cannot publish on the IPv6 address {v6_hosts[0]}: the container has no IPv6 "
-                                       f"address (its network was created without --ipv6)")
+                ips = tuple(str(ipaddress.ip_interface(a).ip) if a else "" for a in (ep["address"], ep.get("address6")))
+                for b in bindings:  # a host address of one family needs a container address of that family
+                    if b.host_ip is not None and not dict(zip((4, 6), ips))[b.host_ip.version]:
+                        version = b.host_ip.version
+                        raise RefusedError(f"cannot publish on the IPv{version} address {b.host_ip}: the container "
+                                           f"has no IPv{version} address (its network was {without_family(version)})")
                 taken = {(p.proto, p.host_ip, p.host_port): eid for eid, other in st["endpoints"].items()
                          for p in published(other)}
-                ips = (str(ipaddress.IPv4Interface(ep["address"]).ip),
-                       str(ipaddress.IPv6Interface(ep["address6"]).ip) if ep.get("address6") else "")
                 ep["ports"] = [vars(self._choose(b, ips, taken, req.endpoint_id)) for b in bindings]
             self.plumbing.add_rules(firewall.port_rules(published(ep)))
         log.info("endpoint %s publishes %s", req.endpoint_id[:12], ", ".join(p.describe() for p in published(ep)))

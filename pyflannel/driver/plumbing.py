@@ -55,10 +55,11 @@ class Plumbing:
         return links.routes_overlapping(network)
 
     @_as_plumbing_error
-    def ensure_bridge(self, name: str, gateway: ipaddress.IPv4Interface, mtu: int,
-                      gateway6: ipaddress.IPv6Interface | None = None) -> None:
-        """Create or repair the bridge (kind, gateway addresses only, MTU, up); then forwarding through it."""
-        links.ensure_bridge(name, gateway, mtu)
+    def ensure_bridge(self, name: str, gateway: ipaddress.IPv4Interface | None,
+                      gateway6: ipaddress.IPv6Interface | None, mtu: int) -> None:
+        """Create or repair the bridge (kind, gateway addresses only, MTU, up; its MAC from the IPv4 gateway, or the
+        IPv6 one on an IPv6-only network); then forwarding through it."""
+        links.ensure_bridge(name, gateway, mtu, mac=links.mac_for((gateway or gateway6).ip))
         if gateway6 is not None:
             forwarding.enable_ipv6(name, self.proc_sys)
             links.ensure_gateway6(name, gateway6)
