@@ -19,6 +19,9 @@ Decisions (see docs/driver.md):
   com.docker.network.bridge.enable_ip_masquerade=false), and -p/-P publish ports on the host's addresses, with
   hairpin and localhost access (firewall.py). An --internal network reaches the flannel Network only: no gateway,
   no NAT, no published ports.
+- --ipv6: the same for the host's IPv6 lease in the flannel network (second pool, IPv6Data): the bridge holds both
+  gateways, containers get both addresses and default routes (GatewayIPv6), the rules exist in ip6tables too.
+  Docker 28's --ipv4=false --ipv6 makes an IPv6-only network: "pool", "gateway", "flannel_network" are null.
 """
 from __future__ import annotations
 

@@ -6,12 +6,17 @@ answer later calls and to clean up lives here:
     {
       "version": 1,
       "networks":  {NetworkID:  {"bridge": "pfl-0123abcd", "pool": "10.5.34.0/24", "gateway": "10.5.34.1/24",
-                                 "mtu_option": 1400 | null}},
+                                 "flannel_network": "10.5.0.0/16", "mtu_option": 1400 | null,
+                                 "masquerade": true, "internal": false, "flannel": "" | "shop",
+                                 with --ipv6: "pool6": "fd00:5:0:27::/64", "gateway6": "fd00:5:0:27::1/64",
+                                 "flannel_network6": "fd00:5::/48"}},   (IPv6-only: pool, gateway, flannel_network null)
       "endpoints": {EndpointID: {"network": NetworkID, "address": "10.5.34.7/24" | "", "mac": "02:42:...",
                                  "mac_generated": true, "veth_host": "pfv-...", "veth_container": "pfc-...",
-                                 "joined": false, "sandbox": ""}},
+                                 "joined": false, "sandbox": "", "address6": "fd00:5:0:27::7/64" | "",
+                                 "ports": [{"proto", "host_ip", "host_port", "container_ip", "port",
+                                            "container_ip6"}]}},
       "pools":     {PoolID:     {"pool": "10.5.34.0/24", "allocated": ["10.5.34.2", ...], "last": "10.5.34.2",
-                                 "flannel": "" | "shop"}},
+                                 "flannel": "" | "shop"}},          (an IPv6 pool alike: "pyflannel/fd00:5:0:27::/64")
       "leaving":   ["shop", ...]    named flannel networks to leave, once pyflanneld answers
     }
 
