@@ -257,8 +257,8 @@ class NetworkDriver:
             if iface is not None and iface.mac:
                 mac, generated = iface.mac, False
             else:
-                known_ip = address or address6
-                mac = mac_for(known_ip.ip) if known_ip is not None else random_mac()
+                known = address if address is not None else address6
+                mac = mac_for(known.ip) if known is not None else random_mac()
                 generated = True
             st["endpoints"][req.endpoint_id] = {
                 "network": req.network_id, "address": str(address) if address else "", "mac": mac,
@@ -342,10 +342,11 @@ class NetworkDriver:
                 raise RefusedError("an --internal pyflannel network publishes no ports: remove -p/-P, or use a "
                                    "network without --internal")
             if not published(ep):  # a repeated call keeps the ports chosen the first time
-                ips = tuple(str(ipaddress.ip_interface(a).ip) if a else "" for a in (ep["address"], ep.get("address6")))
+                ips = {version: str(ipaddress.ip_interface(address).ip) if address else ""
+                       for version, address in ((4, ep["address"]), (6, ep.get("address6")))}
                 for b in bindings:  # a host address of one family needs a container address of that family
-                    if b.host_ip is not None and not dict(zip((4, 6), ips))[b.host_ip.version]:
-                        version = b.host_ip.version
+                    version = b.host_ip.version if b.host_ip is not None else None
+                    if version is not None and not ips[version]:
                         raise RefusedError(f"cannot publish on the IPv{version} address {b.host_ip}: the container "
                                            f"has no IPv{version} address (its network was {without_family(version)})")
                 taken = {(p.proto, p.host_ip, p.host_port): eid for eid, other in st["endpoints"].items()
@@ -355,10 +356,10 @@ class NetworkDriver:
         log.info("endpoint %s publishes %s", req.endpoint_id[:12], ", ".join(p.describe() for p in published(ep)))
         return {}
 
-    def _choose(self, b: v.PortBinding, container_ips: tuple[str, str], taken: dict,
+    def _choose(self, b: v.PortBinding, container_ips: dict[int, str], taken: dict,
                 endpoint_id: str) -> firewall.Published:
         """The binding's host port: the one asked for, the first free one of its range, or (-P) of Docker's.
-        `container_ips`: the container's IPv4 and IPv6 ("" without) addresses."""
+        `container_ips`: the container's address by IP version ("" without one)."""
         host_ip = str(b.host_ip) if b.host_ip else ""
         first, last = (b.host_port, b.host_port_end) if b.host_port else EPHEMERAL_PORTS
         clash = None
@@ -371,7 +372,7 @@ class NetworkDriver:
             if self.plumbing.port_in_use(b.proto, host_ip, port):
                 clash = clash or "held by a process on this host"
                 continue
-            chosen = firewall.Published(b.proto, host_ip, port, container_ips[0], b.port, container_ips[1])
+            chosen = firewall.Published(b.proto, host_ip, port, container_ips[4], b.port, container_ips[6])
             taken[(b.proto, host_ip, port)] = endpoint_id
             return chosen
         asked = f"{host_ip or '0.0.0.0'}:{first}" + (f"-{last}" if last != first else "") + f"/{b.proto}"
