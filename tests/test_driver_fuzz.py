@@ -309,11 +309,12 @@ def template(draw, method: str, real: Real, *, wild: bool) -> dict:
     if method == "NetworkDriver.AllocateNetwork":
         return {"NetworkID": draw(fresh_id), "Options": {}, "IPv4Data": [], "IPv6Data": []}
     if method == "IpamDriver.RequestPool":
+        v6 = draw(st.one_of(st.booleans(), json_leaf) if wild else st.booleans())
+        pools = st.just("fd00:5:0:27::/64") if v6 is True else clean_pool  # a V6 pool is an IPv6 network
         return {"AddressSpace": draw(address_spaces if wild else st.sampled_from(["", "pyflannel-local"])),
-                "Pool": draw(text if wild else st.one_of(st.just(""), clean_pool)),
+                "Pool": draw(text if wild else st.one_of(st.just(""), pools)),
                 "SubPool": draw(text if wild else st.just("")),
-                "Options": draw(st.one_of(string_options, options_map) if wild else string_options),
-                "V6": draw(st.one_of(st.booleans(), json_leaf) if wild else st.booleans())}
+                "Options": draw(st.one_of(string_options, options_map) if wild else string_options), "V6": v6}
     if method == "IpamDriver.ReleasePool":
         choices = [pool_ids, st.just(real.pool_id)]
         return {"PoolID": draw(st.one_of(*choices))}
