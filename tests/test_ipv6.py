@@ -132,14 +132,25 @@ def test_ipv6_only_network(make_lab):
     print(f"\nIPv6-only network: {len(pairs(lab))} cross-host pairs ping over IPv6")
 
 
-def test_host_gw_ipv6(make_lab):
-    lab = start(make_lab, {**DUAL, "Backend": {"Type": "host-gw"}}, "v2")
+def test_host_gw_ipv6_with_iface_given_by_ipv6_address_and_ip_masq(make_lab):
+    """host-gw routes each peer's IPv6 subnet via its PublicIPv6; `-iface <IPv6 address>` picks the interface;
+    -ip-masq writes flannel's rules to ip6tables too."""
+    lab = make_lab(3, etcd_api="v2", underlay_ipv6=True)
+    lab.set_config({**DUAL, "Backend": {"Type": "host-gw"}})
+    for host in lab.hosts:
+        host.start_daemon("-iface", host.ip6, "-ip-masq")
+    for host in lab.hosts:
+        host.add_bridge()
+        host.add_container()
     for host in lab.hosts:
         routes6 = host.sh("ip", "-6", "route", "show", "proto", "77")
         for other in lab.hosts:
             if other is not host:
                 other6 = ipaddress.ip_interface(other.subnet_env()["FLANNEL_IPV6_SUBNET"]).network
                 assert f"{other6} via {other.ip6} dev eth0" in routes6
+    rules = lab.hosts[0].sh("ip6tables", "-t", "nat", "-S", "PYFLANNEL-POSTRTG")
+    assert "-A PYFLANNEL-POSTRTG -s fd00:5::/48 ! -d ff00::/8 -j MASQUERADE --random-fully" in rules, rules
+    assert "-j PYFLANNEL-POSTRTG" in lab.hosts[0].sh("ip6tables", "-t", "nat", "-S", "POSTROUTING")
     failures = [(s.ip6, d.ip6) for s, d in pairs(lab) if not ping(s.ns, d.ip6)]
     assert not failures, f"unreachable: {failures}\n{lab.logs()}"
     print(f"\nhost-gw over IPv6: {len(pairs(lab))} cross-host pairs ping")
