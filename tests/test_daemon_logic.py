@@ -3,6 +3,8 @@ reconciler's diff, and the VXLAN backend's device and entries. No root, no etcd,
 The same behaviours are proven against a real etcd (test_lease.py, test_etcdv3.py) and kernel (test_multihost.py)."""
 import ipaddress
 import random
+import threading
+import time
 
 import pytest
 
@@ -274,3 +276,33 @@ def test_vxlan_ipv6_entries_over_either_underlay(tmp_path, ext, device6, remote)
     assert entries.route6 in kernel.routes(10) and entries.neighbor6 in kernel.neighbors(i6, 10)
     reconciler.reconcile([])
     assert kernel.routes(10) == set() and kernel.neighbors(i6, 10) == set()
+
+
+class HungView:
+    """A view whose member hangs: its watch never returns until released."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def watch_leases(self, position, timeout):
+        self.release.wait()
+        return [], position
+
+
+def test_a_watch_through_two_members_goes_on_when_one_hangs():
+    store, hung = MemoryStore(CONFIG), HungView()
+    stop = threading.Event()
+    watcher = LeaseWatcher(store, {}, 1, stop, [hung, store])
+    try:
+        store.create_lease(peer("10.5.3.0/24", "192.0.2.13"), 60)
+        store.create_lease(peer("10.5.4.0/24", "192.0.2.14"), 60)
+        started = time.monotonic()
+        events = []
+        while len(events) < 2 and time.monotonic() - started < 5:
+            events += watcher.poll(0.5)
+        assert [e.lease.subnet for e in events] == [N("10.5.3.0/24"), N("10.5.4.0/24")]
+        assert time.monotonic() - started < 1 and watcher.position == store.revision
+        assert watcher._take([store.history[0][1]], 2) == []  # the same change again, from the other view: dropped
+    finally:
+        stop.set()
+        hung.release.set()

@@ -1,6 +1,6 @@
 """etcd as a real cluster (three members on the lab's switch): the member the daemons talk to first hangs (SIGSTOP,
 neither answering nor refusing) under traffic. Nothing is lost, a host joining meanwhile gets its lease, and lease
-events keep reaching the kernels, through the other members."""
+events keep reaching the kernels at once, through the other member each daemon watches too."""
 from __future__ import annotations
 
 import os
@@ -46,6 +46,6 @@ def test_a_hung_etcd_member_stops_nothing(make_lab, etcd_api):
     print(f"\n{etcd_api}: first member hung: a new host leased in {leased:.1f} s, its lease reached the peers' kernels "
           f"{reached:.2f} s later; {sent - received} of {sent} pings lost")
     assert received == sent
-    # a joining host orders the members by a 1 s probe; the peers' watches notice the hung member at their next
-    # idle turn (10 s) + a 1 s probe, and move to another member, losing no event
-    assert leased < 4 and reached < 12
+    # a joining host orders the members by a 1 s probe; the peers watch through two members at once, so the other
+    # one reports the new lease at once
+    assert leased < 4 and reached < 1
