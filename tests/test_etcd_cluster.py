@@ -16,8 +16,9 @@ from tests.lab import wait_until
 pytestmark = pytest.mark.lab
 
 
-@pytest.mark.parametrize("etcd_api", ["v2", "v3"])
-def test_a_hung_etcd_member_stops_nothing(make_lab, etcd_api):
+@pytest.mark.parametrize("etcd_api, fault", [("v2", "hung"), ("v3", "hung"), ("v3", "killed")])
+def test_a_hung_or_killed_etcd_member_stops_nothing(make_lab, etcd_api, fault):
+    """hung: SIGSTOP (neither answers nor refuses); killed: SIGKILL (refuses connections)."""
     lab = make_lab(3, etcd=False, etcd_api=etcd_api)
     first = lab.start_etcd_cluster(3)[0]
     lab.set_config()
@@ -29,7 +30,7 @@ def test_a_hung_etcd_member_stops_nothing(make_lab, etcd_api):
     pinger = subprocess.Popen(["ip", "netns", "exec", c1.ns, "ping", "-i", "0.1", "-w", "25", "-W", "1", c2.ip],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(1)
-    os.kill(first.pid, signal.SIGSTOP)
+    os.kill(first.pid, signal.SIGSTOP if fault == "hung" else signal.SIGKILL)
     try:
         hung = time.monotonic()
         h3.start_daemon(wait_ready=False)
@@ -40,10 +41,11 @@ def test_a_hung_etcd_member_stops_nothing(make_lab, etcd_api):
             subnet in host.sh("ip", "route", "show", "proto", "77") for host in (h1, h2)), timeout=300, interval=0.1)
         reached = time.monotonic() - hung - leased
     finally:
-        os.kill(first.pid, signal.SIGCONT)
+        if fault == "hung":
+            os.kill(first.pid, signal.SIGCONT)
     out, _ = pinger.communicate(timeout=60)
     sent, received = (int(x) for x in re.search(r"(\d+) packets transmitted, (\d+) received", out).groups())
-    print(f"\n{etcd_api}: first member hung: a new host leased in {leased:.1f} s, its lease reached the peers' kernels "
+    print(f"\n{etcd_api}: first member {fault}: a new host leased in {leased:.1f} s, its lease reached the peers' kernels "
           f"{reached:.2f} s later; {sent - received} of {sent} pings lost")
     assert received == sent
     # a joining host orders the members by a 1 s probe; the peers watch through two members at once, so the other
