@@ -361,6 +361,9 @@ def test_dual_stack_docker_networks_across_hosts(dual_lab):
         seen_outside = h1.docker("exec", "c1", "wget", "-q", "-O-", f"http://[{OUTSIDE_IP6}]/cgi-bin/ip").strip()
         seen_by_web = h1.docker("exec", "c1", "wget", "-q", "-O-", f"http://[{web6}]/cgi-bin/ip").strip()
         assert seen_outside == f"[{h1.ip6}]" and seen_by_web == f"[{c1_v6}]"
+        # the driver publishes web's IPv6 address beside its IPv4 one: pyflanneld's DNS answers AAAA with it
+        wait_until("web's AAAA record on h1", lambda: web6 in h1.docker("exec", "c1", "nslookup", "web", check=False),
+                   timeout=15, interval=0.3)
         assert our_ip6_rules(h1)
         print(f"\nping6 {h1.name} -> {h2.name} container, just started: avg {rtt} ms, max {worst} ms; the internet "
               f"sees {seen_outside}, a container on {h2.name} sees {seen_by_web}; {time.monotonic() - started:.1f} s")

@@ -1,7 +1,7 @@
 """This host's container names for pyflanneld: watch the local dockerd, hand over the whole set at every change.
 
 For every running container on a pyflannel network: its name, its network aliases (compose adds the service name;
-dockerd 26 also lists them as DNSNames) and its address, per flannel network. pyflanneld keeps them in etcd and
+dockerd 26 also lists them as DNSNames) and its addresses, per flannel network. pyflanneld keeps them in etcd and
 answers them over DNS on every host (daemon/names.py, daemon/dns.py).
 
 It runs in threads of the driver's worker (each worker, with --workers above 1: the set sent is the same), never in
@@ -35,8 +35,8 @@ ACTIONS = {"start", "die", "stop", "kill", "destroy", "connect", "disconnect", "
 
 
 def containers_of(client: docker.DockerClient, networks: dict) -> list[dict]:
-    """[{"id", "networks": {flannel network ("" = default): {"address", "names"}}}] of the running containers on
-    `networks` (the driver's state: Docker network id -> record)."""
+    """[{"id", "networks": {flannel network ("" = default): {"address", "names"[, "address6"]}}}] of the running
+    containers on `networks` (the driver's state: Docker network id -> record); "address6" on --ipv6 networks."""
     found = []
     for container in client.containers.list():
         on = {}
@@ -46,6 +46,8 @@ def containers_of(client: docker.DockerClient, networks: dict) -> list[dict]:
                 continue
             names = {container.name, *(endpoint.get("Aliases") or ()), *(endpoint.get("DNSNames") or ())}
             on[flannel_name(record)] = {"address": endpoint["IPAddress"], "names": sorted(names)}
+            if endpoint.get("GlobalIPv6Address"):
+                on[flannel_name(record)]["address6"] = endpoint["GlobalIPv6Address"]
         if on:
             found.append({"id": container.id, "networks": on})
     return found
