@@ -295,7 +295,7 @@ def test_a_named_network_answers_its_ipv6_lease_and_is_left_once_both_pools_are_
 @pytest.fixture(scope="module")
 def dual_lab(docker_engine):
     started = time.monotonic()
-    with Lab(2, underlay_ipv6=True) as lab:
+    with Lab(3, underlay_ipv6=True) as lab:
         lab.outside_ns = lab.add_outside()
         lab.start_docker(docker_engine, DUAL)
         for host in lab.hosts:
@@ -331,7 +331,7 @@ def our_ip6_rules(host) -> list[str]:
 @pytest.mark.docker
 def test_dual_stack_docker_networks_across_hosts(dual_lab):
     started = time.monotonic()
-    h1, h2 = dual_lab.hosts
+    h1, h2, h3 = dual_lab.hosts
     try:
         for host in dual_lab.hosts:
             host.docker("network", "create", "--ipv6", "-d", "pyflannel", "--ipam-driver", "pyflannel", "overlay0")
@@ -339,15 +339,18 @@ def test_dual_stack_docker_networks_across_hosts(dual_lab):
             assert [c["Subnet"] for c in ipam] == [host.subnet_env()["FLANNEL_SUBNET"].replace(".1/", ".0/"),
                                                    str(lease6(host))]
         h2.docker("run", "-d", "--name", "web", "--network", "overlay0", "-p", "8080:80", IMAGE, *HTTPD)
+        h3.docker("run", "-d", "--name", "web3", "--network", "overlay0", IMAGE, *HTTPD)
         web4, web6 = addresses(h2, "web")
-        assert ipaddress.IPv6Address(web6) in lease6(h2)
+        _, web3_v6 = addresses(h3, "web3")
+        assert ipaddress.IPv6Address(web6) in lease6(h2) and ipaddress.IPv6Address(web3_v6) in lease6(h3)
         out = h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "sh", "-c",
                         f"ip -6 -o addr show eth0 scope global; ip -6 route show default; "
                         f"ping -6 -c 5 -i 0.2 -W 2 {web6}; wget -q -O- http://[{web6}]/; "
+                        f"ping -6 -c 2 -W 2 {web3_v6} >/dev/null && wget -q -O- http://[{web3_v6}]/ && echo H3-OK; "
                         f"ping -c 1 -W 2 {web4} >/dev/null && echo V4-OK")
         mine = ipaddress.IPv6Interface(out.split()[3])
         assert mine.ip in lease6(h1) and f"default via {lease6(h1).network_address + 1}" in out
-        assert "5 packets received" in out and HELLO in out and "V4-OK" in out, out
+        assert "5 packets received" in out and HELLO in out and "H3-OK" in out and "V4-OK" in out, out
         rtt, worst = re.search(r"min/avg/max = [\d.]+/([\d.]+)/([\d.]+)", out).groups()
         # at once: no packet waits for the bridges' link-local addresses to pass duplicate address detection
         assert float(worst) < 500, out
@@ -365,8 +368,9 @@ def test_dual_stack_docker_networks_across_hosts(dual_lab):
         wait_until("web's AAAA record on h1", lambda: web6 in h1.docker("exec", "c1", "nslookup", "web", check=False),
                    timeout=15, interval=0.3)
         assert our_ip6_rules(h1)
-        print(f"\nping6 {h1.name} -> {h2.name} container, just started: avg {rtt} ms, max {worst} ms; the internet "
-              f"sees {seen_outside}, a container on {h2.name} sees {seen_by_web}; {time.monotonic() - started:.1f} s")
+        print(f"\nping6 {h1.name} -> {h2.name} container, just started: avg {rtt} ms, max {worst} ms; TCP over IPv6 to "
+              f"{h2.name} and {h3.name}; the internet sees {seen_outside}, a container on {h2.name} sees "
+              f"{seen_by_web}; {time.monotonic() - started:.1f} s")
     finally:
         for host in dual_lab.hosts:
             host.docker_clear()
@@ -378,9 +382,9 @@ def test_dual_stack_docker_networks_across_hosts(dual_lab):
 @pytest.mark.lab
 @pytest.mark.docker
 def test_a_named_dual_stack_network_and_docker_run_ip6(dual_lab):
-    """A named flannel network (made dual stack by pyflanneld) on both hosts; with --subnet for both leases,
+    """A named flannel network (made dual stack by pyflanneld) on every host; with --subnet for both leases,
     `docker run --ip6` picks the address."""
-    h1, h2 = dual_lab.hosts
+    h1, h2 = dual_lab.hosts[:2]
     try:
         for host in dual_lab.hosts:
             host.docker("network", "create", "--ipv6", "-d", "pyflannel", "--ipam-driver", "pyflannel",
