@@ -92,12 +92,11 @@ class Published:
 
 def network_rules(net: NetworkSpec) -> list[Rule]:
     rules = []
+    if net.lease is not None:  # else an IPv6-only network
+        rules += _family_rules(net, net.lease, net.flannel_network, OVERLAY_DEVICES, v6=False)
     if net.lease6 is not None:
         rules += _family_rules(net, net.lease6, net.flannel_network6, OVERLAY_DEVICES6, v6=True)
-    if net.lease is None:  # an IPv6-only network
-        return rules
-    rules = _family_rules(net, net.lease, net.flannel_network, OVERLAY_DEVICES, v6=False) + rules
-    if not net.internal:
+    if net.lease is not None and not net.internal:  # route_localnet is IPv4's alone
         rules.append(Rule("filter", INPUT, ("-i", net.bridge, "-d", "127.0.0.0/8", "-m", "conntrack", "!",
                                             "--ctstate", "RELATED,ESTABLISHED", "-j", "DROP")))
     return rules
