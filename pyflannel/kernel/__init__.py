@@ -4,7 +4,8 @@ the CNI plugin and doctor share.
     errors.py      KernelError: what the kernel or iptables refused, named; each program maps it to its own errors
     iptables.py    the one iptables runner (argv lists, -w, one timeout) and rule helpers
     links.py       links by name: bridges, veth pairs, deletion, MACs
-    forwarding.py  forwarding through a bridge: net.ipv4.ip_forward, FORWARD accept rules, route_localnet
+    forwarding.py  forwarding through a bridge: IPv4/IPv6 forwarding, FORWARD accept rules, route_localnet, IPv6
+                   on a link
     namespaces.py  network namespaces: open one, netlink inside one
     ports.py       whether a host port is free
     netlink.py     the overlay's entries: the VXLAN device, routes (proto 77), neighbours, FDB; batched changes,

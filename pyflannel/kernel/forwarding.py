@@ -1,7 +1,8 @@
 """Forwarding through a bridge: traffic between a host's container bridge and the other hosts is routed, so the
-host must forward (net.ipv4.ip_forward=1), and where iptables' FORWARD policy is DROP (as dockerd sets it) each
-bridge needs two ACCEPT rules (-i and -o). Best-effort: a host without iptables or a refused rule is logged, since
-forwarding may be allowed in ways pyflannel does not see (nftables rules, another firewall)."""
+host must forward (net.ipv4.ip_forward=1; for IPv6 also net.ipv6.conf.all.forwarding=1), and where iptables'
+(ip6tables') FORWARD policy is DROP (as dockerd sets it) each bridge needs two ACCEPT rules (-i and -o).
+Best-effort: a host without iptables or a refused rule is logged, since forwarding may be allowed in ways pyflannel
+does not see (nftables rules, another firewall)."""
 from __future__ import annotations
 
 import logging
@@ -20,18 +21,31 @@ def _rules(bridge: str) -> list[list[str]]:
     return [["-i", bridge, "-j", "ACCEPT"], ["-o", bridge, "-j", "ACCEPT"]]
 
 
-def enable_ip_forward(proc_sys: str = PROC_SYS) -> None:
-    path = os.path.join(proc_sys, "net/ipv4/ip_forward")
+def enable_ip_forward(proc_sys: str = PROC_SYS, v6: bool = False) -> None:
+    """IPv4 forwarding on; with `v6`, IPv6 forwarding (which also makes the host ignore router advertisements)."""
+    family, relative = ("IPv6", "net/ipv6/conf/all/forwarding") if v6 else ("IPv4", "net/ipv4/ip_forward")
+    path = os.path.join(proc_sys, relative)
     try:
         with open(path) as f:
             if f.read().strip() == "1":
                 return
         with open(path, "w") as f:
             f.write("1\n")
-        log.info("enabled IPv4 forwarding (%s)", path)
+        log.info("enabled %s forwarding (%s)", family, path)
     except OSError as e:
-        log.warning("cannot enable IPv4 forwarding via %s (%s): containers will not reach other hosts", path,
+        log.warning("cannot enable %s forwarding via %s (%s): containers will not reach other hosts", family, path,
                     e.strerror)
+
+
+def enable_ipv6(link: str, proc_sys: str = PROC_SYS) -> None:
+    """IPv6 on `link` (net.ipv6.conf.<link>.disable_ipv6=0; a host may disable it for new links): without it the
+    link takes no IPv6 address. KernelError if it cannot be set."""
+    path = os.path.join(proc_sys, "net/ipv6/conf", link, "disable_ipv6")
+    try:
+        with open(path, "w") as f:
+            f.write("0\n")
+    except OSError as e:
+        raise KernelError(f"cannot enable IPv6 on {link} via {path}: {e.strerror}") from None
 
 
 def route_localnet(bridge: str, proc_sys: str = PROC_SYS) -> None:
@@ -46,39 +60,50 @@ def route_localnet(bridge: str, proc_sys: str = PROC_SYS) -> None:
                     e.strerror)
 
 
-def allow(bridge: str, proc_sys: str = PROC_SYS) -> None:
-    """Forwarding on, and the bridge's ACCEPT rules where the FORWARD policy is DROP."""
-    enable_ip_forward(proc_sys)
-    if not iptables.available() or iptables.policy("filter", "FORWARD") != "DROP":
-        return
-    for rule in _rules(bridge):
-        try:
-            if iptables.ensure("filter", "FORWARD", rule):
-                log.info("iptables: FORWARD policy is DROP, accepted %s", " ".join(rule))
-        except KernelError as e:
-            log.warning("%s", e)
+def _families(v6: bool) -> tuple[bool, ...]:
+    """The `v6` flags of iptables' families to act on: IPv4, and IPv6 too if asked."""
+    return (False, True) if v6 else (False,)
+
+
+def allow(bridge: str, proc_sys: str = PROC_SYS, v6: bool = False) -> None:
+    """Forwarding on, and the bridge's ACCEPT rules where the FORWARD policy is DROP; with `v6` for IPv6 as well."""
+    for family in _families(v6):
+        enable_ip_forward(proc_sys, v6=family)
+        if not iptables.available(v6=family) or iptables.policy("filter", "FORWARD", v6=family) != "DROP":
+            continue
+        for rule in _rules(bridge):
+            try:
+                if iptables.ensure("filter", "FORWARD", rule, v6=family):
+                    log.info("%s: FORWARD policy is DROP, accepted %s", "ip6tables" if family else "iptables",
+                             " ".join(rule))
+            except KernelError as e:
+                log.warning("%s", e)
 
 
 def revoke(bridge: str) -> None:
-    """Remove the bridge's ACCEPT rules (all copies)."""
-    if not iptables.available():
-        return
-    for rule in _rules(bridge):
-        try:
-            iptables.remove("filter", "FORWARD", rule)
-        except KernelError as e:
-            log.warning("%s", e)
+    """Remove the bridge's ACCEPT rules (all copies, both families)."""
+    for family in _families(True):
+        if not iptables.available(v6=family):
+            continue
+        for rule in _rules(bridge):
+            try:
+                iptables.remove("filter", "FORWARD", rule, v6=family)
+            except KernelError as e:
+                log.warning("%s", e)
 
 
 def bridges_allowed(prefix: str) -> set[str]:
-    """Bridges named `prefix…` that have ACCEPT rules (to find rules whose bridge is gone)."""
-    if not iptables.available():
-        return set()
-    try:
-        rules = iptables.listing("filter", "FORWARD")
-    except KernelError as e:
-        log.warning("%s", e)
-        return set()
+    """Bridges named `prefix…` that have ACCEPT rules, in either family (to find rules whose bridge is gone)."""
     pattern = re.compile(rf"^{re.escape(prefix)}\S+$")
-    return {rule[3] for rule in rules
-            if len(rule) == 6 and rule[2] in ("-i", "-o") and pattern.match(rule[3]) and rule[4:] == ["-j", "ACCEPT"]}
+    found = set()
+    for family in _families(True):
+        if not iptables.available(v6=family):
+            continue
+        try:
+            rules = iptables.listing("filter", "FORWARD", v6=family)
+        except KernelError as e:
+            log.warning("%s", e)
+            continue
+        found |= {rule[3] for rule in rules if len(rule) == 6 and rule[2] in ("-i", "-o") and pattern.match(rule[3])
+                  and rule[4:] == ["-j", "ACCEPT"]}
+    return found

@@ -20,9 +20,13 @@ from .netlink import MAIN_TABLE
 log = logging.getLogger(__name__)
 
 
-def mac_for(ip: ipaddress.IPv4Address) -> str:
-    """Docker's scheme: 02:42 + the IPv4 address; unique because leases are disjoint across hosts."""
-    return "02:42:" + ":".join(f"{b:02x}" for b in ip.packed)
+IFA_F_NODAD = 0x02  # an IPv6 address usable at once, without duplicate address detection
+
+
+def mac_for(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """Docker's scheme: 02:42 + the IPv4 address (an IPv6 address's last four bytes); unique because leases are
+    disjoint across hosts."""
+    return "02:42:" + ":".join(f"{b:02x}" for b in ip.packed[-4:])
 
 
 def random_mac() -> str:
@@ -119,6 +123,26 @@ def ensure_bridge(name: str, gateway: ipaddress.IPv4Interface, mtu: int) -> None
             except KernelError:
                 pass
         raise netlink_error(f"cannot set up bridge {name} with {gateway}", e) from None
+
+
+def ensure_gateway6(name: str, gateway: ipaddress.IPv6Interface) -> None:
+    """Give the link `name` the IPv6 address `gateway` and no other global one (link-local addresses stay). Added
+    without DAD, so containers can use it as their gateway at once. The link must have IPv6 enabled
+    (forwarding.enable_ipv6)."""
+    try:
+        with IPRoute() as ipr:
+            idx = lookup(ipr, name)
+            if idx is None:
+                raise KernelError(f"{name} is missing")
+            want = (str(gateway.ip), gateway.network.prefixlen)
+            have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=socket.AF_INET6)
+                    if a["scope"] == 0}
+            for addr, plen in have - {want}:  # e.g. the gateway of a former lease
+                ipr.addr("del", index=idx, address=addr, prefixlen=plen)
+            if want not in have:
+                ipr.addr("add", index=idx, address=want[0], prefixlen=want[1], flags=IFA_F_NODAD)
+    except NetlinkError as e:
+        raise netlink_error(f"cannot give {name} the IPv6 address {gateway}", e) from None
 
 
 def delete(name: str, netns_fd: int | None = None) -> bool:
