@@ -433,3 +433,100 @@ def test_dual_stack_add_check_del_across_three_hosts(dual_lab, binary):
     print(f"\ndual stack on 3 hosts (IPv6 underlay, etcd v3): {count} cross-host pairs ping over IPv6 and IPv4, "
           f"TCP over IPv6 echoes, egress masqueraded in both families; ping6 {rtt}; first ADD (makes cni0) in "
           f"pyflanneld {add_ms[0]:.1f} / {add_ms[1]:.1f} ms")
+
+
+def test_dual_stack_interchangeable_with_stock_bridge_and_host_local(dual_lab, binary):
+    """The two-range delegate config flannel hands over works with the stock bridge + host-local as with ours, in the
+    same IPAM folder: each continues after the other's last_reserved_ip.0 and .1 and hands out none of the other's
+    addresses; the containers get the same routes, and reach each other over IPv6 on the one bridge."""
+    host = dual_lab.hosts[1]
+    names = {cid: dual_lab.add_ns(f"{host.name}{cid}") for cid in ("ours6", "stock6", "ours6b")}
+    conf = plugin_conf(host)
+    ours = answer(host.run_cni(binary, "ADD", conf, "ours6", f"/run/netns/{names['ours6']}"))
+    delegate = json.loads((host.workdir / "cni-flannel" / "ours6").read_text())
+    gw4, gw6 = gateways(host)
+    assert delegate["ipam"]["ranges"] == [[{"subnet": str(gw4.network)}], [{"subnet": str(gw6.network)}]]
+    stock = host.run_cni("/usr/lib/cni/bridge", "ADD", delegate, "stock6", f"/run/netns/{names['stock6']}")
+    assert stock.returncode == 0, stock
+    stock = json.loads(stock.stdout)
+    again = answer(host.run_cni(binary, "ADD", conf, "ours6b", f"/run/netns/{names['ours6b']}"))
+    given = {name: [ipaddress.ip_interface(ip["address"]).ip for ip in result["ips"]]
+             for name, result in (("ours6", ours), ("stock6", stock), ("ours6b", again))}
+    for family in (0, 1):  # each range set goes on where the other plugin stopped
+        assert given["stock6"][family] == given["ours6"][family] + 1
+        assert given["ours6b"][family] == given["stock6"][family] + 1
+    assert ipam_files(host) == {str(ip): f"{cid}\r\neth0".encode() for cid, ips in given.items() for ip in ips}
+    assert [ip["gateway"] for ip in stock["ips"]] == [str(gw4.ip), str(gw6.ip)]
+    assert {r["dst"] for r in stock["routes"]} == {r["dst"] for r in ours["routes"]}
+    for family in ("-4", "-6"):
+        assert routes(names["stock6"], family) == routes(names["ours6"], family), family
+    assert ping(names["stock6"], str(given["ours6"][1])) and ping(names["ours6b"], str(given["stock6"][1]))
+    done = host.run_cni(binary, "CHECK", {**conf, "prevResult": again}, "ours6b", f"/run/netns/{names['ours6b']}")
+    assert done.returncode == 0, done  # the stock plugin's changes to cni0 broke nothing of ours
+    add_ms = ms_in_daemon(host, "ADD", "ours6b")
+    for cid in ("ours6", "ours6b"):
+        assert host.run_cni(binary, "DEL", conf, cid, "").returncode == 0
+    done = host.run_cni("/usr/lib/cni/bridge", "DEL", delegate, "stock6", f"/run/netns/{names['stock6']}")
+    assert done.returncode == 0, done
+    assert ipam_files(host) == {}
+    print(f"\nours {', '.join(map(str, given['ours6']))}, stock bridge + host-local "
+          f"{', '.join(map(str, given['stock6']))}, ours again {', '.join(map(str, given['ours6b']))}: one IPAM "
+          f"folder; a dual-stack ADD on an existing cni0 in pyflanneld {add_ms:.1f} ms")
+
+
+def test_ipv6_only_network(make_lab, binary):
+    """EnableIPv4 false (etcd v2): one IPv6 range; the container and cni0 hold no IPv4 address; the containers reach
+    each other across hosts over IPv6."""
+    lab = make_lab(2, etcd_api="v2", underlay_ipv6=True)
+    lab.set_config({**DUAL, "EnableIPv4": False})
+    for host in lab.hosts:
+        host.start_daemon()
+    added = {}
+    for host in lab.hosts:
+        gw6 = ipaddress.IPv6Interface(host.subnet_env()["FLANNEL_IPV6_SUBNET"])
+        ns = lab.add_ns(f"{host.name}v6")
+        result = answer(host.run_cni(binary, "ADD", plugin_conf(host), f"v6-{host.name}", f"/run/netns/{ns}"))
+        address = ipaddress.IPv6Interface(result["ips"][0]["address"])
+        assert result["ips"] == [{"address": str(address), "gateway": str(gw6.ip), "interface": 2}]
+        assert address.network == gw6.network
+        assert result["routes"] == [{"dst": "fd00:5::/48", "gw": str(gw6.ip)}, {"dst": "::/0", "gw": str(gw6.ip)}]
+        assert host.sh("ip", "-4", "addr", "show", "dev", "cni0") == ""
+        assert sh("ip", "-4", "addr", "show", "dev", "eth0", ns=ns) == "" and routes(ns, "-4") == set()
+        assert str(address) in ipv6_addresses(ns, "eth0") and str(gw6) in ipv6_addresses(host.ns, "cni0")
+        assert list(ipam_files(host)) == [str(address.ip)]
+        added[host.name] = (ns, address.ip)
+    (ns1, ip1), (ns2, ip2) = added.values()
+    assert ping(ns1, str(ip2)) and ping(ns2, str(ip1)), lab.logs()
+    rtt = sh("ping", "-c", "5", "-i", "0.2", "-q", str(ip2), ns=ns1).splitlines()[-1]
+    for host in lab.hosts:
+        assert host.run_cni(binary, "DEL", plugin_conf(host), f"v6-{host.name}", "").returncode == 0
+        assert ipam_files(host) == {} and "vpf" not in host.sh("ip", "-br", "link")
+    print(f"\nIPv6-only network: {ip1} on h1 <-> {ip2} on h2; ping6 {rtt}")
+
+
+def test_containerd_dual_stack(dual_lab, binary):
+    """`ctr run --cni` on the dual-stack network: the task's eth0 has both addresses, it pings a task on another
+    host over IPv6; `ctr run --rm` frees both addresses."""
+    h1, h2, _ = dual_lab.hosts
+    start_containerd(dual_lab, binary)
+    ips = {}
+    for host, name in ((h1, "d1"), (h2, "d2")):
+        pid = host.ctr_run(name, "sleep", "100000")
+        out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "addr", "show", "eth0", "scope", "global"],
+                             capture_output=True, text=True).stdout
+        found = [ipaddress.ip_interface(line.split()[3]) for line in out.splitlines()]
+        assert [a.network for a in found] == [g.network for g in gateways(host)], out
+        ips[name] = found[1].ip
+    assert ", 0% packet loss" in h1.ctr("tasks", "exec", "--exec-id", "p", "d1", "ping", "-c1", "-W2", str(ips["d2"]))
+    before = ipam_files(h1)
+    out = h1.ctr_run("once6", "ip", "-o", "addr", "show", "eth0", "scope", "global", rm=True)
+    once = [line.split()[3] for line in out.splitlines()]
+    assert len(once) == 2 and ipam_files(h1) == before
+    for host, name in ((h1, "d1"), (h2, "d2")):
+        host.ctr("tasks", "kill", "-s", "SIGKILL", name)
+        wait_until(f"{name} stopped", lambda: "STOPPED" in host.ctr("tasks", "ls"))
+        host.ctr("tasks", "rm", name)
+        assert host.run_cni(binary, "DEL", plugin_conf(host), f"default-{name}", "").returncode == 0
+        assert str(ips[name]) not in ipam_files(host)
+    print(f"\nctr run --cni, dual stack: d1 {ips['d1']} on h1 -> d2 {ips['d2']} on h2 over IPv6; ctr run --rm "
+          f"freed {', '.join(once)}")
