@@ -475,8 +475,8 @@ def test_dual_stack_interchangeable_with_stock_bridge_and_host_local(dual_lab, b
 
 
 def test_ipv6_only_network(make_lab, binary):
-    """EnableIPv4 false (etcd v2): one IPv6 range; the container and cni0 hold no IPv4 address; the containers reach
-    each other across hosts over IPv6."""
+    """EnableIPv4 false (etcd v2): one IPv6 range; the container and cni0 hold no IPv4 address, CHECK passes; the
+    containers reach each other across hosts over IPv6."""
     lab = make_lab(2, etcd_api="v2", underlay_ipv6=True)
     lab.set_config({**DUAL, "EnableIPv4": False})
     for host in lab.hosts:
@@ -494,6 +494,9 @@ def test_ipv6_only_network(make_lab, binary):
         assert sh("ip", "-4", "addr", "show", "dev", "eth0", ns=ns) == "" and routes(ns, "-4") == set()
         assert str(address) in ipv6_addresses(ns, "eth0") and str(gw6) in ipv6_addresses(host.ns, "cni0")
         assert list(ipam_files(host)) == [str(address.ip)]
+        done = host.run_cni(binary, "CHECK", {**plugin_conf(host), "prevResult": result}, f"v6-{host.name}",
+                            f"/run/netns/{ns}")
+        assert done.returncode == 0, done
         added[host.name] = (ns, address.ip)
     (ns1, ip1), (ns2, ip2) = added.values()
     assert ping(ns1, str(ip2)) and ping(ns2, str(ip1)), lab.logs()
