@@ -136,7 +136,8 @@ def _ensure_bridge(conf: BridgeConf) -> links.LinkState:
             and all(gateway in found.addresses for gateway in gateways)):
         return found
     by_family = {gateway.version: gateway for gateway in gateways}
-    links.ensure_bridge(conf.bridge, by_family.get(4) or by_family[6], conf.mtu)
+    gateway4 = by_family.get(4)  # None: an IPv6-only bridge, its MAC from the IPv6 gateway
+    links.ensure_bridge(conf.bridge, gateway4, conf.mtu, mac=None if gateway4 else mac_for(by_family[6].ip))
     if v6:
         forwarding.enable_ipv6(conf.bridge)  # a host may disable IPv6 on new links
         links.ensure_gateway6(conf.bridge, by_family[6])

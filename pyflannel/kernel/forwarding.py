@@ -38,14 +38,17 @@ def enable_ip_forward(proc_sys: str = PROC_SYS, v6: bool = False) -> None:
 
 
 def enable_ipv6(link: str, proc_sys: str = PROC_SYS) -> None:
-    """IPv6 on `link` (net.ipv6.conf.<link>.disable_ipv6=0; a host may disable it for new links): without it the
-    link takes no IPv6 address. KernelError if it cannot be set."""
-    path = os.path.join(proc_sys, "net/ipv6/conf", link, "disable_ipv6")
-    try:
-        with open(path, "w") as f:
-            f.write("0\n")
-    except OSError as e:
-        raise KernelError(f"cannot enable IPv6 on {link} via {path}: {e.strerror}") from None
+    """IPv6 on `link` (net.ipv6.conf.<link>.disable_ipv6=0: a host may disable it for new links), without duplicate
+    address detection (accept_dad=0): its link-local address is usable at once too. A router needs that: the
+    neighbour solicitations for containers it forwards to are sent from it, and while it is tentative (up to 2 s after
+    the bridge's first port came up) the packets wait. KernelError if either cannot be set."""
+    for setting, value in (("disable_ipv6", "0"), ("accept_dad", "0")):
+        path = os.path.join(proc_sys, "net/ipv6/conf", link, setting)
+        try:
+            with open(path, "w") as f:
+                f.write(value + "\n")
+        except OSError as e:
+            raise KernelError(f"cannot enable IPv6 on {link} via {path}: {e.strerror}") from None
 
 
 def route_localnet(bridge: str, proc_sys: str = PROC_SYS) -> None:

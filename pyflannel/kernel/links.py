@@ -87,16 +87,33 @@ def routes_overlapping(network: ipaddress.IPv4Network) -> list[str]:
     return out
 
 
-def ensure_bridge(name: str, gateway: ipaddress.IPv4Interface | ipaddress.IPv6Interface, mtu: int) -> None:
-    """Create or repair a bridge: kind bridge, the gateway address (and no other IPv4), MTU, up. Given an IPv6
-    gateway, an IPv6-only bridge: no IPv4 address, and its MAC from the IPv6 gateway, which ensure_gateway6 sets."""
+def _keep_only(ipr: IPRoute, idx: int, address, family: int) -> None:
+    """The link's addresses of `family` are `address` alone (none if None); IPv6 link-local addresses stay, and an
+    IPv6 address is added without duplicate address detection (usable at once)."""
+    want = {(str(address.ip), address.network.prefixlen)} if address is not None else set()
+    have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=family)
+            if family == socket.AF_INET or a["scope"] == 0}
+    for addr, plen in have - want:  # e.g. the gateway of a former lease
+        ipr.addr("del", index=idx, address=addr, prefixlen=plen)
+    for addr, plen in want - have:
+        try:
+            ipr.addr("add", index=idx, address=addr, prefixlen=plen,
+                     **({"flags": IFA_F_NODAD} if family == socket.AF_INET6 else {}))
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+
+
+def ensure_bridge(name: str, gateway: ipaddress.IPv4Interface | None, mtu: int, mac: str | None = None) -> None:
+    """Create or repair a bridge: kind bridge, the gateway address (and no other IPv4; none on an IPv6-only bridge,
+    which needs `mac`), MTU, up. Its MAC: `mac`, by default the gateway's (mac_for)."""
     created = False
     try:
         with IPRoute() as ipr:
             idx = lookup(ipr, name)
             if idx is None:
                 # A fixed MAC, or the bridge would take the lowest port's MAC and change it as ports come and go.
-                ipr.link("add", ifname=name, kind="bridge", address=mac_for(gateway.ip), mtu=mtu)
+                ipr.link("add", ifname=name, kind="bridge", address=mac or mac_for(gateway.ip), mtu=mtu)
                 created = True
                 idx = lookup(ipr, name)
                 log.info("created bridge %s", name)
@@ -106,16 +123,7 @@ def ensure_bridge(name: str, gateway: ipaddress.IPv4Interface | ipaddress.IPv6In
                     raise KernelError(f"interface {name} exists but is a {found or 'device'} and not a bridge: "
                                       f"remove it (ip link del {name})")
             ipr.link("set", index=idx, mtu=mtu)
-            want = {(str(gateway.ip), gateway.network.prefixlen)} if gateway.version == 4 else set()
-            have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=socket.AF_INET)}
-            for addr, plen in have - want:  # e.g. the gateway of a former lease
-                ipr.addr("del", index=idx, address=addr, prefixlen=plen)
-            for addr, plen in want - have:
-                try:
-                    ipr.addr("add", index=idx, address=addr, prefixlen=plen)
-                except NetlinkError as e:
-                    if e.code != errno.EEXIST:
-                        raise
+            _keep_only(ipr, idx, gateway, socket.AF_INET)
             ipr.link("set", index=idx, state="up")
     except NetlinkError as e:
         if created:  # do not leave half a bridge behind; never delete one we did not make here
@@ -127,21 +135,14 @@ def ensure_bridge(name: str, gateway: ipaddress.IPv4Interface | ipaddress.IPv6In
 
 
 def ensure_gateway6(name: str, gateway: ipaddress.IPv6Interface) -> None:
-    """Give the link `name` the IPv6 address `gateway` and no other global one (link-local addresses stay). Added
-    without DAD, so containers can use it as their gateway at once. The link must have IPv6 enabled
-    (forwarding.enable_ipv6)."""
+    """Give the link `name` the IPv6 address `gateway`, without DAD, and no other global one (link-local addresses
+    stay). The link must have IPv6 enabled (forwarding.enable_ipv6)."""
     try:
         with IPRoute() as ipr:
             idx = lookup(ipr, name)
             if idx is None:
                 raise KernelError(f"{name} is missing")
-            want = (str(gateway.ip), gateway.network.prefixlen)
-            have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=socket.AF_INET6)
-                    if a["scope"] == 0}
-            for addr, plen in have - {want}:  # e.g. the gateway of a former lease
-                ipr.addr("del", index=idx, address=addr, prefixlen=plen)
-            if want not in have:
-                ipr.addr("add", index=idx, address=want[0], prefixlen=want[1], flags=IFA_F_NODAD)
+            _keep_only(ipr, idx, gateway, socket.AF_INET6)
     except NetlinkError as e:
         raise netlink_error(f"cannot give {name} the IPv6 address {gateway}", e) from None
 
