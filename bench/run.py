@@ -172,6 +172,26 @@ def wire_wireguard(results: dict) -> None:
         lab.close()
 
 
+def wire_ipv6(results: dict) -> None:
+    """Namespace containers on two hosts of a dual-stack VXLAN network over an IPv6 underlay: IPv6 through
+    flannel-v6.1, IPv4 through flannel.1, and the underlay in both families."""
+    lab = Lab(2, underlay_ipv6=True)
+    try:
+        lab.start_network({"Network": "10.5.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:5::/48",
+                           "Backend": {"Type": "vxlan"}})
+        h1, h2 = lab.hosts
+        c1, c2 = h1.containers[0], h2.containers[0]
+        wait_until("IPv6 path", lambda: subprocess.run(netns(c1.ns) + ["ping", "-c1", "-W1", c2.ip6],
+                                                       capture_output=True).returncode == 0)
+        results["wire"]["ipv6 lab"] = compare_paths({
+            "underlay v6": (netns(h2.ns), netns(h1.ns), h2.ip6),
+            "vxlan v6": (netns(c2.ns), netns(c1.ns), c2.ip6),
+            "underlay v4": (netns(h2.ns), netns(h1.ns), h2.ip),
+            "vxlan v4": (netns(c2.ns), netns(c1.ns), c2.ip)})
+    finally:
+        lab.close()
+
+
 def seed(lab: Lab, count: int) -> None:
     for i in range(count):
         key, value = fake_lease(i)
@@ -295,7 +315,9 @@ def table(r: dict) -> str:
     for lab, candidates in (("vxlan lab", (("vxlan", "underlay", 0.85), ("vxlan", "swarm overlay", 1.0))),
                             ("host-gw lab", (("host-gw", "underlay", 0.95), ("host-gw", "plain bridge", None),
                                              ("plain bridge", "underlay", None))),
-                            ("wireguard lab", (("wireguard", "underlay", None), ("wireguard", "vxlan", None)))):
+                            ("wireguard lab", (("wireguard", "underlay", None), ("wireguard", "vxlan", None))),
+                            ("ipv6 lab", (("vxlan v6", "underlay v6", 0.85), ("vxlan v6", "vxlan v4", None),
+                                          ("vxlan v4", "underlay v4", 0.85)))):
         w = r["wire"].get(lab)
         if not w:
             continue
@@ -339,6 +361,7 @@ def main() -> int:
     steps = [("wire vxlan", lambda: wire_vxlan_and_swarm(results)),
              ("wire host-gw", lambda: wire_hostgw_and_plain(results)),
              ("wire wireguard", lambda: wire_wireguard(results)),
+             ("wire ipv6", lambda: wire_ipv6(results)),
              ("convergence 10", lambda: convergence(results, 10)),
              ("convergence 1000", lambda: convergence(results, 1000)), ("scale 1000", lambda: scale(results, 1000)),
              ("scale 5000", lambda: scale(results, 5000)), ("lifecycle", lambda: lifecycle(results)),

@@ -5,6 +5,7 @@ import argparse
 import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _reachable(ip: str) -> bool:
-    ipaddress.IPv4Address(ip)  # only an address from a parsed lease reaches the argv
+    ipaddress.ip_address(ip)  # only an address from a parsed lease reaches the argv
     return subprocess.run(["ping", "-c", "1", "-W", "1", "-q", ip], capture_output=True).returncode == 0
 
 
@@ -35,16 +36,18 @@ def collect(args) -> dict:
     report = {"host": {}, "hosts": [], "routes": [], "problems": []}
     try:
         env = subnetenv.read(args.subnet_file)
-        report["host"] = {"subnet": str(env.lease), "network": str(env.network), "mtu": env.mtu,
+        report["host"] = {"subnet": str(env.lease or "none (IPv6 only)"), "network": str(env.network), "mtu": env.mtu,
                           "ipmasq": env.ipmasq, "subnet_file": args.subnet_file}
+        if env.lease6:
+            report["host"].update(ipv6_subnet=str(env.lease6), ipv6_network=str(env.ipv6_network))
     except subnetenv.SubnetEnvError as e:
         report["problems"].append(str(e))
         env = None
     kernel = Kernel()
-    routes = kernel.routes()
+    routes = kernel.routes() | kernel.routes(socket.AF_INET6)
     by_subnet = {r.dst: r for r in routes}
     report["routes"] = [f"{r.dst} via {r.gateway}{' onlink' if r.onlink else ''}" for r in sorted(
-        routes, key=lambda r: int(r.dst.network_address))]
+        routes, key=lambda r: (r.dst.version, int(r.dst.network_address)))]
     try:
         store = stores.from_flags(args)
         leases, _ = store.leases()
@@ -54,17 +57,23 @@ def collect(args) -> dict:
         report["host"]["etcd"] = "unreachable"
         leases = []
     now = datetime.now(timezone.utc)
+    def is_own(lease) -> bool:
+        return env is not None and (lease.subnet == env.lease or env.lease6 is not None
+                                    and lease.ipv6_subnet == env.lease6)
+
     own = env.lease if env else None
-    peers = [lease for lease in leases if lease.subnet != own]
+    peers = [lease for lease in leases if not is_own(lease)]
     with ThreadPoolExecutor(max_workers=16) as pool:
         reachable = dict(zip((p.subnet for p in peers), pool.map(lambda p: _reachable(p.public_ip), peers)))
     for lease in sorted(leases, key=lambda lease: int(lease.subnet.network_address)):
         expires = (f"{int((lease.expiration - now).total_seconds())}s" if lease.expiration else "never (reserved)")
+        mine = is_own(lease)
         report["hosts"].append({
-            "subnet": str(lease.subnet), "public_ip": lease.public_ip, "vtep_mac": lease.vtep_mac or "",
-            "backend": lease.backend_type, "expires_in": expires, "self": lease.subnet == own,
-            "programmed": lease.subnet == own or lease.subnet in by_subnet,
-            "reachable": True if lease.subnet == own else reachable.get(lease.subnet, False),
+            "subnet": str(lease.subnet), "ipv6_subnet": str(lease.ipv6_subnet or "") or None,
+            "public_ip": lease.public_ip, "vtep_mac": lease.vtep_mac or lease.vtep_mac_v6 or "",
+            "backend": lease.backend_type, "expires_in": expires, "self": mine,
+            "programmed": mine or lease.subnet in by_subnet or lease.ipv6_subnet in by_subnet,
+            "reachable": True if mine else reachable.get(lease.subnet, False),
         })
     if own and leases and not any(h["self"] for h in report["hosts"]):
         report["problems"].append(f"this host's subnet {own} has no lease in etcd")
@@ -86,16 +95,20 @@ def table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
 
 def render(report: dict) -> str:
     host = report["host"]
-    lines = [f"this host: subnet {host.get('subnet', '?')} of {host.get('network', '?')}, MTU {host.get('mtu', '?')},"
-             f" etcd {host.get('etcd', '?')}", ""]
-    columns = ("subnet", "public_ip", "vtep_mac", "backend", "expires_in", "programmed", "reachable")
+    ipv6 = (f" and IPv6 subnet {host['ipv6_subnet']} of {host['ipv6_network']}" if host.get("ipv6_subnet") else "")
+    lines = [f"this host: subnet {host.get('subnet', '?')} of {host.get('network', '?')}{ipv6}, MTU "
+             f"{host.get('mtu', '?')}, etcd {host.get('etcd', '?')}", ""]
+    dual = any(h["ipv6_subnet"] for h in report["hosts"])
+    columns = ("subnet", *(("ipv6_subnet",) if dual else ()), "public_ip", "vtep_mac", "backend", "expires_in",
+               "programmed", "reachable")
     rows = [[("*" if h["self"] else "") + str(h[c]) if c == "subnet" else
              ("yes" if h[c] else "NO") if isinstance(h[c], bool) else str(h[c]) for c in columns]
             for h in report["hosts"]]
     lines += table(columns, rows)
     lines += ["", "routes programmed (proto 77):"] + [f"  {r}" for r in report["routes"] or ["none"]]
     if report["networks"]:
-        columns = ("name", "network", "vni", "lease", "peers", "state")
+        dual = any(n.get("ipv6_lease") for n in report["networks"])
+        columns = ("name", "network", "vni", "lease", *(("ipv6_lease",) if dual else ()), "peers", "state")
         rows = [[str(n.get(c) if n.get(c) is not None else "-") for c in columns] for n in report["networks"]]
         lines += ["", "flannel networks served by pyflanneld:"] + ["  " + line for line in table(columns, rows)]
     if report["problems"]:

@@ -89,10 +89,16 @@ class Facts:
 
     @property
     def device(self) -> str:
-        return "flannel-wg" if self.backend == "wireguard" else f"flannel.{self.vni}"
+        if self.backend == "wireguard":
+            return "flannel-wg"
+        ipv6_only = self.config is not None and not self.config.enable_ipv4
+        return f"flannel-v6.{self.vni}" if ipv6_only else f"flannel.{self.vni}"
 
     def own_lease(self):
-        return next((lease for lease in self.leases or () if lease.subnet == self.own_subnet), None)
+        """Our lease in etcd: the one with subnet.env's subnet (its IPv6 subnet on an IPv6-only network)."""
+        lease6 = self.env.lease6 if self.env else None
+        return next((lease for lease in self.leases or () if lease.subnet == self.own_subnet
+                     or lease6 is not None and lease.ipv6_subnet == lease6), None)
 
 
 # --- gathering -------------------------------------------------------------------------------------------------
@@ -225,10 +231,16 @@ def check_subnet_env(facts: Facts) -> list[Finding]:
     if facts.env is None:
         return [Finding("subnet-env", PROBLEM, facts.env_error,
                         f"start pyflanneld with -subnet-file {facts.subnet_file} (it writes the file)")]
-    if facts.config and facts.env.network != facts.config.network:
-        return [Finding("subnet-env", PROBLEM, f"FLANNEL_NETWORK={facts.env.network} in {facts.subnet_file} but the "
-                                               f"network config says Network={facts.config.network}: it is stale",
-                        "restart pyflanneld (it rewrites subnet.env), then recreate the containers")]
+    stale = "restart pyflanneld (it rewrites subnet.env), then recreate the containers"
+    c, env = facts.config, facts.env
+    if c and c.enable_ipv4 and env.network != c.network:
+        return [Finding("subnet-env", PROBLEM, f"FLANNEL_NETWORK={env.network} in {facts.subnet_file} but the "
+                                               f"network config says Network={c.network}: it is stale", stale)]
+    if c and env.ipv6_network != (c.ipv6.network if c.ipv6 else None):
+        said = f"IPv6Network={c.ipv6.network}" if c.ipv6 else "no IPv6 (EnableIPv6 is not true)"
+        return [Finding("subnet-env", PROBLEM, f"FLANNEL_IPV6_NETWORK={env.ipv6_network or '(none)'} in "
+                                               f"{facts.subnet_file} but the network config says {said}: it is "
+                                               f"stale", stale)]
     return []
 
 
@@ -333,22 +345,31 @@ def check_mtu(facts: Facts) -> list[Finding]:
     if index is None:
         return [Finding("mtu", PROBLEM, f"{facts.device} does not exist: no {facts.backend} traffic leaves or "
                                         f"reaches this host", f"start pyflanneld (it creates {facts.device})")]
-    mtu = facts.kernel.link(index).get("IFLA_MTU")
-    expected, why = env_mtu, f"FLANNEL_MTU={env_mtu} in subnet.env"
-    if facts.backend == "wireguard":
-        configured = facts.config.wireguard.mtu if facts.config else None
-        underlay = _external_iface(facts)
-        if configured or underlay:
-            base, what = (configured, "Backend.MTU") if configured else (underlay.mtu, f"{underlay.name} MTU")
-            expected, why = base - WIREGUARD_OVERHEAD, f"{what} {base} - {WIREGUARD_OVERHEAD}"
-    else:
-        underlay = _iface_by_index(facts, facts.kernel.vxlan_attrs(index).get("IFLA_VXLAN_LINK"))
-        if underlay:
-            expected, why = underlay.mtu - VXLAN_OVERHEAD, f"{underlay.name} MTU {underlay.mtu} - {VXLAN_OVERHEAD}"
-    findings = []
-    if mtu != expected:
-        findings.append(Finding("mtu", PROBLEM, f"{facts.device} MTU is {mtu}, expected {expected} ({why}; "
-                                                f"FLANNEL_MTU={env_mtu})", f"ip link set {facts.device} mtu {expected}"))
+    devices = [(facts.device, index)]
+    index6 = facts.kernel.link_index(f"flannel-v6.{facts.vni}") if facts.backend == "vxlan" else None
+    if index6 is not None and index6 != index:
+        devices.append((f"flannel-v6.{facts.vni}", index6))
+    findings, expected_env = [], []
+    for device, index in devices:
+        mtu = facts.kernel.link(index).get("IFLA_MTU")
+        expected, why = env_mtu, f"FLANNEL_MTU={env_mtu} in subnet.env"
+        if facts.backend == "wireguard":
+            configured = facts.config.wireguard.mtu if facts.config else None
+            underlay = _external_iface(facts)
+            if configured or underlay:
+                base, what = (configured, "Backend.MTU") if configured else (underlay.mtu, f"{underlay.name} MTU")
+                expected, why = base - WIREGUARD_OVERHEAD, f"{what} {base} - {WIREGUARD_OVERHEAD}"
+        else:
+            attrs = facts.kernel.vxlan_attrs(index)
+            underlay = _iface_by_index(facts, attrs.get("IFLA_VXLAN_LINK"))
+            overhead = VXLAN_OVERHEAD + (20 if attrs.get("IFLA_VXLAN_LOCAL6") else 0)  # an IPv6 outer header
+            if underlay:
+                expected, why = underlay.mtu - overhead, f"{underlay.name} MTU {underlay.mtu} - {overhead}"
+        expected_env.append((expected, why))
+        if mtu != expected:
+            findings.append(Finding("mtu", PROBLEM, f"{device} MTU is {mtu}, expected {expected} ({why}; "
+                                                    f"FLANNEL_MTU={env_mtu})", f"ip link set {device} mtu {expected}"))
+    expected, why = min(expected_env)  # containers must fit every device their packets may take
     if env_mtu != expected:
         findings.append(Finding("mtu", PROBLEM, f"FLANNEL_MTU={env_mtu} in subnet.env, expected {expected} ({why}): "
                                                 f"containers get the wrong MTU",

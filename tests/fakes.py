@@ -25,7 +25,7 @@ class MemoryStore(Store):
 
     def _event(self, kind: str, lease: Lease) -> None:
         self.revision += 1
-        self.history.append((self.revision, LeaseEvent(kind, lease)))
+        self.history.append((self.revision, LeaseEvent(kind, lease, self.revision)))
 
     def compact(self) -> None:
         self.compacted, self.history = self.revision, []

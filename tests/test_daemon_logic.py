@@ -3,6 +3,8 @@ reconciler's diff, and the VXLAN backend's device and entries. No root, no etcd,
 The same behaviours are proven against a real etcd (test_lease.py, test_etcdv3.py) and kernel (test_multihost.py)."""
 import ipaddress
 import random
+import threading
+import time
 
 import pytest
 
@@ -198,3 +200,109 @@ def test_a_renewal_never_overwrites_another_hosts_lease_on_our_subnet():
     new = mgr.renew()
     assert new.subnet != ours and store.data[ours].public_ip == "192.0.2.99"
     assert store.data[new.subnet].public_ip == "192.0.2.11"
+
+
+# --- dual stack ------------------------------------------------------------------------------------------------------
+
+N6 = ipaddress.IPv6Network
+DUAL = '{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:5::/48", "Backend": {"Type": "vxlan"}}'
+EXT6 = ExternalInterface("eth0", 2, 1500, ipaddress.IPv4Interface("192.0.2.11/24"), "192.0.2.11",
+                         ipaddress.IPv6Interface("2001:db8::11/64"), "2001:db8::11")
+
+
+def dual_manager(store, config=DUAL, seed=1):
+    return LeaseManager(store, parse(config), "192.0.2.11", "vxlan", {"VNI": 1, "VtepMAC": "0e:00:00:00:00:01"},
+                        rng=random.Random(seed), public_ipv6="2001:db8::11",
+                        backend_v6_data={"VNI": 1, "VtepMAC": "0e:00:00:00:06:01"})
+
+
+def test_dual_stack_lease_takes_both_subnets_and_prefers_the_old_ones():
+    store = MemoryStore(DUAL)
+    lease = dual_manager(store).acquire(N("10.5.7.0/24"), N6("fd00:5:0:7::/64"))
+    assert (lease.subnet, lease.ipv6_subnet, lease.key) == (N("10.5.7.0/24"), N6("fd00:5:0:7::/64"),
+                                                            "10.5.7.0-24&fd00:5:0:7::-64")
+    assert lease.attrs_json() == ('{"PublicIP":"192.0.2.11","PublicIPv6":"2001:db8::11","BackendType":"vxlan",'
+                                  '"BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"},'
+                                  '"BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:06:01"}}')
+    assert dual_manager(store, seed=5).acquire().key == lease.key  # our PublicIP's lease is reused
+    taken = {lease.ipv6_subnet}
+    for i in range(20):  # other hosts never get a taken IPv6 subnet
+        other = LeaseManager(store, parse(DUAL), f"192.0.2.{100 + i}", "vxlan", None, rng=random.Random(i))
+        got = other.acquire()
+        assert got.ipv6_subnet not in taken and got.ipv6_subnet.subnet_of(N6("fd00:5::/48"))
+        taken.add(got.ipv6_subnet)
+
+
+def test_turning_ipv6_on_replaces_our_key_and_keeps_the_ipv4_subnet():
+    store = MemoryStore(CONFIG)
+    old = manager(store).acquire()
+    new = dual_manager(store).acquire()
+    assert new.subnet == old.subnet and new.ipv6_subnet is not None
+    assert [lease.key for lease in store.leases()[0]] == [new.key]
+    watcher = LeaseWatcher(store, {old.subnet: old}, 2)  # a peer that knew the old key
+    events = [event for _ in range(2) for event in watcher.poll(0)]
+    assert [(e.kind, e.lease.key) for e in events] == [(LeaseEvent.REMOVED, old.key), (LeaseEvent.ADDED, new.key)]
+    assert watcher.known[old.subnet].key == new.key
+
+
+def test_a_stale_removal_of_a_replaced_key_is_dropped():
+    store = MemoryStore(DUAL)
+    watcher = LeaseWatcher(store, {}, 0)
+    dual = peer("10.5.3.0/24", "192.0.2.13")
+    dual.ipv6_subnet = N6("fd00:5:0:3::/64")
+    watcher.known[dual.subnet] = dual
+    store._event(LeaseEvent.REMOVED, peer("10.5.3.0/24", "192.0.2.13"))  # the old IPv4-only key, deleted late
+    assert watcher.poll(0) == [] and watcher.known[dual.subnet] is dual
+
+
+@pytest.mark.parametrize("ext, device6, remote", [(EXT6, "flannel-v6.1", "2001:db8::13"),
+                                                  (EXT, "flannel.1", "192.0.2.13")], ids=["v6-underlay", "v4-underlay"])
+def test_vxlan_ipv6_entries_over_either_underlay(tmp_path, ext, device6, remote):
+    kernel = FakeKernel()
+    backend = VxlanBackend(parse(DUAL), ext, kernel, str(tmp_path))
+    assert backend.prepare() is not None and backend.backend_v6_data["VNI"] == 1
+    i6 = kernel.link_index(device6)
+    assert backend.overlay_devices[-1] == (i6, 10) and backend.mtu == (1430 if ext is EXT6 else 1450)
+    lease = Lease(N("10.5.3.0/24"), "192.0.2.13", "vxlan", {"VNI": 1, "VtepMAC": "0e:00:00:00:00:03"},
+                  ipv6_subnet=N6("fd00:5:0:3::/64"), public_ipv6="2001:db8::13" if ext is EXT6 else None,
+                  backend_v6_data={"VNI": 1, "VtepMAC": "0E:00:00:00:06:03"})
+    entries = backend.entries_for(lease)
+    assert entries.route6 == Route(N6("fd00:5:0:3::/64"), "fd00:5:0:3::", i6, onlink=True)
+    assert entries.neighbor6 == Neighbor(i6, "fd00:5:0:3::", "0e:00:00:00:06:03")
+    assert entries.fdb6 == FdbEntry(i6, "0e:00:00:00:06:03", remote)
+    assert entries.in_order()[-3:] == [entries.neighbor6, entries.fdb6, entries.route6]
+    reconciler = Reconciler(kernel, backend, watch=lambda touched, indexes, stop: None)
+    reconciler.reconcile([lease])
+    assert entries.route6 in kernel.routes(10) and entries.neighbor6 in kernel.neighbors(i6, 10)
+    reconciler.reconcile([])
+    assert kernel.routes(10) == set() and kernel.neighbors(i6, 10) == set()
+
+
+class HungView:
+    """A view whose member hangs: its watch never returns until released."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def watch_leases(self, position, timeout):
+        self.release.wait()
+        return [], position
+
+
+def test_a_watch_through_two_members_goes_on_when_one_hangs():
+    store, hung = MemoryStore(CONFIG), HungView()
+    stop = threading.Event()
+    watcher = LeaseWatcher(store, {}, 1, stop, [hung, store])
+    try:
+        store.create_lease(peer("10.5.3.0/24", "192.0.2.13"), 60)
+        store.create_lease(peer("10.5.4.0/24", "192.0.2.14"), 60)
+        started = time.monotonic()
+        events = []
+        while len(events) < 2 and time.monotonic() - started < 5:
+            events += watcher.poll(0.5)
+        assert [e.lease.subnet for e in events] == [N("10.5.3.0/24"), N("10.5.4.0/24")]
+        assert time.monotonic() - started < 1 and watcher.position == store.revision
+        assert watcher._take([store.history[0][1]], 2) == []  # the same change again, from the other view: dropped
+    finally:
+        stop.set()
+        hung.release.set()

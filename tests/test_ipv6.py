@@ -6,11 +6,12 @@ import ipaddress
 import json
 import re
 import signal
+import subprocess
 import time
 
 import pytest
 
-from tests.lab import ping, sh, wait_until
+from tests.lab import VENV_BIN, ping, sh, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -131,14 +132,25 @@ def test_ipv6_only_network(make_lab):
     print(f"\nIPv6-only network: {len(pairs(lab))} cross-host pairs ping over IPv6")
 
 
-def test_host_gw_ipv6(make_lab):
-    lab = start(make_lab, {**DUAL, "Backend": {"Type": "host-gw"}}, "v2")
+def test_host_gw_ipv6_with_iface_given_by_ipv6_address_and_ip_masq(make_lab):
+    """host-gw routes each peer's IPv6 subnet via its PublicIPv6; `-iface <IPv6 address>` picks the interface;
+    -ip-masq writes flannel's rules to ip6tables too."""
+    lab = make_lab(3, etcd_api="v2", underlay_ipv6=True)
+    lab.set_config({**DUAL, "Backend": {"Type": "host-gw"}})
+    for host in lab.hosts:
+        host.start_daemon("-iface", host.ip6, "-ip-masq")
+    for host in lab.hosts:
+        host.add_bridge()
+        host.add_container()
     for host in lab.hosts:
         routes6 = host.sh("ip", "-6", "route", "show", "proto", "77")
         for other in lab.hosts:
             if other is not host:
                 other6 = ipaddress.ip_interface(other.subnet_env()["FLANNEL_IPV6_SUBNET"]).network
                 assert f"{other6} via {other.ip6} dev eth0" in routes6
+    rules = lab.hosts[0].sh("ip6tables", "-t", "nat", "-S", "PYFLANNEL-POSTRTG")
+    assert "-A PYFLANNEL-POSTRTG -s fd00:5::/48 ! -d ff00::/8 -j MASQUERADE --random-fully" in rules, rules
+    assert "-j PYFLANNEL-POSTRTG" in lab.hosts[0].sh("ip6tables", "-t", "nat", "-S", "POSTROUTING")
     failures = [(s.ip6, d.ip6) for s, d in pairs(lab) if not ping(s.ns, d.ip6)]
     assert not failures, f"unreachable: {failures}\n{lab.logs()}"
     print(f"\nhost-gw over IPv6: {len(pairs(lab))} cross-host pairs ping")
@@ -164,3 +176,34 @@ def test_turning_ipv6_on_keeps_the_ipv4_subnet(make_lab):
     wait_until("a's route to b's IPv6 subnet", lambda: str(b6) in a.sh("ip", "-6", "route", "show", "proto", "77"))
     b4 = ipaddress.ip_interface(before["h2"]).network
     assert str(b4) in a.sh("ip", "route", "show", "proto", "77")  # the IPv4 route survived the key's replacement
+
+
+def test_status_and_doctor_show_dual_stack(make_lab):
+    """`pyflannel status` lists the IPv6 subnets and routes; `doctor` is clean with flannel-v6.1's smaller MTU and
+    names a stale subnet.env when IPv6 is turned off in etcd."""
+    lab = make_lab(2, etcd_api="v2", underlay_ipv6=True)
+    lab.set_config(DUAL)
+    for host in lab.hosts:
+        host.start_daemon()
+    h1, h2 = lab.hosts
+    common = ["-etcd-endpoints", lab.etcd_url, "-subnet-file", str(h1.subnet_file), "-api-socket", str(h1.api_sock)]
+    report = json.loads(h1.sh(str(VENV_BIN / "pyflannel"), "status", "--json", *common))
+    h2_lease6 = str(ipaddress.ip_interface(h2.subnet_env()["FLANNEL_IPV6_SUBNET"]).network)
+    assert report["problems"] == [] and report["host"]["ipv6_network"] == "fd00:5::/48"
+    peer = next(h for h in report["hosts"] if not h["self"])
+    assert peer["ipv6_subnet"] == h2_lease6 and peer["programmed"] and peer["reachable"]
+    assert any(r.startswith(f"{h2_lease6} via ") for r in report["routes"])
+    assert "IPV6_SUBNET" in h1.sh(str(VENV_BIN / "pyflannel"), "status", *common)
+    rc, doctor = doctor_report(h1, common)
+    assert rc == 0 and doctor["problems"] == 0, doctor
+    lab.set_config({"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}})
+    rc, doctor = doctor_report(h1, common)
+    stale = [f for f in doctor["findings"] if f["check"] == "subnet-env"]
+    assert rc == 1 and "FLANNEL_IPV6_NETWORK=fd00:5::/48" in stale[0]["message"], doctor
+    print(f"\nstatus: peer {peer['subnet']} + {peer['ipv6_subnet']}; doctor clean, then names the stale subnet.env")
+
+
+def doctor_report(host, common: list[str]) -> tuple[int, dict]:
+    done = subprocess.run(["ip", "netns", "exec", host.ns, str(VENV_BIN / "pyflannel"), "doctor", "--json", *common],
+                          capture_output=True, text=True, timeout=60)
+    return done.returncode, json.loads(done.stdout)

@@ -77,3 +77,18 @@ def test_other_names_are_forwarded_and_a_dead_upstream_is_a_servfail():
     upstream.close()
     failed = DNSRecord.parse(resolver.forward(query.pack(), query))
     assert failed.header.rcode == RCODE.SERVFAIL and failed.header.id == query.header.id
+
+
+def test_dual_stack_containers_are_answered_with_aaaa_records():
+    shop = MemoryStore()
+    here, there = book_of({"shop": shop}), book_of({"shop": shop}, "192.0.2.12")
+    there.publish([Container("c", {"shop": ("10.60.2.2", ("web",))}, {"shop": "fd00:f1a0:0:2::2"}),
+                   Container("d", {"shop": ("10.60.2.3", ("web", "db"))})])
+    there._write(), here._read()
+    assert '"address6": "fd00:f1a0:0:2::2"' in shop.read_folder("names")["192.0.2.12/10.60.2.2"]
+    resolver = Resolver(here, [])
+    assert [str(rr.rdata) for rr in ask(resolver, "web", "10.60.1.2", "AAAA").rr] == ["fd00:f1a0:0:2::2"]
+    assert sorted(str(rr.rdata) for rr in ask(resolver, "web", "10.60.1.2").rr) == ["10.60.2.2", "10.60.2.3"]
+    assert len(ask(resolver, "web", "10.60.1.2", "ANY").rr) == 3
+    db = ask(resolver, "db", "10.60.1.2", "AAAA")
+    assert db.header.rcode == RCODE.NOERROR and db.rr == []  # known, IPv4 only: no data, no error

@@ -83,6 +83,27 @@ def _range(raw: dict, network: Subnet, subnet_len: int, names: tuple[str, str]) 
     return subnet_min, subnet_max
 
 
+def _subnet_len(raw: dict, network: Subnet, key: str, network_key: str) -> int:
+    """flannel's rules for SubnetLen (IPv6SubnetLen): by default /24 (/64), or prefix + 2 for a network too small
+    for that; at most /30 (/126); the network must hold four subnets."""
+    usual, longest = (24, 30) if network.version == 4 else (64, 126)
+    if key in raw:
+        subnet_len = _int(raw, key, usual, 1, network.max_prefixlen, key)
+    elif network.prefixlen <= usual - 2:
+        subnet_len = usual
+    elif network.prefixlen <= longest - 2:
+        subnet_len = network.prefixlen + 2
+    else:
+        raise ConfigError(network_key, raw[network_key], f"too small: needs /{longest - 2} or wider to hold four "
+                                                         f"subnets")
+    if subnet_len > longest:
+        raise ConfigError(key, subnet_len, f"must be /{longest} or shorter")
+    if subnet_len < network.prefixlen + 2:
+        raise ConfigError(key, subnet_len, f"must be at least /{network.prefixlen + 2} so that {network_key} "
+                                           f"{network} holds four subnets")
+    return subnet_len
+
+
 def _int(raw: dict, key: str, default, lo: int, hi: int, name: str) -> int:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -113,19 +134,7 @@ def parse(text: str) -> NetworkConfig:
     except (ValueError, TypeError) as e:
         raise ConfigError("Network", raw["Network"], f"not an IPv4 network ({e})")
 
-    if "SubnetLen" in raw:
-        subnet_len = _int(raw, "SubnetLen", 24, 1, 32, "SubnetLen")
-    elif network.prefixlen < 23:
-        subnet_len = 24
-    elif network.prefixlen <= 28:
-        subnet_len = network.prefixlen + 2
-    else:
-        raise ConfigError("Network", raw["Network"], "too small: needs /28 or wider to hold four subnets")
-    if subnet_len > 30:
-        raise ConfigError("SubnetLen", subnet_len, "must be /30 or shorter")
-    if subnet_len < network.prefixlen + 2:
-        raise ConfigError("SubnetLen", subnet_len, f"must be at least /{network.prefixlen + 2} so that "
-                                                   f"Network {network} holds four subnets")
+    subnet_len = _subnet_len(raw, network, "SubnetLen", "Network")
     subnet_min, subnet_max = _range(raw, network, subnet_len, ("SubnetMin", "SubnetMax"))
     ipv6 = _ipv6(raw) if enable_ipv6 else None
 
@@ -149,27 +158,13 @@ def parse(text: str) -> NetworkConfig:
 
 
 def _ipv6(raw: dict) -> IPv6Config:
-    """flannel's rules: IPv6SubnetLen defaults to 64 (prefix + 2 for networks longer than /62), at most /126, and
-    IPv6Network must hold four subnets."""
     if "IPv6Network" not in raw:
         raise ConfigError("IPv6Network", None, "missing while EnableIPv6 is true: set it, e.g. \"fd00:5::/48\"")
     try:
         network = IPv6Network(raw["IPv6Network"])
     except (ValueError, TypeError) as e:
         raise ConfigError("IPv6Network", raw["IPv6Network"], f"not an IPv6 network ({e})")
-    if "IPv6SubnetLen" in raw:
-        subnet_len = _int(raw, "IPv6SubnetLen", 64, 1, 128, "IPv6SubnetLen")
-    elif network.prefixlen <= 62:
-        subnet_len = 64
-    elif network.prefixlen <= 124:
-        subnet_len = network.prefixlen + 2
-    else:
-        raise ConfigError("IPv6Network", raw["IPv6Network"], "too small: needs /124 or wider to hold four subnets")
-    if subnet_len > 126:
-        raise ConfigError("IPv6SubnetLen", subnet_len, "must be /126 or shorter")
-    if subnet_len < network.prefixlen + 2:
-        raise ConfigError("IPv6SubnetLen", subnet_len, f"must be at least /{network.prefixlen + 2} so that "
-                                                       f"IPv6Network {network} holds four subnets")
+    subnet_len = _subnet_len(raw, network, "IPv6SubnetLen", "IPv6Network")
     subnet_min, subnet_max = _range(raw, network, subnet_len, ("IPv6SubnetMin", "IPv6SubnetMax"))
     return IPv6Config(network, subnet_len, subnet_min, subnet_max)
 

@@ -13,7 +13,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from dnslib import QTYPE, RCODE, RR, A, DNSError, DNSRecord
+from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSError, DNSRecord
 
 from .names import NameBook
 
@@ -50,13 +50,14 @@ class Resolver:
         if len(query.questions) != 1:
             return None, query
         question = query.q
-        addresses = self.book.lookup(str(question.qname).rstrip("."), self.book.networks_of(asker))
-        if not addresses:
+        name, networks = str(question.qname).rstrip("."), self.book.networks_of(asker)
+        if self.book.lookup(name, networks) is None:
             return None, query
         reply = query.reply()
-        if question.qtype in (QTYPE.A, QTYPE.ANY):
-            for address in addresses:
-                reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=ANSWER_TTL))
+        for qtype, key, rdata in ((QTYPE.A, "address", A), (QTYPE.AAAA, "address6", AAAA)):
+            if question.qtype in (qtype, QTYPE.ANY):
+                for address in self.book.lookup(name, networks, key):
+                    reply.add_answer(RR(question.qname, qtype, rdata=rdata(address), ttl=ANSWER_TTL))
         return reply.pack(), None  # other types of a known name: no data, no error
 
     def forward(self, data: bytes, query: DNSRecord) -> bytes:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 from datetime import datetime, timedelta, timezone
@@ -162,21 +163,79 @@ class LeaseManager:
 
 
 class LeaseWatcher:
-    """Turns the store's watch into ADDED/REMOVED events for peers, re-listing and diffing when history is lost."""
+    """Turns the store's watch into ADDED/REMOVED events for peers, re-listing and diffing when history is lost.
 
-    def __init__(self, store: Store, known: dict[IPv4Network, Lease], position: int):
+    With several etcd endpoints it watches through two members at once (the store's `watch_views`), each in a thread
+    of its own, and takes every change from whichever reports it first: a member that hangs (neither answering nor
+    refusing) delays nothing. Changes carry the store's revision, so each is applied once, in order."""
+
+    def __init__(self, store: Store, known: dict[IPv4Network, Lease], position: int,
+                 stop: threading.Event | None = None, views: list[Store] | None = None):
         self.store = store
         self.known = dict(known)
         self.position = position
+        self.stop = stop or threading.Event()
+        self.views = views or [store]
+        self.inbox: queue.Queue = queue.Queue()
+        self.failing: dict[int, StoreError] = {}  # view -> its last error, while it fails
+        self._followers: list[threading.Thread] = []
 
     def poll(self, timeout: float) -> list[LeaseEvent]:
+        if len(self.views) > 1:
+            return self._poll_views(timeout)
         try:
-            events, self.position = self.store.watch_leases(self.position, timeout)
+            events, position = self.store.watch_leases(self.position, timeout)
         except HistoryLost:
             log.info("watch fell behind etcd's history: re-listing leases")
             return self.resync()
+        return self._take(events, position)
+
+    def _poll_views(self, timeout: float) -> list[LeaseEvent]:
+        if not self._followers:
+            self._followers = [threading.Thread(target=self._follow, args=(i, view, timeout), daemon=True,
+                                                name=f"watch-view-{i}") for i, view in enumerate(self.views)]
+            for thread in self._followers:
+                thread.start()
+        try:
+            index, kind, payload, position = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        if kind == "error":
+            self.failing[index] = payload
+            if len(self.failing) == len(self.views):
+                raise StoreError("; ".join(str(e) for e in self.failing.values()))
+            return []
+        self.failing.pop(index, None)
+        if kind == "lost":
+            log.info("watch fell behind etcd's history: re-listing leases")
+            return self.resync()
+        return self._take(payload, position)
+
+    def _follow(self, index: int, view: Store, timeout: float) -> None:
+        """One view's watch, from the merged position on, into the inbox, until stopped."""
+        position, delay = self.position, 0.5
+        while not self.stop.is_set():
+            position = max(position, self.position)  # never behind what was applied (a re-listing moves it on)
+            try:
+                events, position = view.watch_leases(position, timeout)
+                delay = 0.5
+            except HistoryLost:
+                self.inbox.put((index, "lost", None, position))
+                self.stop.wait(delay)
+                continue
+            except StoreError as e:
+                self.inbox.put((index, "error", e, position))
+                self.stop.wait(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self.inbox.put((index, "events", events, position))
+
+    def _take(self, events: list[LeaseEvent], position: int) -> list[LeaseEvent]:
+        """The events not applied yet, applied to `known`."""
         current = []
         for event in events:
+            if event.revision and event.revision <= self.position:
+                continue  # reported by the other view already
             subnet = event.lease.subnet
             if event.kind == LeaseEvent.ADDED:
                 self.known[subnet] = event.lease
@@ -185,6 +244,7 @@ class LeaseWatcher:
             else:
                 self.known.pop(subnet, None)
             current.append(event)
+        self.position = max(self.position, position, *(e.revision for e in events))
         return current
 
     def resync(self) -> list[LeaseEvent]:

@@ -141,12 +141,15 @@ class Daemon:
                       getattr(e, "strerror", None) or e)
 
     def publish(self, containers: list[dict]) -> dict:
-        """The driver's view of this host's containers: [{"id", "networks": {network: {"address", "names"}}}]."""
+        """The driver's view of this host's containers: [{"id", "networks": {network: {"address", "names",
+        optional "address6"}}}]."""
         parsed = []
         for c in containers:
             networks = {(n or DEFAULT_NETWORK): (str(ipaddress.IPv4Address(e["address"])), tuple(map(str, e["names"])))
                         for n, e in c["networks"].items()}
-            parsed.append(Container(str(c["id"]), networks))
+            addresses6 = {(n or DEFAULT_NETWORK): str(ipaddress.IPv6Address(e["address6"]))
+                          for n, e in c["networks"].items() if e.get("address6")}
+            parsed.append(Container(str(c["id"]), networks, addresses6))
         self.names.publish(parsed)
         return {}
 

@@ -6,6 +6,8 @@ etcd as one key per container address,
 
     <network prefix>/names/<this host's PublicIP>/<address> = {"names": ["web", "www", ...], "address": "10.60.3.2"}
 
+(with "address6": "fd00:f1a0:0:12::2" too for a container with an IPv6 address: DNS answers AAAA with it)
+
 (<network prefix>: <prefix> for the default network, <prefix>/<NAME> for a named one), rewritten on every change and
 every TTL/3 s on keys that expire after the TTL: the names of a host that died go by themselves. Every POLL_SECONDS
 it reads the names of every host in each network served; `lookup` answers from that copy.
@@ -17,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .store.base import StoreError
 
@@ -32,6 +34,7 @@ class Container:
     """One of this host's containers, as the driver sees it: its names and address on each flannel network."""
     id: str
     networks: dict  # flannel network name -> (address, names)
+    addresses6: dict = field(default_factory=dict)  # flannel network name -> IPv6 address, on dual-stack networks
 
 
 class NameBook:
@@ -47,7 +50,7 @@ class NameBook:
         self.host_addresses: set[str] = {public_ip}  # and the DNS address, given when DNS starts
         self.written: set[str] = set()  # networks whose folder holds (or held) names of ours
         self.known: dict[str, dict[str, dict]] = {}  # network -> key (<host>/<address>) -> record
-        self.index: dict[str, list[tuple[str, str]]] = {}  # name -> (network, address) of every record with it
+        self.index: dict[str, list[tuple[str, dict]]] = {}  # name -> (network, record) of every record with it
 
     # --- this host's names --------------------------------------------------------------------------------------
     def publish(self, containers: list[Container]) -> None:
@@ -66,7 +69,10 @@ class NameBook:
         with self.lock:
             for container in self.containers:
                 for network, (address, names) in container.networks.items():
-                    own.setdefault(network, {})[address] = json.dumps({"names": sorted(names), "address": address})
+                    record = {"names": sorted(names), "address": address}
+                    if container.addresses6.get(network):
+                        record["address6"] = container.addresses6[network]
+                    own.setdefault(network, {})[address] = json.dumps(record)
         return own
 
     def networks_of(self, address: str) -> set[str] | None:
@@ -136,24 +142,30 @@ class NameBook:
                     record = json.loads(text)
                     records[key] = {"names": [str(n).lower() for n in record["names"]],
                                     "address": str(record["address"]), "host": key.split("/", 1)[0]}
+                    if record.get("address6"):
+                        records[key]["address6"] = str(record["address6"])
                 except (ValueError, KeyError, TypeError):
                     continue  # not a record of ours
             known[network] = records
-        index: dict[str, list[tuple[str, str]]] = {}
+        index: dict[str, list[tuple[str, dict]]] = {}
         for network, records in sorted(known.items()):
             for _, record in sorted(records.items()):
                 for name in record["names"]:
-                    index.setdefault(name, []).append((network, record["address"]))
+                    index.setdefault(name, []).append((network, record))
         self.known, self.index = known, index
 
     # --- answers ------------------------------------------------------------------------------------------------
-    def lookup(self, name: str, networks: set[str] | None) -> list[str]:
-        """The addresses `name` has on `networks` (None: all), each once, in a stable order."""
-        found = []
-        for network, address in self.index.get(name.lower(), ()):
-            if (networks is None or network in networks) and address not in found:
-                found.append(address)
-        return found
+    def lookup(self, name: str, networks: set[str] | None, key: str = "address") -> list[str] | None:
+        """The addresses (`key` "address6": the IPv6 ones) `name` has on `networks` (None: all), each once, in a
+        stable order; None when the name is not known there at all."""
+        found, known = [], False
+        for network, record in self.index.get(name.lower(), ()):
+            if networks is None or network in networks:
+                known = True
+                address = record.get(key)
+                if address and address not in found:
+                    found.append(address)
+        return found if known else None
 
     def listing(self) -> list[dict]:
         return [{"network": network, **record} for network, records in sorted(self.known.items())

@@ -132,7 +132,8 @@ class Overlay:
         self.use_lease()
         self.reconciler = Reconciler(self.kernel, self.backend, stop=self.stop)
         peers, position = self.leases.listing  # our own lease, written after it, comes as a watch event
-        self.watcher = LeaseWatcher(self.store, {p.subnet: p for p in peers}, position)
+        self.watcher = LeaseWatcher(self.store, {p.subnet: p for p in peers}, position, self.stop,
+                                    self.store.watch_views())
         self.reconciler.reconcile(self.peers())  # programming the peers, not repairs: not counted in the metrics
         self.health.programmed = True
         self.ready.set()

@@ -91,6 +91,9 @@ class DetectedStore(Store):
     def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
         return self.store().watch_leases(position, timeout)
 
+    def watch_views(self) -> list[Store]:
+        return self.store().watch_views()
+
     def named_configs(self) -> dict[str, str]:
         return self.store().named_configs()
 

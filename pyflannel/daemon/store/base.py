@@ -139,6 +139,7 @@ class LeaseEvent:
     REMOVED = "removed"
     kind: str
     lease: Lease
+    revision: int = 0  # the store's position of the change (v2 index, v3 revision); 0: found by a re-listing
 
 
 class Store(abc.ABC):
@@ -175,6 +176,11 @@ class Store(abc.ABC):
         """Events after `position` (waits up to `timeout` s for the first) and the next position.
 
         HistoryLost when the store no longer has that position."""
+
+    def watch_views(self) -> list["Store"]:
+        """Stores that watch the same leases through different etcd members, this one first: a watch on two
+        members goes on at once when one of them hangs. A store with one endpoint has only itself."""
+        return [self]
 
     # --- named networks: <prefix>/<NAME>/config beside the default network's <prefix>/config -------------------
     @abc.abstractmethod

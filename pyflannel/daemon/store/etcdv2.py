@@ -47,6 +47,8 @@ class EtcdV2Store(Store):
         self._kw = dict(protocol=scheme, cert=cert, ca_cert=cafile, username=username, password=password,
                         read_timeout=timeout)
         self._clients: tuple | None = None  # (client, watch client), made at the first call
+        self._options = dict(certfile=certfile, keyfile=keyfile, cafile=cafile, username=username, password=password,
+                             timeout=timeout)
 
     def _connect(self) -> tuple:
         """Both clients, on the endpoints that answer first. python-etcd asks its first endpoint for the members
@@ -129,6 +131,11 @@ class EtcdV2Store(Store):
         except LeaseNotFound:
             pass
 
+    def watch_views(self) -> list["EtcdV2Store"]:
+        if len(self.endpoints) < 2:
+            return [self]
+        return [self, EtcdV2Store(self.endpoints[1:] + self.endpoints[:1], self.prefix, **self._options)]
+
     def child(self, name: str) -> "EtcdV2Store":
         child = copy.copy(self)
         child.prefix = f"{self.prefix}/{name}"
@@ -204,6 +211,6 @@ class EtcdV2Store(Store):
             return [], result.modifiedIndex
         if result.action in _REMOVALS:
             lease = Lease(subnets[0], "", "", ipv6_subnet=subnets[1])
-            return [LeaseEvent(LeaseEvent.REMOVED, lease)], result.modifiedIndex
+            return [LeaseEvent(LeaseEvent.REMOVED, lease, result.modifiedIndex)], result.modifiedIndex
         lease = self._lease_from(result)
-        return ([LeaseEvent(LeaseEvent.ADDED, lease)] if lease else []), result.modifiedIndex
+        return ([LeaseEvent(LeaseEvent.ADDED, lease, result.modifiedIndex)] if lease else []), result.modifiedIndex

@@ -60,6 +60,8 @@ class EtcdV3Store(Store):
         self.prefix = prefix.rstrip("/")
         self.endpoints = endpoints
         self.timeout = timeout
+        self._options = dict(certfile=certfile, keyfile=keyfile, cafile=cafile, username=username, password=password,
+                             timeout=timeout, read_expiry=read_expiry)
         self._credentials = {"name": username, "password": password or ""} if username else None
         self._auth_lock = threading.Lock()
         self._auth_enabled = True  # until etcd says otherwise
@@ -330,19 +332,26 @@ class EtcdV3Store(Store):
         log.warning("etcd at %s does not answer: moving to another member", client.base_url)
         raise _Unreachable(f"{client.base_url} does not answer")
 
+    def watch_views(self) -> list["EtcdV3Store"]:
+        if len(self.endpoints) < 2:
+            return [self]
+        return [self, EtcdV3Store(self.endpoints[1:] + self.endpoints[:1], self.prefix, **self._options)]
+
     def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
         raw = self._call(lambda client: self._watch_once(client, position, timeout), watch=True)
         events = []
         for item in raw:
             kv = item["kv"]
-            position = max(position, int(kv["mod_revision"]))
+            revision = int(kv["mod_revision"])
+            position = max(position, revision)
             subnets = parse_lease_key(_text(kv["key"]))
             if subnets is None:
                 continue
             if item.get("type") == "DELETE":
-                events.append(LeaseEvent(LeaseEvent.REMOVED, Lease(subnets[0], "", "", ipv6_subnet=subnets[1])))
+                events.append(LeaseEvent(LeaseEvent.REMOVED, Lease(subnets[0], "", "", ipv6_subnet=subnets[1]),
+                                         revision))
             else:
                 lease = self._lease_from(kv, watch=True)
                 if lease:
-                    events.append(LeaseEvent(LeaseEvent.ADDED, lease))
+                    events.append(LeaseEvent(LeaseEvent.ADDED, lease, revision))
         return events, position
