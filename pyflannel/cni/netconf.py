@@ -13,8 +13,8 @@ The delegate is built with flannel's rules (cni-plugin doCmdAdd): name from the 
 not FLANNEL_IPMASQ, mtu = FLANNEL_MTU, isGateway for a bridge, and host-local IPAM with a range set per family the
 lease has, [[{"subnet": FLANNEL_SUBNET's network}], [{"subnet": FLANNEL_IPV6_SUBNET's network}]] (dual stack; just
 one of them for an IPv4-only or an IPv6-only network), and routes to FLANNEL_NETWORK and FLANNEL_IPV6_NETWORK. The
-result is written to dataDir/<container id> before the attach, so that DEL works with the
-exact config ADD used, also when subnet.env is gone or has changed.
+result is written to dataDir/<container id> before the attach, so that DEL works with the exact config ADD used,
+also when subnet.env is gone or has changed.
 
 With "network", the lease is the host's lease in that named flannel network (its subnet.env is
 <subnetFile's folder>/networks/<network>.env); the first ADD on a host asks pyflanneld to join the network, which
