@@ -1,5 +1,6 @@
-"""The one address allocator: a range of a subnet, the gateway skipped, handed out round robin (the search starts
-after the address given last, so a just-released address is not reused at once), behind a store interface.
+"""The one address allocator: a range of a subnet (IPv4 or IPv6), the gateway skipped, handed out round robin (the
+search starts after the address given last, so a just-released address is not reused at once), behind a store
+interface.
 
 Stores: the Docker driver's state file (driver/ipam.py), host-local's on-disk layout (cni/hostlocal.py), and
 MemoryStore for tests.
@@ -10,7 +11,7 @@ import abc
 import ipaddress
 from dataclasses import dataclass
 
-IPv4Address = ipaddress.IPv4Address
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class RangeError(ValueError):
@@ -23,28 +24,31 @@ class RangeError(ValueError):
 
 @dataclass(frozen=True)
 class AddressRange:
-    subnet: ipaddress.IPv4Network
-    start: IPv4Address
-    end: IPv4Address
-    gateway: IPv4Address
+    subnet: ipaddress.IPv4Network | ipaddress.IPv6Network
+    start: IPAddress
+    end: IPAddress
+    gateway: IPAddress
 
     @classmethod
-    def of(cls, subnet: ipaddress.IPv4Network, start: IPv4Address | None = None, end: IPv4Address | None = None,
-           gateway: IPv4Address | None = None) -> "AddressRange":
-        """host-local's defaults: start network + 1, end broadcast - 1, gateway network + 1."""
+    def of(cls, subnet: ipaddress.IPv4Network | ipaddress.IPv6Network, start: IPAddress | None = None,
+           end: IPAddress | None = None, gateway: IPAddress | None = None) -> "AddressRange":
+        """host-local's defaults: start network + 1, end broadcast - 1 (IPv6, which has no broadcast: the last
+        address), gateway network + 1."""
         if subnet.num_addresses < 4:
             raise RangeError("subnet", f"{subnet} is too small for a gateway and containers")
-        first, last = subnet.network_address + 1, subnet.broadcast_address - 1
+        first, last = subnet.network_address + 1, subnet.broadcast_address - (1 if subnet.version == 4 else 0)
         found = cls(subnet, start or first, end or last, gateway or first)
         for name in ("start", "end", "gateway"):
             if getattr(found, name) not in subnet:
                 raise RangeError(name, f"{getattr(found, name)} is outside the subnet {subnet}")
         return found
 
-    def candidates(self, after: IPv4Address | None):
-        """Addresses to try, starting after `after` and wrapping around; never the gateway."""
+    def candidates(self, after: IPAddress | None):
+        """Addresses to try, starting after `after` (if it is in the range) and wrapping around; never the
+        gateway."""
         count = int(self.end) - int(self.start) + 1
-        offset = int(after) - int(self.start) + 1 if after is not None and self.start <= after <= self.end else 0
+        inside = after is not None and after.version == self.start.version and self.start <= after <= self.end
+        offset = int(after) - int(self.start) + 1 if inside else 0
         for i in range(count):
             ip = self.start + (offset + i) % count
             if ip != self.gateway:
@@ -56,19 +60,19 @@ class AddressStore(abc.ABC):
     caller holds the store's lock)."""
 
     @abc.abstractmethod
-    def last(self) -> IPv4Address | None:
+    def last(self) -> IPAddress | None:
         """The address handed out last."""
 
     @abc.abstractmethod
-    def reserve(self, ip: IPv4Address, owner: str) -> bool:
+    def reserve(self, ip: IPAddress, owner: str) -> bool:
         """Record `ip` for `owner`; False if it is taken."""
 
     @abc.abstractmethod
-    def set_last(self, ip: IPv4Address) -> None:
+    def set_last(self, ip: IPAddress) -> None:
         """Remember `ip` as the address handed out last."""
 
 
-def allocate(addresses: AddressRange, store: AddressStore, owner: str = "") -> IPv4Address | None:
+def allocate(addresses: AddressRange, store: AddressStore, owner: str = "") -> IPAddress | None:
     """The next free address of the range, reserved for `owner`; None when all are taken."""
     for ip in addresses.candidates(store.last()):
         if store.reserve(ip, owner):
@@ -81,20 +85,20 @@ class MemoryStore(AddressStore):
     """Allocations in a dict: address -> owner."""
 
     def __init__(self):
-        self.held: dict[IPv4Address, str] = {}
-        self._last: IPv4Address | None = None
+        self.held: dict[IPAddress, str] = {}
+        self._last: IPAddress | None = None
 
-    def last(self) -> IPv4Address | None:
+    def last(self) -> IPAddress | None:
         return self._last
 
-    def reserve(self, ip: IPv4Address, owner: str) -> bool:
+    def reserve(self, ip: IPAddress, owner: str) -> bool:
         if ip in self.held:
             return False
         self.held[ip] = owner
         return True
 
-    def set_last(self, ip: IPv4Address) -> None:
+    def set_last(self, ip: IPAddress) -> None:
         self._last = ip
 
-    def release(self, ip: IPv4Address) -> None:
+    def release(self, ip: IPAddress) -> None:
         self.held.pop(ip, None)

@@ -1,18 +1,21 @@
 """The CNI plugin `pyflannel` as `make cni` builds it (the thin client, which hands calls to pyflanneld, and the
 complete plugin beside it): the CNI contract and its errors, both paths, the kernel state ADD leaves and DEL removes,
 CHECK, host-local interchangeability, a delegated plugin, and containerd's `ctr run --cni` on two lab hosts with
-traffic between them."""
+traffic between them. Dual stack (issue 17): the same on a 3-host lab over an IPv6 underlay (etcd v3), an IPv6-only
+network, and named networks (dual stack by default) over an IPv4 underlay (etcd v2)."""
 from __future__ import annotations
 
 import ipaddress
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.lab import REPO, VENV_BIN, Lab, sh, wait_until
+from tests.lab import REPO, VENV_BIN, Container, Lab, ping, sh, wait_until
+from tests.test_ipv6 import DUAL, pairs, tcp_echo
 
 pytestmark = pytest.mark.lab
 HELLO = "hello from pyflannel"
@@ -52,8 +55,19 @@ def answer(done: subprocess.CompletedProcess) -> dict | None:
 
 
 def ipam_files(host, network: str = "pfnet") -> dict[str, bytes]:
+    """host-local's address files (IPv4 and IPv6) of the network: name -> content."""
     folder = host.workdir / "cni-networks" / network
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name[0].isdigit()} if folder.exists() else {}
+    return {p.name: p.read_bytes() for p in folder.iterdir()
+            if p.name[0].isdigit() or ":" in p.name} if folder.exists() else {}
+
+
+def start_containerd(lab, binary) -> None:
+    """containerd on every host of `lab`, with a conflist of the plugin on the default network."""
+    for host in lab.hosts:
+        conflist = {"cniVersion": "1.0.0", "name": "pfnet", "plugins": [
+            {k: v for k, v in plugin_conf(host).items() if k not in ("cniVersion", "name")}]}
+        host.start_containerd(conflist, {"pyflannel": binary,
+                                         "pyflannel-inprocess": binary.parent / "pyflannel-inprocess"})
 
 
 def error(done: subprocess.CompletedProcess) -> dict:
@@ -207,11 +221,7 @@ def test_other_delegate_types_run_the_plugin(lab, binary):
 
 
 def test_containerd_ctr_run_cni_across_hosts(lab, binary):
-    conflist = lambda h: {"cniVersion": "1.0.0", "name": "pfnet", "plugins": [  # noqa: E731
-        {k: v for k, v in plugin_conf(h).items() if k not in ("cniVersion", "name")}]}
-    for host in lab.hosts:
-        host.start_containerd(conflist(host), {"pyflannel": binary,
-                                               "pyflannel-inprocess": binary.parent / "pyflannel-inprocess"})
+    start_containerd(lab, binary)
     h1, h2 = lab.hosts
     ips = {}
     for host, name in ((h1, "c1"), (h2, "c2")):
@@ -257,7 +267,8 @@ def test_containerd_ctr_run_cni_across_hosts(lab, binary):
 
 def test_a_conflist_names_a_flannel_network(lab, binary):
     """"network": "shop": the first ADD on a host joins the named network through pyflanneld's API (the first host
-    writes its config to etcd), on a bridge of its own; containers of it reach each other across hosts."""
+    writes its config to etcd), on a bridge of its own; containers of it reach each other across hosts. A named
+    network is dual stack: each container also gets an address of the host's IPv6 lease (over this IPv4 underlay)."""
     ips = {}
     for host in lab.hosts:
         conf = plugin_conf(host, network="shop", daemonSocket=str(host.api_sock))
@@ -265,13 +276,16 @@ def test_a_conflist_names_a_flannel_network(lab, binary):
         done = host.run_cni(binary, "ADD", conf, f"shop-{host.name}", f"/run/netns/{container}")
         result = answer(done)
         assert done.returncode == 0, result
-        ips[host.name] = (container, ipaddress.IPv4Interface(result["ips"][0]["address"]))
-        lease = ipaddress.IPv4Interface(host.subnet_env("shop")["FLANNEL_SUBNET"]).network
+        ips[host.name] = (container, *(ipaddress.ip_interface(ip["address"]) for ip in result["ips"]))
+        env = host.subnet_env("shop")
+        lease, lease6 = (ipaddress.ip_interface(env[key]).network for key in ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET"))
         assert ips[host.name][1].network == lease and lease.subnet_of(ipaddress.IPv4Network("10.128.0.0/9"))
+        assert ips[host.name][2].network == lease6 and lease6.subnet_of(ipaddress.IPv6Network("fd00:f1a0::/32"))
         assert "master cni-shop" in host.sh("ip", "-d", "link", "show", result["interfaces"][1]["name"])
     assert lab.network_config("shop")["Backend"]["VNI"] == 2 and len(lab.leases("shop")) == 2
-    (ns1, ip1), (ns2, ip2) = ips["h1"], ips["h2"]
+    (ns1, ip1, ip1v6), (ns2, ip2, ip2v6) = ips["h1"], ips["h2"]
     assert subprocess.run(["ip", "netns", "exec", ns1, "ping", "-c1", "-W2", str(ip2.ip)]).returncode == 0
+    assert ping(ns2, str(ip1v6.ip)), f"{ip1v6} unreachable from {ns2}\n{lab.logs()}"
     bad = error(lab.hosts[0].run_cni(binary, "ADD", plugin_conf(lab.hosts[0], network="a/b"), "x", "/run/netns/x"))
     assert bad["code"] == 7 and "'a/b' is not valid" in bad["msg"]
     for host in lab.hosts:
@@ -297,3 +311,225 @@ def test_a_conflist_creates_a_wireguard_network(lab, binary):
     assert bad["code"] == 7 and "'backend'" in bad["msg"]
     for host in lab.hosts:
         assert host.run_cni(binary, "DEL", plugin_conf(host, network="vault"), f"vault-{host.name}", "").returncode == 0
+
+
+# --- dual stack (issue 17) -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dual_lab():
+    """Three hosts over an IPv6 underlay (eth0 also 2001:db8:0:2::1N), etcd v3, the default network dual stack."""
+    lab = Lab(3, etcd_api="v3", underlay_ipv6=True)
+    try:
+        lab.set_config(DUAL)
+        for host in lab.hosts:
+            host.start_daemon()
+        yield lab
+    finally:
+        lab.close()
+
+
+def gateways(host, network: str = "") -> tuple[ipaddress.IPv4Interface, ipaddress.IPv6Interface]:
+    env = host.subnet_env(network)
+    return ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]), ipaddress.IPv6Interface(env["FLANNEL_IPV6_SUBNET"])
+
+
+def ipv6_addresses(ns: str | None, device: str) -> dict[str, dict]:
+    """The link's global IPv6 addresses as `ip -j` shows them: "address/prefix" -> details (flags: nodad, …)."""
+    found = json.loads(sh("ip", "-6", "-j", "addr", "show", "dev", device, "scope", "global", ns=ns))
+    return {f"{a['local']}/{a['prefixlen']}": a for link in found for a in link["addr_info"] if "local" in a}
+
+
+def routes(ns: str, family: str) -> set[tuple[str, str | None]]:
+    """(dst, gateway) of the namespace's main-table routes of `family` ("-4" or "-6")."""
+    return {(r["dst"], r.get("gateway")) for r in json.loads(sh("ip", family, "-j", "route", ns=ns))}
+
+
+def ms_in_daemon(host, command: str, container_id: str) -> float:
+    """How long pyflanneld took for the call, from its log line `CNI ADD <id>: done in 11.2 ms`."""
+    found = re.findall(rf"CNI {command} {re.escape(container_id[:12])}: done in ([0-9.]+) ms", host.daemon.log())
+    assert found, f"no CNI {command} {container_id} in {host.name}'s log"
+    return float(found[-1])
+
+
+def test_dual_stack_add_check_del_across_three_hosts(dual_lab, binary):
+    """ADD on three hosts (two through pyflanneld, one by the complete plugin alone): each container gets an address
+    of both leases, both gateways and both families' routes; containers reach each other over IPv6 and IPv4 (ping,
+    TCP), and beyond the flannel networks through the masquerade of both families. CHECK sees an IPv6 route go. DEL
+    leaves no address file, veth or saved config."""
+    lab = dual_lab
+    h1, h2, h3 = lab.hosts
+    h1.sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=0")  # the first ADD turns it on, with IPv4 forwarding
+    h2.sh("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")  # new links without IPv6: ADD enables it on cni0
+    added = {}
+    try:
+        for host, socket_path in ((h1, str(h1.api_sock)), (h2, str(h2.api_sock)), (h3, "/nonexistent.sock")):
+            ns = lab.add_ns(f"{host.name}dual")
+            conf = plugin_conf(host, daemonSocket=socket_path)
+            done = host.run_cni(binary, "ADD", conf, f"dual-{host.name}", f"/run/netns/{ns}")
+            added[host.name] = (ns, conf, answer(done))
+            assert done.returncode == 0, added[host.name][2]
+    finally:
+        h2.sh("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=0")
+    assert h1.sh("sysctl", "-n", "net.ipv6.conf.all.forwarding").strip() == "1"
+    assert h2.sh("sysctl", "-n", "net.ipv6.conf.cni0.disable_ipv6").strip() == "0"
+    for host in lab.hosts:
+        ns, conf, result = added[host.name]
+        gw4, gw6 = gateways(host)
+        cid = f"dual-{host.name}"
+        a4, a6 = (ipaddress.ip_interface(ip["address"]) for ip in result["ips"])
+        assert a4.network == gw4.network and a6.network == gw6.network and a6 != gw6
+        assert result["ips"] == [{"address": str(a4), "gateway": str(gw4.ip), "interface": 2},
+                                 {"address": str(a6), "gateway": str(gw6.ip), "interface": 2}]
+        assert result["routes"] == [{"dst": "10.5.0.0/16", "gw": str(gw4.ip)}, {"dst": "fd00:5::/48", "gw": str(gw6.ip)},
+                                    {"dst": "0.0.0.0/0", "gw": str(gw4.ip)}, {"dst": "::/0", "gw": str(gw6.ip)}]
+        # the kernel: both gateways on cni0, the IPv6 one (and the container's) usable at once (no DAD)
+        assert str(gw4) in host.sh("ip", "-4", "addr", "show", "dev", "cni0")
+        bridge6 = ipv6_addresses(host.ns, "cni0")
+        assert bridge6[str(gw6)].get("nodad") and not bridge6[str(gw6)].get("tentative"), bridge6
+        inside6 = ipv6_addresses(ns, "eth0")
+        assert inside6[str(a6)].get("nodad") and not inside6[str(a6)].get("tentative"), inside6
+        assert str(a4) in sh("ip", "-4", "addr", "show", "dev", "eth0", ns=ns)
+        assert {("default", str(gw6.ip)), ("fd00:5::/48", str(gw6.ip))} <= routes(ns, "-6")
+        assert {("default", str(gw4.ip)), ("10.5.0.0/16", str(gw4.ip))} <= routes(ns, "-4")
+        # host-local's layout: a file per address, a last_reserved_ip per range set
+        assert ipam_files(host) == {str(a4.ip): f"{cid}\r\neth0".encode(), str(a6.ip): f"{cid}\r\neth0".encode()}
+        folder = host.workdir / "cni-networks" / "pfnet"
+        assert [(folder / f"last_reserved_ip.{i}").read_text() for i in (0, 1)] == [str(a4.ip), str(a6.ip)]
+        # ipMasq (FLANNEL_IPMASQ is false here): one MASQUERADE rule per lease and family
+        assert f"-s {gw6.network} ! -d fd00:5::/48" in host.sh("ip6tables", "-t", "nat", "-S", "POSTROUTING")
+        assert f"-s {gw4.network} ! -d 10.5.0.0/16" in host.sh("iptables", "-t", "nat", "-S", "POSTROUTING")
+        host.containers.append(Container(ns, str(a4.ip), host, str(a6.ip)))
+    try:
+        count = len(pairs(lab))
+        failures6 = [(s.ip6, d.ip6) for s, d in pairs(lab) if not ping(s.ns, d.ip6)]
+        failures4 = [(s.ip, d.ip) for s, d in pairs(lab) if not ping(s.ns, d.ip)]
+        assert not failures6 and not failures4, f"unreachable: {failures6} {failures4}\n{lab.logs()}"
+        a, b = h1.containers[0], h2.containers[0]
+        assert tcp_echo(a, b.ip6).strip() == "hello-v6"
+        rtt = sh("ping", "-c", "5", "-i", "0.2", "-q", b.ip6, ns=a.ns).splitlines()[-1]
+        # the switch has no route to the flannel networks: its answers come back only through the masquerade
+        assert "fd00:5" not in sh("ip", "-6", "route", ns=lab.switch)
+        assert ping(a.ns, "2001:db8:0:2::2") and ping(a.ns, "192.0.2.2")
+    finally:
+        for host in lab.hosts:
+            host.containers.clear()
+
+    ns, conf, result = added["h1"]
+    done = h1.run_cni(binary, "CHECK", {**conf, "prevResult": result}, "dual-h1", f"/run/netns/{ns}")
+    assert done.returncode == 0 and not done.stdout.strip(), done
+    gw6 = gateways(h1)[1]
+    sh("ip", "-6", "route", "del", "default", ns=ns)
+    broken = error(h1.run_cni(binary, "CHECK", conf, "dual-h1", f"/run/netns/{ns}"))
+    assert broken["code"] == 102 and f"route ::/0 via {gw6.ip} is missing" in broken["msg"], broken
+
+    for host in lab.hosts:
+        ns, conf, result = added[host.name]
+        done = host.run_cni(binary, "DEL", conf, f"dual-{host.name}", "")  # as ctr sends it: no namespace
+        assert done.returncode == 0 and not done.stdout.strip(), done
+        assert ipam_files(host) == {} and "vpf" not in host.sh("ip", "-br", "link")
+        assert "eth0" not in sh("ip", "-br", "link", ns=ns)
+        assert not (host.workdir / "cni-flannel" / f"dual-{host.name}").exists()
+    add_ms = [ms_in_daemon(h, "ADD", f"dual-{h.name}") for h in (h1, h2)]
+    print(f"\ndual stack on 3 hosts (IPv6 underlay, etcd v3): {count} cross-host pairs ping over IPv6 and IPv4, "
+          f"TCP over IPv6 echoes, egress masqueraded in both families; ping6 {rtt}; first ADD (makes cni0) in "
+          f"pyflanneld {add_ms[0]:.1f} / {add_ms[1]:.1f} ms")
+
+
+def test_dual_stack_interchangeable_with_stock_bridge_and_host_local(dual_lab, binary):
+    """The two-range delegate config flannel hands over works with the stock bridge + host-local as with ours, in the
+    same IPAM folder: each continues after the other's last_reserved_ip.0 and .1 and hands out none of the other's
+    addresses; the containers get the same routes, and reach each other over IPv6 on the one bridge."""
+    host = dual_lab.hosts[1]
+    names = {cid: dual_lab.add_ns(f"{host.name}{cid}") for cid in ("ours6", "stock6", "ours6b")}
+    conf = plugin_conf(host)
+    ours = answer(host.run_cni(binary, "ADD", conf, "ours6", f"/run/netns/{names['ours6']}"))
+    delegate = json.loads((host.workdir / "cni-flannel" / "ours6").read_text())
+    gw4, gw6 = gateways(host)
+    assert delegate["ipam"]["ranges"] == [[{"subnet": str(gw4.network)}], [{"subnet": str(gw6.network)}]]
+    stock = host.run_cni("/usr/lib/cni/bridge", "ADD", delegate, "stock6", f"/run/netns/{names['stock6']}")
+    assert stock.returncode == 0, stock
+    stock = json.loads(stock.stdout)
+    again = answer(host.run_cni(binary, "ADD", conf, "ours6b", f"/run/netns/{names['ours6b']}"))
+    given = {name: [ipaddress.ip_interface(ip["address"]).ip for ip in result["ips"]]
+             for name, result in (("ours6", ours), ("stock6", stock), ("ours6b", again))}
+    for family in (0, 1):  # each range set goes on where the other plugin stopped
+        assert given["stock6"][family] == given["ours6"][family] + 1
+        assert given["ours6b"][family] == given["stock6"][family] + 1
+    assert ipam_files(host) == {str(ip): f"{cid}\r\neth0".encode() for cid, ips in given.items() for ip in ips}
+    assert [ip["gateway"] for ip in stock["ips"]] == [str(gw4.ip), str(gw6.ip)]
+    assert {r["dst"] for r in stock["routes"]} == {r["dst"] for r in ours["routes"]}
+    for family in ("-4", "-6"):
+        assert routes(names["stock6"], family) == routes(names["ours6"], family), family
+    assert ping(names["stock6"], str(given["ours6"][1])) and ping(names["ours6b"], str(given["stock6"][1]))
+    done = host.run_cni(binary, "CHECK", {**conf, "prevResult": again}, "ours6b", f"/run/netns/{names['ours6b']}")
+    assert done.returncode == 0, done  # the stock plugin's changes to cni0 broke nothing of ours
+    add_ms = ms_in_daemon(host, "ADD", "ours6b")
+    for cid in ("ours6", "ours6b"):
+        assert host.run_cni(binary, "DEL", conf, cid, "").returncode == 0
+    done = host.run_cni("/usr/lib/cni/bridge", "DEL", delegate, "stock6", f"/run/netns/{names['stock6']}")
+    assert done.returncode == 0, done
+    assert ipam_files(host) == {}
+    print(f"\nours {', '.join(map(str, given['ours6']))}, stock bridge + host-local "
+          f"{', '.join(map(str, given['stock6']))}, ours again {', '.join(map(str, given['ours6b']))}: one IPAM "
+          f"folder; a dual-stack ADD on an existing cni0 in pyflanneld {add_ms:.1f} ms")
+
+
+def test_ipv6_only_network(make_lab, binary):
+    """EnableIPv4 false (etcd v2): one IPv6 range; the container and cni0 hold no IPv4 address, CHECK passes; the
+    containers reach each other across hosts over IPv6."""
+    lab = make_lab(2, etcd_api="v2", underlay_ipv6=True)
+    lab.set_config({**DUAL, "EnableIPv4": False})
+    for host in lab.hosts:
+        host.start_daemon()
+    added = {}
+    for host in lab.hosts:
+        gw6 = ipaddress.IPv6Interface(host.subnet_env()["FLANNEL_IPV6_SUBNET"])
+        ns = lab.add_ns(f"{host.name}v6")
+        result = answer(host.run_cni(binary, "ADD", plugin_conf(host), f"v6-{host.name}", f"/run/netns/{ns}"))
+        address = ipaddress.IPv6Interface(result["ips"][0]["address"])
+        assert result["ips"] == [{"address": str(address), "gateway": str(gw6.ip), "interface": 2}]
+        assert address.network == gw6.network
+        assert result["routes"] == [{"dst": "fd00:5::/48", "gw": str(gw6.ip)}, {"dst": "::/0", "gw": str(gw6.ip)}]
+        assert host.sh("ip", "-4", "addr", "show", "dev", "cni0") == ""
+        assert sh("ip", "-4", "addr", "show", "dev", "eth0", ns=ns) == "" and routes(ns, "-4") == set()
+        assert str(address) in ipv6_addresses(ns, "eth0") and str(gw6) in ipv6_addresses(host.ns, "cni0")
+        assert list(ipam_files(host)) == [str(address.ip)]
+        done = host.run_cni(binary, "CHECK", {**plugin_conf(host), "prevResult": result}, f"v6-{host.name}",
+                            f"/run/netns/{ns}")
+        assert done.returncode == 0, done
+        added[host.name] = (ns, address.ip)
+    (ns1, ip1), (ns2, ip2) = added.values()
+    assert ping(ns1, str(ip2)) and ping(ns2, str(ip1)), lab.logs()
+    rtt = sh("ping", "-c", "5", "-i", "0.2", "-q", str(ip2), ns=ns1).splitlines()[-1]
+    for host in lab.hosts:
+        assert host.run_cni(binary, "DEL", plugin_conf(host), f"v6-{host.name}", "").returncode == 0
+        assert ipam_files(host) == {} and "vpf" not in host.sh("ip", "-br", "link")
+    print(f"\nIPv6-only network: {ip1} on h1 <-> {ip2} on h2; ping6 {rtt}")
+
+
+def test_containerd_dual_stack(dual_lab, binary):
+    """`ctr run --cni` on the dual-stack network: the task's eth0 has both addresses, it pings a task on another
+    host over IPv6; `ctr run --rm` frees both addresses."""
+    h1, h2, _ = dual_lab.hosts
+    start_containerd(dual_lab, binary)
+    ips = {}
+    for host, name in ((h1, "d1"), (h2, "d2")):
+        pid = host.ctr_run(name, "sleep", "100000")
+        out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "addr", "show", "eth0", "scope", "global"],
+                             capture_output=True, text=True).stdout
+        found = [ipaddress.ip_interface(line.split()[3]) for line in out.splitlines()]
+        assert [a.network for a in found] == [g.network for g in gateways(host)], out
+        ips[name] = found[1].ip
+    assert ", 0% packet loss" in h1.ctr("tasks", "exec", "--exec-id", "p", "d1", "ping", "-c1", "-W2", str(ips["d2"]))
+    before = ipam_files(h1)
+    out = h1.ctr_run("once6", "ip", "-o", "addr", "show", "eth0", "scope", "global", rm=True)
+    once = [line.split()[3] for line in out.splitlines()]
+    assert len(once) == 2 and ipam_files(h1) == before
+    for host, name in ((h1, "d1"), (h2, "d2")):
+        host.ctr("tasks", "kill", "-s", "SIGKILL", name)
+        wait_until(f"{name} stopped", lambda: "STOPPED" in host.ctr("tasks", "ls"))
+        host.ctr("tasks", "rm", name)
+        assert host.run_cni(binary, "DEL", plugin_conf(host), f"default-{name}", "").returncode == 0
+        assert str(ips[name]) not in ipam_files(host)
+    print(f"\nctr run --cni, dual stack: d1 {ips['d1']} on h1 -> d2 {ips['d2']} on h2 over IPv6; ctr run --rm "
+          f"freed {', '.join(once)}")

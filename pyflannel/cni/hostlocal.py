@@ -2,12 +2,15 @@
 
     <ipam.dataDir, default /var/lib/cni/networks>/<network name>/
         lock                 flock()ed around every change
-        10.5.34.2            one file per address held: "<container id>\r\n<ifname>"
-        last_reserved_ip.0   the address handed out last; the next search starts after it (round robin, so a
-                             just-released address is not reused at once)
+        10.5.34.2            one file per address held, of any range set: "<container id>\r\n<ifname>"
+        fd00:5:0:27::2       (IPv6 addresses in their RFC 5952 form, as Go writes them)
+        last_reserved_ip.0   per range set (ipam.ranges[i]: .0, .1), the address it handed out last; its next search
+        last_reserved_ip.1   starts after it (round robin, so a just-released address is not reused at once)
 
-The range is host-local's: the subnet's hosts from rangeStart (default network + 1) to rangeEnd (default broadcast
-- 1), minus the gateway (default network + 1); the allocator is pyflannel.addresses', with these files as its store.
+A container gets one address of each range set (flannel's dual stack: [[IPv4 lease], [IPv6 lease]]). A range is
+host-local's: the subnet's hosts from rangeStart (default network + 1) to rangeEnd (default broadcast - 1; IPv6: the
+last address), minus the gateway (default network + 1); the allocator is pyflannel.addresses', with these files as
+its store.
 """
 from __future__ import annotations
 
@@ -16,36 +19,67 @@ import ipaddress
 import json
 import os
 
-from pyflannel.addresses import AddressRange, AddressStore, RangeError, allocate
+from pyflannel.addresses import AddressRange, AddressStore, IPAddress, RangeError, allocate
 
 from .protocol import ADDRESSES_EXHAUSTED, ALREADY_ATTACHED, INVALID_CONFIG, IO_FAILURE, CniError
 
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
-LAST_RESERVED = "last_reserved_ip.0"
+LAST_RESERVED = "last_reserved_ip."
 LINE_BREAK = "\r\n"
 
 
 def address_range(spec: dict) -> AddressRange:
     """One entry of ipam.ranges: {"subnet", optional "rangeStart", "rangeEnd", "gateway"}."""
     try:
-        subnet = ipaddress.IPv4Network(spec["subnet"])
+        subnet = ipaddress.ip_network(spec["subnet"])
     except (KeyError, TypeError, ValueError):
-        raise CniError(INVALID_CONFIG, f"ipam.ranges: {json.dumps(spec.get('subnet'))} is not an IPv4 "
+        raise CniError(INVALID_CONFIG, f"ipam.ranges: {json.dumps(spec.get('subnet'))} is not an IPv4 or IPv6 "
                                        f"subnet") from None
     given, keys = {}, {"start": "rangeStart", "end": "rangeEnd", "gateway": "gateway", "subnet": "subnet"}
     for name, key in keys.items():
         if key in spec and name != "subnet":
             try:
-                given[name] = ipaddress.IPv4Address(spec[key])
+                given[name] = ipaddress.ip_address(spec[key])
             except (TypeError, ValueError):
-                raise CniError(INVALID_CONFIG, f"ipam.ranges: {key} {spec[key]!r} is not an IPv4 address") from None
+                raise CniError(INVALID_CONFIG, f"ipam.ranges: {key} {spec[key]!r} is not an IP address") from None
     try:
         return AddressRange.of(subnet, **given)
     except RangeError as e:
         raise CniError(INVALID_CONFIG, f"ipam.ranges: {keys[e.field]} {e}") from None
 
 
-class HostLocalStore(AddressStore):
+class RangeSetFiles(AddressStore):
+    """The allocator's store for range set `index`: the address files (which all range sets share) and its own
+    last_reserved_ip.<index>."""
+
+    def __init__(self, folder: str, index: int):
+        self.folder = folder
+        self.last_file = os.path.join(folder, f"{LAST_RESERVED}{index}")
+
+    def last(self) -> IPAddress | None:
+        try:
+            with open(self.last_file) as f:
+                return ipaddress.ip_address(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def reserve(self, ip: IPAddress, owner: str) -> bool:
+        try:
+            fd = os.open(os.path.join(self.folder, str(ip)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise CniError(IO_FAILURE, f"cannot write to the IPAM store {self.folder}: {e.strerror}") from None
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(owner)
+        return True
+
+    def set_last(self, ip: IPAddress) -> None:
+        with open(self.last_file, "w") as f:
+            f.write(str(ip))
+
+
+class HostLocalStore:
     """Use as a context manager: the lock is held inside the `with` block."""
 
     def __init__(self, data_dir: str, network: str):
@@ -64,12 +98,12 @@ class HostLocalStore(AddressStore):
     def __exit__(self, *exc) -> None:
         self._lock.close()  # closing releases the flock
 
-    def _held(self) -> dict[ipaddress.IPv4Address, str]:
+    def _held(self) -> dict[IPAddress, str]:
         """address -> owner text, for every address file."""
         held = {}
         for name in os.listdir(self.dir):
             try:
-                ip = ipaddress.IPv4Address(name)
+                ip = ipaddress.ip_address(name)
                 with open(os.path.join(self.dir, name), newline="") as f:  # keep the \r\n
                     held[ip] = f.read().strip()
             except (ValueError, OSError):
@@ -81,49 +115,35 @@ class HostLocalStore(AddressStore):
         # host-local before 0.8 wrote the container id alone
         return owner in (f"{container_id}{LINE_BREAK}{ifname}", container_id)
 
-    def find(self, container_id: str, ifname: str) -> ipaddress.IPv4Address | None:
-        for ip, owner in self._held().items():
-            if self._owned_by(owner, container_id, ifname):
-                return ip
-        return None
+    def addresses_of(self, container_id: str, ifname: str) -> list[IPAddress]:
+        """The addresses the container holds for `ifname`, IPv4 first."""
+        return sorted((ip for ip, owner in self._held().items() if self._owned_by(owner, container_id, ifname)),
+                      key=lambda ip: (ip.version, ip))
 
-    def allocate(self, container_id: str, ifname: str, addresses: AddressRange) -> ipaddress.IPv4Address:
-        """The next free address; like host-local, a second address for the same container and ifname is refused."""
-        held = self.find(container_id, ifname)
-        if held is not None:
-            raise CniError(ALREADY_ATTACHED, f"container {container_id} already holds {held} for {ifname}",
-                           "DEL it first")
-        ip = allocate(addresses, self, f"{container_id}{LINE_BREAK}{ifname}")
-        if ip is None:
-            raise CniError(ADDRESSES_EXHAUSTED, f"no free address left in {addresses.start}-{addresses.end} "
-                                                f"(subnet {addresses.subnet})", f"IPAM store: {self.dir}")
-        return ip
+    def range_set(self, index: int) -> RangeSetFiles:
+        return RangeSetFiles(self.dir, index)
 
-    # --- AddressStore: host-local's files -------------------------------------------------------------------------
-
-    def last(self) -> ipaddress.IPv4Address | None:
+    def allocate(self, container_id: str, ifname: str, ranges: tuple[AddressRange, ...]) -> list[IPAddress]:
+        """The next free address of each range (range set i: ranges[i]), all or none; like host-local, a container
+        that holds an address for `ifname` already is refused."""
+        held = self.addresses_of(container_id, ifname)
+        if held:
+            raise CniError(ALREADY_ATTACHED, f"container {container_id} already holds "
+                                             f"{', '.join(map(str, held))} for {ifname}", "DEL it first")
+        owner, allocated = f"{container_id}{LINE_BREAK}{ifname}", []
         try:
-            with open(os.path.join(self.dir, LAST_RESERVED)) as f:
-                return ipaddress.IPv4Address(f.read().strip())
-        except (OSError, ValueError):
-            return None
+            for index, addresses in enumerate(ranges):
+                ip = allocate(addresses, self.range_set(index), owner)
+                if ip is None:
+                    raise CniError(ADDRESSES_EXHAUSTED, f"no free address left in {addresses.start}-{addresses.end} "
+                                                        f"(subnet {addresses.subnet})", f"IPAM store: {self.dir}")
+                allocated.append(ip)
+        except BaseException:
+            self.release(container_id, ifname)
+            raise
+        return allocated
 
-    def reserve(self, ip: ipaddress.IPv4Address, owner: str) -> bool:
-        try:
-            fd = os.open(os.path.join(self.dir, str(ip)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        except OSError as e:
-            raise CniError(IO_FAILURE, f"cannot write to the IPAM store {self.dir}: {e.strerror}") from None
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(owner)
-        return True
-
-    def set_last(self, ip: ipaddress.IPv4Address) -> None:
-        with open(os.path.join(self.dir, LAST_RESERVED), "w") as f:
-            f.write(str(ip))
-
-    def release(self, container_id: str, ifname: str) -> list[ipaddress.IPv4Address]:
+    def release(self, container_id: str, ifname: str) -> list[IPAddress]:
         released = []
         for ip, owner in self._held().items():
             if self._owned_by(owner, container_id, ifname):

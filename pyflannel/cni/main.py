@@ -29,7 +29,7 @@ def add(req: Request, conf: netconf.FlannelConf, environ: dict) -> dict:
         if netconf.why_not_native(config) is None:
             from . import bridge
             result = bridge.add(bridge.BridgeConf.from_delegate(config), req.container_id, req.ifname, req.netns,
-                                env.network)
+                                (env.network, env.ipv6_network))
             return render_result(result, req.version)
         return delegate.run("ADD", config, environ, req.cni_path)
     except BaseException:

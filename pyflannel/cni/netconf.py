@@ -10,9 +10,11 @@
      "ipam": {"routes": [...], "dataDir": ...}}    optional, completed from subnet.env
 
 The delegate is built with flannel's rules (cni-plugin doCmdAdd): name from the config, type "bridge", ipMasq =
-not FLANNEL_IPMASQ, mtu = FLANNEL_MTU, isGateway for a bridge, and host-local IPAM on FLANNEL_SUBNET with a route
-to FLANNEL_NETWORK. The result is written to dataDir/<container id> before the attach, so that DEL works with the
-exact config ADD used, also when subnet.env is gone or has changed.
+not FLANNEL_IPMASQ, mtu = FLANNEL_MTU, isGateway for a bridge, and host-local IPAM with a range set per family the
+lease has, [[{"subnet": FLANNEL_SUBNET's network}], [{"subnet": FLANNEL_IPV6_SUBNET's network}]] (dual stack; just
+one of them for an IPv4-only or an IPv6-only network), and routes to FLANNEL_NETWORK and FLANNEL_IPV6_NETWORK. The
+result is written to dataDir/<container id> before the attach, so that DEL works with the exact config ADD used,
+also when subnet.env is gone or has changed.
 
 With "network", the lease is the host's lease in that named flannel network (its subnet.env is
 <subnetFile's folder>/networks/<network>.env); the first ADD on a host asks pyflanneld to join the network, which
@@ -128,8 +130,10 @@ def build_delegate(conf: FlannelConf, env: subnetenv.SubnetEnv) -> dict:
     routes = conf.ipam.get("routes", [])
     if not isinstance(routes, list):
         raise CniError(INVALID_CONFIG, f"network config: 'ipam.routes' must be a list, got {json.dumps(routes)}")
-    delegate["ipam"] = {"type": "host-local", **conf.ipam, "ranges": [[{"subnet": str(env.lease)}]],
-                        "routes": [*routes, {"dst": str(env.network)}]}
+    leases = [lease for lease in (env.lease, env.lease6) if lease is not None]
+    networks = [network for network in (env.network, env.ipv6_network) if network is not None]
+    delegate["ipam"] = {"type": "host-local", **conf.ipam, "ranges": [[{"subnet": str(lease)}] for lease in leases],
+                        "routes": [*routes, *({"dst": str(network)} for network in networks)]}
     if conf.runtime_config is not None:
         delegate["runtimeConfig"] = conf.runtime_config
     return delegate
@@ -148,9 +152,11 @@ def why_not_native(delegate: dict) -> str | None:
     if delegate.get("isGateway") is not True and delegate.get("isDefaultGateway") is not True:
         return "isGateway false"
     ranges = ipam.get("ranges")
-    if not (isinstance(ranges, list) and len(ranges) == 1 and isinstance(ranges[0], list) and len(ranges[0]) == 1
-            and isinstance(ranges[0][0], dict)):
-        return "ipam.ranges other than one range"
+    if not (isinstance(ranges, list) and len(ranges) in (1, 2)
+            and all(isinstance(s, list) and len(s) == 1 and isinstance(s[0], dict) for s in ranges)):
+        return "ipam.ranges other than one range, or one IPv4 and one IPv6 range"
+    if len({":" in str(s[0].get("subnet")) for s in ranges}) != len(ranges):  # an IPv6 subnet has a colon
+        return "ipam.ranges: two ranges of one address family"
     return None
 
 

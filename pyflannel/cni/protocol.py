@@ -4,7 +4,8 @@ In: CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS, CNI_PATH in t
 as JSON on stdin. Out: a result (ADD), nothing (DEL, CHECK) or the VERSION reply on stdout, exit 0; or an error
 object {"cniVersion", "code", "msg", "details"} on stdout, exit 1.
 
-Results are built in the 1.0.0 form; for a config that asks for 0.3.x / 0.4.0 each IP gets its "version": "4".
+Results are built in the 1.0.0 form; for a config that asks for 0.3.x / 0.4.0 each IP gets its "version" ("4" or
+"6").
 """
 from __future__ import annotations
 
@@ -121,5 +122,5 @@ def render_result(result: dict, version: str) -> dict:
     """`result` in 1.0.0 form, converted to what `version` expects."""
     out = {"cniVersion": version, **{k: v for k, v in result.items() if k != "cniVersion"}}
     if version != "1.0.0":
-        out["ips"] = [{"version": "4", **ip} for ip in out.get("ips", [])]
+        out["ips"] = [{"version": "6" if ":" in ip["address"] else "4", **ip} for ip in out.get("ips", [])]
     return out

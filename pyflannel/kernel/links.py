@@ -206,32 +206,41 @@ class LinkExists(KernelError):
     """A link of that name exists already."""
 
 
+DEFAULT_DST = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}  # a route without RTA_DST: the default route
+
+
 @dataclass(frozen=True)
 class LinkState:
-    """What a link looks like, for checks: its IPv4 addresses and the IPv4 routes through it (dst CIDR, gateway)."""
+    """What a link looks like, for checks: its IPv4 addresses and the IPv4 routes through it (dst CIDR, gateway);
+    asked for with `v6`, its global IPv6 addresses and IPv6 routes too."""
     name: str
     kind: str | None
     mtu: int
     up: bool
     master: str | None
     mac: str
-    addresses: frozenset[ipaddress.IPv4Interface]
+    addresses: frozenset[ipaddress.IPv4Interface | ipaddress.IPv6Interface]
     routes: frozenset[tuple[str, str | None]]  # only when asked for
 
 
-def state(name: str, netns_fd: int | None = None, routes: bool = False) -> LinkState | None:
+def state(name: str, netns_fd: int | None = None, routes: bool = False, v6: bool = False) -> LinkState | None:
     """The link `name` (in the namespace `netns_fd`, else this thread's), None if there is none. The routes
-    through it only with `routes` (a dump of the routing table: cheap in a container, not on a busy host)."""
+    through it only with `routes` (a dump of the routing table: cheap in a container, not on a busy host). With
+    `v6` both families, in as many netlink requests."""
+    family = socket.AF_UNSPEC if v6 else socket.AF_INET
     try:
         with namespaces.netlink(netns_fd) as ipr:
             link = get(ipr, name)
             if link is None:
                 return None
             idx, master = link["index"], link.get("master")
-            addresses = frozenset(ipaddress.IPv4Interface(f"{a.get('address')}/{a['prefixlen']}")
-                                  for a in ipr.get_addr(index=idx, family=socket.AF_INET))
-            through = frozenset((f"{r.get('RTA_DST') or '0.0.0.0'}/{r['dst_len']}", r.get("RTA_GATEWAY"))
-                                for r in ipr.route("dump", family=socket.AF_INET, oif=idx)) if routes else frozenset()
+            addresses = frozenset(ipaddress.ip_interface(f"{a.get('address')}/{a['prefixlen']}")
+                                  for a in ipr.get_addr(index=idx, family=family)
+                                  if a["family"] == socket.AF_INET or a["scope"] == 0)  # IPv6: not link-local
+            through = frozenset((f"{r.get('RTA_DST') or DEFAULT_DST[r['family']]}/{r['dst_len']}",
+                                 r.get("RTA_GATEWAY"))
+                                for r in ipr.route("dump", family=family, oif=idx)
+                                if r["family"] in DEFAULT_DST) if routes else frozenset()
             return LinkState(name, kind(link), link.get("mtu"), bool(link["flags"] & 1),
                              ipr.get_links(master)[0].get("ifname") if master else None, link.get("address"),
                              addresses, through)
@@ -264,15 +273,19 @@ def add_veth_into(host: str, peer: str, netns_fd: int, mtu: int, peer_mac: str, 
         raise netlink_error(f"cannot set up the veth pair {host}/{peer} on {bridge}", e) from None
 
 
-def configure(name: str, address: ipaddress.IPv4Interface, routes: list[tuple[str, str]],
-              netns_fd: int | None = None) -> None:
-    """Give the link `name` its address, bring it up, and add `routes` (dst CIDR, gateway) through it."""
+def configure(name: str, address: ipaddress.IPv4Interface | ipaddress.IPv6Interface, routes: list[tuple[str, str]],
+              netns_fd: int | None = None,
+              more_addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] = ()) -> None:
+    """Give the link `name` its address (and `more_addresses`; IPv6 ones without DAD, usable at once), bring it up,
+    and add `routes` (dst CIDR, gateway) through it."""
     try:
         with namespaces.netlink(netns_fd) as ipr:
             idx = lookup(ipr, name)
             if idx is None:
                 raise KernelError(f"{name} is missing")
-            ipr.addr("add", index=idx, address=str(address.ip), prefixlen=address.network.prefixlen)
+            for each in (address, *more_addresses):
+                ipr.addr("add", index=idx, address=str(each.ip), prefixlen=each.network.prefixlen,
+                         **({"flags": IFA_F_NODAD} if each.version == 6 else {}))
             ipr.link("set", index=idx, state="up")
             for dst, gateway in routes:
                 ipr.route("add", dst=dst, gateway=gateway)
