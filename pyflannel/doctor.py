@@ -192,8 +192,6 @@ def iptables_rules(table: str, chain: str | None = None) -> list[list[str]] | st
         return str(e)
 
 
-
-
 def udp_socket_inodes(port: int) -> list[int]:
     """Inodes of UDP sockets bound to `port` in this namespace (/proc/net/udp and udp6)."""
     inodes = []
@@ -528,23 +526,28 @@ def check_forwarding(facts: Facts) -> list[Finding]:
 
 
 def check_masquerade(facts: Facts) -> list[Finding]:
-    """Each Docker network of pyflannel's that masquerades (the default) has its egress rule."""
+    """Each Docker network of pyflannel's that masquerades (the default) has its egress rule, per address family
+    (ip6tables for a network with --ipv6)."""
     if facts.driver_networks is None:
         return [Finding("masquerade", UNKNOWN, "pyflannel-driver's state file is unreadable (--driver-state-dir)")]
     wanted = [n for n in facts.driver_networks if n.get("masquerade", True) and not n.get("internal")
-              and n.get("flannel_network")]
-    if not wanted:
-        return []
-    rules = iptables_rules("nat", firewall.NAT_OUT)
-    rules = [] if isinstance(rules, str) else rules
+              and (n.get("flannel_network") or n.get("flannel_network6"))]
     findings = []
-    for net in wanted:
-        rule = ["-A", firewall.NAT_OUT, "-s", net["pool"], "!", "-d", net["flannel_network"], "-j", "MASQUERADE"]
-        if rule not in rules:
-            findings.append(Finding("masquerade", PROBLEM, f"no masquerade rule for {net['pool']} (bridge "
-                                                           f"{net['bridge']}): its containers reach nothing outside "
-                                                           f"{net['flannel_network']}",
-                                    "restart pyflannel-driver (it rewrites its rules at start)"))
+    for v6, pool, network in ((False, "pool", "flannel_network"), (True, "pool6", "flannel_network6")):
+        nets = [n for n in wanted if n.get(pool) and n.get(network)]
+        if not nets:
+            continue
+        try:
+            rules = iptables.listing("nat", firewall.NAT_OUT, v6=v6)
+        except KernelError:
+            rules = []
+        for net in nets:
+            rule = ["-A", firewall.NAT_OUT, "-s", net[pool], "!", "-d", net[network], "-j", "MASQUERADE"]
+            if rule not in rules:
+                findings.append(Finding("masquerade", PROBLEM, f"no masquerade rule for {net[pool]} (bridge "
+                                                               f"{net['bridge']}): its containers reach nothing "
+                                                               f"outside {net[network]}",
+                                        "restart pyflannel-driver (it rewrites its rules at start)"))
     return findings
 
 

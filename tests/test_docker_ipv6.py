@@ -18,7 +18,7 @@ from pyflannel.driver.api import create_app
 from tests.driver_support import (GATEWAY6, LEASE, LEASE6, NETWORK6, DockerSide, FakeDaemon, link,  # noqa: F401
                                   netns_name, network_request, new_id, our_links, state_dir, write_subnet_env)
 from tests.fakes import FakePlumbing
-from tests.lab import IMAGE, OUTSIDE_IP6, Lab, wait_until
+from tests.lab import IMAGE, OUTSIDE_IP6, VENV_BIN, Lab, wait_until
 
 HELLO = "hello from pyflannel"
 HTTPD = ("httpd", "-f", "-p", "80", "-h", "/www")
@@ -327,6 +327,14 @@ def our_ip6_rules(host) -> list[str]:
             if line.startswith(tuple(f"-A {c} " for c in CHAINS)) or ("pfl-" in line and "FORWARD" in line)]
 
 
+def masquerade_findings(host) -> list[dict]:
+    done = subprocess.run(["ip", "netns", "exec", host.ns, str(VENV_BIN / "pyflannel"), "doctor", "--json",
+                           "-etcd-endpoints", host.lab.etcd_url, "-subnet-file", str(host.subnet_file),
+                           "-api-socket", str(host.api_sock), "--driver-state-dir", str(host.workdir / "driver")],
+                          capture_output=True, text=True, timeout=60)
+    return [f for f in json.loads(done.stdout)["findings"] if f["check"] == "masquerade"]
+
+
 @pytest.mark.lab
 @pytest.mark.docker
 def test_dual_stack_docker_networks_across_hosts(dual_lab):
@@ -364,6 +372,14 @@ def test_dual_stack_docker_networks_across_hosts(dual_lab):
         seen_outside = h1.docker("exec", "c1", "wget", "-q", "-O-", f"http://[{OUTSIDE_IP6}]/cgi-bin/ip").strip()
         seen_by_web = h1.docker("exec", "c1", "wget", "-q", "-O-", f"http://[{web6}]/cgi-bin/ip").strip()
         assert seen_outside == f"[{h1.ip6}]" and seen_by_web == f"[{c1_v6}]"
+        # `pyflannel doctor` checks the IPv6 masquerade rule as it checks the IPv4 one
+        rule = ["-s", str(lease6(h1)), "!", "-d", DUAL["IPv6Network"], "-j", "MASQUERADE"]
+        assert masquerade_findings(h1) == []
+        h1.sh("ip6tables", "-w", "5", "-t", "nat", "-D", "PYFLANNEL-NAT-OUT", *rule)
+        try:
+            assert [f"no masquerade rule for {lease6(h1)}" in f["message"] for f in masquerade_findings(h1)] == [True]
+        finally:
+            h1.sh("ip6tables", "-w", "5", "-t", "nat", "-A", "PYFLANNEL-NAT-OUT", *rule)
         # the driver publishes web's IPv6 address beside its IPv4 one: pyflanneld's DNS answers AAAA with it
         wait_until("web's AAAA record on h1", lambda: web6 in h1.docker("exec", "c1", "nslookup", "web", check=False),
                    timeout=15, interval=0.3)
