@@ -125,18 +125,12 @@ def parse(text: str) -> NetworkConfig:
             raise ConfigError(key, value, "must be true or false")
     if not enable_ipv4 and not enable_ipv6:
         raise ConfigError("EnableIPv4", False, "and EnableIPv6 is not true: the network would have no addresses")
-    if "Network" not in raw:
-        why = "" if enable_ipv4 else (" (also with EnableIPv4 false: flannel's lease keys begin with an IPv4 "
-                                      "subnet, which pyflannel leases but does not route)")
-        raise ConfigError("Network", None, f"missing: set it to the flannel network, e.g. \"10.5.0.0/16\"{why}")
-    try:
-        network = IPv4Network(raw["Network"])
-    except (ValueError, TypeError) as e:
-        raise ConfigError("Network", raw["Network"], f"not an IPv4 network ({e})")
-
-    subnet_len = _subnet_len(raw, network, "SubnetLen", "Network")
-    subnet_min, subnet_max = _range(raw, network, subnet_len, ("SubnetMin", "SubnetMax"))
-    ipv6 = _ipv6(raw) if enable_ipv6 else None
+    why = "" if enable_ipv4 else (" (also with EnableIPv4 false: flannel's lease keys begin with an IPv4 subnet, "
+                                  "which pyflannel leases but does not route)")
+    network, subnet_len, subnet_min, subnet_max = _family(raw, ("Network", "SubnetLen", "SubnetMin", "SubnetMax"),
+                                                          "10.5.0.0/16", why)
+    ipv6 = IPv6Config(*_family(raw, ("IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax"),
+                               "fd00:5::/48", " while EnableIPv6 is true")) if enable_ipv6 else None
 
     backend = raw.get("Backend", {})
     if not isinstance(backend, dict):
@@ -157,16 +151,18 @@ def parse(text: str) -> NetworkConfig:
                          enable_ipv4, ipv6)
 
 
-def _ipv6(raw: dict) -> IPv6Config:
-    if "IPv6Network" not in raw:
-        raise ConfigError("IPv6Network", None, "missing while EnableIPv6 is true: set it, e.g. \"fd00:5::/48\"")
+def _family(raw: dict, keys: tuple[str, str, str, str], example: str, why_needed: str) -> tuple:
+    """One address family's Network, SubnetLen, SubnetMin and SubnetMax (or their IPv6 twins), checked."""
+    key, len_key, low, high = keys
+    kind = IPv4Network if key == "Network" else IPv6Network
+    if key not in raw:
+        raise ConfigError(key, None, f"missing{why_needed}: set it to the flannel network, e.g. \"{example}\"")
     try:
-        network = IPv6Network(raw["IPv6Network"])
+        network = kind(raw[key])
     except (ValueError, TypeError) as e:
-        raise ConfigError("IPv6Network", raw["IPv6Network"], f"not an IPv6 network ({e})")
-    subnet_len = _subnet_len(raw, network, "IPv6SubnetLen", "IPv6Network")
-    subnet_min, subnet_max = _range(raw, network, subnet_len, ("IPv6SubnetMin", "IPv6SubnetMax"))
-    return IPv6Config(network, subnet_len, subnet_min, subnet_max)
+        raise ConfigError(key, raw[key], f"not an IPv{4 if kind is IPv4Network else 6} network ({e})")
+    subnet_len = _subnet_len(raw, network, len_key, key)
+    return (network, subnet_len, *_range(raw, network, subnet_len, (low, high)))
 
 
 def _wireguard(backend: dict) -> WireGuardConfig:
@@ -176,8 +172,8 @@ def _wireguard(backend: dict) -> WireGuardConfig:
         raise ConfigError("Backend.PSK", "(hidden)", key_problem(psk))
     mode = backend.get("Mode", "separate")
     if mode not in WIREGUARD_MODES:
-        raise ConfigError("Backend.Mode", mode, f"must be one of {', '.join(WIREGUARD_MODES)} (IPv6 modes need "
-                                                f"IPv6, not supported yet)")
+        raise ConfigError("Backend.Mode", mode, f"must be one of {', '.join(WIREGUARD_MODES)} (pyflannel's "
+                                                f"wireguard carries IPv4 only, over IPv4: no IPv6 modes)")
     mtu = _int(backend, "MTU", 1500, 1280, 65535, "Backend.MTU") if "MTU" in backend else None
     return WireGuardConfig(_int(backend, "ListenPort", WIREGUARD_DEFAULT_PORT, 1, 65535, "Backend.ListenPort"), psk,
                            _int(backend, "PersistentKeepaliveInterval", 0, 0, 65535,
