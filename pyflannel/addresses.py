@@ -1,9 +1,9 @@
-"""The one address allocator: a range of a subnet (IPv4 or IPv6), the gateway skipped, handed out round robin (the
-search starts after the address given last, so a just-released address is not reused at once), behind a store
-interface.
+"""The one address allocator: a range of a subnet (IPv4 or IPv6), the gateway skipped, behind a store interface.
+The search starts after the address the store gives as its last: host-local's round robin (a just-released address
+is not reused at once), or, with no last address, the lowest free one (Docker's IPAM).
 
-Stores: the Docker driver's state file (driver/ipam.py), host-local's on-disk layout (cni/hostlocal.py), and
-MemoryStore for tests.
+Stores: the Docker driver's state file (driver/ipam.py, lowest free first), host-local's on-disk layout
+(cni/hostlocal.py), and MemoryStore for tests.
 """
 from __future__ import annotations
 

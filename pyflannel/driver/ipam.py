@@ -10,9 +10,9 @@ Without options the network is the default flannel network (<prefix>/config, /ru
 host to use NAME writes its config to etcd; `--subnet` is then NAME's cluster-wide Network) and answers with this
 host's lease in it. When the last pool of a named network is dropped, pyflanneld is told to leave it.
 
-Container addresses are handed out from the rest of the lease (network and broadcast addresses excluded), in
-round-robin order so a just-released address is not reused at once (stale ARP entries in peers), and persisted in
-the driver state. The gateway is never "allocated": requesting it always succeeds and releasing it does nothing,
+Container addresses are handed out from the rest of the lease (network and broadcast addresses excluded), the
+lowest free first as Docker's own IPAM does (a restarted container gets its address back; its MAC derives from the
+address, so peers' ARP entries stay right), and persisted in the driver state. The gateway is never "allocated": requesting it always succeeds and releasing it does nothing,
 so Docker's rollback of a refused `network create` cannot take the gateway away from the network that uses it.
 
 A pool's leftover allocations are dropped by ReleasePool only when no pyflannel network uses the lease any more.
@@ -178,14 +178,15 @@ def parse_pool_id(pid: str) -> tuple[str, ipaddress.IPv4Network | ipaddress.IPv6
 
 
 class PoolAllocations(AddressStore):
-    """One pool's record in the driver's state, as the allocator's store: `taken` is the set of its addresses (the
-    caller writes it back to the record), the record keeps the address given last."""
+    """A pool's addresses in the driver's state, as the allocator's store: `taken` is the set of its addresses (the
+    caller writes it back to the pool's record). The lowest free address first, as Docker's own IPAM hands them out:
+    a restarted container gets its address back unless another took it meanwhile."""
 
-    def __init__(self, pool: dict, taken: set[str]):
-        self.pool, self.taken = pool, taken
+    def __init__(self, taken: set[str]):
+        self.taken = taken
 
-    def last(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-        return ipaddress.ip_address(self.pool["last"]) if self.pool["last"] else None
+    def last(self) -> None:
+        return None  # every search starts at the range's start
 
     def reserve(self, ip: ipaddress.IPv4Address, owner: str) -> bool:
         if str(ip) in self.taken:
@@ -194,7 +195,7 @@ class PoolAllocations(AddressStore):
         return True
 
     def set_last(self, ip: ipaddress.IPv4Address) -> None:
-        self.pool["last"] = str(ip)
+        pass
 
 
 class Ipam:
@@ -260,7 +261,7 @@ class Ipam:
         pid = pool_id(lease, name)
         with self.store.transaction() as st:
             self._note_request(lease)
-            st["pools"].setdefault(pid, {"pool": str(lease), "allocated": [], "last": None, "flannel": name})
+            st["pools"].setdefault(pid, {"pool": str(lease), "allocated": [], "flannel": name})
         return {"PoolID": pid, "Pool": str(lease), "Data": {v.GATEWAY_TYPE: str(gateway)}}
 
     def _default_lease(self, req: v.RequestPool) -> subnetenv.SubnetEnv:
@@ -350,7 +351,7 @@ class Ipam:
                                    f"--gateway: `{HOW_TO_CREATE}`")
             return {"Address": f"{gateway}/{lease.prefixlen}", "Data": {}}
         with self.store.transaction() as st:
-            pool = st["pools"].setdefault(req.pool_id, {"pool": str(lease), "allocated": [], "last": None,
+            pool = st["pools"].setdefault(req.pool_id, {"pool": str(lease), "allocated": [],
                                                         "flannel": parse_pool_id(req.pool_id)[0]})
             allocated = set(pool["allocated"])
             if req.address is not None:
@@ -362,7 +363,7 @@ class Ipam:
                 if str(ip) in allocated:
                     raise RefusedError(f"address {ip} is already in use")
             else:
-                ip = allocate(AddressRange.of(lease, gateway=gateway), PoolAllocations(pool, allocated))
+                ip = allocate(AddressRange.of(lease, gateway=gateway), PoolAllocations(allocated))
                 if ip is None:
                     raise RefusedError(f"no free address left in this host's lease {lease} "
                                        f"({len(allocated)} containers hold addresses)")
