@@ -383,6 +383,9 @@ def test_dual_stack_docker_networks_across_hosts(dual_lab):
         # the driver publishes web's IPv6 address beside its IPv4 one: pyflanneld's DNS answers AAAA with it
         wait_until("web's AAAA record on h1", lambda: web6 in h1.docker("exec", "c1", "nslookup", "web", check=False),
                    timeout=15, interval=0.3)
+        # a restarted container gets both its addresses back, as with Docker's own IPAM
+        h2.docker("restart", "-t", "0", "web")
+        assert addresses(h2, "web") == (web4, web6)
         assert our_ip6_rules(h1)
         print(f"\nping6 {h1.name} -> {h2.name} container, just started: avg {rtt} ms, max {worst} ms; TCP over IPv6 to "
               f"{h2.name} and {h3.name}; the internet sees {seen_outside}, a container on {h2.name} sees "
