@@ -12,8 +12,9 @@ host's lease in it. When the last pool of a named network is dropped, pyflanneld
 
 Container addresses are handed out from the rest of the lease (network and broadcast addresses excluded), the
 lowest free first as Docker's own IPAM does (a restarted container gets its address back; its MAC derives from the
-address, so peers' ARP entries stay right), and persisted in the driver state. The gateway is never "allocated": requesting it always succeeds and releasing it does nothing,
-so Docker's rollback of a refused `network create` cannot take the gateway away from the network that uses it.
+address, so peers' ARP entries stay right), and persisted in the driver state. The gateway is never "allocated":
+requesting it always succeeds and releasing it does nothing, so Docker's rollback of a refused `network create`
+cannot take the gateway away from the network that uses it.
 
 A pool's leftover allocations are dropped by ReleasePool only when no pyflannel network uses the lease any more.
 

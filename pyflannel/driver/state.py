@@ -15,7 +15,8 @@ answer later calls and to clean up lives here:
                                  "joined": false, "sandbox": "", "address6": "fd00:5:0:27::7/64" | "",
                                  "ports": [{"proto", "host_ip", "host_port", "container_ip", "port",
                                             "container_ip6"}]}},
-      "pools":     {PoolID:     {"pool": "10.5.34.0/24", "allocated": ["10.5.34.2", ...], "flannel": "" | "shop"}},          (an IPv6 pool alike: "pyflannel/fd00:5:0:27::/64")
+      "pools":     {PoolID:     {"pool": "10.5.34.0/24", "allocated": ["10.5.34.2", ...], "flannel": "" | "shop"}},
+                                 (an IPv6 pool alike: "pyflannel/fd00:5:0:27::/64")
       "leaving":   ["shop", ...]    named flannel networks to leave, once pyflanneld answers
     }
 
