@@ -36,7 +36,7 @@ from datetime import datetime, timedelta, timezone
 from pyflannel import localapi, subnetenv
 from pyflannel.daemon.backend.vxlan import VXLAN_OVERHEAD
 from pyflannel.daemon.backend.wireguard import WIREGUARD_OVERHEAD
-from pyflannel.driver import firewall
+from pyflannel.driver import firewall, ipam
 from pyflannel.driver.plumbing import BRIDGE_PREFIX
 from pyflannel.driver.state import STATE_FILE
 from pyflannel.kernel import iptables, wireguard
@@ -128,7 +128,7 @@ def gather(args) -> Facts:
         facts.leases = None
     try:
         with open(os.path.join(args.driver_state_dir, STATE_FILE)) as f:
-            facts.driver_networks = list(json.load(f).get("networks", {}).values())
+            facts.driver_networks = [{**net, "id": nid} for nid, net in json.load(f).get("networks", {}).items()]
     except FileNotFoundError:
         facts.driver_networks = []  # no driver on this host
     except (OSError, ValueError, AttributeError):
@@ -567,6 +567,14 @@ def check_networks(facts: Facts) -> list[Finding]:
                                                          f"network {name}, which pyflanneld does not serve",
                                     f"remove the Docker network and create it again with --ipam-opt "
                                     f"pyflannel.network={name}"))
+            continue
+        now = served.get(name or localapi.DEFAULT_NETWORK, {})
+        change = ipam.lease_change(net, now.get("lease"), now.get("ipv6_lease"))
+        if now.get("state") == "ready" and change:
+            steps = ipam.lease_changed_error(name or "", change, [net["id"]])
+            findings.append(Finding("networks", PROBLEM, f"Docker network {net['id'][:12]} (bridge {net['bridge']}) "
+                                                         f"is on a lease this host no longer holds",
+                                    str(steps)))
     return findings
 
 

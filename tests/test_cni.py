@@ -283,7 +283,7 @@ def test_a_conflist_names_a_flannel_network(lab, binary):
         assert ips[host.name][2].network == lease6 and lease6.subnet_of(ipaddress.IPv6Network("fd00:f1a0::/32"))
         assert "master cni-shop" in host.sh("ip", "-d", "link", "show", result["interfaces"][1]["name"])
     assert lab.network_config("shop")["Backend"]["VNI"] == 2 and len(lab.leases("shop")) == 2
-    (ns1, ip1, ip1v6), (ns2, ip2, ip2v6) = ips["h1"], ips["h2"]
+    (ns1, _, ip1v6), (ns2, ip2, _) = ips["h1"], ips["h2"]
     assert subprocess.run(["ip", "netns", "exec", ns1, "ping", "-c1", "-W2", str(ip2.ip)]).returncode == 0
     assert ping(ns2, str(ip1v6.ip)), f"{ip1v6} unreachable from {ns2}\n{lab.logs()}"
     bad = error(lab.hosts[0].run_cni(binary, "ADD", plugin_conf(lab.hosts[0], network="a/b"), "x", "/run/netns/x"))

@@ -199,3 +199,21 @@ def test_doctor_checks_forwarding_and_egress_of_the_docker_networks(make_lab):
     apply_fix(h1, found["forwarding"][0])
     rc, report = doctor_here()
     assert rc == 0, report
+
+
+def test_doctor_names_every_step_for_a_docker_network_left_on_a_lost_lease():
+    """pyflanneld took another lease (its old one went to another host): the Docker network still on the old one is
+    named, with the steps that move it (its containers first)."""
+    from datetime import timedelta
+
+    from pyflannel.doctor import Facts, check_networks
+    facts = Facts("/run/flannel/subnet.env", [], "/coreos.com/network", timedelta(minutes=60))
+    facts.daemon_networks = [{"name": "default", "state": "ready", "lease": "10.5.77.0/24",
+                              "ipv6_lease": "fd00:5:0:9::/64", "error": None}]
+    facts.driver_networks = [{"id": "ab" * 32, "bridge": "pfl-abababab", "pool": "10.5.34.0/24",
+                              "pool6": "fd00:5:0:27::/64", "flannel": ""},
+                             {"id": "cd" * 32, "bridge": "pfl-cdcdcdcd", "pool": "10.5.77.0/24", "flannel": ""}]
+    [finding] = check_networks(facts)
+    assert "Docker network abababababab (bridge pfl-abababab) is on a lease this host no longer holds" in finding.message
+    assert "10.5.34.0/24 to 10.5.77.0/24 and fd00:5:0:27::/64 to fd00:5:0:9::/64" in finding.fix
+    assert "docker ps -aq --filter network=abababababab" in finding.fix and "docker network rm abababababab" in finding.fix

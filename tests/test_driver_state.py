@@ -96,7 +96,9 @@ def test_lease_change_refuses_join_with_advice(docker, subnet_file):
     write_subnet_env(subnet_file, lease="10.5.77.0/24")
     docker.ok("NetworkDriver.CreateEndpoint", {"NetworkID": net["id"], "EndpointID": "e" * 64, "Interface": None})
     err = docker.fails("NetworkDriver.Join", {"NetworkID": net["id"], "EndpointID": "e" * 64, "SandboxKey": "/x"}, 409)
-    assert "10.5.77.0/24" in err and "create it again" in err
+    ref = net["id"][:12]  # every step, for this very network: its containers go first
+    assert "10.5.34.0/24 to 10.5.77.0/24" in err and f"docker ps -aq --filter network={ref}" in err
+    assert f"`docker network rm {ref}`" in err and "docker network create -d pyflannel --ipam-driver pyflannel" in err
 
 
 # --- the store itself (no kernel involved) -------------------------------------------------------------------------

@@ -94,6 +94,28 @@ def ipv6_only_error(name: str) -> RefusedError:
         f"NAME`, or enable IPv4 in the flannel network's config (\"EnableIPv4\": true and a \"Network\")")
 
 
+def lease_change(net: dict, lease, lease6) -> str:
+    """How this host's leases (IPv4, IPv6; None: none) differ from a network record's pools, as "A to B"; "" when
+    they do not."""
+    return " and ".join(f"{pool} to {now or 'none'}" for pool, now in ((net.get("pool"), lease),
+                                                                      (net.get("pool6"), lease6))
+                        if pool and pool != str(now))
+
+
+def lease_changed_error(name: str, change: str, network_ids: list[str]) -> RefusedError:
+    """This host's lease changed under Docker networks (pyflanneld had to take another: its lease expired while the
+    host was cut off, and another host took the subnet): every step to make them again on the new lease."""
+    refs = " ".join(nid[:12] for nid in network_ids) or "NETWORK"
+    filters = " ".join(f"--filter network={nid[:12]}" for nid in network_ids) or "--filter network=NETWORK"
+    option = f" --ipam-opt {OPT_NETWORK}={name}" if name else ""
+    return RefusedError(
+        f"this host's lease in {describe_flannel(name)} changed from {change} (pyflanneld had to take another one: "
+        f"see its log); Docker network {refs} still uses the old one and must be made again on the new lease: "
+        f"1. remove its containers: `docker rm -f $(docker ps -aq {filters})`; 2. `docker network rm {refs}`; "
+        f"3. `docker network create -d pyflannel --ipam-driver pyflannel{option} NAME` with its other options; "
+        f"4. run the containers again")
+
+
 def existing_network_error(network_id: str, net: dict) -> RefusedError:
     name = flannel_name(net)
     return RefusedError(
@@ -336,9 +358,9 @@ class Ipam:
         name, lease = parsed
         now, gateway = family_lease(self.lease.current(name), lease.version == 6)
         if lease != now:
-            raise RefusedError(f"pool {lease} is no longer this host's lease in {describe_flannel(name)} (now "
-                               f"{now or 'none'}; did pyflanneld get a new lease?): remove the network and create "
-                               f"it again with `{HOW_TO_CREATE}`")
+            with self.store.transaction() as st:
+                users = [nid for nid, net in st["networks"].items() if str(lease) in network_pools(net)]
+            raise lease_changed_error(name, f"{lease} to {now or 'none'}", users)
         return lease, gateway.ip
 
     def request_address(self, req: v.RequestAddress) -> dict:

@@ -28,15 +28,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 
+from pyflannel import localapi
 from pyflannel.kernel.links import mac_for, random_mac
 
 from . import firewall
 from . import validation as v
 from .errors import PlumbingError, RefusedError, UnavailableError, ValidationError
-from pyflannel import localapi
-
 from .ipam import (HOW_TO_CREATE, LeaseSource, describe_flannel, drop_pool, existing_network_error, flannel_name,
-                   ipv6_only_error, leave_pending, network_pools, no_ipv6_error)
+                   ipv6_only_error, lease_change, lease_changed_error, leave_pending, network_pools, no_ipv6_error)
 from .plumbing import BRIDGE_PREFIX, VETH_CONTAINER_PREFIX, VETH_HOST_PREFIX, Plumbing, bridge_name, veth_names
 from .state import StateStore
 
@@ -95,13 +94,6 @@ def check_address(field: str, address, pool: str | None, gateway: str | None) ->
         raise RefusedError(f"{field} {address} is not in the network's subnet {pool}")
     if address.ip == ipaddress.ip_interface(gateway).ip:
         raise RefusedError(f"{field} {address} is the network's gateway")
-
-
-def lease_change(net: dict, env) -> str:
-    """How this host's leases differ from the network's pools, as "A to B"; "" when they do not."""
-    return " and ".join(f"{pool} to {lease or 'none'}" for pool, lease in ((net["pool"], env.lease),
-                                                                          (net.get("pool6"), env.lease6))
-                        if pool and pool != str(lease))
 
 
 def migrate(net: dict, env) -> dict:
@@ -299,11 +291,9 @@ class NetworkDriver:
             if ep is None or ep["network"] != req.network_id:
                 raise RefusedError(f"endpoint {req.endpoint_id[:12]} is not known to pyflannel on network "
                                    f"{req.network_id[:12]} (CreateEndpoint was not called, or the state was lost)")
-            change = lease_change(net, env)
+            change = lease_change(net, env.lease, env.lease6)
             if change:
-                raise RefusedError(f"this host's lease in {describe_flannel(flannel_name(net))} changed from "
-                                   f"{change} (did pyflanneld get a new lease?): remove the network and create it "
-                                   f"again with `{HOW_TO_CREATE}`")
+                raise lease_changed_error(flannel_name(net), change, [req.network_id])
             gateway, gateway6 = gateways(net)
             mtu = effective_mtu(env.mtu, net["mtu_option"])
             self.plumbing.ensure_bridge(net["bridge"], gateway, gateway6, mtu)
@@ -418,7 +408,7 @@ class NetworkDriver:
                 env = envs.get(flannel_name(net))
                 if env is None:
                     continue
-                change = lease_change(net, env)
+                change = lease_change(net, env.lease, env.lease6)
                 if change:
                     log.warning("network %s: this host's lease changed from %s: recreate the network", nid[:12],
                                 change)
