@@ -83,6 +83,10 @@ def collect(args) -> dict:
         report["networks"] = []
         report["problems"].append(str(e))
     report["problems"] += [f"flannel network {n['name']}: {n['error']}" for n in report["networks"] if n["error"]]
+    report["problems"] += [f"flannel network {n['name']}: this host's lease moved from {n['moved_from']} to "
+                           f"{n['lease']}: Docker networks and containers on the old one must be made again "
+                           f"(`pyflannel doctor` names them, with the steps)" for n in report["networks"]
+                           if n.get("moved_from")]
     return report
 
 

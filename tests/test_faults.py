@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.lab import wait_until
+from tests.lab import VENV_BIN, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -232,4 +232,7 @@ def test_a_subnet_taken_by_another_host_is_given_up(make_lab, etcd_api):
     subnet = key.replace("-", "/")
     wait_until("h1 routes the old subnet to its new owner", lambda: subnet in h1.sh("ip", "route", "show", "proto", "77"))
     assert "now belongs to another host (192.0.2.99)" in h1.daemon.log()
+    status = json.loads(h1.sh(str(VENV_BIN / "pyflannel"), "status", "--json", "-etcd-endpoints", lab.etcd_url,
+                              "-subnet-file", str(h1.subnet_file), "-api-socket", str(h1.api_sock), check=False))
+    assert any(f"lease moved from {subnet} to" in p for p in status["problems"]), status["problems"]
     print(f"\n{etcd_api}: our subnet taken by another host -> new subnet {new} in {moved * 1000:.0f} ms")

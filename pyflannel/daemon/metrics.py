@@ -48,6 +48,9 @@ class Metrics:
                                     ["type"], registry=registry)
         self.etcd_errors = Counter("pyflannel_etcd_errors", "etcd calls that failed, by store operation",
                                    ["operation"], registry=registry)
+        self.lease_changes = Counter("pyflannel_lease_changes", "Times pyflanneld had to take another lease for this "
+                                     "host while running (its lease expired or went to another host)",
+                                     registry=registry)
         self.apply_seconds = Histogram("pyflannel_lease_event_apply_seconds",
                                        "Time from a peer's lease event read from etcd to its kernel entries changed",
                                        buckets=APPLY_BUCKETS, registry=registry)

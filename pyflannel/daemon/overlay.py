@@ -82,6 +82,8 @@ class Overlay:
         self.next_renew: datetime | None = None
         self.backend = self.leases = self.watcher = self.reconciler = None
         self.thread: threading.Thread | None = None
+        self.used_lease: str | None = None  # the lease the devices and subnet.env follow
+        self.moved_from: str | None = None  # the lease held before pyflanneld had to take another one, in this run
 
     @property
     def masq_chain(self) -> str:
@@ -158,6 +160,13 @@ class Overlay:
         self.health.lease = self.lease_text
         log.info("network %s: lease %s, subnet.env written to %s (MTU %d)", self.name, self.lease_text,
                  self.subnet_file, self.backend.mtu)
+        if self.used_lease is not None and self.used_lease != self.lease_text:
+            self.moved_from = self.used_lease
+            self.metrics.lease_changes.inc()
+            log.warning("network %s: this host's lease moved from %s to %s: Docker networks and containers on the "
+                        "old one must be made again (`pyflannel doctor` names them and the steps)", self.name,
+                        self.moved_from, self.lease_text)
+        self.used_lease = self.lease_text
 
     @property
     def lease_text(self) -> str | None:
@@ -217,7 +226,7 @@ class Overlay:
                 "vni": c.vni if c and c.backend_type == "vxlan" else None,
                 "backend": c.backend_type if c else None, "device": getattr(self.backend, "device", None),
                 **(self.backend.details() if self.backend else {}),
-                "lease": str(lease.subnet) if lease else None,
+                "lease": str(lease.subnet) if lease else None, "moved_from": self.moved_from,
                 "ipv6_lease": str(lease.ipv6_subnet) if lease and lease.ipv6_subnet else None,
                 "peers": len(self.reconciler.programmed) if self.reconciler else 0,
                 "subnet_file": self.subnet_file,
