@@ -410,8 +410,7 @@ class NetworkDriver:
                     continue
                 change = lease_change(net, env.lease, env.lease6)
                 if change:
-                    log.warning("network %s: this host's lease changed from %s: recreate the network", nid[:12],
-                                change)
+                    log.warning("%s", lease_changed_error(flannel_name(net), change, [nid]))
                     continue
                 self._quietly(self._bridge_up, migrate(net, env), env.mtu)
                 rules += firewall.network_rules(network_spec(net))
