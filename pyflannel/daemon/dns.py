@@ -50,13 +50,13 @@ class Resolver:
         if len(query.questions) != 1:
             return None, query
         question = query.q
-        name, networks = str(question.qname).rstrip("."), self.book.networks_of(asker)
-        if self.book.lookup(name, networks) is None:
+        records = self.book.records(str(question.qname).rstrip("."), self.book.networks_of(asker))
+        if not records:
             return None, query
         reply = query.reply()
         for qtype, key, rdata in ((QTYPE.A, "address", A), (QTYPE.AAAA, "address6", AAAA)):
             if question.qtype in (qtype, QTYPE.ANY):
-                for address in self.book.lookup(name, networks, key):
+                for address in dict.fromkeys(record[key] for record in records if record.get(key)):  # each once
                     reply.add_answer(RR(question.qname, qtype, rdata=rdata(address), ttl=ANSWER_TTL))
         return reply.pack(), None  # other types of a known name: no data, no error
 

@@ -155,17 +155,11 @@ class NameBook:
         self.known, self.index = known, index
 
     # --- answers ------------------------------------------------------------------------------------------------
-    def lookup(self, name: str, networks: set[str] | None, key: str = "address") -> list[str] | None:
-        """The addresses (`key` "address6": the IPv6 ones) `name` has on `networks` (None: all), each once, in a
-        stable order; None when the name is not known there at all."""
-        found, known = [], False
-        for network, record in self.index.get(name.lower(), ()):
-            if networks is None or network in networks:
-                known = True
-                address = record.get(key)
-                if address and address not in found:
-                    found.append(address)
-        return found if known else None
+    def records(self, name: str, networks: set[str] | None) -> list[dict]:
+        """The records that give `name` on `networks` (None: all), in a stable order; none: the name is not known
+        there."""
+        return [record for network, record in self.index.get(name.lower(), ())
+                if networks is None or network in networks]
 
     def listing(self) -> list[dict]:
         return [{"network": network, **record} for network, records in sorted(self.known.items())
