@@ -10,7 +10,7 @@ etcd as one key per container address,
 
 (<network prefix>: <prefix> for the default network, <prefix>/<NAME> for a named one), rewritten on every change and
 every TTL/3 s on keys that expire after the TTL: the names of a host that died go by themselves. Every POLL_SECONDS
-it reads the names of every host in each network served; `lookup` answers from that copy.
+it reads the names of every host in each network served; `records` answers from that copy.
 """
 from __future__ import annotations
 
