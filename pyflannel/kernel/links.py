@@ -15,12 +15,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import namespaces
 from .errors import KernelError
-from .netlink import MAIN_TABLE
+from .netlink import IFA_F_NODAD, MAIN_TABLE, keep_only_address
 
 log = logging.getLogger(__name__)
 
 
-IFA_F_NODAD = 0x02  # an IPv6 address usable at once, without duplicate address detection
 
 
 def mac_for(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
@@ -87,23 +86,6 @@ def routes_overlapping(network: ipaddress.IPv4Network) -> list[str]:
     return out
 
 
-def _keep_only(ipr: IPRoute, idx: int, address, family: int) -> None:
-    """The link's addresses of `family` are `address` alone (none if None); IPv6 link-local addresses stay, and an
-    IPv6 address is added without duplicate address detection (usable at once)."""
-    want = {(str(address.ip), address.network.prefixlen)} if address is not None else set()
-    have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=family)
-            if family == socket.AF_INET or a["scope"] == 0}
-    for addr, plen in have - want:  # e.g. the gateway of a former lease
-        ipr.addr("del", index=idx, address=addr, prefixlen=plen)
-    for addr, plen in want - have:
-        try:
-            ipr.addr("add", index=idx, address=addr, prefixlen=plen,
-                     **({"flags": IFA_F_NODAD} if family == socket.AF_INET6 else {}))
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise
-
-
 def ensure_bridge(name: str, gateway: ipaddress.IPv4Interface | None, mtu: int, mac: str | None = None) -> None:
     """Create or repair a bridge: kind bridge, the gateway address (and no other IPv4; none on an IPv6-only bridge,
     which needs `mac`), MTU, up. Its MAC: `mac`, by default the gateway's (mac_for)."""
@@ -123,7 +105,7 @@ def ensure_bridge(name: str, gateway: ipaddress.IPv4Interface | None, mtu: int, 
                     raise KernelError(f"interface {name} exists but is a {found or 'device'} and not a bridge: "
                                       f"remove it (ip link del {name})")
             ipr.link("set", index=idx, mtu=mtu)
-            _keep_only(ipr, idx, gateway, socket.AF_INET)
+            keep_only_address(ipr, idx, gateway, socket.AF_INET)
             ipr.link("set", index=idx, state="up")
     except NetlinkError as e:
         if created:  # do not leave half a bridge behind; never delete one we did not make here
@@ -142,7 +124,7 @@ def ensure_gateway6(name: str, gateway: ipaddress.IPv6Interface) -> None:
             idx = lookup(ipr, name)
             if idx is None:
                 raise KernelError(f"{name} is missing")
-            _keep_only(ipr, idx, gateway, socket.AF_INET6)
+            keep_only_address(ipr, idx, gateway, socket.AF_INET6)
     except NetlinkError as e:
         raise netlink_error(f"cannot give {name} the IPv6 address {gateway}", e) from None
 

@@ -159,19 +159,8 @@ class Kernel:
         self.ipr.link("set", index=index, mtu=mtu)
 
     def set_only_address(self, index: int, address: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:
-        """Make `address` the device's one address of its family (a lease change replaces the old one); an IPv6
-        one is usable at once (no duplicate address detection) and link-local ones are left alone."""
-        v6 = address.version == 6
-        for a in self.ipr.get_addr(family=socket.AF_INET6 if v6 else socket.AF_INET, index=index):
-            if v6 and a["scope"] != RT_SCOPE_UNIVERSE:
-                continue
-            current = ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
-            if current != address:
-                self.ipr.addr("del", index=index, address=str(current.ip), prefixlen=current.network.prefixlen)
-            else:
-                return
-        self.ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen,
-                      **({"flags": IFA_F_NODAD} if v6 else {}))
+        """Make `address` the device's one address of its family (a lease change replaces the old one)."""
+        keep_only_address(self.ipr, index, address, socket.AF_INET6 if address.version == 6 else socket.AF_INET)
 
     def disable_ipv6_ra(self, name: str) -> None:
         try:
@@ -273,6 +262,23 @@ class Kernel:
                     yield seq - first, -struct.unpack_from("i", data, offset + NLMSG_HEADER.size)[0]
                     remaining -= 1
                 offset += (length + 3) & ~3
+
+
+def keep_only_address(ipr: IPRoute, index: int, address, family: int) -> None:
+    """The link's addresses of `family` are `address` alone (none if None); IPv6 link-local addresses stay, and an
+    IPv6 address is added without duplicate address detection (usable at once)."""
+    want = {(str(address.ip), address.network.prefixlen)} if address is not None else set()
+    have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=family)
+            if family == socket.AF_INET or a["scope"] == RT_SCOPE_UNIVERSE}
+    for addr, plen in have - want:  # e.g. the gateway of a former lease
+        ipr.addr("del", index=index, address=addr, prefixlen=plen)
+    for addr, plen in want - have:
+        try:
+            ipr.addr("add", index=index, address=addr, prefixlen=plen,
+                     **({"flags": IFA_F_NODAD} if family == socket.AF_INET6 else {}))
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
 
 
 def watch_deletions(touched: threading.Event, overlay_ifindexes: tuple[int, ...], stop: threading.Event) -> None:
