@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from pyflannel import localapi, subnetenv
-from pyflannel.daemon.backend.vxlan import VXLAN_OVERHEAD
+from pyflannel.daemon.backend.vxlan import vxlan_overhead
 from pyflannel.daemon.backend.wireguard import WIREGUARD_OVERHEAD
 from pyflannel.driver import firewall, ipam
 from pyflannel.driver.plumbing import BRIDGE_PREFIX
@@ -184,10 +184,10 @@ def _default_route_iface(facts: Facts):
     return None
 
 
-def iptables_rules(table: str, chain: str | None = None) -> list[list[str]] | str:
-    """`iptables -t TABLE -S [CHAIN]` as token lists, or why it could not be read (a str)."""
+def iptables_rules(table: str, chain: str | None = None, v6: bool = False) -> list[list[str]] | str:
+    """`iptables -t TABLE -S [CHAIN]` (ip6tables with `v6`) as token lists, or why it could not be read (a str)."""
     try:
-        return iptables.listing(table, chain)
+        return iptables.listing(table, chain, v6=v6)
     except KernelError as e:
         return str(e)
 
@@ -360,7 +360,7 @@ def check_mtu(facts: Facts) -> list[Finding]:
         else:
             attrs = facts.kernel.vxlan_attrs(index)
             underlay = _iface_by_index(facts, attrs.get("IFLA_VXLAN_LINK"))
-            overhead = VXLAN_OVERHEAD + (20 if attrs.get("IFLA_VXLAN_LOCAL6") else 0)  # an IPv6 outer header
+            overhead = vxlan_overhead(bool(attrs.get("IFLA_VXLAN_LOCAL6")))
             if underlay:
                 expected, why = underlay.mtu - overhead, f"{underlay.name} MTU {underlay.mtu} - {overhead}"
         expected_env.append((expected, why))
@@ -537,10 +537,8 @@ def check_masquerade(facts: Facts) -> list[Finding]:
         nets = [n for n in wanted if n.get(pool) and n.get(network)]
         if not nets:
             continue
-        try:
-            rules = iptables.listing("nat", firewall.NAT_OUT, v6=v6)
-        except KernelError:
-            rules = []
+        rules = iptables_rules("nat", firewall.NAT_OUT, v6)
+        rules = [] if isinstance(rules, str) else rules
         for net in nets:
             rule = ["-A", firewall.NAT_OUT, "-s", net[pool], "!", "-d", net[network], "-j", "MASQUERADE"]
             if rule not in rules:

@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 VXLAN_OVERHEAD = 50
 
 
+def vxlan_overhead(ipv6_underlay: bool) -> int:
+    """Bytes VXLAN adds to a packet: 50 over IPv4, 20 more over IPv6 (its outer header is that much longer)."""
+    return VXLAN_OVERHEAD + (20 if ipv6_underlay else 0)
+
+
 def load_or_create_mac(state_dir: str, name: str) -> str:
     path = os.path.join(state_dir, name)
     try:
@@ -51,7 +56,7 @@ class Vtep:
 
     @property
     def overhead(self) -> int:
-        return VXLAN_OVERHEAD + (20 if ":" in self.local else 0)  # an IPv6 outer header is 20 bytes longer
+        return vxlan_overhead(":" in self.local)
 
 
 class VxlanBackend(Backend):
