@@ -75,6 +75,12 @@ def ping_latency(src: list[str], dst_ip: str, count: int = 200) -> list[float]:
     return [statistics.median(times), percentile(times, 0.99)]
 
 
+def wait_for_path(what: str, client: list[str], ip: str) -> None:
+    """Until `client` (an argv prefix) gets a ping answered by `ip`."""
+    wait_until(f"{what} path", lambda: subprocess.run(client + ["ping", "-c1", "-W1", ip],
+                                                      capture_output=True).returncode == 0)
+
+
 def compare_paths(paths: dict[str, tuple[list[str], list[str], str]], rounds: int = ROUNDS) -> dict:
     """iperf3 and ping over each path (name -> server prefix, client prefix, server IP).
 
@@ -110,8 +116,7 @@ def wire_vxlan_and_swarm(results: dict) -> None:
                 host.docker("run", "-d", "--network", network, "--name", f"{network}-{i}", IMAGE, "sleep", "3600",
                             timeout=120)
             (client, _), (server, ip) = container_netns(h1, f"{network}-1"), container_netns(h2, f"{network}-2")
-            wait_until(f"{network} path", lambda: subprocess.run(client + ["ping", "-c1", "-W1", ip],
-                                                                 capture_output=True).returncode == 0)
+            wait_for_path(network, client, ip)
             paths[name] = (server, client, ip)
         results["wire"]["vxlan lab"] = compare_paths(paths)
     finally:
@@ -140,8 +145,7 @@ def wire_hostgw_and_plain(results: dict) -> None:
             host.sh("ip", "route", "add", f"10.99.{3 - i}.0/24", "via", lab.hosts[2 - i].ip)
             plain.append(ns)
         c1, c2 = h1.containers[0], h2.containers[0]
-        wait_until("host-gw path", lambda: subprocess.run(netns(c1.ns) + ["ping", "-c1", "-W1", c2.ip],
-                                                          capture_output=True).returncode == 0)
+        wait_for_path("host-gw", netns(c1.ns), c2.ip)
         results["wire"]["host-gw lab"] = compare_paths({
             "underlay": (netns(h2.ns), netns(h1.ns), h2.ip),
             "host-gw": (netns(c2.ns), netns(c1.ns), c2.ip),
@@ -164,8 +168,7 @@ def wire_wireguard(results: dict) -> None:
         paths = {"underlay": (netns(h2.ns), netns(h1.ns), h2.ip)}
         for name, index in (("wireguard", 0), ("vxlan", 1)):
             c1, c2 = h1.containers[index], h2.containers[index]
-            wait_until(f"{name} path", lambda: subprocess.run(netns(c1.ns) + ["ping", "-c1", "-W1", c2.ip],
-                                                              capture_output=True).returncode == 0)
+            wait_for_path(name, netns(c1.ns), c2.ip)
             paths[name] = (netns(c2.ns), netns(c1.ns), c2.ip)
         results["wire"]["wireguard lab"] = compare_paths(paths)
     finally:
@@ -181,8 +184,7 @@ def wire_ipv6(results: dict) -> None:
                            "Backend": {"Type": "vxlan"}})
         h1, h2 = lab.hosts
         c1, c2 = h1.containers[0], h2.containers[0]
-        wait_until("IPv6 path", lambda: subprocess.run(netns(c1.ns) + ["ping", "-c1", "-W1", c2.ip6],
-                                                       capture_output=True).returncode == 0)
+        wait_for_path("IPv6", netns(c1.ns), c2.ip6)
         results["wire"]["ipv6 lab"] = compare_paths({
             "underlay v6": (netns(h2.ns), netns(h1.ns), h2.ip6),
             "vxlan v6": (netns(c2.ns), netns(c1.ns), c2.ip6),
