@@ -193,11 +193,15 @@ def test_auto_picks_the_api_that_holds_the_config(etcd_url, etcd_prefix, etcd):
     in_v2 = stores.from_flags(flags_for(etcd_url, etcd_prefix + "/a"))
     v2.client.write(f"{etcd_prefix}/a/config", CONFIG)
     assert in_v2.leases() == ([], in_v2.leases()[1]) and in_v2.chosen is in_v2.v2
+    assert "v3" not in in_v2.__dict__, "v3's own answer, read without its client, passed v3 over"
+    assert stores.v3_says_no_config([etcd_url], etcd_prefix + "/a")
     in_v3 = stores.from_flags(flags_for(etcd_url, etcd_prefix + "/b"))
     etcd.put(f"{etcd_prefix}/b/config", CONFIG)
     v2.client.write(f"{etcd_prefix}/b/config", CONFIG)  # in both: v3 wins
     in_v3.network_config()
     assert in_v3.chosen is in_v3.v3
+    assert not stores.v3_says_no_config([etcd_url], etcd_prefix + "/b")
+    assert not stores.v3_says_no_config(["http://127.0.0.1:1"], etcd_prefix + "/a")  # no answer: v3 decides
     # in neither yet: v3, and asked again until the config appears
     later = stores.from_flags(flags_for(etcd_url, etcd_prefix + "/c"))
     with pytest.raises(ConfigNotFound):

@@ -8,6 +8,7 @@ pyflannel's routes and the reconciler never touches anybody else's.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -42,21 +43,21 @@ ACK_TIMEOUT = 5.0  # seconds; the kernel answers in microseconds, this only keep
 BATCH = 256  # requests sent before their acks are read (the acks must fit the socket's receive buffer)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Neighbor:
     ifindex: int
     ip: str  # IPv4 (ARP) or IPv6 (NDP)
     mac: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FdbEntry:
     ifindex: int
     mac: str
     dst: str  # the remote VTEP: IPv4, or IPv6 for a VXLAN device over an IPv6 underlay
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Route:
     dst: ipaddress.IPv4Network | ipaddress.IPv6Network
     gateway: str
@@ -64,7 +65,7 @@ class Route:
     onlink: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Change:
     """Add (replace) or delete one kernel entry (a WireGuard peer too: kernel/wireguard.py applies those)."""
     add: bool
@@ -88,6 +89,7 @@ class Kernel:
         self.ipr = ipr or IPRoute()
         self._batch_socket: socket.socket | None = None
         self._sequence = 1
+        self._requests = Requests()
 
     def close(self) -> None:
         self.ipr.close()
@@ -237,7 +239,8 @@ class Kernel:
                 chunk = changes[start:start + BATCH]
                 first = self._sequence
                 self._sequence = (first + len(chunk)) & 0xFFFFFFF
-                self._batch_socket.sendall(b"".join(_request(change, first + i) for i, change in enumerate(chunk)))
+                self._batch_socket.sendall(b"".join(self._requests.encode(change, first + i)
+                                                     for i, change in enumerate(chunk)))
                 for i, code in self._acks(first, len(chunk)):
                     change = chunk[i]
                     if code and (change.add or code not in (errno.ENOENT, errno.ESRCH, errno.ENODEV)):
@@ -309,8 +312,8 @@ def _watch(monitor: IPRoute, touched: threading.Event, overlay_ifindexes: tuple[
                 touched.set()
 
 
-def _request(change: Change, seq: int) -> bytes:
-    """One encoded rtnetlink request (pyroute2's message classes) asking for an ack."""
+def _encode(change: Change, seq: int) -> bytes:
+    """One rtnetlink request asking for an ack, encoded whole by pyroute2's message classes (about 70 µs)."""
     entry = change.entry
     if isinstance(entry, Route):
         msg = rtmsg()
@@ -333,3 +336,86 @@ def _request(change: Change, seq: int) -> bytes:
     msg["header"]["sequence_number"] = seq
     msg.encode()
     return msg.data
+
+
+U32 = struct.Struct("=I")
+
+
+def _shape(change: Change) -> tuple:
+    """What decides a request's layout and its constant fields: requests of one shape differ only in the bytes of
+    their `_varying` values."""
+    e = change.entry
+    if isinstance(e, Route):
+        return Route, change.add, e.dst.version, e.dst.prefixlen, ":" in e.gateway, e.onlink
+    return type(e), change.add, ":" in (e.dst if isinstance(e, FdbEntry) else e.ip)
+
+
+# The fields of each kind of entry that vary between requests of one shape, and how each kind of value is encoded
+VARYING = {Route: (("dst", "network"), ("gateway", "ip"), ("oif", "int")),
+           Neighbor: (("ifindex", "int"), ("ip", "ip"), ("mac", "mac")),
+           FdbEntry: (("ifindex", "int"), ("mac", "mac"), ("dst", "ip"))}
+ENCODED = {"int": U32.pack, "network": lambda net: net.network_address.packed,
+           "ip": lambda ip: socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip),
+           "mac": lambda mac: bytes.fromhex(mac.replace(":", ""))}
+
+
+def _varying(change: Change, seq: int) -> list[bytes]:
+    """The encoded values of a request's varying fields: its sequence number, then the entry's own."""
+    e = change.entry
+    return [U32.pack(seq)] + [ENCODED[kind](getattr(e, name)) for name, kind in VARYING[type(e)]]
+
+
+def _marked(change: Change, marks: list[int]) -> tuple[Change, int]:
+    """`change` and a sequence number with each varying field made of bytes equal to its mark (0..255)."""
+    def marked(kind: str, current, mark: int):
+        if kind == "int":
+            return mark * 0x01010101
+        if kind == "mac":
+            return ":".join([f"{mark:02x}"] * 6)
+        if kind == "network":
+            return ipaddress.ip_network((bytes([mark]) * (current.max_prefixlen // 8), current.prefixlen),
+                                        strict=False)
+        return str(ipaddress.ip_address(bytes([mark]) * (16 if ":" in current else 4)))
+
+    e = change.entry
+    fields = {name: marked(kind, getattr(e, name), mark) for (name, kind), mark in zip(VARYING[type(e)], marks[1:])}
+    return Change(change.add, dataclasses.replace(e, **fields)), marked("int", 0, marks[0])
+
+
+class Requests:
+    """Encoded requests, each shape (`_shape`) encoded by pyroute2 once: later requests of that shape copy it and
+    patch their varying fields (sequence number, addresses, MAC, interface), about 3 µs instead of 70.
+
+    Where each field lies is learnt from pyroute2 itself, by encoding the shape with that field's bytes changed.
+    The first request of each shape is also encoded whole and compared; a shape that does not match exactly is
+    always encoded whole."""
+
+    def __init__(self):
+        self._templates: dict[tuple, tuple[bytes, tuple[int, ...]] | None] = {}
+
+    def encode(self, change: Change, seq: int) -> bytes:
+        shape = _shape(change)
+        if shape not in self._templates:
+            self._templates[shape] = self._learn(change, seq)
+        template = self._templates[shape]
+        if template is None:
+            return _encode(change, seq)
+        data, offsets = template
+        message = bytearray(data)
+        for offset, value in zip(offsets, _varying(change, seq)):
+            message[offset:offset + len(value)] = value
+        return bytes(message)
+
+    def _learn(self, change: Change, seq: int) -> tuple[bytes, tuple[int, ...]] | None:
+        count = 1 + len(VARYING[type(change.entry)])
+        base = _encode(*_marked(change, [1] * count))
+        offsets = []
+        for field in range(count):
+            other = _encode(*_marked(change, [2 if i == field else 1 for i in range(count)]))
+            moved = [i for i, (a, b) in enumerate(zip(base, other)) if a != b]
+            if len(other) != len(base) or not moved:
+                return None
+            offsets.append(moved[0])
+        template = (base, tuple(offsets))
+        self._templates[_shape(change)] = template
+        return template if self.encode(change, seq) == _encode(change, seq) else None

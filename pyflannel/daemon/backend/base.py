@@ -13,7 +13,7 @@ from ..iface import ExternalInterface
 from ..store.base import Lease
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerEntries:
     """What one peer lease puts in the kernel: a WireGuard peer, then per address family a neighbor, an FDB entry
     and a route (IPv4's, then IPv6's on a dual-stack network)."""

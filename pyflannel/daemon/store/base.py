@@ -78,7 +78,7 @@ class HistoryLost(Exception):
 EXPIRY_NOT_READ = datetime.max.replace(tzinfo=timezone.utc)
 
 
-@dataclass
+@dataclass(slots=True)
 class Lease:
     """One host's lease: an IPv4 subnet (its identity: flannel's keys always begin with one) and, on a dual-stack
     network, an IPv6 subnet with the host's IPv6 attributes."""
