@@ -179,3 +179,24 @@ def test_our_files_and_the_stock_host_locals_for_both_ranges(tmp_path):
         assert store.addresses_of("ours1", "eth0") == []
         assert sorted(map(str, store.release("stock2", "eth0"))) == ["10.5.34.4", "fd00:5:0:27::4"]
     assert (tmp_path / "pfnet" / "last_reserved_ip.1").read_text() == "fd00:5:0:27::4"
+
+
+def test_masquerade_rule_is_checked_once_per_recheck_period(monkeypatch):
+    """pyflanneld runs many ADDs in one process: iptables runs for the lease's rule at the first, then not again
+    until MASQUERADE_RECHECK_SECONDS have passed (a rule deleted by hand is back then)."""
+    runs, now = [], [1000.0]
+    monkeypatch.setattr(bridge, "_masquerade_seen", {})
+    monkeypatch.setattr(bridge.iptables, "available", lambda v6=False: True)
+    monkeypatch.setattr(bridge.iptables, "ensure", lambda table, chain, rule, v6=False: runs.append((v6, rule[1])))
+    monkeypatch.setattr(bridge.time, "monotonic", lambda: now[0])
+    lease4, net4 = ipaddress.ip_network("10.5.34.0/24"), ipaddress.ip_network("10.5.0.0/16")
+    lease6, net6 = ipaddress.ip_network("fd00:5:0:27::/64"), ipaddress.ip_network("fd00:5::/48")
+    for step in (0, 1, 9):
+        now[0] = 1000.0 + step
+        bridge._ensure_masquerade(lease4, net4)
+        bridge._ensure_masquerade(lease6, net6)
+    assert runs == [(False, "10.5.34.0/24"), (True, "fd00:5:0:27::/64")]
+    now[0] = 1000.0 + bridge.MASQUERADE_RECHECK_SECONDS
+    bridge._ensure_masquerade(lease4, net4)
+    bridge._ensure_masquerade(ipaddress.ip_network("10.5.35.0/24"), net4)  # another lease: its own rule
+    assert runs[2:] == [(False, "10.5.34.0/24"), (False, "10.5.35.0/24")]

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import time
 from dataclasses import dataclass
 
 from pyflannel.addresses import AddressRange, IPAddress
@@ -145,8 +146,15 @@ def _ensure_bridge(conf: BridgeConf) -> links.LinkState:
     return links.state(conf.bridge, v6=v6)
 
 
+MASQUERADE_RECHECK_SECONDS = 10.0
+_masquerade_seen: dict[tuple, float] = {}  # rule -> when it was last found or made (time.monotonic)
+
+
 def _ensure_masquerade(lease: ipaddress.IPv4Network | ipaddress.IPv6Network,
                        network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+    """The lease's MASQUERADE rule, checked at most every MASQUERADE_RECHECK_SECONDS by one process: pyflanneld
+    runs the thin client's ADDs one after another, and running iptables on each (5-10 ms, an exec) was most of an
+    ADD's work. A rule deleted by hand is back at the first ADD after that."""
     v6 = lease.version == 6
     program = "ip6tables" if v6 else "iptables"
     if not iptables.available(v6=v6):
@@ -154,10 +162,14 @@ def _ensure_masquerade(lease: ipaddress.IPv4Network | ipaddress.IPv6Network,
                        f"install {program}, or set \"ipMasq\": false in the delegate")
     rule = ["-s", str(lease), "!", "-d", str(network), "-m", "comment", "--comment", f"pyflannel-cni {lease}",
             "-j", "MASQUERADE"]
+    key = (v6, *rule)
+    if time.monotonic() - _masquerade_seen.get(key, -MASQUERADE_RECHECK_SECONDS) < MASQUERADE_RECHECK_SECONDS:
+        return
     try:
         iptables.ensure("nat", "POSTROUTING", rule, v6=v6)
     except KernelError as e:
         raise CniError(KERNEL_REFUSED, f"ipMasq: the MASQUERADE rule: {e}") from None
+    _masquerade_seen[key] = time.monotonic()
 
 
 @_kernel_errors

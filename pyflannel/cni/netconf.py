@@ -170,8 +170,11 @@ class SavedDelegates:
         return os.path.join(self.data_dir, container_id)
 
     def save(self, container_id: str, delegate: dict) -> None:
+        """Not synced to disk, as flannel's plugin does not: after a crash the container is gone with it, and an
+        fsync would be most of an ADD's tail latency."""
         try:
-            write_atomically(self._path(container_id), json.dumps(delegate), mode=0o600, folder_mode=0o700)
+            write_atomically(self._path(container_id), json.dumps(delegate), mode=0o600, folder_mode=0o700,
+                             durable=False)
         except OSError as e:
             raise CniError(IO_FAILURE, f"cannot save the delegate config in {self.data_dir}: {e.strerror}") from None
 
