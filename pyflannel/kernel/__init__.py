@@ -14,11 +14,14 @@ the CNI plugin and doctor share.
 
 pyroute2 is imported module by module (`pyroute2.iproute`, `pyroute2.netlink...`), never through its package
 `__init__`, which loads every subsystem it has (NDB, IPDB, conntrack, nl80211, ...: 56 more modules, a third of its
-import time and 5 MB of memory that none of pyflannel's programs use); see `_light_pyroute2`.
+import time and 5 MB of memory that none of pyflannel's programs use); see `_light_pyroute2`. Importing this package
+imports pyroute2.iproute, without the unittest package that it would load (`_pyroute2_without_unittest`).
 """
 import importlib
 import importlib.util
 import sys
+
+from pyflannel.imports import deferred, standing_in
 
 
 def _light_pyroute2() -> None:
@@ -44,3 +47,17 @@ def _light_pyroute2() -> None:
 
 
 _light_pyroute2()
+
+
+def _pyroute2_without_unittest() -> None:
+    """pyroute2's iprsocket module does `from unittest import mock` and makes a `mock.Mock()` at class definition,
+    for its select-based IPRSocket, which pyflannel never uses: the unittest package would cost every program
+    1.5 MB. pyroute2.iproute is imported with stand-ins for both (pyflannel.imports)."""
+    if "unittest" in sys.modules:
+        return
+    with (standing_in("unittest", deferred("unittest")),
+          standing_in("unittest.mock", deferred("unittest.mock", instances=("Mock",)))):
+        importlib.import_module("pyroute2.iproute")
+
+
+_pyroute2_without_unittest()

@@ -10,7 +10,10 @@ import json
 import logging
 from typing import Callable
 
-import urllib3
+from pyflannel.imports import deferred, standing_in
+
+with standing_in("importlib.metadata", deferred("importlib.metadata", calls=("version",))):
+    import urllib3  # its optional HTTP/2 support checks h2's version with importlib.metadata at import: 0.8 MB
 
 from .base import ConfigNotFound, Lease, LeaseEvent, Store, StoreError, parse_endpoints
 

@@ -2,36 +2,16 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import re
-import sys
-import types
 from datetime import datetime, timezone
 
 import urllib3
 
+from pyflannel.imports import deferred, standing_in
 
-def _resolver_on_first_use() -> None:
-    """Stand in for dnspython's resolver, which python-etcd imports for its SRV discovery (`srv_domain`) alone:
-    pyflannel never asks for that, and the import costs 2.1 MB and 70 ms of pyflanneld's start. The first use of
-    the stand-in imports the real resolver and hands over to it."""
-    if "dns.resolver" in sys.modules:
-        return
-    import dns
-
-    class Resolver(types.ModuleType):
-        def __getattr__(self, name: str):
-            del sys.modules["dns.resolver"]
-            real = importlib.import_module("dns.resolver")
-            dns.resolver = real
-            return getattr(real, name)
-
-    sys.modules["dns.resolver"] = dns.resolver = Resolver("dns.resolver")
-
-
-_resolver_on_first_use()
-import etcd  # noqa: E402  (after the stand-in)
+with standing_in("dns.resolver", deferred("dns.resolver")):
+    import etcd  # it imports dnspython's resolver for SRV discovery (`srv_domain`), never asked for: 2.1 MB, 70 ms
 
 from ..subnets import parse_lease_key
 from .base import (ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken, Store,
