@@ -395,8 +395,8 @@ def table(r: dict) -> str:
                  f"{verdict(s['seconds_from_exec'] <= flanneld['seconds_from_exec'])} "
                  f"(in-daemon {s['seconds_inside_daemon']:.2f} s)")
         lines.append(f"{'daemon RSS MB, ' + peers + ' peers':44} {s['rss_mb']:12.1f} {flanneld['rss_mb']:12.1f} "
-                     f"{s['rss_mb'] / flanneld['rss_mb']:7.2f}  reference: flanneld's; "
-                     + (f"<= {RSS_GOAL_MB} MB {verdict(s['rss_mb'] <= RSS_GOAL_MB)}" if peers == "1000" else ""))
+                     f"{s['rss_mb'] / flanneld['rss_mb']:7.2f}  reference: flanneld's"
+                     + (f"; <= {RSS_GOAL_MB} MB {verdict(s['rss_mb'] <= RSS_GOAL_MB)}" if peers == "1000" else ""))
         if "idle_cpu_percent" in s:
             lines.append(f"{'daemon idle CPU %, ' + peers + ' peers':44} {s['idle_cpu_percent']:12.2f}{'':21}  "
                          f"< 1 % {verdict(s['idle_cpu_percent'] < 1)}")
