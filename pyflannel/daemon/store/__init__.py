@@ -15,7 +15,7 @@ from pyflannel.imports import deferred, standing_in
 with standing_in("importlib.metadata", deferred("importlib.metadata", calls=("version",))):
     import urllib3  # its optional HTTP/2 support checks h2's version with importlib.metadata at import: 0.8 MB
 
-from .base import ConfigNotFound, Lease, LeaseEvent, Store, StoreError, parse_endpoints
+from .base import PROBE_SECONDS, ConfigNotFound, Lease, LeaseEvent, Store, StoreError, parse_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,10 @@ def v3_says_no_config(endpoints: list[str], prefix: str, *, certfile=None, keyfi
     """Whether etcd's v3 API plainly answers that <prefix>/config does not exist, asked with urllib3 alone (one
     POST /v3/kv/range). Then -etcd-api auto goes on to v2 without importing the v3 client: etcd3gw and requests
     cost 4.4 MB and 60 ms of pyflanneld's start. Any other answer (the key exists, authentication is on, an older
-    gateway path, an error) is left to the v3 store."""
+    gateway path, an error) is left to the v3 store. A member that does not answer within PROBE_SECONDS is passed
+    over, as the stores pass over a hung member."""
     http = urllib3.PoolManager(cert_file=certfile, key_file=keyfile, ca_certs=cafile, retries=False,
-                               timeout=timeout)
+                               timeout=min(timeout, PROBE_SECONDS))
     body = json.dumps({"key": base64.b64encode(f"{prefix.rstrip('/')}/config".encode()).decode(),
                        "count_only": True})
     for scheme, host, port in parse_endpoints(endpoints):
