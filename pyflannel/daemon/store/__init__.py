@@ -1,7 +1,7 @@
 """Lease stores: one implementation per etcd API behind the Store interface, and the -etcd-api choice.
 
-Each API's client is imported only when that API is used (python-etcd brings dnspython, etcd3gw brings requests:
-together a fifth of pyflanneld's start-up)."""
+Each API's client is imported only when that API is used (etcd3gw brings requests: 4.4 MB and 60 ms of pyflanneld's
+start); -etcd-api auto asks v3 about the config with urllib3 before it imports v3's client."""
 from __future__ import annotations
 
 import base64
