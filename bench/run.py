@@ -251,8 +251,8 @@ def kernel_floor_batches(host, peers: int) -> tuple[str, str]:
     ip_lines, bridge_lines = [], []
     for i in range(peers):
         key, value = fake_lease(i)
-        net, mac, public_ip = key.replace("-", "/"), json.loads(value)["BackendData"]["VtepMAC"], json.loads(
-            value)["PublicIP"]
+        lease = json.loads(value)
+        net, mac, public_ip = key.replace("-", "/"), lease["BackendData"]["VtepMAC"], lease["PublicIP"]
         gateway = net.split("/")[0]
         ip_lines += [f"neigh replace {gateway} dev flannel.1 lladdr {mac} nud permanent",
                      f"route replace {net} via {gateway} dev flannel.1 onlink proto 77"]

@@ -156,15 +156,15 @@ def _ensure_masquerade(lease: ipaddress.IPv4Network | ipaddress.IPv6Network,
     runs the thin client's ADDs one after another, and running iptables on each (5-10 ms, an exec) was most of an
     ADD's work. A rule deleted by hand is back at the first ADD after that."""
     v6 = lease.version == 6
-    program = "ip6tables" if v6 else "iptables"
-    if not iptables.available(v6=v6):
-        raise CniError(INVALID_CONFIG, f"ipMasq is on but {program} is not installed",
-                       f"install {program}, or set \"ipMasq\": false in the delegate")
     rule = ["-s", str(lease), "!", "-d", str(network), "-m", "comment", "--comment", f"pyflannel-cni {lease}",
             "-j", "MASQUERADE"]
     key = (v6, *rule)
     if time.monotonic() - _masquerade_seen.get(key, -MASQUERADE_RECHECK_SECONDS) < MASQUERADE_RECHECK_SECONDS:
         return
+    program = "ip6tables" if v6 else "iptables"
+    if not iptables.available(v6=v6):
+        raise CniError(INVALID_CONFIG, f"ipMasq is on but {program} is not installed",
+                       f"install {program}, or set \"ipMasq\": false in the delegate")
     try:
         iptables.ensure("nat", "POSTROUTING", rule, v6=v6)
     except KernelError as e:

@@ -20,8 +20,6 @@ from .netlink import IFA_F_NODAD, MAIN_TABLE, keep_only_address
 log = logging.getLogger(__name__)
 
 
-
-
 def mac_for(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """Docker's scheme: 02:42 + the IPv4 address (an IPv6 address's last four bytes); unique because leases are
     disjoint across hosts."""

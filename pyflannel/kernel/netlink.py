@@ -396,26 +396,31 @@ class Requests:
     def encode(self, change: Change, seq: int) -> bytes:
         shape = _shape(change)
         if shape not in self._templates:
-            self._templates[shape] = self._learn(change, seq)
+            self._templates[shape] = _learn(change, seq)
         template = self._templates[shape]
-        if template is None:
-            return _encode(change, seq)
-        data, offsets = template
-        message = bytearray(data)
-        for offset, value in zip(offsets, _varying(change, seq)):
-            message[offset:offset + len(value)] = value
-        return bytes(message)
+        return _patched(template, change, seq) if template else _encode(change, seq)
 
-    def _learn(self, change: Change, seq: int) -> tuple[bytes, tuple[int, ...]] | None:
-        count = 1 + len(VARYING[type(change.entry)])
-        base = _encode(*_marked(change, [1] * count))
-        offsets = []
-        for field in range(count):
-            other = _encode(*_marked(change, [2 if i == field else 1 for i in range(count)]))
-            moved = [i for i, (a, b) in enumerate(zip(base, other)) if a != b]
-            if len(other) != len(base) or not moved:
-                return None
-            offsets.append(moved[0])
-        template = (base, tuple(offsets))
-        self._templates[_shape(change)] = template
-        return template if self.encode(change, seq) == _encode(change, seq) else None
+
+def _patched(template: tuple[bytes, tuple[int, ...]], change: Change, seq: int) -> bytes:
+    """The template's bytes with `change`'s varying values written at their offsets."""
+    data, offsets = template
+    message = bytearray(data)
+    for offset, value in zip(offsets, _varying(change, seq)):
+        message[offset:offset + len(value)] = value
+    return bytes(message)
+
+
+def _learn(change: Change, seq: int) -> tuple[bytes, tuple[int, ...]] | None:
+    """The template of `change`'s shape and its fields' offsets; None if patching it would not give pyroute2's own
+    encoding of `change`."""
+    count = 1 + len(VARYING[type(change.entry)])
+    base = _encode(*_marked(change, [1] * count))
+    offsets = []
+    for field in range(count):
+        other = _encode(*_marked(change, [2 if i == field else 1 for i in range(count)]))
+        moved = [i for i, (a, b) in enumerate(zip(base, other)) if a != b]
+        if len(other) != len(base) or not moved:
+            return None
+        offsets.append(moved[0])
+    template = (base, tuple(offsets))
+    return template if _patched(template, change, seq) == _encode(change, seq) else None
