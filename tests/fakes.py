@@ -6,8 +6,8 @@ import itertools
 import socket
 from datetime import datetime, timedelta, timezone
 
-from pyflannel.daemon.store.base import (ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound,
-                                         LeaseTaken, Store)
+from pyflannel.daemon.store.base import (ConfigNotFound, HistoryLost, Lease, LeaseDigest, LeaseEvent, LeaseExists,
+                                         LeaseNotFound, LeaseTaken, Store)
 from pyflannel.kernel.netlink import Change, FdbEntry, Neighbor, Route
 
 
@@ -20,11 +20,13 @@ class MemoryStore(Store):
         self.data: dict = {}
         self.revision = 1
         self.history: list[tuple[int, LeaseEvent]] = []
+        self.modified: dict = {}  # subnet -> the revision that wrote its lease
         self.compacted = 0
         self.keys: dict[str, str] = {}  # other keys under the prefix: named networks' configs, reservations
 
     def _event(self, kind: str, lease: Lease) -> None:
         self.revision += 1
+        self.modified[lease.subnet] = self.revision
         self.history.append((self.revision, LeaseEvent(kind, lease, self.revision)))
 
     def compact(self) -> None:
@@ -37,6 +39,9 @@ class MemoryStore(Store):
 
     def leases(self) -> tuple[list[Lease], int]:
         return list(self.data.values()), self.revision
+
+    def lease_digest(self) -> LeaseDigest:
+        return LeaseDigest(len(self.data), max((self.modified[subnet] for subnet in self.data), default=0))
 
     def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
         if must_exist and lease.subnet not in self.data:

@@ -78,6 +78,7 @@ mount -t tmpfs none /opt && mkdir -p /opt/cni/bin && mount --bind "$bin" /opt/cn
 exec ctr "$@"
 """
 CTR_IMAGE = "docker.io/library/pfbox:latest"
+WATCH_MISSED = "the watch missed the lease"  # pyflanneld's warning when its safety net repairs a lease
 CREATED_NAMESPACES: set[str] = set()  # every namespace any lab of this process made (the safety check reads it)
 
 
@@ -669,7 +670,8 @@ class Lab:
 
     def close(self) -> None:
         """Stop the processes kind by kind, the last started kind first (dockerd before its driver before
-        pyflanneld), every host's of a kind at once; then remove everything (teardown)."""
+        pyflanneld), every host's of a kind at once; then remove everything (teardown). Fails when a pyflanneld's
+        watch missed a lease that its safety net had to repair (issue 25: each one is a bug)."""
         pending = [p for p in reversed(self.processes) if p.alive()]
         while pending:
             kind = pending[0].kind
@@ -686,6 +688,9 @@ class Lab:
                     process.kill()
         teardown(self.record())
         self.namespaces.clear()
+        missed = [line for p in self.processes if p.kind == "pyflanneld" for line in p.log().splitlines()
+                  if WATCH_MISSED in line]
+        assert not missed, "the watch missed leases:\n" + "\n".join(missed)
 
     def record(self) -> dict:
         """What teardown() needs to remove this lab from another process (`make demo-down`)."""

@@ -12,6 +12,7 @@ from pyflannel.daemon.backend.vxlan import VxlanBackend
 from pyflannel.daemon.config import parse
 from pyflannel.daemon.errors import Stopped
 from pyflannel.daemon.iface import ExternalInterface
+from pyflannel.daemon import lease as lease_module
 from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
 from pyflannel.daemon.reconciler import Reconciler
 from pyflannel.daemon.store.base import Lease, LeaseEvent
@@ -95,6 +96,46 @@ def test_the_watcher_turns_history_into_events_and_resyncs_after_compaction():
     events = watcher.poll(0)
     assert {(e.kind, e.lease.subnet) for e in events} == {(LeaseEvent.REMOVED, a.subnet), (LeaseEvent.ADDED, b.subnet)}
     assert set(watcher.known) == {b.subnet}
+
+
+class ListingThatSkipsALease(MemoryStore):
+    """The start race of etcd v2 before its fix: the listing's position was read after another host's lease was
+    written, so that lease was in neither the listing nor the watch from there."""
+
+    def leases(self):
+        listed = list(self.data.values())
+        self.create_lease(peer("10.5.7.0/24", "192.0.2.17"), 60)
+        return listed, self.revision
+
+
+def test_the_audit_finds_a_lease_the_watch_never_gave():
+    store = ListingThatSkipsALease(CONFIG)
+    listed, position = store.leases()
+    watcher = LeaseWatcher(store, {}, position)
+    assert listed == [] and watcher.poll(0) == []  # missed
+    store.leases = lambda: MemoryStore.leases(store)
+    missed = watcher.audit()
+    assert [(e.kind, str(e.lease.subnet)) for e in missed] == [(LeaseEvent.ADDED, "10.5.7.0/24")]
+    assert watcher.audit() == [] and set(watcher.known) == {N("10.5.7.0/24")}
+
+
+def test_the_audit_waits_for_changes_on_their_way_then_settles_them():
+    store, now = MemoryStore(CONFIG), [0.0]
+    watcher = LeaseWatcher(store, {}, store.revision, clock=lambda: now[0], rng=random.Random(1))
+    store.create_lease(peer("10.5.1.0/24", "192.0.2.12"), 60)  # not polled yet: on its way, not missed
+    assert watcher.audit_if_due() == [] and watcher.unsettled == 0  # not due before AUDIT_SOON_SECONDS
+    now[0] = lease_module.AUDIT_SOON_SECONDS
+    assert watcher.audit() is None and watcher.audit_if_due() == [] and watcher.unsettled == 1
+    assert [e.lease.subnet for e in watcher.poll(0)] == [N("10.5.1.0/24")]
+    now[0] += lease_module.AUDIT_SOON_SECONDS
+    assert watcher.audit_if_due() == [] and watcher.unsettled == 0  # delivered: they agree
+    assert lease_module.AUDIT_SECONDS * 0.8 <= watcher.next_audit - now[0] <= lease_module.AUDIT_SECONDS * 1.2
+    store.delete_lease(store.data[N("10.5.1.0/24")])  # a removal never polled: settled by a re-listing at last
+    for _ in range(lease_module.AUDIT_TRIES):
+        now[0] = watcher.next_audit
+        settled = watcher.audit_if_due()
+    assert [(e.kind, e.lease.subnet) for e in settled] == [(LeaseEvent.REMOVED, N("10.5.1.0/24"))]
+    assert watcher.known == {}
 
 
 # --- the VXLAN backend ---------------------------------------------------------------------------------------------

@@ -122,12 +122,7 @@ def test_idle_watch_returns_no_events(store):
 def test_a_create_whose_reply_was_lost_is_found_again_not_leaked(etcd_url, etcd_prefix, api):
     """etcd applied our create but the connection broke before its reply (etcd restarted, a reset): the next
     acquire finds that lease by our PublicIP and keeps it; no second lease is left behind for 24 h."""
-    store = EtcdV2Store([etcd_url], etcd_prefix) if api == "v2" else EtcdV3Store([etcd_url], etcd_prefix)
-    if api == "v2":
-        store.client.write(f"{etcd_prefix}/config", '{"Network": "10.5.0.0/16"}')
-    else:
-        u = urlparse(etcd_url)
-        Etcd3Client(u.hostname, u.port).put(f"{etcd_prefix}/config", '{"Network": "10.5.0.0/16"}')
+    store = api_store(api, etcd_url, etcd_prefix)
     create = store.create_lease
 
     def create_then_lose_the_reply(lease, ttl):
@@ -161,3 +156,64 @@ def test_renewal_is_a_compare_and_swap_on_what_we_wrote(etcd_url, etcd_prefix, a
     store.delete_lease(ours)
     with pytest.raises(LeaseNotFound):
         store.update_lease(Lease(N("10.5.7.0/24"), "192.0.2.11", "vxlan", DATA), 120, expected=written)
+
+
+def api_store(api: str, etcd_url: str, prefix: str):
+    """A store of `api` on a prefix whose network config exists and that has no lease folder yet (a fresh network)."""
+    store = EtcdV2Store([etcd_url], prefix) if api == "v2" else EtcdV3Store([etcd_url], prefix)
+    if api == "v2":
+        store.client.write(f"{prefix}/config", '{"Network": "10.5.0.0/16"}')
+    else:
+        u = urlparse(etcd_url)
+        Etcd3Client(u.hostname, u.port).put(f"{prefix}/config", '{"Network": "10.5.0.0/16"}')
+    return store
+
+
+@pytest.mark.parametrize("api", ["v2", "v3"])
+def test_a_lease_written_just_after_the_listing_comes_from_the_watch(etcd_url, etcd_prefix, api):
+    """The start race (issue 25): another host's lease is written the moment the listing's read is answered, on a
+    fresh network (no lease folder). The watch from the listing's position must give it; etcd v2 used to take
+    that position from a second read, after the lease."""
+    store = api_store(api, etcd_url, etcd_prefix)
+    other = EtcdV2Store([etcd_url], etcd_prefix) if api == "v2" else EtcdV3Store([etcd_url], etcd_prefix)
+    theirs = Lease(N("10.5.7.0/24"), "192.0.2.17", "vxlan", DATA)
+    reads = []
+
+    def then_another_host_writes(read):
+        def racing(*args, **kwargs):
+            try:
+                return read(*args, **kwargs)
+            finally:
+                if not reads:
+                    reads.append(args)
+                    other.create_lease(theirs, 60)
+        return racing
+
+    if api == "v2":
+        store.client.read = then_another_host_writes(store.client.read)
+    else:
+        store._range = then_another_host_writes(store._range)
+    listed, position = store.leases()
+    assert listed == [] and len(reads) == 1
+    watcher = LeaseWatcher(store, {}, position)
+    assert [(e.kind, e.lease.subnet) for e in watcher.poll(timeout=5)] == [(LeaseEvent.ADDED, theirs.subnet)]
+    assert watcher.audit() == []
+
+
+@pytest.mark.parametrize("api", ["v2", "v3"])
+def test_the_audit_finds_what_a_watch_skipped_on_real_etcd(etcd_url, etcd_prefix, api):
+    """The safety net against etcd: a watcher moved past a lease it never saw re-lists and gives it; one that has
+    seen everything agrees with one cheap read."""
+    store = api_store(api, etcd_url, etcd_prefix)
+    ours = Lease(N("10.5.1.0/24"), "192.0.2.11", "vxlan", DATA)
+    store.create_lease(ours, 60)
+    _, position = store.leases()
+    watcher = LeaseWatcher(store, {ours.subnet: ours}, position)
+    assert store.lease_digest().count == 1 and watcher.audit() == []
+    skipped = Lease(N("10.5.2.0/24"), "192.0.2.12", "vxlan", DATA)
+    store.create_lease(skipped, 60)
+    assert watcher.audit() is None  # on its way: the watch has not given it yet
+    watcher.position = store.leases()[1]  # as if the watch had moved past it without a word
+    assert [(e.kind, e.lease.subnet) for e in watcher.audit()] == [(LeaseEvent.ADDED, skipped.subnet)]
+    digest = store.lease_digest()
+    assert digest.count == 2 and 0 < digest.last_modified <= watcher.position

@@ -5,6 +5,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
@@ -17,6 +18,10 @@ from .subnets import IPv4Network, IPv6Network, lease_key, pick_free
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 10
+WATCH_SECONDS = 10.0  # an idle watch is re-issued (and its member checked) this often
+AUDIT_SECONDS = 300.0  # the watch's safety net runs this often (±20 %), and AUDIT_SOON_SECONDS after a (re)start
+AUDIT_SOON_SECONDS = 2.0
+AUDIT_TRIES = 3  # audits in a row that find changes on their way before a re-listing settles it
 
 
 def _in_range(subnet, network, subnet_len: int, low, high) -> bool:
@@ -170,7 +175,9 @@ class LeaseWatcher:
     refusing) delays nothing. Changes carry the store's revision, so each is applied once, in order."""
 
     def __init__(self, store: Store, known: dict[IPv4Network, Lease], position: int,
-                 stop: threading.Event | None = None, views: list[Store] | None = None):
+                 stop: threading.Event | None = None, views: list[Store] | None = None, *,
+                 watch_seconds: float = WATCH_SECONDS, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None):
         self.store = store
         self.known = dict(known)
         self.position = position
@@ -179,6 +186,11 @@ class LeaseWatcher:
         self.inbox: queue.Queue = queue.Queue()
         self.failing: dict[int, StoreError] = {}  # view -> its last error, while it fails
         self._followers: list[threading.Thread] = []
+        self.watch_seconds = watch_seconds
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.next_audit = clock() + AUDIT_SOON_SECONDS
+        self.unsettled = 0  # audits in a row that found changes still on their way
 
     def poll(self, timeout: float) -> list[LeaseEvent]:
         if len(self.views) > 1:
@@ -192,7 +204,7 @@ class LeaseWatcher:
 
     def _poll_views(self, timeout: float) -> list[LeaseEvent]:
         if not self._followers:
-            self._followers = [threading.Thread(target=self._follow, args=(i, view, timeout), daemon=True,
+            self._followers = [threading.Thread(target=self._follow, args=(i, view), daemon=True,
                                                 name=f"watch-view-{i}") for i, view in enumerate(self.views)]
             for thread in self._followers:
                 thread.start()
@@ -211,13 +223,13 @@ class LeaseWatcher:
             return self.resync()
         return self._take(payload, position)
 
-    def _follow(self, index: int, view: Store, timeout: float) -> None:
+    def _follow(self, index: int, view: Store) -> None:
         """One view's watch, from the merged position on, into the inbox, until stopped."""
         position, delay = self.position, 0.5
         while not self.stop.is_set():
             position = max(position, self.position)  # never behind what was applied (a re-listing moves it on)
             try:
-                events, position = view.watch_leases(position, timeout)
+                events, position = view.watch_leases(position, self.watch_seconds)
                 delay = 0.5
             except HistoryLost:
                 self.inbox.put((index, "lost", None, position))
@@ -246,6 +258,39 @@ class LeaseWatcher:
             current.append(event)
         self.position = max(self.position, position, *(e.revision for e in events))
         return current
+
+    # --- the safety net: a watch that missed a change (a bug) is caught by a cheap comparison ----------------------
+    def until_audit(self) -> float:
+        """How long the next poll may wait: a watch's time, or less when an audit is due sooner."""
+        return max(0.05, min(self.watch_seconds, self.next_audit - self.clock()))
+
+    def audit_soon(self) -> None:
+        """The watch was (re)established: check it shortly."""
+        self.next_audit = self.clock() + AUDIT_SOON_SECONDS
+
+    def audit(self) -> list[LeaseEvent] | None:
+        """The store's digest against what the watch gave: [] when they agree, the changes the watch missed (found
+        by a re-listing) when they differ, None when a change is still on its way (ask again)."""
+        digest = self.store.lease_digest()
+        if digest.last_modified > self.position or digest.count < len(self.known):
+            return None  # a write or a removal the watch has yet to deliver
+        if digest.count == len(self.known):
+            return []
+        return self.resync()  # a lease written before our position that the watch never gave
+
+    def audit_if_due(self) -> list[LeaseEvent]:
+        """The missed changes, when an audit is due (every AUDIT_SECONDS, jittered); none otherwise. Changes still
+        on their way after AUDIT_TRIES audits are settled by a re-listing."""
+        if self.clock() < self.next_audit:
+            return []
+        missed = self.audit()
+        if missed is None and self.unsettled < AUDIT_TRIES - 1:
+            self.unsettled += 1
+            self.next_audit = self.clock() + AUDIT_SOON_SECONDS
+            return []
+        self.unsettled = 0
+        self.next_audit = self.clock() + AUDIT_SECONDS * self.rng.uniform(0.8, 1.2)
+        return self.resync() if missed is None else missed
 
     def resync(self) -> list[LeaseEvent]:
         leases, self.position = self.store.leases()

@@ -54,7 +54,7 @@ class Unmeasured:
         def observe(self, value: float) -> None:
             pass
 
-    lease_events = apply_seconds = lease_changes = _Nothing()
+    lease_events = apply_seconds = lease_changes = lease_audit_repairs = _Nothing()
     registry = None
 
     def count_reconcile(self, repairs) -> None:

@@ -46,6 +46,9 @@ class Metrics:
                                ["kind", "action"], registry=registry)
         self.lease_events = Counter("pyflannel_lease_events", "Lease events from the etcd watch handled, by type",
                                     ["type"], registry=registry)
+        self.lease_audit_repairs = Counter("pyflannel_lease_audit_repairs",
+                                           "Leases the watch missed and its safety net (a periodic comparison with "
+                                           "etcd) applied, by type: each one is a bug", ["type"], registry=registry)
         self.etcd_errors = Counter("pyflannel_etcd_errors", "etcd calls that failed, by store operation",
                                    ["operation"], registry=registry)
         self.lease_changes = Counter("pyflannel_lease_changes", "Times pyflanneld had to take another lease for this "
@@ -62,6 +65,7 @@ class Metrics:
                 self.repairs.labels(kind, action)
         for kind in (LeaseEvent.ADDED, LeaseEvent.REMOVED):
             self.lease_events.labels(kind)
+            self.lease_audit_repairs.labels(kind)
         for operation in STORE_OPERATIONS:
             self.etcd_errors.labels(operation)
         ProcessCollector(registry=registry)

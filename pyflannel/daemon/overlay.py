@@ -37,7 +37,6 @@ log = logging.getLogger("pyflanneld")
 LOOP_CALL_SECONDS = 10.0
 LAST_LEASE = "last-lease"  # in the state dir: the subnet we held last, preferred at start when subnet.env is gone
 RENEW_RETRY = timedelta(minutes=1)
-WATCH_POLL_SECONDS = 10.0  # an idle watch is re-issued (and its member checked) this often
 MAX_BACKOFF = 10.0
 
 
@@ -239,9 +238,11 @@ class Overlay:
         delay = 0.5
         while not self.stop.is_set():
             try:
-                events = self.watcher.resync() if lost else self.watcher.poll(WATCH_POLL_SECONDS)
+                events = self.watcher.resync() if lost else self.watcher.poll(self.watcher.until_audit())
                 if lost:
                     log.info("network %s: etcd is back: watch resumed", self.name)
+                    self.watcher.audit_soon()
+                missed = self.watcher.audit_if_due()
                 lost, delay = False, 0.5
                 self.health.etcd_ok = True
             except StoreError as e:
@@ -252,7 +253,11 @@ class Overlay:
                 self.stop.wait(delay)
                 delay = min(delay * 2, 2.0)  # come back within 2 s of etcd's return
                 continue
-            for event in events:
+            for event in missed:
+                log.warning("network %s: the watch missed the lease %s %s; the audit applies it now (a bug: please "
+                            "report it)", self.name, event.lease.key, event.kind)
+                self.metrics.lease_audit_repairs.labels(event.kind).inc()
+            for event in events + missed:
                 self.events.put((time.monotonic(), event))
 
     def run(self) -> None:

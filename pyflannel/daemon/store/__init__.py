@@ -15,7 +15,7 @@ from pyflannel.imports import deferred, standing_in
 with standing_in("importlib.metadata", deferred("importlib.metadata", calls=("version",))):
     import urllib3  # its optional HTTP/2 support checks h2's version with importlib.metadata at import: 0.8 MB
 
-from .base import PROBE_SECONDS, ConfigNotFound, Lease, LeaseEvent, Store, StoreError, parse_endpoints
+from .base import PROBE_SECONDS, ConfigNotFound, Lease, LeaseDigest, LeaseEvent, Store, StoreError, parse_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,9 @@ class DetectedStore(Store):
 
     def leases(self) -> tuple[list[Lease], int]:
         return self.store().leases()
+
+    def lease_digest(self) -> LeaseDigest:
+        return self.store().lease_digest()
 
     def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
         return self.store().write_lease(lease, ttl, must_exist, expected)

@@ -133,6 +133,14 @@ class Lease:
                    {k: v for k, v in attrs.items() if k not in known}, ipv6_subnet, public_ipv6, data6)
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseDigest:
+    """What one cheap read says of the leases: how many keys, and the store position (v2 index, v3 revision) of
+    the newest change among them. A watcher that has applied every change up to that position must know as many."""
+    count: int
+    last_modified: int
+
+
 @dataclass(frozen=True)
 class LeaseEvent:
     ADDED = "added"
@@ -152,6 +160,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def leases(self) -> tuple[list[Lease], int]:
         """All leases and the store position to watch from."""
+
+    @abc.abstractmethod
+    def lease_digest(self) -> LeaseDigest:
+        """The leases' LeaseDigest, cheaper than a listing where the API allows (the watch's safety net)."""
 
     @abc.abstractmethod
     def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:

@@ -14,8 +14,8 @@ with standing_in("dns.resolver", deferred("dns.resolver")):
     import etcd  # it imports dnspython's resolver for SRV discovery (`srv_domain`), never asked for: 2.1 MB, 70 ms
 
 from ..subnets import parse_lease_key
-from .base import (ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken, Store,
-                   StoreError, answering_first, answers, parse_endpoints)
+from .base import (ConfigNotFound, HistoryLost, Lease, LeaseDigest, LeaseEvent, LeaseExists, LeaseNotFound,
+                   LeaseTaken, Store, StoreError, answering_first, answers, parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +113,29 @@ class EtcdV2Store(Store):
             log.warning("ignoring lease %s: %s", node.key, e)
             return None
 
+    def _lease_nodes(self) -> tuple[list, int]:
+        """The lease folder's nodes and etcd's index at that read, in one request. Without a folder yet, the index
+        is the one in etcd's not-found reply: any later read (of the config, say) would be later, and a lease
+        created in between would be neither listed nor watched from there."""
+        def read(client):
+            try:
+                result = client.read(f"{self.prefix}/subnets", recursive=True)
+            except etcd.EtcdKeyNotFound as e:
+                index = (e.payload or {}).get("index")
+                if index is None:
+                    raise etcd.EtcdException(f"{self.prefix}/subnets: not found, and the reply has no index")
+                return [], int(index)
+            return [node for node in result.leaves if not node.dir], result.etcd_index
+        return self._call(read, self.client)
+
     def leases(self) -> tuple[list[Lease], int]:
-        try:
-            result = self._call(self.client.read, f"{self.prefix}/subnets", recursive=True)
-        except LeaseNotFound:
-            # No lease yet: the position is etcd's current index, read from the config key.
-            result = self._call(self.client.read, f"{self.prefix}/config")
-            return [], result.etcd_index
-        leases = [lease for lease in map(self._lease_from, result.leaves) if lease]
-        return leases, result.etcd_index
+        nodes, index = self._lease_nodes()
+        return [lease for lease in map(self._lease_from, nodes) if lease], index
+
+    def lease_digest(self) -> LeaseDigest:
+        """v2 has no count or modified index of a folder's children: one listing, without parsing the values."""
+        nodes = [node for node in self._lease_nodes()[0] if parse_lease_key(node.key)]
+        return LeaseDigest(len(nodes), max((node.modifiedIndex for node in nodes), default=0))
 
     def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
         cas = {"prevValue": expected} if expected is not None else {"prevExist": must_exist}

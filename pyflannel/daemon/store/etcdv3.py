@@ -22,8 +22,8 @@ from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Et
 from etcd3gw.lease import Lease as EtcdLease
 
 from ..subnets import parse_lease_key
-from .base import (EXPIRY_NOT_READ, ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound,
-                   LeaseTaken, PROBE_SECONDS, Store, StoreError, answering_first, parse_endpoints)
+from .base import (EXPIRY_NOT_READ, ConfigNotFound, HistoryLost, Lease, LeaseDigest, LeaseEvent, LeaseExists,
+                   LeaseNotFound, LeaseTaken, PROBE_SECONDS, Store, StoreError, answering_first, parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,15 @@ class EtcdV3Store(Store):
         self._expirations = {i: t for i, t in self._expirations.items() if i in in_use}
         leases = [lease for lease in map(self._lease_from, kvs) if lease]
         return leases, int(reply["header"]["revision"])
+
+    def lease_digest(self) -> LeaseDigest:
+        """One range that returns no value: the count, and the key changed last (sorted by mod revision)."""
+        prefix = f"{self.prefix}/subnets/"
+        body = {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + "0"), "keys_only": True, "limit": 1,
+                "sort_order": "DESCEND", "sort_target": "MOD"}
+        reply = self._call(lambda client: client.post(client.get_url("/kv/range"), json=body))
+        kvs = reply.get("kvs", [])
+        return LeaseDigest(int(reply.get("count", 0)), int(kvs[0]["mod_revision"]) if kvs else 0)
 
     def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
         key = self._key(lease)
