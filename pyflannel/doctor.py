@@ -33,10 +33,10 @@ import socket
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from pyflannel import localapi, subnetenv
+from pyflannel import firewall, localapi, subnetenv
 from pyflannel.daemon.backend.vxlan import vxlan_overhead
 from pyflannel.daemon.backend.wireguard import WIREGUARD_OVERHEAD
-from pyflannel.driver import firewall, ipam
+from pyflannel.driver import ipam
 from pyflannel.driver.plumbing import BRIDGE_PREFIX
 from pyflannel.driver.state import STATE_FILE
 from pyflannel.kernel import iptables, wireguard

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pyflannel.localapi import Client
-from tests.lab import IMAGE, OUTSIDE_IP, Lab, wait_until
+from tests.lab import IMAGE, OUTSIDE_IP, REPO, VENV_BIN, Lab, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 HELLO = "hello from pyflannel"
@@ -115,6 +115,69 @@ def test_networks_are_isolated_in_every_direction_and_protocol(nets):
     print(f"{len(probes)} probes in {time.monotonic() - started:.1f}s")
     wrong = [(src, dst, proto, ok) for (src, dst, proto), ok in zip(probes, results) if ok != (src[0] == dst[0])]
     assert wrong == [], f"expected: same network reaches, other networks do not; wrong: {wrong}"
+
+
+def sends(pid: int, source: str, dst_ip: str, port: int, token: str) -> None:
+    """A UDP datagram from a container, from `source`: an address its network gave it, or one it took (spoofed)."""
+    in_netns(pid, "ip", "addr", "add", f"{source}/32", "dev", "eth0")
+    try:
+        in_netns(pid, "python3", "-c", "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
+                 "s.bind((sys.argv[1],0)); [s.sendto(sys.argv[4].encode(), (sys.argv[2],int(sys.argv[3]))) for _ in "
+                 "range(3)]", source, dst_ip, str(port), token)
+    finally:
+        in_netns(pid, "ip", "addr", "del", f"{source}/32", "dev", "eth0")
+
+
+def listening(pid: int, port: int) -> subprocess.Popen:
+    listener = subprocess.Popen(["nsenter", "-t", str(pid), "-n", str(VENV_BIN / "python"),
+                                 str(REPO / "tests" / "udp_listener.py"), str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(0.5)
+    return listener
+
+
+def heard(listener: subprocess.Popen) -> str:
+    listener.kill()
+    return listener.communicate(timeout=10)[0]
+
+
+def test_a_container_neither_spoofs_nor_injects_vxlan(nets):
+    """Issue 26 on Docker: a container of `front` sends from an overlay0 address to overlay0's container on its host
+    (spoofing), and sends VXLAN frames of overlay0's VNI with such a source to the other host (injection). Neither
+    arrives; the controls (another address of its own lease; the same frame from the host) do, and with the raw
+    chains emptied both attacks do too."""
+    h1, h2 = nets.hosts
+    found = containers(nets)
+    front, victim, remote = found[("front", "h1")], found[("overlay0", "h1")], found[("overlay0", "h2")]
+    own_lease = ipaddress.IPv4Interface(h1.subnet_env("front")["FLANNEL_SUBNET"]).network
+    spoofed = str(ipaddress.IPv4Interface(h1.subnet_env()["FLANNEL_SUBNET"]).network.network_address + 99)
+    mac = next(n["attrs"]["BackendData"]["VtepMAC"] for n in nets.leases().values() if n["attrs"]["PublicIP"] == h2.ip)
+    frame = [str(VENV_BIN / "python"), str(REPO / "tests" / "vxlan_frame.py"), h2.ip, "8472", "1", mac, spoofed,
+             remote[1], "7001"]
+
+    def attempt(tag: str) -> dict[str, bool]:
+        near, far = listening(victim[0], 7000), listening(remote[0], 7001)
+        sends(front[0], spoofed, victim[1], 7000, f"spoofed-{tag}")
+        in_netns(front[0], *frame, f"injected-{tag}")
+        h1.sh(*frame, f"control-{tag}")
+        time.sleep(1)
+        near_heard, far_heard = heard(near), heard(far)
+        return {"spoofed": f"spoofed-{tag}" in near_heard, "injected": f"injected-{tag}" in far_heard,
+                "control": f"control-{tag}" in far_heard}
+
+    own = listening(found[("front", "h2")][0], 7003)
+    sends(front[0], str(own_lease.network_address + 98), found[("front", "h2")][1], 7003, "own-lease")
+    assert "own-lease" in heard(own)  # a container may send from any address of its network's lease
+    assert attempt("guarded") == {"spoofed": False, "injected": False, "control": True}
+    saved = h1.sh("iptables-save", "-t", "raw")
+    try:
+        for chain in ("PYFLANNEL-SOURCES", "PYFLANNEL-TUNNEL"):
+            h1.sh("iptables", "-t", "raw", "-F", chain)
+        assert attempt("unguarded") == {"spoofed": True, "injected": True, "control": True}
+    finally:
+        subprocess.run(["ip", "netns", "exec", h1.ns, "iptables-restore", "-T", "raw"], input=saved, text=True,
+                       check=True)
+    assert attempt("restored") == {"spoofed": False, "injected": False, "control": True}
 
 
 def test_internal_network_has_no_way_out(nets):

@@ -77,6 +77,10 @@ FLAGS = [
      "same on every host; give it to dockerd as --dns; empty: no DNS"),
     ("dns-upstream", str, None, True, "resolver for the other names; repeatable (default: /etc/resolv.conf's)"),
     ("names-ttl", _positive_int, 60, False, "seconds a host's container names stay in etcd after it stops renewing"),
+    ("allow-container-tunnels", _bool, False, False, "let containers send to the overlay's UDP ports (VXLAN, "
+     "WireGuard): for container networks that run a tunnel of their own"),
+    ("allow-container-etcd", _bool, False, False, "let containers open connections to the etcd endpoints "
+     "pyflanneld uses: for clusters whose applications share that etcd"),
 ]
 
 
@@ -106,6 +110,8 @@ class Flags:
     dns_address: str
     dns_upstream: list[str]
     names_ttl: int
+    allow_container_tunnels: bool
+    allow_container_etcd: bool
 
 
 def env_name(flag: str) -> str:

@@ -31,6 +31,7 @@ from . import store as stores
 from .api import Unavailable, serve as serve_api
 from .catalog import Catalog, NetworkConflict, check_name
 from .errors import Stopped, UserError
+from .guard import TunnelGuard, etcd_addresses
 from .health import Health, serve
 from .names import Container, NameBook
 from .overlay import Overlay, with_backoff
@@ -87,6 +88,8 @@ class Daemon:
         else:
             self.metrics = Unmeasured()
         self.store = self.metrics.counting(stores.from_flags(flags, peer_expiry=False))
+        self.guard = TunnelGuard(etcd_addresses(flags.etcd_endpoints), flags.allow_container_tunnels,
+                                 flags.allow_container_etcd)
         self.catalog = Catalog(self.store, flags.etcd_prefix)
         self.overlays: dict[str, Overlay] = {}
         self.failed: dict[str, str] = {}  # named networks joined before that could not be served again: why
@@ -108,7 +111,7 @@ class Daemon:
             kernel.close()
         log.info("external interface %s (%s), public IP %s, public IPv6 %s", self.ext.name, self.ext.address,
                  self.ext.public_ip, self.ext.public_ipv6 or "none (IPv6 overlays go over IPv4)")
-        self.default = Overlay(DEFAULT_NETWORK, self.store, f, self.ext, self.metrics, self.health)
+        self.default = Overlay(DEFAULT_NETWORK, self.store, f, self.ext, self.metrics, self.guard, self.health)
         self.default.stop = self.stop  # the daemon's life is the default network's
         self.overlays[DEFAULT_NETWORK] = self.default
         self.api = serve_api(self, f.api_socket)
@@ -158,6 +161,7 @@ class Daemon:
             self.default.run()
         finally:
             self.request_stop()
+            self.guard.close()
 
     def request_stop(self) -> None:
         """SIGTERM: every network finishes the etcd or kernel call in flight and starts nothing new."""
@@ -206,7 +210,8 @@ class Daemon:
             if self.stop.is_set():
                 raise Stopped()
             self._check_clash(name, config)
-            overlay = Overlay(name, self.store.child(name), self.flags, self.ext, self.metrics, config=config)
+            overlay = Overlay(name, self.store.child(name), self.flags, self.ext, self.metrics, self.guard,
+                              config=config)
             self.overlays[name] = overlay
             self._save_joined()
             overlay.begin()

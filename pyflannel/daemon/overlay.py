@@ -25,6 +25,7 @@ from . import backend as backends
 from . import config as netconfig
 from . import masq
 from .errors import Stopped, UserError
+from .guard import TunnelGuard
 from .health import Health
 from .iface import ExternalInterface
 from .lease import LeaseManager, LeaseWatcher
@@ -59,9 +60,10 @@ def with_backoff(what: str, fn, health: Health, stop: threading.Event):
 
 
 class Overlay:
-    def __init__(self, name: str, store, flags, ext: ExternalInterface, metrics, health: Health | None = None,
-                 config: netconfig.NetworkConfig | None = None):
-        """`config` None: read (and waited for) at start, as the default network's is."""
+    def __init__(self, name: str, store, flags, ext: ExternalInterface, metrics, guard: TunnelGuard,
+                 health: Health | None = None, config: netconfig.NetworkConfig | None = None):
+        """`config` None: read (and waited for) at start, as the default network's is. `guard`: the host's tunnel
+        guard, told of the network and its peers."""
         self.name = name
         self.named = name != DEFAULT_NETWORK
         self.store = store
@@ -72,6 +74,7 @@ class Overlay:
         self.config = config
         self.subnet_file = paths.network_env_file(flags.subnet_file, name if self.named else "")
         self.state_dir = os.path.join(flags.state_dir, "networks", name) if self.named else flags.state_dir
+        self.guard = guard
         self.stop = threading.Event()
         self.ready = threading.Event()  # the lease is held and the kernel programmed
         self.error: str | None = None   # why a named network could not start
@@ -130,11 +133,12 @@ class Overlay:
         preferred = self.previous_subnets()
         with_backoff(f"network {self.name}: acquiring a lease", lambda: self.leases.acquire(*preferred), self.health,
                      self.stop)
-        self.use_lease()
-        self.reconciler = Reconciler(self.kernel, self.backend, stop=self.stop)
         peers, position = self.leases.listing  # our own lease, written after it, comes as a watch event
         self.watcher = LeaseWatcher(self.store, {p.subnet: p for p in peers}, position, self.stop,
                                     self.store.watch_views())
+        self.guard.serve(self.name, self.backend.tunnel(), self.peers())
+        self.use_lease()
+        self.reconciler = Reconciler(self.kernel, self.backend, stop=self.stop)
         self.reconciler.reconcile(self.peers())  # programming the peers, not repairs: not counted in the metrics
         self.health.programmed = True
         self.ready.set()
@@ -206,6 +210,7 @@ class Overlay:
             log.warning("network %s: could not delete our lease (%s); it expires by itself", self.name, e)
         if self.reconciler is not None:
             self.reconciler.reconcile([])
+        self.guard.leave(self.name)
         if self.backend is not None:
             self.backend.remove()
         if self.flags.ip_masq and self.config is not None:
@@ -324,9 +329,11 @@ class Overlay:
                 self.follow_own_expiration(event.lease.expiration)
             return
         if event.kind == LeaseEvent.ADDED:
+            self.guard.admit(self.name, event.lease)
             self.reconciler.apply_peer(event.lease)
         else:
             self.reconciler.remove_peer(event.lease.subnet)
+            self.guard.release(self.name, event.lease.subnet)
         self.metrics.apply_seconds.observe(time.monotonic() - received)
 
     def reacquire(self) -> None:

@@ -28,10 +28,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from pyflannel import localapi
+from pyflannel import firewall, localapi
 from pyflannel.kernel.links import mac_for, random_mac
 
-from . import firewall
 from . import validation as v
 from .errors import PlumbingError, RefusedError, UnavailableError, ValidationError
 from .ipam import (HOW_TO_CREATE, LeaseSource, describe_flannel, drop_pool, existing_network_error, flannel_name,

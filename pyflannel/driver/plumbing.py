@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import ipaddress
 
+from pyflannel import firewall
 from pyflannel.kernel import forwarding, iptables, links, ports
 from pyflannel.kernel.errors import reraised_as
 
-from . import firewall
 from .errors import PlumbingError
 
 BRIDGE_PREFIX = "pfl-"

@@ -102,3 +102,39 @@ def ensure_chain(table: str, chain: str, *, v6: bool = False) -> None:
 
 def flush(table: str, chain: str, *, v6: bool = False) -> None:
     must(table, "-F", chain, v6=v6)
+
+
+def replace_chain(table: str, chain: str, rules: list[list[str]], *, v6: bool = False) -> None:
+    """Make `chain` (created if new) hold exactly `rules`, in one atomic step (`iptables-restore --noflush`): no
+    packet ever sees the chain half written."""
+    program = _program(v6) + "-restore"
+    path = shutil.which(program)
+    if path is None:
+        raise IptablesMissing(f"{program} is not installed")
+    text = (f"*{table}\n:{chain} - [0:0]\n" + "".join(f"-A {chain} {' '.join(map(_restore_word, rule))}\n"
+                                                    for rule in rules) + "COMMIT\n")
+    try:
+        done = subprocess.run([path, "-w", str(LOCK_WAIT_SECONDS), "--noflush"], input=text, capture_output=True,
+                              text=True, timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"{program} of {table} {chain} did not finish within {TIMEOUT_SECONDS}s") from None
+    except OSError as e:
+        raise KernelError(f"cannot run {program}: {e.strerror}") from None
+    if done.returncode != 0:
+        why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+        raise KernelError(f"{program} of {table} {chain}: {why}")
+
+
+def _restore_word(word: str) -> str:
+    """A token as iptables-restore reads it: double quotes (it knows no single ones) around one with a space or a
+    character a shell would take."""
+    if any(c in word for c in "\"\n"):
+        raise KernelError(f"iptables rule token {word!r} cannot be written for iptables-restore")
+    return f'"{word}"' if not word or any(not (c.isalnum() or c in "-_./:,=!") for c in word) else word
+
+
+def delete_chain(table: str, chain: str, *, v6: bool = False) -> None:
+    """Flush and delete `chain` (none: fine); the rules that jump to it must be gone first."""
+    if run(table, "-S", chain, v6=v6).returncode == 0:
+        flush(table, chain, v6=v6)
+        must(table, "-X", chain, v6=v6)

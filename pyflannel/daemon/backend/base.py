@@ -5,6 +5,7 @@ import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pyflannel.firewall import TunnelSpec
 from pyflannel.kernel.netlink import FdbEntry, Kernel, Neighbor, Route
 from pyflannel.kernel.wireguard import Device, WireGuardPeer
 
@@ -68,6 +69,13 @@ class Backend(abc.ABC):
     def details(self) -> dict:
         """What `pyflannel status` shows of the backend beside its type and device."""
         return {}
+
+    def tunnel(self) -> TunnelSpec:
+        """What the tunnel guard needs of this network: its Networks and the UDP ports that carry it (none here)."""
+        return TunnelSpec(self._networks(), ())
+
+    def _networks(self) -> tuple:
+        return (self.config.network,) + ((self.config.ipv6.network,) if self.config.ipv6 is not None else ())
 
     @abc.abstractmethod
     def prepare(self) -> dict | None:

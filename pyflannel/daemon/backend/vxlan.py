@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass
 
 from pyflannel.files import write_atomically
+from pyflannel.firewall import TunnelSpec
 from pyflannel.kernel.links import random_mac
 from pyflannel.kernel.netlink import FdbEntry, Neighbor, Route
 
@@ -94,6 +95,11 @@ class VxlanBackend(Backend):
             return {}
         return {"device_v6": self.vtep6.name, "vtep_mac_v6": self.vtep6.mac,
                 "ipv6_underlay": "IPv6" if ":" in self.vtep6.local else "IPv4"}
+
+    def tunnel(self) -> TunnelSpec:
+        """Frames arrive at the VXLAN port over each device's local address family."""
+        versions = sorted({6 if ":" in v.local else 4 for v in self.vteps})
+        return TunnelSpec(self._networks(), (self.config.port,), self.config.vni, tuple(versions))
 
     def prepare(self) -> dict | None:
         for vtep in self.vteps:

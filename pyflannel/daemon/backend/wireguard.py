@@ -11,6 +11,7 @@ import logging
 import os
 
 from pyflannel.files import write_atomically
+from pyflannel.firewall import TunnelSpec
 from pyflannel.kernel import wireguard as wg
 from pyflannel.kernel.netlink import Route
 
@@ -55,6 +56,9 @@ class WireGuardBackend(Backend):
     @property
     def peer_device(self) -> wg.Device | None:
         return self._device
+
+    def tunnel(self) -> TunnelSpec:
+        return TunnelSpec(self._networks(), (self.settings.listen_port,))
 
     def details(self) -> dict:
         return {"public_key": self.public_key, "listen_port": self.settings.listen_port,

@@ -1,4 +1,7 @@
-"""The driver's iptables rules, as data: what each network and each published port needs, in four chains of ours.
+"""pyflannel's iptables rules, as data: the one definition of what isolates flannel networks, for the driver, the
+CNI plugin and pyflanneld.
+
+The driver's (and the CNI plugin's) rules: what each network and each published port needs, in chains of ours.
 
     nat    PYFLANNEL-NAT-OUT    (first in POSTROUTING)
              -s <lease> ! -d <flannel Network> -j MASQUERADE     egress: leaves with the host's address, unless
@@ -20,6 +23,24 @@
     filter PYFLANNEL-INPUT      (first in INPUT)     the bridge gets route_localnet (for `curl localhost:PORT`);
              -i <bridge> -d 127.0.0.0/8 ! --ctstate RELATED,ESTABLISHED -j DROP    but its containers cannot open
                                                                   connections to the host's loopback
+    raw    PYFLANNEL-SOURCES    (first in PREROUTING)  a container sends from its network's lease on this host only
+             -i <bridge> -s <lease> -j RETURN                     (any address of it, as Docker's bridge allows),
+             -i <bridge> -s fe80::/10 -j RETURN ; -s :: -j RETURN  and IPv6 link-local or unspecified ones for
+             -i <bridge> -j DROP                                  neighbour discovery; in both families, whichever
+                                                                  the network has (a spoofed source is dropped
+                                                                  before conntrack, forwarded or for the host)
+
+pyflanneld's rules, in one chain it rewrites atomically whenever the networks it serves change (`tunnel_rules`):
+
+    raw    PYFLANNEL-TUNNEL     (first in PREROUTING)
+             -s <Network> -p udp --dport <overlay port> -j DROP   containers send no tunnel packets (VXLAN ports,
+                                                                  WireGuard ListenPorts), to any host, theirs too
+             -s <Network> -d <etcd> -p tcp --dport <etcd port> -j DROP   containers do not talk to etcd
+             -p udp --dport <VXLAN port> -m addrtype --dst-type LOCAL -m u32 --u32 <VNI>
+                -m set --match-set pyflannel-vtep-<VNI> src -j RETURN     a network's VXLAN frames come from the
+             -p udp --dport <VXLAN port> -m addrtype --dst-type LOCAL -j DROP  public addresses of its leases only
+                                                                  (an ip set per network and family, kept by the
+                                                                  lease events); nothing else reaches the port
 
 A network with IPv6 (`--ipv6`) gets the same rules for its IPv6 lease and Network through ip6tables, in chains of
 the same names: isolation (the devices above and flannel-v6.<VNI>), egress masquerade, hairpin, and a DNAT rule per
@@ -34,6 +55,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+SOURCES = "PYFLANNEL-SOURCES"
+TUNNEL = "PYFLANNEL-TUNNEL"
 NAT_OUT = "PYFLANNEL-NAT-OUT"
 PORTS = "PYFLANNEL-PORTS"
 ISOLATION = "PYFLANNEL-ISOLATION"
@@ -42,7 +65,7 @@ INPUT = "PYFLANNEL-INPUT"
 # also leaves through VXLAN's flannel-v6.<VNI> (over an IPv6 underlay; over an IPv4 one through flannel.<VNI>)
 OVERLAY_DEVICES = ("flannel.+", "flannel-wg+")
 OVERLAY_DEVICES6 = OVERLAY_DEVICES + ("flannel-v6.+",)
-CHAINS = (("nat", NAT_OUT), ("nat", PORTS), ("filter", ISOLATION), ("filter", INPUT))
+CHAINS = (("nat", NAT_OUT), ("nat", PORTS), ("filter", ISOLATION), ("filter", INPUT), ("raw", SOURCES))
 # Where our chains are hooked in: (table, built-in chain, rule, first?)
 HOOKS = (
     ("nat", "POSTROUTING", ("-j", NAT_OUT), True),
@@ -50,7 +73,10 @@ HOOKS = (
     ("nat", "OUTPUT", ("-m", "addrtype", "--dst-type", "LOCAL", "-j", PORTS), False),
     ("filter", "FORWARD", ("-j", ISOLATION), True),
     ("filter", "INPUT", ("-j", INPUT), True),
+    ("raw", "PREROUTING", ("-j", SOURCES), True),
 )
+TUNNEL_HOOK = ("raw", "PREROUTING", ("-j", TUNNEL), True)
+LINK_LOCAL6 = ("fe80::/10", "::/128")  # IPv6 sources a container needs before it has an address (DAD, ND)
 
 
 @dataclass(frozen=True)
@@ -91,7 +117,7 @@ class Published:
 
 
 def network_rules(net: NetworkSpec) -> list[Rule]:
-    rules = []
+    rules = source_rules(net.bridge, net.lease, net.lease6)
     if net.lease is not None:  # else an IPv6-only network
         rules += _family_rules(net, net.lease, net.flannel_network, OVERLAY_DEVICES, v6=False)
     if net.lease6 is not None:
@@ -100,6 +126,16 @@ def network_rules(net: NetworkSpec) -> list[Rule]:
         rules.append(Rule("filter", INPUT, ("-i", net.bridge, "-d", "127.0.0.0/8", "-m", "conntrack", "!",
                                             "--ctstate", "RELATED,ESTABLISHED", "-j", "DROP")))
     return rules
+
+
+def source_rules(bridge: str, lease: ipaddress.IPv4Network | None, lease6: ipaddress.IPv6Network | None) -> list[Rule]:
+    """A container on `bridge` sends from the bridge's lease only, in both families (a family the network does not
+    have: nothing but IPv6's link-local and unspecified sources, so no packet of that family is forwarded)."""
+    rules = [Rule("raw", SOURCES, ("-i", bridge, "-s", str(lease), "-j", "RETURN"))] if lease is not None else []
+    rules.append(Rule("raw", SOURCES, ("-i", bridge, "-j", "DROP")))
+    allowed6 = ((str(lease6),) if lease6 is not None else ()) + LINK_LOCAL6
+    rules += [Rule("raw", SOURCES, ("-i", bridge, "-s", source, "-j", "RETURN"), v6=True) for source in allowed6]
+    return rules + [Rule("raw", SOURCES, ("-i", bridge, "-j", "DROP"), v6=True)]
 
 
 def _family_rules(net: NetworkSpec, lease, network, devices: tuple[str, ...], v6: bool) -> list[Rule]:
@@ -136,3 +172,56 @@ def _dnat(p: Published, container: str, v6: bool) -> Rule:
     where = ("-d", p.host_ip) if p.host_ip else ()
     return Rule("nat", PORTS, ("-p", p.proto, *where, "--dport", str(p.host_port), "-j", "DNAT",
                                "--to-destination", f"{container}:{p.port}"), v6)
+
+
+# --- pyflanneld's tunnel guard -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TunnelSpec:
+    """One flannel network a host serves, as its tunnel guard sees it."""
+    networks: tuple  # its Network and IPv6Network (ip_network values)
+    udp_ports: tuple[int, ...]  # the UDP ports that carry it (VXLAN's Port, WireGuard's ListenPort)
+    vni: int | None = None  # VXLAN: its VNI, matched in the VXLAN header
+    vxlan_families: tuple[int, ...] = ()  # the IP versions its VXLAN frames arrive over (4; 6 on an IPv6 underlay)
+
+
+def vtep_set(vni: int, version: int) -> str:
+    """The ip set of the public addresses that may send VXLAN frames of `vni` over IP `version`."""
+    return f"pyflannel-vtep{'6' if version == 6 else ''}-{vni}"
+
+
+def _vni_match(vni: int, version: int) -> tuple[str, ...]:
+    """u32: the VNI, bytes 4-6 of the VXLAN header after the UDP header (IPv4: after IHL words; IPv6: at 40)."""
+    at = "0>>22&0x3C@12" if version == 4 else "52"
+    return ("-m", "u32", "--u32", f"{at}>>8={vni:#x}")
+
+
+def tunnel_rules(specs: list[TunnelSpec], etcd: list[tuple[str, int]] = (), container_tunnels: bool = False,
+                 container_etcd: bool = False) -> list[Rule]:
+    """pyflanneld's PYFLANNEL-TUNNEL, both families: containers' tunnel packets and etcd connections dropped (unless
+    allowed), then each VXLAN network's frames accepted from its set, then the VXLAN ports closed to the rest.
+    `etcd`: (address, port) of each endpoint; a loopback address stands for every address of the host."""
+    ports = sorted({port for spec in specs for port in spec.udp_ports})
+    rules = []
+    for version in (4, 6):
+        v6 = version == 6
+        networks = [str(n) for spec in specs for n in spec.networks if n.version == version]
+        if not container_tunnels:
+            rules += [Rule("raw", TUNNEL, ("-s", n, "-p", "udp", "--dport", str(p), "-j", "DROP"), v6)
+                      for n in networks for p in ports]
+        if not container_etcd:
+            for address, port in etcd:
+                ip = ipaddress.ip_address(address)
+                if ip.version != version:
+                    continue
+                to = ("-m", "addrtype", "--dst-type", "LOCAL") if ip.is_loopback else ("-d", str(ip))
+                rules += [Rule("raw", TUNNEL, ("-s", n, *to, "-p", "tcp", "--dport", str(port), "-j", "DROP"), v6)
+                          for n in networks]
+        local = ("-m", "addrtype", "--dst-type", "LOCAL")
+        vxlan = [spec for spec in specs if spec.vni is not None and version in spec.vxlan_families]
+        rules += [Rule("raw", TUNNEL, ("-p", "udp", "--dport", str(spec.udp_ports[0]), *local,
+                                       *_vni_match(spec.vni, version), "-m", "set", "--match-set",
+                                       vtep_set(spec.vni, version), "src", "-j", "RETURN"), v6) for spec in vxlan]
+        rules += [Rule("raw", TUNNEL, ("-p", "udp", "--dport", str(port), *local, "-j", "DROP"), v6)
+                  for port in sorted({spec.udp_ports[0] for spec in vxlan})]
+    return rules
