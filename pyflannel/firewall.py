@@ -30,6 +30,9 @@ The driver's (and the CNI plugin's) rules: what each network and each published 
                                                                   the network has (a spoofed source is dropped
                                                                   before conntrack, forwarded or for the host)
 
+The CNI plugin's bridges get the same walls (sources and isolation, `cni_rules`) in chains of its own,
+PYFLANNEL-CNI-SOURCES and PYFLANNEL-CNI-ISOLATION, hooked in the same places.
+
 pyflanneld's rules, in one chain it rewrites atomically whenever the networks it serves change (`tunnel_rules`):
 
     raw    PYFLANNEL-TUNNEL     (first in PREROUTING)
@@ -76,6 +79,11 @@ HOOKS = (
     ("raw", "PREROUTING", ("-j", SOURCES), True),
 )
 TUNNEL_HOOK = ("raw", "PREROUTING", ("-j", TUNNEL), True)
+# the CNI plugin's walls: the same rules in chains of its own
+CNI_ISOLATION = "PYFLANNEL-CNI-ISOLATION"
+CNI_SOURCES = "PYFLANNEL-CNI-SOURCES"
+CNI_CHAINS = (("filter", CNI_ISOLATION), ("raw", CNI_SOURCES))
+CNI_HOOKS = (("filter", "FORWARD", ("-j", CNI_ISOLATION), True), ("raw", "PREROUTING", ("-j", CNI_SOURCES), True))
 LINK_LOCAL6 = ("fe80::/10", "::/128")  # IPv6 sources a container needs before it has an address (DAD, ND)
 
 
@@ -128,14 +136,37 @@ def network_rules(net: NetworkSpec) -> list[Rule]:
     return rules
 
 
-def source_rules(bridge: str, lease: ipaddress.IPv4Network | None, lease6: ipaddress.IPv6Network | None) -> list[Rule]:
+def source_rules(bridge: str, lease: ipaddress.IPv4Network | None, lease6: ipaddress.IPv6Network | None,
+                 chain: str = SOURCES) -> list[Rule]:
     """A container on `bridge` sends from the bridge's lease only, in both families (a family the network does not
     have: nothing but IPv6's link-local and unspecified sources, so no packet of that family is forwarded)."""
-    rules = [Rule("raw", SOURCES, ("-i", bridge, "-s", str(lease), "-j", "RETURN"))] if lease is not None else []
-    rules.append(Rule("raw", SOURCES, ("-i", bridge, "-j", "DROP")))
+    rules = [Rule("raw", chain, ("-i", bridge, "-s", str(lease), "-j", "RETURN"))] if lease is not None else []
+    rules.append(Rule("raw", chain, ("-i", bridge, "-j", "DROP")))
     allowed6 = ((str(lease6),) if lease6 is not None else ()) + LINK_LOCAL6
-    rules += [Rule("raw", SOURCES, ("-i", bridge, "-s", source, "-j", "RETURN"), v6=True) for source in allowed6]
-    return rules + [Rule("raw", SOURCES, ("-i", bridge, "-j", "DROP"), v6=True)]
+    rules += [Rule("raw", chain, ("-i", bridge, "-s", source, "-j", "RETURN"), v6=True) for source in allowed6]
+    return rules + [Rule("raw", chain, ("-i", bridge, "-j", "DROP"), v6=True)]
+
+
+def isolation_rules(bridge: str, network, devices: tuple[str, ...], v6: bool, chain: str = ISOLATION) -> list[Rule]:
+    """Nothing from outside the bridge's flannel Network comes in but replies and published ports, and nothing
+    leaves through another flannel network's device."""
+    network = str(network)
+    return [Rule("filter", chain, ("-o", bridge, "!", "-s", network, "-m", "conntrack", "!", "--ctstate",
+                                   "RELATED,ESTABLISHED,DNAT", "-j", "DROP"), v6),
+            *(Rule("filter", chain, ("-i", bridge, "-o", device, "!", "-d", network, "-j", "DROP"), v6)
+              for device in devices)]
+
+
+def cni_rules(bridge: str, lease: ipaddress.IPv4Network | None, network: ipaddress.IPv4Network | None,
+              lease6: ipaddress.IPv6Network | None = None, network6: ipaddress.IPv6Network | None = None) -> list[Rule]:
+    """A CNI bridge's walls: the driver's source and isolation rules, in the CNI plugin's own chains (the driver
+    rewrites its chains from its state at start)."""
+    rules = source_rules(bridge, lease, lease6, CNI_SOURCES)
+    if lease is not None:
+        rules += isolation_rules(bridge, network, OVERLAY_DEVICES, False, CNI_ISOLATION)
+    if lease6 is not None:
+        rules += isolation_rules(bridge, network6, OVERLAY_DEVICES6, True, CNI_ISOLATION)
+    return rules
 
 
 def _family_rules(net: NetworkSpec, lease, network, devices: tuple[str, ...], v6: bool) -> list[Rule]:
@@ -145,11 +176,7 @@ def _family_rules(net: NetworkSpec, lease, network, devices: tuple[str, ...], v6
         return [Rule("filter", ISOLATION, ("-i", net.bridge, "!", "-d", network, "-j", "DROP"), v6),
                 Rule("filter", ISOLATION, ("-o", net.bridge, "!", "-s", network, "-j", "DROP"), v6)]
     rules = [Rule("nat", NAT_OUT, ("-s", lease, "!", "-d", network, "-j", "MASQUERADE"), v6)] if net.masquerade else []
-    return rules + [
-        Rule("filter", ISOLATION, ("-o", net.bridge, "!", "-s", network, "-m", "conntrack", "!", "--ctstate",
-                                   "RELATED,ESTABLISHED,DNAT", "-j", "DROP"), v6),
-        *(Rule("filter", ISOLATION, ("-i", net.bridge, "-o", device, "!", "-d", network, "-j", "DROP"), v6)
-          for device in devices),
+    return rules + isolation_rules(net.bridge, network, devices, v6) + [
         Rule("nat", NAT_OUT, ("-o", net.bridge, "-m", "addrtype", "--src-type", "LOCAL", "-j", "MASQUERADE"), v6),
         Rule("nat", NAT_OUT, ("-o", net.bridge, "-s", lease, "-m", "conntrack", "--ctstate", "DNAT", "-j",
                               "MASQUERADE"), v6),

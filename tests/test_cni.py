@@ -10,6 +10,8 @@ import json
 import os
 import re
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -291,6 +293,76 @@ def test_a_conflist_names_a_flannel_network(lab, binary):
     for host in lab.hosts:
         done = host.run_cni(binary, "DEL", plugin_conf(host, network="shop"), f"shop-{host.name}", "")
         assert done.returncode == 0, done
+
+
+SEND = ("import socket,sys; dst, port, token, proto, src = sys.argv[1:6]; "
+        "s = socket.socket(socket.AF_INET6 if ':' in dst else socket.AF_INET, "
+        "socket.SOCK_STREAM if proto == 'tcp' else socket.SOCK_DGRAM); s.settimeout(2); "
+        "src and s.bind((src, 0)); "
+        "(s.connect((dst, int(port))), s.sendall(token.encode() + b'\\n')) if proto == 'tcp' else "
+        "[s.sendto(token.encode(), (dst, int(port))) for _ in range(3)]")
+
+
+def probe(src_ns: str, dst_ip: str, proto: str, token: str, source: str = "") -> None:
+    """A ping, a TCP line or UDP datagrams from a container namespace (from `source` when given)."""
+    if proto == "icmp":
+        subprocess.run(["ip", "netns", "exec", src_ns, "ping", "-c", "2", "-W", "1", "-q", dst_ip],
+                       capture_output=True)
+    else:
+        subprocess.run(["ip", "netns", "exec", src_ns, str(VENV_BIN / "python"), "-c", SEND, dst_ip, "7100", token,
+                        proto, source], capture_output=True, timeout=10)
+
+
+def test_cni_networks_are_walled_off_from_each_other(lab, binary):
+    """Issue 26: the CNI plugin's networks (the default one and two named ones, dual stack) get the Docker driver's
+    walls: every pair of containers on different networks is cut off (ICMP, TCP, UDP, IPv4 and IPv6, on one host
+    and across hosts), every pair on the same network connects, and a container cannot send from another
+    network's address."""
+    members = {}  # (network, host) -> (namespace, IPv4 address, IPv6 address or None, listener)
+    for host in lab.hosts:
+        for network in ("", "ca", "cb"):
+            conf = plugin_conf(host, name=f"walls-{network or 'default'}", **({"network": network} if network else {}))
+            ns = lab.add_ns(f"{host.name}w{network or 'd'}")
+            result = answer(done := host.run_cni(binary, "ADD", conf, f"walls-{network}-{host.name}", f"/run/netns/{ns}"))
+            assert done.returncode == 0, result
+            ips = [str(ipaddress.ip_interface(ip["address"]).ip) for ip in result["ips"]]
+            listener = lab.spawn(f"listen-{ns}", [str(VENV_BIN / "python"), str(REPO / "tests" / "listener.py"),
+                                                  "7100"], ns=ns)
+            members[(network, host.name)] = (ns, ips[0], ips[1] if len(ips) > 1 else None, listener)
+    time.sleep(0.5)
+    cases = []
+    for src, (src_ns, *_rest) in members.items():
+        for dst, (_, dst4, dst6, _) in members.items():
+            if src != dst:
+                cases += [(src, dst, address, proto) for address in (dst4, dst6 if members[src][2] else None)
+                          if address for proto in ("icmp", "tcp", "udp")]
+
+    def reached(i: int) -> bool:
+        src, dst, address, proto = cases[i]
+        token = f"probe-{i}"
+        if proto == "icmp":
+            return subprocess.run(["ip", "netns", "exec", members[src][0], "ping", "-c", "2", "-W", "1", "-q",
+                                   address], capture_output=True).returncode == 0
+        probe(members[src][0], address, proto, token)
+        time.sleep(0.3)
+        return token in members[dst][3].log()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(reached, range(len(cases))))
+    wrong = [case for case, ok in zip(cases, results) if ok != (case[0][0] == case[1][0])]
+    assert wrong == [], f"same network reaches, other networks do not; wrong: {wrong}"
+    # spoofing: a container of ca sends from a cb address to cb's container on its host
+    (ca_ns, *_), (_, cb4, _, cb_listener) = members[("ca", "h1")], members[("cb", "h1")]
+    spoofed = str(ipaddress.ip_address(cb4) + 50)
+    sh("ip", "addr", "add", f"{spoofed}/32", "dev", "eth0", ns=ca_ns)
+    probe(ca_ns, cb4, "udp", "spoofed", source=spoofed)
+    time.sleep(0.5)
+    assert "spoofed" not in cb_listener.log()
+    print(f"{len(cases)} probes between CNI networks, {sum(results)} reached (same network)")
+    for (network, host_name), (ns, *_rest) in members.items():
+        host = next(h for h in lab.hosts if h.name == host_name)
+        conf = plugin_conf(host, name=f"walls-{network or 'default'}", **({"network": network} if network else {}))
+        assert host.run_cni(binary, "DEL", conf, f"walls-{network}-{host_name}", f"/run/netns/{ns}").returncode == 0
 
 
 def test_a_conflist_creates_a_wireguard_network(lab, binary):

@@ -130,7 +130,7 @@ def sends(pid: int, source: str, dst_ip: str, port: int, token: str) -> None:
 
 def listening(pid: int, port: int) -> subprocess.Popen:
     listener = subprocess.Popen(["nsenter", "-t", str(pid), "-n", str(VENV_BIN / "python"),
-                                 str(REPO / "tests" / "udp_listener.py"), str(port)],
+                                 str(REPO / "tests" / "listener.py"), str(port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     time.sleep(0.5)
     return listener

@@ -66,7 +66,7 @@ def test_vxlan_frames_come_only_from_cluster_hosts(make_lab):
         host.add_bridge("cbrb", network="b")
     attacker, local_attacker = h1.add_container("cbr0"), h2.add_container("cbr0")
     victim = h2.add_container("cbrb", network="b")
-    listener = lab.spawn("victim", [str(VENV_BIN / "python"), str(REPO / "tests" / "udp_listener.py"),
+    listener = lab.spawn("victim", [str(VENV_BIN / "python"), str(REPO / "tests" / "listener.py"),
                                     str(VICTIM_PORT)], ns=victim.ns)
     attack = Attack(lab, victim, listener)
     time.sleep(0.5)

@@ -33,9 +33,9 @@ from pyflannel.kernel.errors import KernelError, reraised_as
 from pyflannel.kernel.links import mac_for
 
 from .hostlocal import HostLocalStore, address_range
+from .netconf import DEFAULT_BRIDGE
 from .protocol import CHECK_FAILED, INVALID_CONFIG, KERNEL_REFUSED, UNKNOWN_CONTAINER, CniError
 
-DEFAULT_BRIDGE = "cni0"
 HOST_VETH_PREFIX = "vpf"
 
 

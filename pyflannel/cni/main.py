@@ -28,10 +28,14 @@ def add(req: Request, conf: netconf.FlannelConf, environ: dict) -> dict:
     try:
         if netconf.why_not_native(config) is None:
             from . import bridge
-            result = bridge.add(bridge.BridgeConf.from_delegate(config), req.container_id, req.ifname, req.netns,
-                                (env.network, env.ipv6_network))
-            return render_result(result, req.version)
-        return delegate.run("ADD", config, environ, req.cni_path)
+            result = render_result(bridge.add(bridge.BridgeConf.from_delegate(config), req.container_id, req.ifname,
+                                              req.netns, (env.network, env.ipv6_network)), req.version)
+        else:
+            result = delegate.run("ADD", config, environ, req.cni_path)
+        if config["type"] == "bridge":
+            from . import walls
+            walls.ensure(config.get("bridge", netconf.DEFAULT_BRIDGE), env)
+        return result
     except BaseException:
         if first:  # a failed repeated ADD must not lose the config of the attachment that exists
             saved.remove(req.container_id)

@@ -99,6 +99,9 @@ def parse(config: dict) -> FlannelConf:
                        runtime_config=_field(config, "runtimeConfig", (dict, type(None)), None, "an object"))
 
 
+DEFAULT_BRIDGE = "cni0"  # the bridge plugin's, for the default network
+
+
 def bridge_for(network: str) -> str:
     """A named network's default bridge: cni-<network>, or cni-<hash> where the name is too long for a link."""
     name = f"cni-{network}"

@@ -43,7 +43,7 @@ _as_plumbing_error = reraised_as(lambda fn, e: PlumbingError(str(e)))
 class Plumbing:
     def __init__(self, proc_sys: str = forwarding.PROC_SYS):
         self.proc_sys = proc_sys
-        self._hooked: set[bool] = set()  # the families (v6 or not) whose chains are hooked in
+        self.chains = iptables.Chains(firewall.CHAINS, firewall.HOOKS)
 
     @staticmethod
     def links() -> dict[str, dict]:
@@ -104,37 +104,15 @@ class Plumbing:
     def reset_rules(self, rules: list[firewall.Rule]) -> None:
         """Our chains hold exactly `rules` afterwards (at start: the state's rules, nothing else). ip6tables' chains
         too, where ip6tables exists (or is needed)."""
-        for v6 in (False, True):
-            family = [rule for rule in rules if rule.v6 == v6]
-            if v6 and not family and not iptables.available(v6=True):
-                continue
-            self._hook(v6)
-            for table, chain in firewall.CHAINS:
-                iptables.flush(table, chain, v6=v6)
-            for rule in family:
-                iptables.must(rule.table, "-A", rule.chain, *rule.args, v6=v6)
+        self.chains.reset(rules)
 
     @_as_plumbing_error
     def add_rules(self, rules: list[firewall.Rule]) -> None:
-        for rule in rules:
-            self._hook(rule.v6)
-            iptables.ensure(rule.table, rule.chain, list(rule.args), v6=rule.v6)
+        self.chains.add(rules)
 
     @_as_plumbing_error
     def remove_rules(self, rules: list[firewall.Rule]) -> None:
-        for rule in rules:
-            if iptables.available(v6=rule.v6):
-                iptables.remove(rule.table, rule.chain, list(rule.args), v6=rule.v6)
-
-    def _hook(self, v6: bool) -> None:
-        """Our chains exist in the family's tables and are hooked in (once per process)."""
-        if v6 in self._hooked:
-            return
-        for table, chain in firewall.CHAINS:
-            iptables.ensure_chain(table, chain, v6=v6)
-        for table, chain, rule, first in firewall.HOOKS:
-            iptables.ensure(table, chain, list(rule), first=first, v6=v6)
-        self._hooked.add(v6)
+        self.chains.remove(rules)
 
     def route_localnet(self, bridge: str) -> None:
         forwarding.route_localnet(bridge, self.proc_sys)

@@ -138,3 +138,60 @@ def delete_chain(table: str, chain: str, *, v6: bool = False) -> None:
     if run(table, "-S", chain, v6=v6).returncode == 0:
         flush(table, chain, v6=v6)
         must(table, "-X", chain, v6=v6)
+
+
+class Chains:
+    """Chains of ours, hooked into built-in ones, holding rules given as data: anything with `table`, `chain`,
+    `args` and `v6` (pyflannel.firewall.Rule). `chains`: (table, chain); `hooks`: (table, built-in chain, rule,
+    first?)."""
+
+    def __init__(self, chains: tuple, hooks: tuple):
+        self.chains, self.hooks = chains, hooks
+        self._hooked: set[bool] = set()  # the families (v6 or not) whose chains are hooked in, by this process
+
+    def hook(self, v6: bool) -> None:
+        """Our chains exist in the family's tables and are hooked in (checked once per process)."""
+        if v6 in self._hooked:
+            return
+        for table, chain in self.chains:
+            ensure_chain(table, chain, v6=v6)
+        for table, chain, rule, first in self.hooks:
+            ensure(table, chain, list(rule), first=first, v6=v6)
+        self._hooked.add(v6)
+
+    def add(self, rules: list) -> None:
+        """Each rule in its chain. Order matters within a chain (a RETURN before the DROP after it): when one of a
+        chain's rules is missing, that chain's rules of the list are taken out and appended again in order."""
+        for (table, chain, v6), group in _by_chain(rules).items():
+            self.hook(v6)
+            if all(exists(table, chain, list(r.args), v6=v6) for r in group):
+                continue
+            for rule in group:
+                remove(table, chain, list(rule.args), v6=v6)
+            for rule in group:
+                must(table, "-A", chain, *rule.args, v6=v6)
+
+    @staticmethod
+    def remove(rules: list) -> None:
+        for rule in rules:
+            if available(v6=rule.v6):
+                remove(rule.table, rule.chain, list(rule.args), v6=rule.v6)
+
+    def reset(self, rules: list) -> None:
+        """Our chains hold exactly `rules` afterwards, in each family that has rules or a program to run."""
+        for v6 in (False, True):
+            family = [rule for rule in rules if rule.v6 == v6]
+            if v6 and not family and not available(v6=True):
+                continue
+            self.hook(v6)
+            for table, chain in self.chains:
+                flush(table, chain, v6=v6)
+            for rule in family:
+                must(rule.table, "-A", rule.chain, *rule.args, v6=v6)
+
+
+def _by_chain(rules: list) -> dict[tuple, list]:
+    groups: dict[tuple, list] = {}
+    for rule in rules:
+        groups.setdefault((rule.table, rule.chain, rule.v6), []).append(rule)
+    return groups
