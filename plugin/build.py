@@ -27,7 +27,8 @@ COMMANDS = ("pyflanneld", "pyflannel-driver", "pyflannel", "pyflannel-plugin")
 HIDDEN_IMPORTS = ("gunicorn.workers.gthread", "gunicorn.workers.sync", "gunicorn.glogging")
 EXCLUDED_MODULES = ("pytest", "_pytest", "readline", "tkinter", "pydoc", "lib2to3")
 IPTABLES = Path("/usr/sbin/xtables-nft-multi")
-IPTABLES_NAMES = ("iptables", "iptables-save", "iptables-restore")
+IPTABLES_NAMES = ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save",
+                  "ip6tables-restore")
 XTABLES_DIR = Path("/usr/lib/x86_64-linux-gnu/xtables")
 WIREGUARD_GO = Path("/usr/bin/wireguard-go")  # the wireguard backend's device where the kernel has no module
 ETC_FILES = {
@@ -96,7 +97,7 @@ def assemble_rootfs(rootfs: Path, frozen: Path) -> None:
     for name in IPTABLES_NAMES:
         (rootfs / "usr" / "sbin" / name).symlink_to(IPTABLES.name)
     install_file(rootfs, WIREGUARD_GO, str(WIREGUARD_GO))
-    extensions = [p for p in XTABLES_DIR.glob("lib*.so") if p.name.startswith(("libxt_", "libipt_"))]
+    extensions = [p for p in XTABLES_DIR.glob("lib*.so") if p.name.startswith(("libxt_", "libipt_", "libip6t_"))]
     for extension in extensions:
         install_file(rootfs, extension, str(extension))
     internal = rootfs / "opt" / "pyflannel" / "_internal"

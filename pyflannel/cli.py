@@ -170,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("--driver-state-dir", default=paths.DRIVER_STATE_DIR,
                         help="pyflannel-driver's --state-dir, for its networks (default %(default)s)")
     _add_store_flags(doctor)
-    from pyflannel.daemon.flags import env_name
+    from pyflannel.daemon.flags import bool_flag, env_name
+    doctor.add_argument("-allow-container-tunnels", "--allow-container-tunnels", nargs="?", const=True,
+                        type=bool_flag, default=bool_flag(os.environ.get(env_name("allow-container-tunnels"), "false")),
+                        help="pyflanneld's flag: containers may send to the overlay's UDP ports")
     doctor.add_argument("-subnet-lease-renew-margin", "--subnet-lease-renew-margin", type=int,
                         dest="subnet_lease_renew_margin",
                         default=int(os.environ.get(env_name("subnet-lease-renew-margin"), 60)),

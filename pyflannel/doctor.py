@@ -78,6 +78,7 @@ class Facts:
     daemon_networks: list | None = None  # the flannel networks pyflanneld serves (local API); None: no answer
     dns_address: str = ""
     daemon_error: str = ""
+    allow_container_tunnels: bool = False  # pyflanneld's flag
 
     @property
     def network(self) -> ipaddress.IPv4Network | None:
@@ -110,7 +111,7 @@ def gather(args) -> Facts:
 
     facts = Facts(args.subnet_file, args.etcd_endpoints,
                   args.etcd_prefix.rstrip("/"), timedelta(minutes=args.subnet_lease_renew_margin), kernel=Kernel(),
-                  dns_address=args.dns_address)
+                  dns_address=args.dns_address, allow_container_tunnels=args.allow_container_tunnels)
     try:
         facts.env = subnetenv.read(args.subnet_file)
     except subnetenv.SubnetEnvError as e:
@@ -468,6 +469,36 @@ def _input_drops(check: str, what: str, port: int, underlay) -> list[Finding]:
     return []
 
 
+def check_tunnel_guard(facts: Facts) -> list[Finding]:
+    """pyflanneld's PYFLANNEL-TUNNEL (raw PREROUTING) closes the VXLAN port to all but the network's hosts and
+    drops containers' tunnel packets (unless -allow-container-tunnels)."""
+    if facts.backend != "vxlan" or facts.network is None:
+        return []
+    spec = firewall.TunnelSpec((facts.network,), (int(facts.port),), facts.vni, (4,))
+    wanted = [r for r in firewall.tunnel_rules([spec], container_tunnels=facts.allow_container_tunnels)
+              if not r.v6]
+    table, chain, hook, first = firewall.TUNNEL_HOOK
+    restart = "restart pyflanneld (it writes PYFLANNEL-TUNNEL when it starts serving a network)"
+    try:
+        missing = [r for r in wanted if not iptables.exists(table, r.chain, list(r.args))]
+        hooked = iptables.exists(table, chain, list(hook))
+    except KernelError as e:
+        return [Finding("tunnel-guard", UNKNOWN, f"raw rules unreadable: {e}")]
+    if missing and any("--match-set" in r.args for r in missing):
+        return [Finding("tunnel-guard", PROBLEM, f"UDP {facts.port} takes VXLAN frames from any address (the "
+                                                  f"allow-list of {facts.device}'s hosts is not in "
+                                                  f"{firewall.TUNNEL}): anyone can inject into the overlay",
+                        restart)]
+    if missing:
+        return [Finding("tunnel-guard", PROBLEM, f"containers on {facts.network} can send VXLAN frames (no "
+                                                  f"`{shlex.join(missing[0].args)}` in {firewall.TUNNEL})", restart)]
+    if not hooked:
+        return [Finding("tunnel-guard", PROBLEM, f"{firewall.TUNNEL} is not hooked into raw {chain}: UDP "
+                                                  f"{facts.port} takes VXLAN frames from any address",
+                        shlex.join(["iptables", "-t", table, "-I", chain, "1", *hook]))]
+    return []
+
+
 def check_wireguard(facts: Facts) -> list[Finding]:
     if facts.backend != "wireguard":
         return []
@@ -604,6 +635,7 @@ CHECKS = [
     ("mtu", "flannel device / subnet.env / underlay MTUs agree", check_mtu),
     ("offload", "no VXLAN checksum offload together with MASQUERADE --random-fully", check_offload),
     ("vxlan-port", "the VXLAN UDP port is free for us and not dropped by iptables", check_vxlan_port),
+    ("tunnel-guard", "the VXLAN port takes only the cluster's hosts, and no container's frames", check_tunnel_guard),
     ("wireguard", "flannel-wg works, has every peer, and its UDP port is not dropped", check_wireguard),
     ("forwarding", "ip_forward is on and FORWARD lets pyflannel's bridges through", check_forwarding),
     ("masquerade", "every masqueraded Docker network of pyflannel's has its egress rule", check_masquerade),

@@ -3,6 +3,7 @@
 Everything planted lives in the lab's namespaces (routes, MTU, offload, iptables rules, sockets) or the lab's etcd.
 """
 import json
+import signal
 import subprocess
 import sys
 
@@ -82,6 +83,25 @@ def test_doctor_finds_each_planted_problem(make_lab):
     finding = only_problem(lab, h1, "vxlan-port")
     assert "8472" in finding["message"] and finding["fix"].startswith("iptables -D INPUT -p udp")
     apply_fix(h1, finding)
+    assert_clean(lab, h1)
+
+    # 3b. the tunnel guard is not hooked in: VXLAN frames from anyone reach flannel.1
+    h1.sh("iptables", "-t", "raw", "-D", "PREROUTING", "-j", "PYFLANNEL-TUNNEL")
+    finding = only_problem(lab, h1, "tunnel-guard")
+    assert "from any address" in finding["message"]
+    assert finding["fix"] == "iptables -t raw -I PREROUTING 1 -j PYFLANNEL-TUNNEL"
+    apply_fix(h1, finding)
+    assert_clean(lab, h1)
+
+    # 3c. containers' VXLAN is not dropped (fine only with -allow-container-tunnels)
+    h1.sh("iptables", "-t", "raw", "-D", "PYFLANNEL-TUNNEL", "-s", "10.5.0.0/16", "-p", "udp", "--dport", "8472",
+          "-j", "DROP")
+    finding = only_problem(lab, h1, "tunnel-guard")
+    assert "containers on 10.5.0.0/16 can send VXLAN" in finding["message"] and "restart pyflanneld" in finding["fix"]
+    assert doctor(lab, h1, "-allow-container-tunnels")[0] == 0
+    h1.daemon.kill(signal.SIGTERM)
+    h1.subnet_file.unlink()  # (so that start_daemon waits for the new daemon's)
+    h1.start_daemon()
     assert_clean(lab, h1)
 
     # 4. two leases with one PublicIP (h2's)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pyflannel import paths
 
 
-def _bool(text: str) -> bool:
+def bool_flag(text: str) -> bool:
     value = str(text).strip().lower()
     if value in ("1", "t", "true", "yes", "on"):
         return True
@@ -65,7 +65,7 @@ FLAGS = [
      "external interface's global IPv6 address, if it has one; without one IPv6 goes over the IPv4 underlay)"),
     ("subnet-file", str, paths.SUBNET_FILE, False, "where to write subnet.env"),
     ("subnet-lease-renew-margin", _positive_int, 60, False, "renew the lease this many minutes before it expires"),
-    ("ip-masq", _bool, False, False, "masquerade traffic that leaves the flannel network"),
+    ("ip-masq", bool_flag, False, False, "masquerade traffic that leaves the flannel network"),
     ("healthz-ip", str, "0.0.0.0", False, "address of the /healthz and /readyz endpoint"),
     ("healthz-port", _port, 0, False, "port of the /healthz, /readyz and /metrics endpoint (0: off)"),
     ("state-dir", str, paths.STATE_DIR, False, "where state that survives a restart lives (VTEP MAC)"),
@@ -77,9 +77,9 @@ FLAGS = [
      "same on every host; give it to dockerd as --dns; empty: no DNS"),
     ("dns-upstream", str, None, True, "resolver for the other names; repeatable (default: /etc/resolv.conf's)"),
     ("names-ttl", _positive_int, 60, False, "seconds a host's container names stay in etcd after it stops renewing"),
-    ("allow-container-tunnels", _bool, False, False, "let containers send to the overlay's UDP ports (VXLAN, "
+    ("allow-container-tunnels", bool_flag, False, False, "let containers send to the overlay's UDP ports (VXLAN, "
      "WireGuard): for container networks that run a tunnel of their own"),
-    ("allow-container-etcd", _bool, False, False, "let containers open connections to the etcd endpoints "
+    ("allow-container-etcd", bool_flag, False, False, "let containers open connections to the etcd endpoints "
      "pyflanneld uses: for clusters whose applications share that etcd"),
 ]
 
@@ -133,8 +133,8 @@ def build_parser(env: dict) -> argparse.ArgumentParser:
             except argparse.ArgumentTypeError as e:
                 parser.error(f"{env_name(name)}: {e}")
         opts = dict(dest=name.replace("-", "_"), default=default, help=f"{text} (env {env_name(name)})")
-        if kind is _bool:
-            opts.update(nargs="?", const=True, type=_bool)
+        if kind is bool_flag:
+            opts.update(nargs="?", const=True, type=bool_flag)
         elif repeatable:
             opts.update(action="append", type=kind)
         else:
