@@ -7,7 +7,7 @@ APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iptables ethtool \
                 containernetworking-plugins docker-compose python3-venv wireguard-go
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-unit test-lab demo demo-down bench clean plugin images cni engines units install-host
+.PHONY: install system-deps test test-unit test-lab demo demo-down bench bench-scale clean plugin images cni engines units install-host
 
 # The managed Docker plugin (build/plugin/pyflannel: config.json + rootfs) and the same rootfs as a tar for the
 # compose image; rebuilt only when a source file changed.
@@ -53,6 +53,10 @@ demo-down: install
 
 bench: system-deps install
 	$(PY) -m bench.run
+
+# The scale bench: real daemons in lab namespaces and simulated hosts in etcd (BENCH_SCALE="H,S ...").
+bench-scale: system-deps install
+	$(PY) -m bench.scale
 
 $(VENV)/.build-installed: pyproject.toml | $(VENV)/.installed
 	$(VENV)/bin/pip install -q -e '.[build]'

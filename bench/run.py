@@ -155,6 +155,40 @@ def wire_hostgw_and_plain(results: dict) -> None:
         lab.close()
 
 
+GUARD_HOOK = ("PREROUTING", "-j", "PYFLANNEL-TUNNEL")
+ALLOWED_EXTRA = 1000
+
+
+def wire_guard(results: dict) -> None:
+    """What the tunnel guard costs on the wire: VXLAN between namespace containers on two hosts, each host's
+    allow-list holding ALLOWED_EXTRA more addresses (198.18.0.0/15, the benchmarking range: set entries only, never
+    a destination), with the guard hooked in and unhooked by turns in one run."""
+    lab = Lab(2)
+    try:
+        lab.start_network({"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}})
+        h1, h2 = lab.hosts
+        for host in lab.hosts:
+            host.sh(sys.executable, "-c", "from pyflannel.kernel import ipset\n"
+                    f"for i in range({ALLOWED_EXTRA}): ipset.add('pyflannel-vtep-1', f'198.18.{{i // 256}}.{{i % 256}}')")
+        c1, c2 = h1.containers[0], h2.containers[0]
+        wait_for_path("vxlan", netns(c1.ns), c2.ip)
+        runs: dict[str, list[float]] = {"guarded": [], "unguarded": []}
+        pings = {}
+        for _ in range(ROUNDS):
+            for state in runs:  # the hook is in place; "unguarded" takes it out for its run
+                unhooked = lab.hosts if state == "unguarded" else []
+                for host in unhooked:
+                    host.sh("iptables", "-t", "raw", "-D", *GUARD_HOOK)
+                runs[state].append(iperf(netns(c2.ns), netns(c1.ns), c2.ip))
+                pings[state] = ping_latency(netns(c1.ns), c2.ip)
+                for host in unhooked:
+                    host.sh("iptables", "-t", "raw", "-I", *GUARD_HOOK)
+        results["wire"]["guard lab"] = {state: {"gbit_s": statistics.median(r), "gbit_s_runs": r,
+                                                "ping_ms": pings[state]} for state, r in runs.items()}
+    finally:
+        lab.close()
+
+
 def wire_wireguard(results: dict) -> None:
     """Namespace containers on two hosts: on pyflannel wireguard (the default network; wireguard-go, as this kernel
     has no WireGuard module) and on a pyflannel VXLAN network of the same hosts; and the underlay."""
@@ -373,6 +407,7 @@ def table(r: dict) -> str:
                             ("host-gw lab", (("host-gw", "underlay", 0.95), ("host-gw", "plain bridge", None),
                                              ("plain bridge", "underlay", None))),
                             ("wireguard lab", (("wireguard", "underlay", None), ("wireguard", "vxlan", None))),
+                            ("guard lab", (("guarded", "unguarded", 0.95),)),
                             ("ipv6 lab", (("vxlan v6", "underlay v6", 0.85), ("vxlan v6", "vxlan v4", None),
                                           ("vxlan v4", "underlay v4", 0.85)))):
         w = r["wire"].get(lab)
@@ -421,6 +456,7 @@ def main() -> int:
     steps = [("wire vxlan", lambda: wire_vxlan_and_swarm(results)),
              ("wire host-gw", lambda: wire_hostgw_and_plain(results)),
              ("wire wireguard", lambda: wire_wireguard(results)),
+             ("wire guard", lambda: wire_guard(results)),
              ("wire ipv6", lambda: wire_ipv6(results)),
              ("convergence 10", lambda: convergence(results, 10)),
              ("convergence 1000", lambda: convergence(results, 1000)), ("scale 1000", lambda: scale(results, 1000)),

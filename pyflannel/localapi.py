@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 DEFAULT_NETWORK = "default"  # the name of the network at <prefix>/config, in reports and in pyflannel.network=
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}\Z")
-RESERVED_NAMES = {"config", "subnets"}  # keys of the default network's own layout under <prefix>
+RESERVED_NAMES = {"config", "subnets", "names"}  # the default network's own keys under <prefix>
 BACKENDS = ("vxlan", "wireguard")  # what a named network created through the API can use (vxlan by default)
 JOIN_SECONDS = 10.0   # pyflanneld answers a join within this (else 503: still joining), below gunicorn's timeout
 CLIENT_SECONDS = 12.0

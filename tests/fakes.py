@@ -6,28 +6,35 @@ import itertools
 import socket
 from datetime import datetime, timedelta, timezone
 
-from pyflannel.daemon.store.base import (ConfigNotFound, HistoryLost, Lease, LeaseDigest, LeaseEvent, LeaseExists,
-                                         LeaseNotFound, LeaseTaken, Store)
+from pyflannel.daemon.store.base import (ConfigNotFound, HistoryLost, KeyChange, Lease, LeaseDigest, LeaseEvent,
+                                         LeaseExists, LeaseNotFound, LeaseTaken, Store)
 from pyflannel.kernel.netlink import Change, FdbEntry, Neighbor, Route
 
 
 class MemoryStore(Store):
-    """flannel's schema in a dict: one network config, leases by (IPv4) subnet, and a history of lease events with
-    revisions (the watch); `compact()` forgets the history, as etcd's compaction does."""
+    """flannel's schema in a dict: one network config, leases by (IPv4) subnet, other keys (named networks' configs,
+    names), and a history of changes with revisions (the watch); `compact()` forgets the history, as etcd's
+    compaction does, and `expire(folder)` ends a folder's liveness, as an etcd lease or a TTL running out does."""
 
     def __init__(self, config: str = '{"Network": "10.5.0.0/16"}'):
         self.config = config
         self.data: dict = {}
         self.revision = 1
-        self.history: list[tuple[int, LeaseEvent]] = []
+        self.history: list[KeyChange] = []
         self.modified: dict = {}  # subnet -> the revision that wrote its lease
         self.compacted = 0
-        self.keys: dict[str, str] = {}  # other keys under the prefix: named networks' configs, reservations
+        self.keys: dict[str, str] = {}  # other keys under the prefix: named networks' configs, names
+        self.alive: set[str] = set()  # folders whose keys are kept alive
+        self.keep_alives = 0
+
+    def _changed(self, key: str, value: str | None, lease: LeaseEvent | None = None) -> None:
+        self.history.append(KeyChange(key, value, self.revision, lease))
 
     def _event(self, kind: str, lease: Lease) -> None:
         self.revision += 1
         self.modified[lease.subnet] = self.revision
-        self.history.append((self.revision, LeaseEvent(kind, lease, self.revision)))
+        event = LeaseEvent(kind, lease, self.revision)
+        self._changed(f"subnets/{lease.key}", lease.attrs_json() if kind == LeaseEvent.ADDED else None, event)
 
     def compact(self) -> None:
         self.compacted, self.history = self.revision, []
@@ -76,20 +83,44 @@ class MemoryStore(Store):
         if self.keys.get(key) == expected:
             del self.keys[key]
 
-    def read_folder(self, folder: str) -> dict[str, str]:
+    def list_folder(self, folder: str) -> tuple[dict[str, str], int]:
         top = folder + "/"
-        return {key[len(top):]: value for key, value in self.keys.items() if key.startswith(top)}
+        return {key[len(top):]: value for key, value in self.keys.items() if key.startswith(top)}, self.revision
 
-    def replace_keys(self, folder: str, items: dict[str, str], ttl: int) -> None:
-        for key in self.read_folder(folder):
-            del self.keys[f"{folder}/{key}"]
-        self.keys.update({f"{folder}/{key}": value for key, value in items.items()})
+    def put_keys(self, folder: str, items: dict[str, str | None], ttl: int) -> None:
+        self.alive.add(folder)
+        for key, value in items.items():
+            full = f"{folder}/{key}"
+            if value is None and full not in self.keys:
+                continue
+            self.revision += 1
+            if value is None:
+                del self.keys[full]
+            else:
+                self.keys[full] = value
+            self._changed(full, value)
 
-    def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
+    def keep_alive(self, folder: str, ttl: int) -> bool:
+        self.keep_alives += 1
+        return folder in self.alive
+
+    def expire(self, folder: str) -> None:
+        """The folder's liveness ran out: its keys go, each with a change."""
+        self.alive.discard(folder)
+        for key in [k for k in self.keys if k.startswith(folder + "/")]:
+            self.revision += 1
+            del self.keys[key]
+            self._changed(key, None)
+
+    def current_position(self) -> int:
+        return self.revision
+
+    def stream(self, position: int, idle: float):
         if position < self.compacted:
             raise HistoryLost(f"revision {position} is compacted")
-        later = [(rev, event) for rev, event in self.history if rev > position]
-        return ([later[0][1]], later[0][0]) if later else ([], position)
+        later = [change for change in self.history if change.revision > position]
+        if later:
+            yield later
 
 
 class FakeKernel:

@@ -13,7 +13,10 @@ from pyflannel.daemon.config import parse
 from pyflannel.daemon.errors import Stopped
 from pyflannel.daemon.iface import ExternalInterface
 from pyflannel.daemon import lease as lease_module
+from pyflannel.daemon.feed import Feed
 from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
+from pyflannel.daemon.store.base import HistoryLost
+from pyflannel.localapi import DEFAULT_NETWORK
 from pyflannel.daemon.reconciler import Reconciler
 from pyflannel.daemon.store.base import Lease, LeaseEvent
 from pyflannel.kernel.netlink import FdbEntry, Neighbor, Route
@@ -114,27 +117,36 @@ def test_the_audit_finds_a_lease_the_watch_never_gave():
     watcher = LeaseWatcher(store, {}, position)
     assert listed == [] and watcher.poll(0) == []  # missed
     store.leases = lambda: MemoryStore.leases(store)
-    missed = watcher.audit()
-    assert [(e.kind, str(e.lease.subnet)) for e in missed] == [(LeaseEvent.ADDED, "10.5.7.0/24")]
-    assert watcher.audit() == [] and set(watcher.known) == {N("10.5.7.0/24")}
+    assert watcher.audit() is False
+    watcher.next_audit = 0
+    watcher.audit_if_due()  # the next poll re-lists, and says what it found
+    events = watcher.poll(0)
+    assert [(e.kind, str(e.lease.subnet)) for e in events] == [(LeaseEvent.ADDED, "10.5.7.0/24")]
+    assert watcher.take_missed() == events and watcher.take_missed() == []
+    assert watcher.audit() is True and set(watcher.known) == {N("10.5.7.0/24")}
 
 
 def test_the_audit_waits_for_changes_on_their_way_then_settles_them():
     store, now = MemoryStore(CONFIG), [0.0]
     watcher = LeaseWatcher(store, {}, store.revision, clock=lambda: now[0], rng=random.Random(1))
     store.create_lease(peer("10.5.1.0/24", "192.0.2.12"), 60)  # not polled yet: on its way, not missed
-    assert watcher.audit_if_due() == [] and watcher.unsettled == 0  # not due before AUDIT_SOON_SECONDS
+    watcher.audit_if_due()
+    assert watcher.unsettled == 0  # not due before AUDIT_SOON_SECONDS
     now[0] = lease_module.AUDIT_SOON_SECONDS
-    assert watcher.audit() is None and watcher.audit_if_due() == [] and watcher.unsettled == 1
+    assert watcher.audit() is None
+    watcher.audit_if_due()
+    assert watcher.unsettled == 1 and not watcher.relist.is_set()
     assert [e.lease.subnet for e in watcher.poll(0)] == [N("10.5.1.0/24")]
     now[0] += lease_module.AUDIT_SOON_SECONDS
-    assert watcher.audit_if_due() == [] and watcher.unsettled == 0  # delivered: they agree
+    watcher.audit_if_due()
+    assert watcher.unsettled == 0 and not watcher.relist.is_set()  # delivered: they agree
     assert lease_module.AUDIT_SECONDS * 0.8 <= watcher.next_audit - now[0] <= lease_module.AUDIT_SECONDS * 1.2
-    store.delete_lease(store.data[N("10.5.1.0/24")])  # a removal never polled: settled by a re-listing at last
+    store.data.pop(N("10.5.1.0/24"))  # a removal the watch never gives: settled by a re-listing at last
     for _ in range(lease_module.AUDIT_TRIES):
         now[0] = watcher.next_audit
-        settled = watcher.audit_if_due()
-    assert [(e.kind, e.lease.subnet) for e in settled] == [(LeaseEvent.REMOVED, N("10.5.1.0/24"))]
+        watcher.audit_if_due()
+    assert watcher.relist.is_set()
+    assert [(e.kind, e.lease.subnet) for e in watcher.poll(0)] == [(LeaseEvent.REMOVED, N("10.5.1.0/24"))]
     assert watcher.known == {}
 
 
@@ -320,30 +332,85 @@ def test_vxlan_ipv6_entries_over_either_underlay(tmp_path, ext, device6, remote)
 
 
 class HungView:
-    """A view whose member hangs: its watch never returns until released."""
+    """A view whose member hangs: its watch never gives anything until released."""
 
     def __init__(self):
         self.release = threading.Event()
 
-    def watch_leases(self, position, timeout):
+    def stream(self, position, idle):
         self.release.wait()
-        return [], position
+        return iter(())
 
 
-def test_a_watch_through_two_members_goes_on_when_one_hangs():
-    store, hung = MemoryStore(CONFIG), HungView()
-    stop = threading.Event()
-    watcher = LeaseWatcher(store, {}, 1, stop, [hung, store])
+class TwoViews(MemoryStore):
+    """A store with several endpoints: it watches through a hung member and through itself."""
+
+    def __init__(self, hung: HungView):
+        super().__init__(CONFIG)
+        self.hung = hung
+
+    def watch_views(self):
+        return [self.hung, self]
+
+
+def test_the_feed_goes_on_through_the_other_member_when_one_hangs():
+    hung, stop = HungView(), threading.Event()
+    store = TwoViews(hung)
+    names = []
+    feed = Feed(store, stop, lambda network, changes: names.append((network, changes)), idle=0.1)
     try:
+        subscription = feed.subscribe(DEFAULT_NETWORK)
+        shop = feed.subscribe("shop")
+        watcher = LeaseWatcher(store, {}, 1, stop, subscription)
         store.create_lease(peer("10.5.3.0/24", "192.0.2.13"), 60)
         store.create_lease(peer("10.5.4.0/24", "192.0.2.14"), 60)
+        store.put_keys("names/192.0.2.13", {"10.5.3.2": '{"names": ["web"], "address": "10.5.3.2"}'}, 60)
+        store.put_keys("shop/names/192.0.2.13", {"10.60.3.2": '{"names": ["db"], "address": "10.60.3.2"}'}, 60)
         started = time.monotonic()
         events = []
         while len(events) < 2 and time.monotonic() - started < 5:
             events += watcher.poll(0.5)
         assert [e.lease.subnet for e in events] == [N("10.5.3.0/24"), N("10.5.4.0/24")]
-        assert time.monotonic() - started < 1 and watcher.position == store.revision
-        assert watcher._take([store.history[0][1]], 2) == []  # the same change again, from the other view: dropped
+        assert time.monotonic() - started < 1 and watcher.position == 3
+        wait_until = time.monotonic() + 2
+        while len(names) < 2 and time.monotonic() < wait_until:
+            time.sleep(0.01)
+        assert [(network, [(c.key, c.revision) for c in changes]) for network, changes in names] == [
+            (DEFAULT_NETWORK, [("192.0.2.13/10.5.3.2", 4)]), ("shop", [("192.0.2.13/10.60.3.2", 5)])]
+        assert shop.watch_leases(0, 0.01) == ([], 0)  # nothing of the default network's leases went to shop
+        assert watcher._take([store.history[0].lease], 2) == []  # a change the listing gave already: dropped
     finally:
         stop.set()
         hung.release.set()
+
+
+class CompactedStore(MemoryStore):
+    """A store whose history before its current revision is compacted, read first at revision 0: as a feed that
+    comes back after a long break finds it."""
+
+    def __init__(self):
+        super().__init__(CONFIG)
+        self.positions = [0]
+
+    def current_position(self):
+        return self.positions.pop() if self.positions else self.revision
+
+
+def test_the_feed_tells_every_network_when_history_is_lost():
+    stop = threading.Event()
+    store = CompactedStore()
+    store.create_lease(peer("10.5.3.0/24", "192.0.2.13"), 60)
+    store.compact()
+    lost = []
+    feed = Feed(store, stop, lambda network, changes: lost.append(network) if changes is None else None, idle=0.05)
+    try:
+        subscription = feed.subscribe(DEFAULT_NETWORK)
+        with pytest.raises(HistoryLost):
+            subscription.watch_leases(0, 5)
+        assert lost == [DEFAULT_NETWORK]
+        watcher = LeaseWatcher(store, {}, 0, stop, subscription)
+        assert [e.lease.subnet for e in watcher.resync()] == [N("10.5.3.0/24")]
+        store.create_lease(peer("10.5.4.0/24", "192.0.2.14"), 60)  # the feed goes on from the store's position
+        assert [e.lease.subnet for e in watcher.poll(5)] == [N("10.5.4.0/24")]
+    finally:
+        stop.set()

@@ -2,6 +2,7 @@
 import ipaddress
 import json
 import random
+import time
 from urllib.parse import urlparse
 
 import etcd
@@ -197,7 +198,7 @@ def test_a_lease_written_just_after_the_listing_comes_from_the_watch(etcd_url, e
     assert listed == [] and len(reads) == 1
     watcher = LeaseWatcher(store, {}, position)
     assert [(e.kind, e.lease.subnet) for e in watcher.poll(timeout=5)] == [(LeaseEvent.ADDED, theirs.subnet)]
-    assert watcher.audit() == []
+    assert watcher.audit() is True
 
 
 @pytest.mark.parametrize("api", ["v2", "v3"])
@@ -209,11 +210,39 @@ def test_the_audit_finds_what_a_watch_skipped_on_real_etcd(etcd_url, etcd_prefix
     store.create_lease(ours, 60)
     _, position = store.leases()
     watcher = LeaseWatcher(store, {ours.subnet: ours}, position)
-    assert store.lease_digest().count == 1 and watcher.audit() == []
+    assert store.lease_digest().count == 1 and watcher.audit() is True
     skipped = Lease(N("10.5.2.0/24"), "192.0.2.12", "vxlan", DATA)
     store.create_lease(skipped, 60)
     assert watcher.audit() is None  # on its way: the watch has not given it yet
     watcher.position = store.leases()[1]  # as if the watch had moved past it without a word
-    assert [(e.kind, e.lease.subnet) for e in watcher.audit()] == [(LeaseEvent.ADDED, skipped.subnet)]
+    assert watcher.audit() is False
+    watcher.next_audit = 0
+    watcher.audit_if_due()
+    assert [(e.kind, e.lease.subnet) for e in watcher.poll(timeout=1)] == [(LeaseEvent.ADDED, skipped.subnet)]
+    assert [e.lease.subnet for e in watcher.take_missed()] == [skipped.subnet]
     digest = store.lease_digest()
     assert digest.count == 2 and 0 < digest.last_modified <= watcher.position
+
+
+@pytest.mark.parametrize("api", ["v2", "v3"])
+def test_names_live_with_the_host_without_being_rewritten(etcd_url, etcd_prefix, api):
+    """Issue 27: a host's names in two networks, kept alive past their TTL with no write and no watch event (v3: one
+    etcd lease for both networks, one keep-alive), a change writes only its key, and when the keep-alives stop the
+    names go a TTL later."""
+    store = api_store(api, etcd_url, etcd_prefix)
+    shop = store.child("shop")
+    store.put_keys("names/192.0.2.11", {"10.5.1.2": "a", "10.5.1.3": "b"}, 3)
+    shop.put_keys("names/192.0.2.11", {"10.60.1.2": "c"}, 3)
+    folder, position = store.list_folder("names")
+    assert folder == {"192.0.2.11/10.5.1.2": "a", "192.0.2.11/10.5.1.3": "b"}
+    for _ in range(5):
+        time.sleep(1)
+        assert store.keep_alive("names/192.0.2.11", 3) and shop.keep_alive("names/192.0.2.11", 3)
+    assert list(store.stream(position, 0.5)) == []  # 5 s past the TTL: nothing written, no watch event
+    assert shop.list_folder("names")[0] == {"192.0.2.11/10.60.1.2": "c"}
+    store.put_keys("names/192.0.2.11", {"10.5.1.3": None}, 3)
+    changes = next(store.stream(position, 5))
+    assert [(c.key, c.value) for c in changes] == [("names/192.0.2.11/10.5.1.3", None)]
+    time.sleep(4.5)  # no keep-alive: the TTL runs out
+    assert store.list_folder("names")[0] == {} and shop.list_folder("names")[0] == {}
+    assert not store.keep_alive("names/192.0.2.11", 3)

@@ -59,7 +59,7 @@ def test_gauges_count_leases_and_peers(lab):
     expiry = value(m, "pyflannel_lease_expiry_timestamp_seconds", network="default")
     assert 23 * 3600 < expiry - time.time() <= 24 * 3600
     assert value(m, "pyflannel_build_info", version=__version__, python=platform.python_version()) == 1
-    assert value(m, "pyflannel_etcd_errors_total", operation="watch_leases") == 0
+    assert value(m, "pyflannel_etcd_errors_total", operation="watch") == 0
     assert value(m, "process_resident_memory_bytes") > 0
 
 
@@ -162,7 +162,7 @@ def test_etcd_outage_counts_etcd_errors(lab):
     try:
         m = wait_until("etcd errors counted", lambda: (m := scrape(lab, h1)) and
                        total(m, "pyflannel_etcd_errors_total") > before and m)
-        assert value(m, "pyflannel_etcd_errors_total", operation="watch_leases") + value(
+        assert value(m, "pyflannel_etcd_errors_total", operation="watch") + value(
             m, "pyflannel_etcd_errors_total", operation="leases") > 0
         assert value(m, "pyflannel_peers_programmed", network="default", backend="vxlan") == 2  # the kernel is kept as it is
     finally:

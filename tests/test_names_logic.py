@@ -10,6 +10,7 @@ from dnslib import RCODE, RR, DNSRecord
 
 from pyflannel.daemon.dns import Resolver
 from pyflannel.daemon.names import Container, NameBook
+from pyflannel.daemon.store.base import KeyChange
 from tests.fakes import MemoryStore
 
 pytestmark = pytest.mark.unit
@@ -22,6 +23,13 @@ def book_of(networks: dict[str, MemoryStore], public_ip: str = "192.0.2.11") -> 
     overlays = {name: types.SimpleNamespace(store=store, config=types.SimpleNamespace(
         network=ipaddress.IPv4Network(CIDRS[name]))) for name, store in networks.items()}
     return NameBook(lambda: overlays, public_ip, 60, threading.Event())
+
+
+def deliver(book: NameBook, networks: dict[str, MemoryStore]) -> None:
+    """What the feed does: each network's names changes, below names/, to the book."""
+    for network, store in networks.items():
+        book.on_names(network, [KeyChange(c.key[len("names/"):], c.value, c.revision) for c in store.history
+                                if c.key.startswith("names/")])
 
 
 def ask(resolver: Resolver, name: str, asker: str, qtype: str = "A") -> DNSRecord | None:
@@ -38,7 +46,8 @@ def test_names_are_answered_to_the_networks_that_share_them():
                    Container("d", {"crm": ("10.61.2.2", ("web",))}),
                    Container("e", {"shop": ("10.60.2.3", ("api",))})])
     here._write(), there._write()
-    assert set(shop.read_folder("names")) == {"192.0.2.11/10.60.1.2", "192.0.2.12/10.60.2.2", "192.0.2.12/10.60.2.3"}
+    assert set(shop.list_folder("names")[0]) == {"192.0.2.11/10.60.1.2", "192.0.2.12/10.60.2.2",
+                                                 "192.0.2.12/10.60.2.3"}
     here._read()
     resolver = Resolver(here, [])
     assert [str(rr.rdata) for rr in ask(resolver, "web", "10.60.1.2").rr] == ["10.60.2.2"]  # shop's web only
@@ -51,11 +60,15 @@ def test_names_are_answered_to_the_networks_that_share_them():
     empty = ask(resolver, "web", "10.60.1.2", "AAAA")
     assert empty.header.rcode == RCODE.NOERROR and empty.rr == []  # a known name without IPv6: no data, no error
     there.publish([Container("c", {"shop": ("10.60.2.2", ("web",))})])  # api stopped, www alias gone
-    there._write(), here._read()
+    there._write(), deliver(here, {"shop": shop, "crm": crm})
     assert ask(resolver, "api", "10.60.1.2") is None and ask(resolver, "www", "10.60.1.2") is None
+    assert [str(rr.rdata) for rr in ask(resolver, "web", "10.60.1.2").rr] == ["10.60.2.2"]
     there.publish([])
-    there._write()
-    assert set(shop.read_folder("names")) == {"192.0.2.11/10.60.1.2"} and not crm.read_folder("names/192.0.2.12")
+    there._write(), deliver(here, {"shop": shop, "crm": crm})
+    assert set(shop.list_folder("names")[0]) == {"192.0.2.11/10.60.1.2"} and not crm.list_folder("names/192.0.2.12")[0]
+    assert ask(resolver, "web", "10.60.1.2") is None and here.listing() == [
+        {"network": "crm", "names": ["crmclient"], "address": "10.61.1.2", "host": "192.0.2.11"},
+        {"network": "shop", "names": ["client"], "address": "10.60.1.2", "host": "192.0.2.11"}]
 
 
 def test_other_names_are_forwarded_and_a_dead_upstream_is_a_servfail():
@@ -85,10 +98,31 @@ def test_dual_stack_containers_are_answered_with_aaaa_records():
     there.publish([Container("c", {"shop": ("10.60.2.2", ("web",))}, {"shop": "fd00:f1a0:0:2::2"}),
                    Container("d", {"shop": ("10.60.2.3", ("web", "db"))})])
     there._write(), here._read()
-    assert '"address6": "fd00:f1a0:0:2::2"' in shop.read_folder("names")["192.0.2.12/10.60.2.2"]
+    assert '"address6": "fd00:f1a0:0:2::2"' in shop.list_folder("names")[0]["192.0.2.12/10.60.2.2"]
     resolver = Resolver(here, [])
     assert [str(rr.rdata) for rr in ask(resolver, "web", "10.60.1.2", "AAAA").rr] == ["fd00:f1a0:0:2::2"]
     assert sorted(str(rr.rdata) for rr in ask(resolver, "web", "10.60.1.2").rr) == ["10.60.2.2", "10.60.2.3"]
     assert len(ask(resolver, "web", "10.60.1.2", "ANY").rr) == 3
     db = ask(resolver, "db", "10.60.1.2", "AAAA")
     assert db.header.rcode == RCODE.NOERROR and db.rr == []  # known, IPv4 only: no data, no error
+
+
+def test_names_are_written_once_kept_alive_without_rewrites_and_written_again_once_expired():
+    """Idle costs nothing but a keep-alive; a change writes the keys that changed, in that network only; names
+    whose liveness ran out (etcd lease or TTL) are written again at the next keep-alive."""
+    shop, crm = MemoryStore(), MemoryStore()
+    book = book_of({"shop": shop, "crm": crm})
+    book.publish([Container("a", {"shop": ("10.60.1.2", ("web",))}), Container("b", {"crm": ("10.61.1.2", ("db",))}),
+                  Container("c", {"shop": ("10.60.1.3", ("api",))})])
+    assert book._write() and (len(shop.history), len(crm.history)) == (2, 1)
+    assert book._write() and (len(shop.history), len(crm.history)) == (2, 1)  # nothing changed: nothing written
+    assert book._keep_alive() and (shop.keep_alives, crm.keep_alives) == (1, 1) and len(shop.history) == 2
+    book.publish([Container("a", {"shop": ("10.60.1.2", ("web", "www"))}), Container("b", {"crm": ("10.61.1.2",
+                                                                                                   ("db",))})])
+    assert book._write() and (len(shop.history), len(crm.history)) == (4, 1)  # a's new alias, c gone; crm untouched
+    assert [c.key for c in shop.history[2:]] == ["names/192.0.2.11/10.60.1.2", "names/192.0.2.11/10.60.1.3"]
+    shop.expire("names/192.0.2.11")  # the host's etcd lease (v3) or folder TTL (v2) ran out
+    assert shop.list_folder("names")[0] == {} and not book._keep_alive()
+    assert book._write() and set(shop.list_folder("names")[0]) == {"192.0.2.11/10.60.1.2"}
+    book.forget("shop", shop)  # the host leaves shop: its names there go at once
+    assert shop.list_folder("names")[0] == {} and "shop" not in book.written

@@ -56,7 +56,7 @@ class Resolver:
         reply = query.reply()
         for qtype, key, rdata in ((QTYPE.A, "address", A), (QTYPE.AAAA, "address6", AAAA)):
             if question.qtype in (qtype, QTYPE.ANY):
-                for address in dict.fromkeys(record[key] for record in records if record.get(key)):  # each once
+                for address in dict.fromkeys(getattr(r, key) for r in records if getattr(r, key)):  # each once
                     reply.add_answer(RR(question.qname, qtype, rdata=rdata(address), ttl=ANSWER_TTL))
         return reply.pack(), None  # other types of a known name: no data, no error
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 import time
@@ -18,7 +17,7 @@ from .subnets import IPv4Network, IPv6Network, lease_key, pick_free
 log = logging.getLogger(__name__)
 
 CAS_ATTEMPTS = 10
-WATCH_SECONDS = 10.0  # an idle watch is re-issued (and its member checked) this often
+WATCH_SECONDS = 10.0  # the longest a poll waits (the watch loop's turn)
 AUDIT_SECONDS = 300.0  # the watch's safety net runs this often (±20 %), and AUDIT_SOON_SECONDS after a (re)start
 AUDIT_SOON_SECONDS = 2.0
 AUDIT_TRIES = 3  # audits in a row that find changes on their way before a re-listing settles it
@@ -168,86 +167,49 @@ class LeaseManager:
 
 
 class LeaseWatcher:
-    """Turns the store's watch into ADDED/REMOVED events for peers, re-listing and diffing when history is lost.
-
-    With several etcd endpoints it watches through two members at once (the store's `watch_views`), each in a thread
-    of its own, and takes every change from whichever reports it first: a member that hangs (neither answering nor
-    refusing) delays nothing. Changes carry the store's revision, so each is applied once, in order."""
+    """Turns a watch (the store's, or the network's share of the host's feed) into ADDED/REMOVED events for peers,
+    re-listing and diffing when history is lost. Changes carry the store's revision, so each is applied once, in
+    order, and none that a listing already gave."""
 
     def __init__(self, store: Store, known: dict[IPv4Network, Lease], position: int,
-                 stop: threading.Event | None = None, views: list[Store] | None = None, *,
-                 watch_seconds: float = WATCH_SECONDS, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None):
+                 stop: threading.Event | None = None, source=None, *, watch_seconds: float = WATCH_SECONDS,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None):
+        """`source`: where the events come from (`watch_leases(position, timeout)`), the store by default."""
         self.store = store
+        self.source = source or store
         self.known = dict(known)
         self.position = position
         self.stop = stop or threading.Event()
-        self.views = views or [store]
-        self.inbox: queue.Queue = queue.Queue()
-        self.failing: dict[int, StoreError] = {}  # view -> its last error, while it fails
-        self._followers: list[threading.Thread] = []
         self.watch_seconds = watch_seconds
         self.clock = clock
         self.rng = rng or random.Random()
         self.next_audit = clock() + AUDIT_SOON_SECONDS
         self.unsettled = 0  # audits in a row that found changes still on their way
+        self.relist = threading.Event()  # an audit found a difference: re-list at the next poll
+        self.missed: list[LeaseEvent] = []  # what such a re-listing changed: the watch missed it (each one a bug)
 
     def poll(self, timeout: float) -> list[LeaseEvent]:
-        if len(self.views) > 1:
-            return self._poll_views(timeout)
-        try:
-            events, position = self.store.watch_leases(self.position, timeout)
-        except HistoryLost:
-            log.info("watch fell behind etcd's history: re-listing leases")
-            return self.resync()
-        return self._take(events, position)
-
-    def _poll_views(self, timeout: float) -> list[LeaseEvent]:
-        if not self._followers:
-            self._followers = [threading.Thread(target=self._follow, args=(i, view), daemon=True,
-                                                name=f"watch-view-{i}") for i, view in enumerate(self.views)]
-            for thread in self._followers:
-                thread.start()
-        try:
-            index, kind, payload, position = self.inbox.get(timeout=timeout)
-        except queue.Empty:
-            return []
-        if kind == "error":
-            self.failing[index] = payload
-            if len(self.failing) == len(self.views):
-                raise StoreError("; ".join(str(e) for e in self.failing.values()))
-            return []
-        self.failing.pop(index, None)
-        if kind == "lost":
-            log.info("watch fell behind etcd's history: re-listing leases")
-            return self.resync()
-        return self._take(payload, position)
-
-    def _follow(self, index: int, view: Store) -> None:
-        """One view's watch, from the merged position on, into the inbox, until stopped."""
-        position, delay = self.position, 0.5
-        while not self.stop.is_set():
-            position = max(position, self.position)  # never behind what was applied (a re-listing moves it on)
+        events = []
+        if not self.relist.is_set():
             try:
-                events, position = view.watch_leases(position, self.watch_seconds)
-                delay = 0.5
+                events, position = self.source.watch_leases(self.position, timeout)
             except HistoryLost:
-                self.inbox.put((index, "lost", None, position))
-                self.stop.wait(delay)
-                continue
-            except StoreError as e:
-                self.inbox.put((index, "error", e, position))
-                self.stop.wait(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            self.inbox.put((index, "events", events, position))
+                log.info("watch fell behind etcd's history: re-listing leases")
+                return self.resync()
+            events = self._take(events, position)
+        if not self.relist.is_set():
+            return events
+        self.relist.clear()
+        found = self.resync()
+        self.missed += found
+        return events + found
 
     def _take(self, events: list[LeaseEvent], position: int) -> list[LeaseEvent]:
         """The events not applied yet, applied to `known`."""
         current = []
         for event in events:
             if event.revision and event.revision <= self.position:
-                continue  # reported by the other view already
+                continue  # in the listing already
             subnet = event.lease.subnet
             if event.kind == LeaseEvent.ADDED:
                 self.known[subnet] = event.lease
@@ -261,36 +223,40 @@ class LeaseWatcher:
 
     # --- the safety net: a watch that missed a change (a bug) is caught by a cheap comparison ----------------------
     def until_audit(self) -> float:
-        """How long the next poll may wait: a watch's time, or less when an audit is due sooner."""
+        """How long until the next audit is due (at most a watch's time: audit_soon may bring it forward)."""
         return max(0.05, min(self.watch_seconds, self.next_audit - self.clock()))
 
     def audit_soon(self) -> None:
         """The watch was (re)established: check it shortly."""
         self.next_audit = self.clock() + AUDIT_SOON_SECONDS
 
-    def audit(self) -> list[LeaseEvent] | None:
-        """The store's digest against what the watch gave: [] when they agree, the changes the watch missed (found
-        by a re-listing) when they differ, None when a change is still on its way (ask again)."""
+    def audit(self) -> bool | None:
+        """The store's digest against what the watch gave: True when they agree, False when they differ, None when
+        a change is still on its way (ask again). Runs beside the polls (its read may wait on a slow member)."""
         digest = self.store.lease_digest()
         if digest.last_modified > self.position or digest.count < len(self.known):
             return None  # a write or a removal the watch has yet to deliver
-        if digest.count == len(self.known):
-            return []
-        return self.resync()  # a lease written before our position that the watch never gave
+        return digest.count == len(self.known)
 
-    def audit_if_due(self) -> list[LeaseEvent]:
-        """The missed changes, when an audit is due (every AUDIT_SECONDS, jittered); none otherwise. Changes still
-        on their way after AUDIT_TRIES audits are settled by a re-listing."""
+    def audit_if_due(self) -> None:
+        """When an audit is due (every AUDIT_SECONDS, jittered): a difference, or changes still on their way after
+        AUDIT_TRIES audits, make the next poll re-list (and say what it found in `missed`)."""
         if self.clock() < self.next_audit:
-            return []
-        missed = self.audit()
-        if missed is None and self.unsettled < AUDIT_TRIES - 1:
+            return
+        verdict = self.audit()
+        if verdict is None and self.unsettled < AUDIT_TRIES - 1:
             self.unsettled += 1
             self.next_audit = self.clock() + AUDIT_SOON_SECONDS
-            return []
+            return
         self.unsettled = 0
         self.next_audit = self.clock() + AUDIT_SECONDS * self.rng.uniform(0.8, 1.2)
-        return self.resync() if missed is None else missed
+        if verdict is not True:
+            self.relist.set()
+            getattr(self.source, "wake", lambda: None)()
+
+    def take_missed(self) -> list[LeaseEvent]:
+        missed, self.missed = self.missed, []
+        return missed
 
     def resync(self) -> list[LeaseEvent]:
         leases, self.position = self.store.leases()

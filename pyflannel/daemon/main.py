@@ -7,7 +7,6 @@ serves them again with the same leases.
 """
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import json
 import logging
@@ -26,11 +25,12 @@ from pyflannel.localapi import DEFAULT_NETWORK, JOIN_SECONDS
 
 from . import config as netconfig
 from . import flags as cli_flags
-from . import dns, iface
+from . import dns, iface, memory
 from . import store as stores
 from .api import Unavailable, serve as serve_api
 from .catalog import Catalog, NetworkConflict, check_name
 from .errors import Stopped, UserError
+from .feed import Feed
 from .guard import TunnelGuard, etcd_addresses
 from .health import Health, serve
 from .names import Container, NameBook
@@ -55,7 +55,7 @@ class Unmeasured:
         def observe(self, value: float) -> None:
             pass
 
-    lease_events = apply_seconds = lease_changes = lease_audit_repairs = _Nothing()
+    lease_events = apply_seconds = lease_changes = lease_audit_repairs = etcd_errors = _Nothing()
     registry = None
 
     def count_reconcile(self, repairs) -> None:
@@ -64,14 +64,6 @@ class Unmeasured:
     @staticmethod
     def counting(store):
         return store
-
-
-def release_freed_memory() -> None:
-    """Hand the heap that the start-up listing freed back to the system (glibc keeps it otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
 
 
 class Daemon:
@@ -98,6 +90,7 @@ class Daemon:
         self.cni_lock = threading.Lock()
         self.default: Overlay | None = None
         self.names = NameBook(self._served, "", flags.names_ttl, self.stop)  # this host's PublicIP comes at start
+        self.feed = Feed(self.store, self.stop, self.names.on_names, self.metrics.etcd_errors.labels("watch").inc)
 
     # --- start-up --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,7 +104,8 @@ class Daemon:
             kernel.close()
         log.info("external interface %s (%s), public IP %s, public IPv6 %s", self.ext.name, self.ext.address,
                  self.ext.public_ip, self.ext.public_ipv6 or "none (IPv6 overlays go over IPv4)")
-        self.default = Overlay(DEFAULT_NETWORK, self.store, f, self.ext, self.metrics, self.guard, self.health)
+        self.default = Overlay(DEFAULT_NETWORK, self.store, f, self.ext, self.metrics, self.guard, self.feed,
+                               self.health)
         self.default.stop = self.stop  # the daemon's life is the default network's
         self.overlays[DEFAULT_NETWORK] = self.default
         self.api = serve_api(self, f.api_socket)
@@ -121,7 +115,7 @@ class Daemon:
         threading.Thread(target=self.names.run, name="names", daemon=True).start()
         if f.dns_address:
             self._serve_dns(f.dns_address)
-        release_freed_memory()
+        memory.release_freed()
         for name in self.joined():
             self.rejoining[name] = threading.Event()
             threading.Thread(target=self._rejoin, args=(name,), name=f"rejoin-{name}", daemon=True).start()
@@ -210,7 +204,7 @@ class Daemon:
             if self.stop.is_set():
                 raise Stopped()
             self._check_clash(name, config)
-            overlay = Overlay(name, self.store.child(name), self.flags, self.ext, self.metrics, self.guard,
+            overlay = Overlay(name, self.store.child(name), self.flags, self.ext, self.metrics, self.guard, self.feed,
                               config=config)
             self.overlays[name] = overlay
             self._save_joined()
@@ -280,6 +274,7 @@ class Daemon:
         with self.lock:
             overlay = self.overlays.pop(name, None)
             if overlay is not None:
+                self.names.forget(name, overlay.store)
                 overlay.leave()
             if overlay is not None or self.failed.pop(name, None) is not None:
                 self._save_joined()
@@ -312,6 +307,7 @@ def main(argv: list[str] | None = None, cni=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     flags = cli_flags.parse(sys.argv[1:] if argv is None else argv)
+    memory.limit_arenas()
     try:
         daemon = Daemon(flags, cni)
     except ValueError as e:

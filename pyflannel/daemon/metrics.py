@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 disable_created_metrics()  # a *_created series per counter would double the output and tell little
 # The Store calls the daemon makes, each a value of the `operation` label (create/update share write_lease).
-STORE_OPERATIONS = sorted((Store.__abstractmethods__ - {"write_lease"}) | {"create_lease", "update_lease"})
+# The feed's watch (the stores' `stream`, read in the feed's threads) counts as "watch".
+STORE_OPERATIONS = sorted((Store.__abstractmethods__ - {"write_lease", "stream"}) | {"create_lease", "update_lease",
+                                                                                     "watch"})
 REPAIR_KINDS = ("route", "neighbor", "fdb", "wireguard-peer")
 # A peer's lease reaches the kernel in a few milliseconds (docs/benchmarks.md): buckets start well below that.
 APPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

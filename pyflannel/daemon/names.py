@@ -1,4 +1,4 @@
-"""Container names across hosts: this host's names go to etcd with a TTL, every host's names come back for DNS.
+"""Container names across hosts: this host's names go to etcd, every host's names come back for DNS.
 
 pyflannel-driver hands pyflanneld the whole set of this host's containers on pyflannel networks (`publish`, through
 the local API's PUT /v1/names) whenever Docker says something changed. Per network served, the book keeps them in
@@ -8,25 +8,44 @@ etcd as one key per container address,
 
 (with "address6": "fd00:f1a0:0:12::2" too for a container with an IPv6 address: DNS answers AAAA with it)
 
-(<network prefix>: <prefix> for the default network, <prefix>/<NAME> for a named one), rewritten on every change and
-every TTL/3 s on keys that expire after the TTL: the names of a host that died go by themselves. Every POLL_SECONDS
-it reads the names of every host in each network served; `records` answers from that copy.
+(<network prefix>: <prefix> for the default network, <prefix>/<NAME> for a named one). A change writes only the keys
+that changed, in that network only. The keys live as long as the host does: on etcd v3 they are on one etcd lease of
+the host, on v2 in a folder with a TTL, kept alive every third of the TTL without being rewritten (no key written,
+no watch event at idle); a host that died loses its names a TTL later. Every host's names come from the host's feed
+(one watch: feed.py), after one read of each network's folder when it is served; `records` answers from that copy.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
-from .store.base import StoreError
+from . import memory
+from .store.base import KeyChange, StoreError
 
 log = logging.getLogger(__name__)
 
 FOLDER = "names"
-POLL_SECONDS = 1.0
+RETRY_SECONDS = 1.0  # etcd failed: try again this soon
+
+
+@dataclass(frozen=True, slots=True)
+class NameRecord:
+    """One container address of a host in a network, with its names: what DNS answers from (slotted: a large
+    cluster has tens of thousands)."""
+    network: str
+    host: str
+    names: tuple[str, ...]
+    address: str
+    address6: str | None = None
+
+    def described(self) -> dict:
+        found = {"network": self.network, "names": list(self.names), "address": self.address, "host": self.host}
+        return found | ({"address6": self.address6} if self.address6 else {})
 
 
 @dataclass(frozen=True)
@@ -48,9 +67,15 @@ class NameBook:
         self.lock = threading.Lock()
         self.containers: list[Container] = []
         self.host_addresses: set[str] = {public_ip}  # and the DNS address, given when DNS starts
-        self.written: set[str] = set()  # networks whose folder holds (or held) names of ours
-        self.known: dict[str, dict[str, dict]] = {}  # network -> key (<host>/<address>) -> record
-        self.index: dict[str, list[tuple[str, dict]]] = {}  # name -> (network, record) of every record with it
+        self.written: dict[str, dict[str, str]] = {}  # network -> {address: record JSON} of ours that etcd holds
+        self.known: dict[str, dict[str, NameRecord]] = {}  # network -> key (<host>/<address>) -> record
+        self.index: dict[str, tuple[NameRecord, ...]] = {}  # name -> every record with it, in a stable order
+        self.listed: dict[str, int] = {}  # network -> the revision its folder was read at
+        self.pending: dict[str, list[KeyChange]] = {}  # the feed's changes of a network not read yet
+
+    @property
+    def folder(self) -> str:
+        return f"{FOLDER}/{self.public_ip}"
 
     # --- this host's names --------------------------------------------------------------------------------------
     def publish(self, containers: list[Container]) -> None:
@@ -96,71 +121,157 @@ class NameBook:
             return inside
         return None if address in self.host_addresses or ip.is_loopback else set()
 
-    # --- the loop: write ours, read everyone's --------------------------------------------------------------------
+    # --- the loop: write what changed, keep ours alive, read each network once ----------------------------------
     def run(self) -> None:
-        next_write = 0.0
+        next_keep = time.monotonic() + self.ttl / 3
         while not self.stop.is_set():
-            now = time.monotonic()
-            if self.changed.is_set() or now >= next_write:
-                self.changed.clear()
-                if self._write():
-                    next_write = now + self.ttl / 3
-                else:
-                    next_write = now + POLL_SECONDS  # etcd unreachable: again soon
-            self._read()
-            self.changed.wait(POLL_SECONDS)
+            self.changed.clear()
+            ok = self._write()
+            if time.monotonic() >= next_keep:
+                next_keep = time.monotonic() + self.ttl / 3
+                if not self._keep_alive():
+                    continue  # write what expired again, now
+            ok = self._read() and ok
+            self.changed.wait(RETRY_SECONDS if not ok else max(0.0, next_keep - time.monotonic()))
 
     def _write(self) -> bool:
+        """Each network's keys that differ from what etcd holds, written (or deleted) in one call per network."""
         own, ok = self._own(), True
-        served = self.overlays()
-        for network in (set(own) | self.written) & set(served):
+        for network, overlay in self.overlays().items():
+            want, have = own.get(network, {}), self.written.get(network, {})
+            if want == have:
+                continue
+            items = {a: v for a, v in want.items() if have.get(a) != v} | {a: None for a in have.keys() - want}
             try:
-                served[network].store.replace_keys(f"{FOLDER}/{self.public_ip}", own.get(network, {}), self.ttl)
+                overlay.store.put_keys(self.folder, items, self.ttl)
             except StoreError as e:
                 log.warning("names of network %s: %s", network, e)
                 ok = False
                 continue
-            if own.get(network):
-                self.written.add(network)
-            else:
-                self.written.discard(network)
+            self.written[network] = want
         return ok
 
-    def _read(self) -> None:
-        known = {}
-        for network, overlay in self.overlays().items():
-            try:
-                folder = overlay.store.read_folder(FOLDER)
-            except StoreError:
-                folder = None
-            if folder is None:
-                known[network] = self.known.get(network, {})  # keep what we had while etcd is away
+    def _keep_alive(self) -> bool:
+        """False when some network's keys had expired (they are written again at once)."""
+        alive, served = True, self.overlays()
+        for network, have in list(self.written.items()):
+            if not have or network not in served:
                 continue
-            records = {}
-            for key, text in folder.items():
-                try:
-                    record = json.loads(text)
-                    records[key] = {"names": [str(n).lower() for n in record["names"]],
-                                    "address": str(record["address"]), "host": key.split("/", 1)[0]}
-                    if record.get("address6"):
-                        records[key]["address6"] = str(record["address6"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # not a record of ours
-            known[network] = records
-        index: dict[str, list[tuple[str, dict]]] = {}
-        for network, records in sorted(known.items()):
-            for _, record in sorted(records.items()):
-                for name in record["names"]:
-                    index.setdefault(name, []).append((network, record))
-        self.known, self.index = known, index
+            try:
+                if not served[network].store.keep_alive(self.folder, self.ttl):
+                    log.warning("names of network %s expired in etcd: writing them again", network)
+                    self.written[network] = {}
+                    alive = False
+            except StoreError as e:
+                log.warning("names of network %s: keeping them alive: %s", network, e)
+        return alive
+
+    def forget(self, network: str, store) -> None:
+        """This host leaves `network`: its names there go now (not a TTL later), and so does the copy."""
+        have = self.written.pop(network, {})
+        if have:
+            try:
+                store.put_keys(self.folder, {address: None for address in have}, self.ttl)
+            except StoreError as e:
+                log.warning("names of network %s: %s; they expire by themselves", network, e)
+        with self.lock:
+            self.listed.pop(network, None)
+            self.pending.pop(network, None)
+            for key in list(self.known.get(network, {})):
+                self._remove(network, key)
+            self.known.pop(network, None)
+
+    # --- every host's names: one read per network, then the feed's changes -------------------------------------
+    def on_names(self, network: str, changes: list[KeyChange] | None) -> None:
+        """The feed's changes of `network`'s names (keys below names/), or None: read the folder again."""
+        with self.lock:
+            if changes is None:
+                self.listed.pop(network, None)
+                self.pending.pop(network, None)
+            elif network in self.listed:
+                self._apply(network, changes)
+            else:
+                self.pending.setdefault(network, []).extend(changes)
+        self.changed.set()
+
+    def _read(self) -> bool:
+        served, ok = self.overlays(), True
+        for network, overlay in served.items():
+            if network in self.listed:
+                continue
+            try:
+                folder, revision = overlay.store.list_folder(FOLDER)
+            except StoreError as e:
+                log.warning("names of network %s: %s", network, e)
+                ok = False
+                continue
+            with self.lock:
+                for key in list(self.known.get(network, {})):
+                    self._remove(network, key)
+                self.known[network] = {}
+                for key, text in folder.items():
+                    self._put(network, key, text)
+                self.listed[network] = revision
+                self._apply(network, self.pending.pop(network, []))
+            del folder
+            memory.release_freed()
+        with self.lock:
+            for network in set(self.known) - set(served):
+                for key in list(self.known[network]):
+                    self._remove(network, key)
+                del self.known[network]
+                self.listed.pop(network, None)
+        return ok
+
+    def _apply(self, network: str, changes: list[KeyChange]) -> None:
+        """Changes after the network's read (under the lock)."""
+        for change in changes:
+            if change.revision <= self.listed[network]:
+                continue
+            if change.folder:  # a host's folder expired (v2): every key below it went
+                for key in [k for k in self.known[network] if k.startswith(change.key + "/")]:
+                    self._remove(network, key)
+            elif change.value is None:
+                self._remove(network, change.key)
+            else:
+                self._put(network, change.key, change.value)
+
+    def _put(self, network: str, key: str, text: str) -> None:
+        try:
+            raw = json.loads(text)
+            record = NameRecord(network, sys.intern(key.split("/", 1)[0]),
+                                tuple(sys.intern(str(n).lower()) for n in raw["names"]), str(raw["address"]),
+                                str(raw["address6"]) if raw.get("address6") else None)
+        except (ValueError, KeyError, TypeError):
+            return  # not a record of ours
+        self._remove(network, key)
+        self.known[network][key] = record
+        for name in record.names:
+            self.index[name] = tuple(sorted(self.index.get(name, ()) + (record,), key=_order))
+
+    def _remove(self, network: str, key: str) -> None:
+        record = self.known.get(network, {}).pop(key, None)
+        if record is None:
+            return
+        for name in record.names:
+            entries = tuple(r for r in self.index.get(name, ()) if r is not record)
+            if entries:
+                self.index[name] = entries
+            else:
+                self.index.pop(name, None)
 
     # --- answers ------------------------------------------------------------------------------------------------
-    def records(self, name: str, networks: set[str] | None) -> list[dict]:
+    def records(self, name: str, networks: set[str] | None) -> list[NameRecord]:
         """The records that give `name` on `networks` (None: all), in a stable order; none: the name is not known
         there."""
-        return [record for network, record in self.index.get(name.lower(), ())
-                if networks is None or network in networks]
+        return [record for record in self.index.get(name.lower(), ())
+                if networks is None or record.network in networks]
 
     def listing(self) -> list[dict]:
-        return [{"network": network, **record} for network, records in sorted(self.known.items())
-                for _, record in sorted(records.items())]
+        with self.lock:
+            return [record.described() for _, records in sorted(self.known.items())
+                    for _, record in sorted(records.items())]
+
+
+def _order(record: NameRecord) -> tuple[str, str, str]:
+    return record.network, record.host, record.address

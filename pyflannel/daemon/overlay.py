@@ -25,10 +25,11 @@ from . import backend as backends
 from . import config as netconfig
 from . import masq
 from .errors import Stopped, UserError
+from .feed import Feed
 from .guard import TunnelGuard
 from .health import Health
 from .iface import ExternalInterface
-from .lease import LeaseManager, LeaseWatcher
+from .lease import WATCH_SECONDS, LeaseManager, LeaseWatcher
 from .reconciler import Reconciler
 from .store.base import EXPIRY_NOT_READ, ConfigNotFound, Lease, LeaseEvent, StoreError
 from .subnets import IPv4Network, IPv6Network
@@ -60,10 +61,10 @@ def with_backoff(what: str, fn, health: Health, stop: threading.Event):
 
 
 class Overlay:
-    def __init__(self, name: str, store, flags, ext: ExternalInterface, metrics, guard: TunnelGuard,
+    def __init__(self, name: str, store, flags, ext: ExternalInterface, metrics, guard: TunnelGuard, feed: Feed,
                  health: Health | None = None, config: netconfig.NetworkConfig | None = None):
         """`config` None: read (and waited for) at start, as the default network's is. `guard`: the host's tunnel
-        guard, told of the network and its peers."""
+        guard, told of the network and its peers; `feed`: the host's watch, which gives the network its events."""
         self.name = name
         self.named = name != DEFAULT_NETWORK
         self.store = store
@@ -75,6 +76,7 @@ class Overlay:
         self.subnet_file = paths.network_env_file(flags.subnet_file, name if self.named else "")
         self.state_dir = os.path.join(flags.state_dir, "networks", name) if self.named else flags.state_dir
         self.guard = guard
+        self.feed = feed
         self.stop = threading.Event()
         self.ready = threading.Event()  # the lease is held and the kernel programmed
         self.error: str | None = None   # why a named network could not start
@@ -131,11 +133,12 @@ class Overlay:
                                    stop=self.stop, public_ipv6=self.backend.public_ipv6,
                                    backend_v6_data=self.backend.backend_v6_data)
         preferred = self.previous_subnets()
+        subscription = with_backoff(f"network {self.name}: watching etcd", lambda: self.feed.subscribe(self.name),
+                                    self.health, self.stop)  # before the listing: no change is lost between
         with_backoff(f"network {self.name}: acquiring a lease", lambda: self.leases.acquire(*preferred), self.health,
                      self.stop)
         peers, position = self.leases.listing  # our own lease, written after it, comes as a watch event
-        self.watcher = LeaseWatcher(self.store, {p.subnet: p for p in peers}, position, self.stop,
-                                    self.store.watch_views())
+        self.watcher = LeaseWatcher(self.store, {p.subnet: p for p in peers}, position, self.stop, subscription)
         self.guard.serve(self.name, self.backend.tunnel(), self.peers())
         self.use_lease()
         self.reconciler = Reconciler(self.kernel, self.backend, stop=self.stop)
@@ -143,6 +146,7 @@ class Overlay:
         self.health.programmed = True
         self.ready.set()
         threading.Thread(target=self.watch_loop, name=f"watch-{self.name}", daemon=True).start()
+        threading.Thread(target=self.audit_loop, name=f"audit-{self.name}", daemon=True).start()
 
     def use_lease(self) -> None:
         """Our lease is new or changed: devices, masquerading and subnet.env follow it. subnet.env comes last: the
@@ -202,6 +206,7 @@ class Overlay:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=30)
+        self.feed.unsubscribe(self.name)
         try:  # every lease of ours, also one from before a restart that this run had not taken back yet
             for lease in self.store.leases()[0]:
                 if lease.public_ip == self.ext.public_ip:
@@ -243,11 +248,11 @@ class Overlay:
         delay = 0.5
         while not self.stop.is_set():
             try:
-                events = self.watcher.resync() if lost else self.watcher.poll(self.watcher.until_audit())
+                events = self.watcher.resync() if lost else self.watcher.poll(WATCH_SECONDS)
                 if lost:
                     log.info("network %s: etcd is back: watch resumed", self.name)
                     self.watcher.audit_soon()
-                missed = self.watcher.audit_if_due()
+                missed = self.watcher.take_missed()
                 lost, delay = False, 0.5
                 self.health.etcd_ok = True
             except StoreError as e:
@@ -262,8 +267,18 @@ class Overlay:
                 log.warning("network %s: the watch missed the lease %s %s; the audit applies it now (a bug: please "
                             "report it)", self.name, event.lease.key, event.kind)
                 self.metrics.lease_audit_repairs.labels(event.kind).inc()
-            for event in events + missed:
+            for event in events:
                 self.events.put((time.monotonic(), event))
+
+    def audit_loop(self) -> None:
+        """The watch's safety net (LeaseWatcher.audit_if_due), in a thread of its own: its read may wait out a hung
+        etcd member's timeout, which must not hold up the events."""
+        while not self.stop.wait(self.watcher.until_audit()):
+            try:
+                self.watcher.audit_if_due()
+            except StoreError as e:
+                log.info("network %s: audit: %s; trying again soon", self.name, e)
+                self.watcher.audit_soon()
 
     def run(self) -> None:
         next_reconcile = time.monotonic() + self.flags.reconcile_interval

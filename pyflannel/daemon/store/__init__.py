@@ -8,14 +8,15 @@ import base64
 import functools
 import json
 import logging
-from typing import Callable
+from typing import Callable, Iterator
 
 from pyflannel.imports import deferred, standing_in
 
 with standing_in("importlib.metadata", deferred("importlib.metadata", calls=("version",))):
     import urllib3  # its optional HTTP/2 support checks h2's version with importlib.metadata at import: 0.8 MB
 
-from .base import PROBE_SECONDS, ConfigNotFound, Lease, LeaseDigest, LeaseEvent, Store, StoreError, parse_endpoints
+from .base import (PROBE_SECONDS, ConfigNotFound, KeyChange, Lease, LeaseDigest, Store, StoreError,
+                   parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,11 @@ class DetectedStore(Store):
     def delete_lease(self, lease: Lease) -> None:
         self.store().delete_lease(lease)
 
-    def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
-        return self.store().watch_leases(position, timeout)
+    def current_position(self) -> int:
+        return self.store().current_position()
+
+    def stream(self, position: int, idle: float) -> Iterator[list[KeyChange]]:
+        return self.store().stream(position, idle)
 
     def watch_views(self) -> list[Store]:
         return self.store().watch_views()
@@ -143,11 +147,14 @@ class DetectedStore(Store):
     def delete_key(self, key: str, expected: str) -> None:
         self.store().delete_key(key, expected)
 
-    def read_folder(self, folder: str) -> dict[str, str]:
-        return self.store().read_folder(folder)
+    def list_folder(self, folder: str) -> tuple[dict[str, str], int]:
+        return self.store().list_folder(folder)
 
-    def replace_keys(self, folder: str, items: dict[str, str], ttl: int) -> None:
-        self.store().replace_keys(folder, items, ttl)
+    def put_keys(self, folder: str, items: dict[str, str | None], ttl: int) -> None:
+        self.store().put_keys(folder, items, ttl)
+
+    def keep_alive(self, folder: str, ttl: int) -> bool:
+        return self.store().keep_alive(folder, ttl)
 
     def child(self, name: str) -> Store:
         """A named network lives in the API the default network was found in."""

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import urllib3
@@ -150,6 +150,16 @@ class LeaseEvent:
     revision: int = 0  # the store's position of the change (v2 index, v3 revision); 0: found by a re-listing
 
 
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """One change below a store's prefix, as its watch reports it."""
+    key: str  # below the prefix: 'subnets/10.5.1.0-24', 'names/192.0.2.11/10.5.1.2', 'shop/subnets/…'
+    value: str | None  # None: deleted or expired
+    revision: int  # the store's position of the change
+    lease: LeaseEvent | None = None  # a lease key's change, parsed (whichever network's it is)
+    folder: bool = False  # v2: a whole folder went (a names folder's TTL ran out), every key below it too
+
+
 class Store(abc.ABC):
     """Network config and subnet leases under one prefix (flannel's schema)."""
 
@@ -184,10 +194,22 @@ class Store(abc.ABC):
         """Delete the lease's key (none is fine)."""
 
     @abc.abstractmethod
-    def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
-        """Events after `position` (waits up to `timeout` s for the first) and the next position.
+    def current_position(self) -> int:
+        """The store's position now (v2 index, v3 revision): a watch from there misses nothing written later."""
 
+    @abc.abstractmethod
+    def stream(self, position: int, idle: float) -> Iterator[list[KeyChange]]:
+        """Batches of changes below the prefix after `position`, from one long-lived watch, as they come; it ends
+        when `idle` s pass without one (the caller goes on from the last revision it got). HistoryLost when the
+        store no longer has `position`, StoreError when the member fails."""
+
+    def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
+        """The lease events of the first batch after `position` (within `timeout` s) and the next position.
         HistoryLost when the store no longer has that position."""
+        for batch in self.stream(position, timeout):
+            events = [c.lease for c in batch if c.lease is not None and c.key.startswith("subnets/")]
+            return events, max(position, *(c.revision for c in batch))
+        return [], position
 
     def watch_views(self) -> list["Store"]:
         """Stores that watch the same leases through different etcd members, this one first: a watch on two
@@ -213,12 +235,20 @@ class Store(abc.ABC):
 
     # --- short-lived records of one host: container names (names.py) -------------------------------------------
     @abc.abstractmethod
-    def read_folder(self, folder: str) -> dict[str, str]:
-        """{key below <prefix>/<folder>/: value} of every key under it, at any depth."""
+    def list_folder(self, folder: str) -> tuple[dict[str, str], int]:
+        """{key below <prefix>/<folder>/: value} of every key under it, at any depth, and the store's position of
+        that read (the watch goes on from there)."""
 
     @abc.abstractmethod
-    def replace_keys(self, folder: str, items: dict[str, str], ttl: int) -> None:
-        """Make <prefix>/<folder>/ hold exactly `items`, each expiring `ttl` s from now unless written again."""
+    def put_keys(self, folder: str, items: dict[str, str | None], ttl: int) -> None:
+        """Write (a value) or delete (None) keys below <prefix>/<folder>/, kept alive with this host's liveness:
+        they go `ttl` s after keep_alive stops (v3: one etcd lease of the host for all its folders; v2: the
+        folder's TTL)."""
+
+    @abc.abstractmethod
+    def keep_alive(self, folder: str, ttl: int) -> bool:
+        """Keep the folder's keys alive `ttl` s more without rewriting them (no watch event); False when they are
+        gone already (expired): the caller writes them again."""
 
     def child(self, name: str) -> "Store":
         """The same etcd, API and credentials with the prefix <prefix>/<name>: the named network `name`."""

@@ -13,7 +13,9 @@ import json
 import logging
 import re
 import threading
+import time
 from datetime import datetime, timedelta, timezone
+from typing import Iterator
 
 import requests
 import urllib3
@@ -22,8 +24,9 @@ from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Et
 from etcd3gw.lease import Lease as EtcdLease
 
 from ..subnets import parse_lease_key
-from .base import (EXPIRY_NOT_READ, ConfigNotFound, HistoryLost, Lease, LeaseDigest, LeaseEvent, LeaseExists,
-                   LeaseNotFound, LeaseTaken, PROBE_SECONDS, Store, StoreError, answering_first, parse_endpoints)
+from .base import (EXPIRY_NOT_READ, PROBE_SECONDS, ConfigNotFound, HistoryLost, KeyChange, Lease, LeaseDigest,
+                   LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken, Store, StoreError, answering_first,
+                   parse_endpoints)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def _reason(error: Etcd3Exception) -> str:
 
 
 class _Unreachable(ConnectionFailedError):
-    """The watch stream broke: try the next endpoint."""
+    """A watch could not be opened on this endpoint: try the next one."""
 
 
 class EtcdV3Store(Store):
@@ -79,7 +82,9 @@ class EtcdV3Store(Store):
         self._ordered = len(self._clients) < 2  # endpoints that answer come first, decided at the first call
         self._read_expiry = read_expiry
         self._expirations: dict[int, datetime] = {}  # etcd lease ID -> when it ends (an etcd lease's TTL only shrinks)
-        self._folder_leases: dict[str, int] = {}  # replace_keys' folder -> the etcd lease its keys are on
+        self._folder_leases: dict[str, int] = {}  # put_keys' folder -> the etcd lease its keys are on
+        # this host's etcd lease for its short-lived keys: one for every network's store (child() shares it)
+        self._liveness = {"lock": threading.Lock(), "id": None, "kept": 0.0}
 
     # --- requests: failover across endpoints, authentication -------------------------------------------------
     def _call(self, fn, watch: bool = False):
@@ -264,66 +269,52 @@ class EtcdV3Store(Store):
         delete = {"request_delete_range": {"key": _b64(full)}}
         self._call(lambda client: client.transaction({"compare": [compare], "success": [delete]}))
 
-    # --- short-lived records ----------------------------------------------------------------------------------
-    def read_folder(self, folder: str) -> dict[str, str]:
+    # --- short-lived records: one etcd lease of this host for all its folders, kept alive -------------------------
+    def list_folder(self, folder: str) -> tuple[dict[str, str], int]:
         top = f"{self.prefix}/{folder}/"
-        kvs = self._call(lambda client: self._range(client, top, prefix=True)).get("kvs", [])
-        return {_text(kv["key"])[len(top):]: _text(kv.get("value")) for kv in kvs}
+        reply = self._call(lambda client: self._range(client, top, prefix=True))
+        return ({_text(kv["key"])[len(top):]: _text(kv.get("value")) for kv in reply.get("kvs", [])},
+                int(reply["header"]["revision"]))
 
-    def replace_keys(self, folder: str, items: dict[str, str], ttl: int) -> None:
-        """All keys on one fresh etcd lease, stale ones deleted, in one transaction; then the folder's previous etcd
-        lease is revoked (it holds no key any more): a host that stops writing loses its keys `ttl` s later."""
+    def put_keys(self, folder: str, items: dict[str, str | None], ttl: int) -> None:
+        """One transaction, the puts on the host's etcd lease (granted when there is none alive)."""
         top = f"{self.prefix}/{folder}/"
+        with self._liveness["lock"]:
+            if self._liveness["id"] is None:
+                granted = self._call(lambda client: client.lease(ttl))
+                self._liveness.update(id=granted.id, kept=time.monotonic())
+            lease_id = self._liveness["id"]
+        ops = [{"request_put": {"key": _b64(top + key), "value": _b64(value), "lease": lease_id}}
+               if value is not None else {"request_delete_range": {"key": _b64(top + key)}}
+               for key, value in items.items()]
+        try:
+            self._call(lambda client: client.transaction({"compare": [], "success": ops}))
+        except StoreError as e:
+            if "lease not found" in str(e):
+                self._liveness["id"] = None  # it expired: the next call grants another, the caller rewrites
+            raise
+        self._folder_leases[folder] = lease_id
 
-        def write(client: Etcd3Client) -> int:
-            have = {_text(kv["key"]) for kv in self._range(client, top, prefix=True).get("kvs", [])}
-            granted = client.lease(ttl)
-            ops = [{"request_put": {"key": _b64(top + key), "value": _b64(value), "lease": granted.id}}
-                   for key, value in items.items()]
-            ops += [{"request_delete_range": {"key": _b64(key)}} for key in have - {top + k for k in items}]
-            client.transaction({"compare": [], "success": ops})
-            return granted.id
-
-        lease_id = self._call(write)
-        previous, self._folder_leases[folder] = self._folder_leases.get(folder), lease_id
-        if previous:
-            try:
-                self._call(lambda client: EtcdLease(previous, client).revoke())
-            except StoreError:
-                pass  # it expires by itself
+    def keep_alive(self, folder: str, ttl: int) -> bool:
+        """One keep-alive request per third of the TTL, whatever the number of folders (networks) on the lease."""
+        with self._liveness["lock"]:
+            lease_id = self._liveness["id"]
+            if lease_id is None or self._folder_leases.get(folder) != lease_id:
+                return False
+            if time.monotonic() - self._liveness["kept"] < ttl / 6:
+                return True
+            left = self._call(lambda client: EtcdLease(lease_id, client).refresh())
+            if left <= 0:
+                self._liveness["id"] = None
+                return False
+            self._liveness["kept"] = time.monotonic()
+            return True
 
     # --- watch -------------------------------------------------------------------------------------------------
-    def _watch_once(self, client: Etcd3Client, position: int, timeout: float) -> list[dict]:
-        """The first batch of events after `position`, or [] when none came within `timeout` s."""
-        prefix = f"{self.prefix}/subnets/"
-        create = {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + "0"), "start_revision": position + 1}
-        try:
-            with client.session.post(client.get_url("/watch"), json={"create_request": create}, stream=True,
-                                     timeout=(self.timeout, timeout)) as reply:
-                if reply.status_code != 200:
-                    raise Etcd3Exception(reply.text, reply.reason)
-                for line in reply.iter_lines(chunk_size=None):
-                    if not line.strip():
-                        continue
-                    message = json.loads(line)
-                    if "error" in message:
-                        raise Etcd3Exception(json.dumps(message["error"]))
-                    result = message.get("result", {})
-                    if int(result.get("compact_revision", 0)):
-                        raise HistoryLost(f"revision {position + 1} is compacted (etcd keeps from "
-                                          f"{result['compact_revision']})")
-                    if result.get("canceled"):
-                        raise Etcd3Exception(result.get("cancel_reason") or "watch canceled by etcd")
-                    if result.get("events"):
-                        return result["events"]
-        except requests.exceptions.ReadTimeout:
-            return self._quiet(client)
-        except requests.exceptions.ConnectionError as e:
-            # requests reports a read timeout inside a stream as a ConnectionError wrapping urllib3's
-            if e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError):
-                return self._quiet(client)
-            raise _Unreachable(str(e)) from None
-        raise _Unreachable("the watch stream ended")
+    def current_position(self) -> int:
+        key = f"{self.prefix}/"
+        body = {"key": _b64(key), "range_end": _b64(key[:-1] + "0"), "count_only": True}
+        return int(self._call(lambda client: client.post(client.get_url("/kv/range"), json=body))["header"]["revision"])
 
     @staticmethod
     def _answers(client: Etcd3Client) -> bool:
@@ -333,34 +324,70 @@ class EtcdV3Store(Store):
         except requests.RequestException:
             return False
 
-    def _quiet(self, client: Etcd3Client) -> list:
-        """No event within the watch's time: a quiet prefix, or a hung member (they look alike). A member that does
-        not answer GET /version either is left for the next one."""
-        if self._answers(client):
-            return []
-        log.warning("etcd at %s does not answer: moving to another member", client.base_url)
-        raise _Unreachable(f"{client.base_url} does not answer")
-
     def watch_views(self) -> list["EtcdV3Store"]:
         if len(self.endpoints) < 2:
             return [self]
         return [self, EtcdV3Store(self.endpoints[1:] + self.endpoints[:1], self.prefix, **self._options)]
 
-    def watch_leases(self, position: int, timeout: float) -> tuple[list[LeaseEvent], int]:
-        raw = self._call(lambda client: self._watch_once(client, position, timeout), watch=True)
-        events = []
-        for item in raw:
+    def stream(self, position: int, idle: float) -> Iterator[list[KeyChange]]:
+        """One watch of the whole prefix on the current member, read as long as events come. A member that breaks
+        the stream, or stays quiet for `idle` s and does not answer GET /version either, is left for the next one
+        (StoreError)."""
+        top = f"{self.prefix}/"
+        create = {"key": _b64(top), "range_end": _b64(top[:-1] + "0"), "start_revision": position + 1}
+        client = self._watch_clients[self._current]
+
+        def open_stream(c: Etcd3Client):
+            nonlocal client
+            client = c
+            try:
+                reply = c.session.post(c.get_url("/watch"), json={"create_request": create}, stream=True,
+                                       timeout=(self.timeout, idle))
+            except requests.exceptions.ConnectionError as e:
+                raise _Unreachable(str(e)) from None
+            if reply.status_code != 200:
+                reply.close()
+                raise Etcd3Exception(reply.text, reply.reason)
+            return reply
+        reply = self._call(open_stream, watch=True)
+        try:
+            for line in reply.iter_lines(chunk_size=None):
+                if line.strip():
+                    batch = self._changes(json.loads(line), top)
+                    if batch:
+                        yield batch
+        except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as e:  # broken, or not JSON
+            quiet = isinstance(e, requests.exceptions.ReadTimeout) or (
+                isinstance(e, requests.exceptions.ConnectionError) and e.args
+                and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError))
+            if quiet and self._answers(client):
+                return
+            self._current = (self._current + 1) % len(self._watch_clients)
+            raise StoreError(f"etcd at {client.base_url}: " + ("does not answer" if quiet else "watch broken"))
+        finally:
+            reply.close()
+        self._current = (self._current + 1) % len(self._watch_clients)
+        raise StoreError(f"etcd at {client.base_url}: the watch stream ended")
+
+    def _changes(self, message: dict, top: str) -> list[KeyChange]:
+        if "error" in message:
+            raise StoreError(f"etcd watch: {json.dumps(message['error'])}")
+        result = message.get("result", {})
+        if int(result.get("compact_revision", 0)):
+            raise HistoryLost(f"compacted: etcd keeps revisions from {result['compact_revision']} on")
+        if result.get("canceled"):
+            raise StoreError(f"etcd watch canceled: {result.get('cancel_reason') or 'no reason given'}")
+        changes = []
+        for item in result.get("events", []):
             kv = item["kv"]
-            revision = int(kv["mod_revision"])
-            position = max(position, revision)
-            subnets = parse_lease_key(_text(kv["key"]))
-            if subnets is None:
-                continue
-            if item.get("type") == "DELETE":
-                events.append(LeaseEvent(LeaseEvent.REMOVED, Lease(subnets[0], "", "", ipv6_subnet=subnets[1]),
-                                         revision))
-            else:
+            key, revision = _text(kv["key"])[len(top):], int(kv["mod_revision"])
+            deleted = item.get("type") == "DELETE"
+            subnets = parse_lease_key(key)
+            event = None
+            if subnets is not None and deleted:
+                event = LeaseEvent(LeaseEvent.REMOVED, Lease(subnets[0], "", "", ipv6_subnet=subnets[1]), revision)
+            elif subnets is not None:
                 lease = self._lease_from(kv, watch=True)
-                if lease:
-                    events.append(LeaseEvent(LeaseEvent.ADDED, lease, revision))
-        return events, position
+                event = LeaseEvent(LeaseEvent.ADDED, lease, revision) if lease else None
+            changes.append(KeyChange(key, None if deleted else _text(kv.get("value")), revision, event))
+        return changes
