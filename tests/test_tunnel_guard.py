@@ -8,12 +8,13 @@ import ipaddress
 import itertools
 import json
 import signal
+import subprocess
 import time
 
 import pytest
 
 from pyflannel.localapi import Client
-from tests.lab import REPO, VENV_BIN, inside, sh, wait_until
+from tests.lab import REPO, SWITCH_IP, VENV_BIN, inside, sh, wait_until
 
 pytestmark = pytest.mark.lab
 VICTIM_PORT = 7000
@@ -130,3 +131,28 @@ def test_nothing_of_the_guard_outlives_a_leave_or_a_stop(make_lab):
     assert sets(h1) == set()
     for program in ("iptables", "ip6tables"):
         assert "PYFLANNEL" not in h1.sh(program, "-t", "raw", "-S")
+
+
+def test_containers_cannot_reach_etcd_unless_allowed(make_lab):
+    """A container cannot open a connection to the etcd endpoint pyflanneld uses; its host can (the control), and
+    with -allow-container-etcd the container can too."""
+    lab = make_lab(2)
+    lab.set_config()
+    for host in lab.hosts:  # (egress masqueraded: etcd's answer finds its way back to a container)
+        host.start_daemon("-ip-masq")
+        host.add_bridge()
+        host.add_container()
+    h1, h2 = lab.hosts
+    connect = ("import socket,sys; s=socket.create_connection((sys.argv[1], 2379), timeout=2); "
+               "s.sendall(b'GET /version HTTP/1.0\\r\\n\\r\\n'); print(s.makefile('rb').read().decode())")
+
+    def reaches_etcd(ns: str) -> bool:
+        done = subprocess.run(["ip", "netns", "exec", ns, str(VENV_BIN / "python"), "-c", connect, SWITCH_IP],
+                              capture_output=True, text=True, timeout=20)
+        return "etcdserver" in done.stdout
+
+    assert reaches_etcd(h1.ns) and not reaches_etcd(h1.containers[0].ns)
+    h2.daemon.kill(signal.SIGTERM)
+    h2.subnet_file.unlink()
+    h2.start_daemon("-ip-masq", "-allow-container-etcd")
+    assert reaches_etcd(h2.containers[0].ns)
