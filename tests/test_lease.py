@@ -5,7 +5,6 @@ import random
 import time
 from urllib.parse import urlparse
 
-import etcd
 import pytest
 from etcd3gw.client import Etcd3Client
 

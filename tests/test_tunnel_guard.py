@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pyflannel.localapi import Client
-from tests.lab import REPO, SWITCH_IP, VENV_BIN, inside, sh, wait_until
+from tests.lab import REPO, SWITCH_IP, VENV_BIN, sh, wait_until
 
 pytestmark = pytest.mark.lab
 VICTIM_PORT = 7000
