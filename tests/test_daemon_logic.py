@@ -361,7 +361,7 @@ def test_the_feed_goes_on_through_the_other_member_when_one_hangs():
     try:
         subscription = feed.subscribe(DEFAULT_NETWORK)
         shop = feed.subscribe("shop")
-        watcher = LeaseWatcher(store, {}, 1, stop, subscription)
+        watcher = LeaseWatcher(store, {}, 1, subscription)
         store.create_lease(peer("10.5.3.0/24", "192.0.2.13"), 60)
         store.create_lease(peer("10.5.4.0/24", "192.0.2.14"), 60)
         store.put_keys("names/192.0.2.13", {"10.5.3.2": '{"names": ["web"], "address": "10.5.3.2"}'}, 60)
@@ -408,7 +408,7 @@ def test_the_feed_tells_every_network_when_history_is_lost():
         with pytest.raises(HistoryLost):
             subscription.watch_leases(0, 5)
         assert lost == [DEFAULT_NETWORK]
-        watcher = LeaseWatcher(store, {}, 0, stop, subscription)
+        watcher = LeaseWatcher(store, {}, 0, subscription)
         assert [e.lease.subnet for e in watcher.resync()] == [N("10.5.3.0/24")]
         store.create_lease(peer("10.5.4.0/24", "192.0.2.14"), 60)  # the feed goes on from the store's position
         assert [e.lease.subnet for e in watcher.poll(5)] == [N("10.5.4.0/24")]

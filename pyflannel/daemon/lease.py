@@ -171,15 +171,14 @@ class LeaseWatcher:
     re-listing and diffing when history is lost. Changes carry the store's revision, so each is applied once, in
     order, and none that a listing already gave."""
 
-    def __init__(self, store: Store, known: dict[IPv4Network, Lease], position: int,
-                 stop: threading.Event | None = None, source=None, *, watch_seconds: float = WATCH_SECONDS,
+    def __init__(self, store: Store, known: dict[IPv4Network, Lease], position: int, source=None, *,
+                 watch_seconds: float = WATCH_SECONDS,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None):
         """`source`: where the events come from (`watch_leases(position, timeout)`), the store by default."""
         self.store = store
         self.source = source or store
         self.known = dict(known)
         self.position = position
-        self.stop = stop or threading.Event()
         self.watch_seconds = watch_seconds
         self.clock = clock
         self.rng = rng or random.Random()

@@ -138,7 +138,7 @@ class Overlay:
         with_backoff(f"network {self.name}: acquiring a lease", lambda: self.leases.acquire(*preferred), self.health,
                      self.stop)
         peers, position = self.leases.listing  # our own lease, written after it, comes as a watch event
-        self.watcher = LeaseWatcher(self.store, {p.subnet: p for p in peers}, position, self.stop, subscription)
+        self.watcher = LeaseWatcher(self.store, {p.subnet: p for p in peers}, position, subscription)
         self.guard.serve(self.name, self.backend.tunnel(), self.peers())
         self.use_lease()
         self.reconciler = Reconciler(self.kernel, self.backend, stop=self.stop)
@@ -197,6 +197,7 @@ class Overlay:
         except (UserError, KernelError, OSError) as e:
             self.error = str(e)
             log.error("network %s: %s", self.name, e)
+            self.feed.unsubscribe(self.name)  # nobody reads its share any more
         except Stopped:
             pass
 
