@@ -64,11 +64,6 @@ def process_cpu_rss(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / ticks, rss_kb / 1024
 
 
-def daemon_pid(host) -> int:
-    """pyflanneld's PID (the lab starts it behind `ip netns exec` and a mount wrapper, which exec into it)."""
-    return host.daemon.pid
-
-
 def simulate(lab, hosts: int) -> None:
     """`hosts` simulated hosts: a lease and CONTAINERS names in every network, written in transactions of 100."""
     ops = []
@@ -142,9 +137,9 @@ def run(real: int, simulated: int) -> dict:
         wait_until("every name everywhere", lambda: all(resolves(h, f"{last.name}-n2-{CONTAINERS - 1}")
                                                         for h in lab.hosts), timeout=120)
         time.sleep(5)  # the audits after start are done
-        before, cpu = etcd_counters(lab), {h.name: process_cpu_rss(daemon_pid(h)) for h in lab.hosts}
+        before, cpu = etcd_counters(lab), {h.name: process_cpu_rss(h.daemon.pid) for h in lab.hosts}
         time.sleep(IDLE_SECONDS)
-        after, cpu_after = etcd_counters(lab), {h.name: process_cpu_rss(daemon_pid(h)) for h in lab.hosts}
+        after, cpu_after = etcd_counters(lab), {h.name: process_cpu_rss(h.daemon.pid) for h in lab.hosts}
         figures = {"real": real, "simulated": simulated, "networks": len(NETWORKS), "containers": CONTAINERS,
                    "idle_requests_per_s_per_host": (after["requests"] - before["requests"]) / IDLE_SECONDS / real,
                    "idle_bytes_per_s_per_host": (after["sent_bytes"] - before["sent_bytes"]) / IDLE_SECONDS / real,
