@@ -116,28 +116,28 @@ class EtcdV2Store(Store):
             log.warning("ignoring lease %s: %s", node.key, e)
             return None
 
-    def _lease_nodes(self) -> tuple[list, int]:
-        """The lease folder's nodes and etcd's index at that read, in one request. Without a folder yet, the index
-        is the one in etcd's not-found reply: any later read (of the config, say) would be later, and a lease
-        created in between would be neither listed nor watched from there."""
+    def _leaves(self, key: str) -> tuple[list, int]:
+        """The leaf nodes below `key` and etcd's index at that read, in one request. Without the key, the index
+        is the one in etcd's not-found reply: any later read would be later, and a key created in between would be
+        neither read nor watched from there (the start race of hosts on a fresh network)."""
         def read(client):
             try:
-                result = client.read(f"{self.prefix}/subnets", recursive=True)
+                result = client.read(key, recursive=True)
             except etcd.EtcdKeyNotFound as e:
                 index = (e.payload or {}).get("index")
                 if index is None:
-                    raise etcd.EtcdException(f"{self.prefix}/subnets: not found, and the reply has no index")
+                    raise etcd.EtcdException(f"{key}: not found, and the reply has no index")
                 return [], int(index)
             return [node for node in result.leaves if not node.dir], result.etcd_index
         return self._call(read, self.client)
 
     def leases(self) -> tuple[list[Lease], int]:
-        nodes, index = self._lease_nodes()
+        nodes, index = self._leaves(f"{self.prefix}/subnets")
         return [lease for lease in map(self._lease_from, nodes) if lease], index
 
     def lease_digest(self) -> LeaseDigest:
         """v2 has no count or modified index of a folder's children: one listing, without parsing the values."""
-        nodes = [node for node in self._lease_nodes()[0] if parse_lease_key(node.key)]
+        nodes = [node for node in self._leaves(f"{self.prefix}/subnets")[0] if parse_lease_key(node.key)]
         return LeaseDigest(len(nodes), max((node.modifiedIndex for node in nodes), default=0))
 
     def write_lease(self, lease: Lease, ttl: int | None, must_exist: bool, expected: str | None = None) -> Lease:
@@ -200,15 +200,8 @@ class EtcdV2Store(Store):
     # --- short-lived records: keys in a folder with a TTL, refreshed without a watch event -----------------------
     def list_folder(self, folder: str) -> tuple[dict[str, str], int]:
         top = f"{self.prefix}/{folder}/"
-
-        def read(client):
-            try:
-                result = client.read(top.rstrip("/"), recursive=True)
-            except etcd.EtcdKeyNotFound as e:
-                return {}, int((e.payload or {}).get("index", 0))
-            return ({node.key[len(top):]: node.value for node in result.leaves
-                     if not node.dir and node.key.startswith(top)}, result.etcd_index)
-        return self._call(read, self.client)
+        nodes, index = self._leaves(top.rstrip("/"))
+        return {node.key[len(top):]: node.value for node in nodes if node.key.startswith(top)}, index
 
     def put_keys(self, folder: str, items: dict[str, str | None], ttl: int) -> None:
         """The folder is made with the TTL if it is not there; its keys have none of their own."""
@@ -243,12 +236,7 @@ class EtcdV2Store(Store):
 
     # --- watch -------------------------------------------------------------------------------------------------
     def current_position(self) -> int:
-        def read(client):
-            try:
-                return client.read(self.prefix).etcd_index
-            except etcd.EtcdKeyNotFound as e:
-                return int((e.payload or {}).get("index", 0))
-        return self._call(read, self.client)
+        return self._leaves(f"{self.prefix}/config")[1]
 
     def stream(self, position: int, idle: float) -> Iterator[list[KeyChange]]:
         """v2 reports one change per request (a long poll on the prefix, recursive). An etcd v2 watch sends nothing
