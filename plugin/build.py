@@ -47,7 +47,8 @@ def freeze(out: Path) -> Path:
     work = out / "pyinstaller"
     argv = [sys.executable, "-m", "PyInstaller", "--noconfirm", "--onedir", "--strip", "--log-level", "WARN",
             "--name", "pyflannel", "--paths", str(REPO), "--distpath", str(work / "dist"),
-            "--workpath", str(work / "work"), "--specpath", str(work)]
+            "--workpath", str(work / "work"), "--specpath", str(work),
+            "--copy-metadata", "pyflannel"]  # pyflanneld --version reads it
     for module in HIDDEN_IMPORTS:
         argv += ["--hidden-import", module]
     for module in EXCLUDED_MODULES:

@@ -1,4 +1,5 @@
-"""`pyflannel`: the operator's view of a host — `pyflannel status [--json]`, `pyflannel doctor [--json]`."""
+"""`pyflannel`: the operator's view of a host — `pyflannel status [--json]`, `pyflannel doctor [--json]`; `join`,
+`leave`, `rotate-key`; `docker-opts` for a docker0 on the lease."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 from pyflannel import localapi, paths, subnetenv
+from pyflannel.dockeropts import DOCKER_ENV
+from pyflannel.files import write_atomically
 
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +129,7 @@ def membership(args) -> int:
     client = localapi.Client(args.api_socket)
     try:
         if args.command == "join":
-            network = client.join(args.name, args.subnet, args.backend)
+            network = client.join(args.name, args.subnet, args.backend, args.ipv6)
             print(f"{args.name}: Network {network['network']}, backend {network['backend']}, device "
                   f"{network['device']}, this host's lease {network['lease']} ({network['subnet_file']})")
         elif args.command == "rotate-key":
@@ -154,6 +157,38 @@ def names(args) -> int:
     else:
         rows = [[r["network"], ", ".join(r["names"]), r["address"], r["host"]] for r in records]
         print("\n".join(table(("network", "names", "address", "host"), rows)))
+    return 0
+
+
+def docker_opts(args) -> int:
+    """`pyflannel docker-opts`: flannel's mk-docker-opts.sh, with its switches."""
+    from pyflannel import dockeropts
+    from pyflannel.kernel.netlink import Kernel
+    try:
+        env = subnetenv.read(args.f)
+    except subnetenv.SubnetEnvError as e:
+        print(f"pyflannel docker-opts: {e}", file=sys.stderr)
+        return 1
+    if env.lease is not None:
+        kernel = Kernel()
+        try:
+            routed = [r for r in kernel.all_routes() if r.get("RTA_GATEWAY") and r.get("RTA_DST") == str(
+                env.lease.network_address) and r["dst_len"] == env.lease.prefixlen]
+        finally:
+            kernel.close()
+        if routed:
+            print(f"pyflannel docker-opts: the routing table already has {env.lease} via "
+                  f"{routed[0].get('RTA_GATEWAY')}: docker0 cannot hold this host's lease (another flannel daemon "
+                  f"or a stale route has it)", file=sys.stderr)
+            return 1
+    neither = not args.i and not args.c
+    choice = dockeropts.Choice(individual=args.i or neither, combined=args.c or neither, key=args.k,
+                               ip_masq=not args.m)
+    try:
+        write_atomically(args.d, dockeropts.render(env, choice, os.environ.get(args.k, "")))
+    except OSError as e:
+        print(f"pyflannel docker-opts: cannot write {args.d}: {e.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -191,10 +226,24 @@ def main(argv: list[str] | None = None) -> int:
             action.add_argument("--subnet", help="its cluster-wide Network, when this host creates it")
             action.add_argument("--backend", choices=localapi.BACKENDS,
                                 help="its backend, when this host creates it (default vxlan)")
+            action.add_argument("--ipv6", action="store_true",
+                                help="dual stack: its own IPv6Network beside the IPv4 one (IPv4 only otherwise)")
         action.add_argument("-api-socket", "--api-socket", default=os.environ.get("FLANNELD_API_SOCKET",
                                                                                  paths.DAEMON_SOCKET),
                             help="pyflanneld's -api-socket (default %(default)s)")
+    opts = sub.add_parser("docker-opts", help="write dockerd's options for a docker0 on this host's lease, as "
+                                              "flannel's mk-docker-opts.sh does")
+    opts.add_argument("-f", default=paths.SUBNET_FILE, metavar="FLANNEL-ENV-FILE",
+                      help="subnet.env to read (default %(default)s)")
+    opts.add_argument("-d", default=DOCKER_ENV, metavar="DOCKER-ENV-FILE",
+                      help="the file to write (default %(default)s)")
+    opts.add_argument("-i", action="store_true", help="each option as a variable of its own (DOCKER_OPT_MTU=...)")
+    opts.add_argument("-c", action="store_true", help="all options in one variable (-k); -i and -c when neither")
+    opts.add_argument("-k", default="DOCKER_OPTS", metavar="COMBINED-KEY", help="the combined variable's name")
+    opts.add_argument("-m", action="store_true", help="no --ip-masq (for old Docker versions)")
     args = parser.parse_args(argv)
+    if args.command == "docker-opts":
+        return docker_opts(args)
     if args.command == "doctor":
         from pyflannel import doctor as doctor_module
         return doctor_module.run(args)

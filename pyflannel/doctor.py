@@ -16,6 +16,8 @@ The map — each check is one small function below, in this order:
     forwarding  ip_forward is on and FORWARD lets pyflannel's bridges through
     masquerade  every masqueraded Docker network of pyflannel's has its egress rule
     networks    pyflanneld serves every named flannel network it joined, and every one a Docker network is on
+    flanneld    no network served here carries IPv6 over an IPv4 underlay (pyflannel-only) with a flanneld among
+                its hosts (a lease without an IPv6 subnet: what a flanneld that cannot do IPv6 writes)
     dns         pyflanneld answers DNS (container names across hosts) on its -dns-address
 
 A finding is a "problem" (exit code 1) or "unknown" (what could not be read; exit code unaffected).
@@ -79,6 +81,7 @@ class Facts:
     dns_address: str = ""
     daemon_error: str = ""
     allow_container_tunnels: bool = False  # pyflanneld's flag
+    served: dict = field(default_factory=dict)  # name -> (config, leases) of each network served, the default too
 
     @property
     def network(self) -> ipaddress.IPv4Network | None:
@@ -138,6 +141,14 @@ def gather(args) -> Facts:
         facts.daemon_networks = localapi.Client(args.api_socket, timeout=3.0).networks()
     except localapi.DaemonError as e:
         facts.daemon_error = str(e)
+    if facts.config is not None and facts.leases is not None:
+        facts.served[localapi.DEFAULT_NETWORK] = (facts.config, facts.leases)
+        for name in {n["name"] for n in facts.daemon_networks or ()} - {localapi.DEFAULT_NETWORK}:
+            try:
+                child = store.child(name)
+                facts.served[name] = (netconfig.parse(child.network_config()), child.leases()[0])
+            except (ConfigNotFound, ConfigError, StoreError, ValueError):
+                pass  # the networks check says why it is not served
     if facts.config:
         facts.backend, facts.vni, facts.port = facts.config.backend_type, facts.config.vni, facts.config.port
         if facts.config.wireguard:
@@ -607,6 +618,31 @@ def check_networks(facts: Facts) -> list[Finding]:
     return findings
 
 
+def check_flanneld(facts: Facts) -> list[Finding]:
+    """A dual-stack network whose hosts have no IPv6 underlay carries IPv6 inside IPv4, in leases without PublicIPv6:
+    pyflannel's alone (flanneld v0.14+ dereferences the missing address and programs none of the host's routes).
+    flanneld's leases look like pyflannel's, but on a dual-stack network one without an IPv6 subnet is a host that
+    cannot do IPv6: a flanneld (v0.13 or older; later ones refuse to start there without an IPv6 underlay)."""
+    findings = []
+    for name, (config, leases) in sorted(facts.served.items()):
+        if config.ipv6 is None or not config.enable_ipv4:
+            continue
+        over_v4 = sorted({lease.public_ip for lease in leases if lease.ipv6_subnet and not lease.public_ipv6})
+        no_v6 = sorted({lease.public_ip for lease in leases if lease.ipv6_subnet is None})
+        if over_v4 and no_v6:
+            default = name == localapi.DEFAULT_NETWORK
+            where = f"{facts.prefix}/config" if default else f"{facts.prefix}/{name}/config"
+            findings.append(Finding(
+                "flanneld", PROBLEM,
+                f"{'the default network' if default else f'network {name}'} is pyflannel-only: host(s) "
+                f"{', '.join(over_v4)} carry its IPv6 over an IPv4 underlay (leases without PublicIPv6), which "
+                f"flanneld cannot read; host(s) {', '.join(no_v6)} hold a lease without an IPv6 subnet, as a flanneld "
+                f"writes (or a pyflanneld not restarted since IPv6 was added to {where})",
+                f"run pyflanneld on {', '.join(no_v6)}, or make the network IPv4-only: remove EnableIPv6 and "
+                f"IPv6Network from {where} and restart pyflanneld on its hosts"))
+    return findings
+
+
 def check_dns(facts: Facts) -> list[Finding]:
     if not facts.dns_address:
         return []  # -dns-address "": no DNS on purpose
@@ -640,6 +676,7 @@ CHECKS = [
     ("forwarding", "ip_forward is on and FORWARD lets pyflannel's bridges through", check_forwarding),
     ("masquerade", "every masqueraded Docker network of pyflannel's has its egress rule", check_masquerade),
     ("networks", "pyflanneld serves every named flannel network it joined or Docker uses", check_networks),
+    ("flanneld", "no flanneld host in a network that carries IPv6 over an IPv4 underlay", check_flanneld),
     ("dns", "pyflanneld answers DNS for container names", check_dns),
 ]
 

@@ -52,6 +52,30 @@ routes ::1 out of a link), so `[::1]:PORT` is not published.
 
 Traffic between flannel addresses is never masqueraded (flannel's rule). At start the driver rewrites these chains
 from its state, so a crash neither loses nor leaks a rule.
+
+flannel's own rules, which pyflanneld keeps for the networks it serves (`masq_chain`, `forward_chain`): the default
+network's in flannel v0.20's chains, hooks and comments, so that flanneld and pyflanneld find each other's set as
+their own and a swap either way leaves one set; IPv4 and, through ip6tables, IPv6.
+
+    nat    FLANNEL-POSTRTG      (-ip-masq; first in POSTROUTING:
+                                 -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG)
+             -m mark --mark 0x4000/0x4000 -j RETURN               kube-proxy's marked packets: kube-proxy's to NAT
+             -s <Network> -d <Network> -j RETURN                  inside the network: the source is kept
+             -s <Network> ! -d 224.0.0.0/4 -j MASQUERADE --random-fully        the network to the world
+             ! -s <Network> -d <lease> -j RETURN                  the world to this host's containers: kept
+             ! -s <Network> -d <Network> -j MASQUERADE --random-fully          the host to other hosts' containers
+             (each rule with -m comment --comment "flanneld masq"; IPv6: ff00::/8; --random-fully unless
+             -ip-masq-fully-random-disable or iptables is older than 1.6.2)
+    filter FLANNEL-FWD          (--iptables-forward-rules; in FORWARD: -m comment --comment "flanneld forward"
+                                 -j FLANNEL-FWD, first but below PYFLANNEL-ISOLATION and PYFLANNEL-CNI-ISOLATION)
+             -s <Network> -j ACCEPT ; -d <Network> -j ACCEPT       (each with -m comment --comment "flanneld forward")
+
+A named network has no flanneld: its masquerade is the same rules, without the comment and the mark, in
+PYFLANNEL-POSTRTG-<VNI> (hooked first in POSTROUTING by -j PYFLANNEL-POSTRTG-<VNI>), and no FLANNEL-FWD (the driver
+accepts its bridges' traffic). FLANNEL-FWD accepts anything from or to the default Network, so it must come after
+the isolation chains, which drop what crosses from one flannel network to another: flanneld (-I FORWARD) puts its
+hook first, pyflanneld puts it back below them. The rules the default network's replace (`replaced_rules`):
+flannel v0.13's, straight in POSTROUTING and FORWARD, and pyflannel's earlier PYFLANNEL-POSTRTG.
 """
 from __future__ import annotations
 
@@ -251,4 +275,79 @@ def tunnel_rules(specs: list[TunnelSpec], etcd: list[tuple[str, int]] = (), cont
                                        vtep_set(spec.vni, version), "src", "-j", "RETURN"), v6) for spec in vxlan]
         rules += [Rule("raw", TUNNEL, ("-p", "udp", "--dport", str(port), *local, "-j", "DROP"), v6)
                   for port in sorted({spec.udp_ports[0] for spec in vxlan})]
+    return rules
+
+
+# --- flannel's rules: -ip-masq and --iptables-forward-rules ------------------------------------------------------
+
+FLANNEL_MASQ = "FLANNEL-POSTRTG"
+FLANNEL_FORWARD = "FLANNEL-FWD"
+NAMED_MASQ = "PYFLANNEL-POSTRTG"  # a named network's: PYFLANNEL-POSTRTG-<VNI>; before issue 28 the default's too
+KUBE_PROXY_MARK = "0x4000/0x4000"
+MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
+# FORWARD's hooks that must run before FLANNEL-FWD's (which accepts the whole default Network)
+ISOLATION_HOOKS = tuple(rule for table, chain, rule, _ in HOOKS + CNI_HOOKS if (table, chain) == ("filter", "FORWARD"))
+
+
+@dataclass(frozen=True)
+class HookedChain:
+    """A chain holding `rules` (in this order, nothing else) and its one hook: the rule `hook` of the built-in chain
+    `builtin`, which jumps to it; inserted first in `builtin`, but after the rules in `below` if there are any."""
+    table: str
+    chain: str
+    builtin: str
+    hook: tuple[str, ...]
+    rules: tuple[tuple[str, ...], ...]
+    v6: bool = False
+    below: tuple[tuple[str, ...], ...] = ()
+
+
+def _flannels(rule: tuple[str, ...], comment: str) -> tuple[str, ...]:
+    """`rule` as flanneld writes it: its comment before the target (where `iptables -S` shows it)."""
+    target = rule.index("-j")
+    return rule[:target] + ("-m", "comment", "--comment", comment) + rule[target:]
+
+
+def _masquerade(network, lease, random_fully: bool) -> tuple[tuple[str, ...], ...]:
+    """flannel's masquerade rules, as v0.13 had them (in POSTROUTING itself)."""
+    n, s = str(network), str(lease)
+    masquerade = ("-j", "MASQUERADE", "--random-fully") if random_fully else ("-j", "MASQUERADE")
+    return (("-s", n, "-d", n, "-j", "RETURN"),                          # inside the network: the source is kept
+            ("-s", n, "!", "-d", MULTICAST[network.version], *masquerade),  # the network to the world
+            ("!", "-s", n, "-d", s, "-j", "RETURN"),                     # the world to this host's containers: kept
+            ("!", "-s", n, "-d", n, *masquerade))                        # the host to other hosts' containers
+
+
+def masq_chain(network, lease, random_fully: bool, vni: int | None = None) -> HookedChain:
+    """-ip-masq for one address family: flannel v0.20's FLANNEL-POSTRTG for the default network (`vni` None), the
+    same rules unmarked in PYFLANNEL-POSTRTG-<VNI> for a named one."""
+    rules, v6 = _masquerade(network, lease, random_fully), network.version == 6
+    if vni is not None:
+        chain = f"{NAMED_MASQ}-{vni}"
+        return HookedChain("nat", chain, "POSTROUTING", ("-j", chain), rules, v6)
+    rules = (("-m", "mark", "--mark", KUBE_PROXY_MARK, "-j", "RETURN"),) + rules
+    return HookedChain("nat", FLANNEL_MASQ, "POSTROUTING", _flannels(("-j", FLANNEL_MASQ), "flanneld masq"),
+                       tuple(_flannels(rule, "flanneld masq") for rule in rules), v6)
+
+
+def forward_chain(network) -> HookedChain:
+    """--iptables-forward-rules for one address family: FLANNEL-FWD, below the isolation chains' hooks."""
+    n = str(network)
+    return HookedChain("filter", FLANNEL_FORWARD, "FORWARD", _flannels(("-j", FLANNEL_FORWARD), "flanneld forward"),
+                       tuple(_flannels(rule, "flanneld forward") for rule in (("-s", n, "-j", "ACCEPT"),
+                                                                                ("-d", n, "-j", "ACCEPT"))),
+                       network.version == 6, ISOLATION_HOOKS)
+
+
+def replaced_rules(network, lease, masquerade: bool, forward: bool) -> list[Rule]:
+    """What the default network's chains replace, to be deleted wherever found: flannel v0.13's rules (no chains:
+    POSTROUTING's, with and without --random-fully, and FORWARD's) and the hook of pyflannel's earlier
+    PYFLANNEL-POSTRTG."""
+    n, v6 = str(network), network.version == 6
+    rules = []
+    if masquerade:
+        v013 = dict.fromkeys(_masquerade(network, lease, False) + _masquerade(network, lease, True))
+        rules += [Rule("nat", "POSTROUTING", args, v6) for args in (*v013, ("-j", NAMED_MASQ))]
+    if forward:
+        rules += [Rule("filter", "FORWARD", (flag, n, "-j", "ACCEPT"), v6) for flag in ("-s", "-d")]
     return rules

@@ -3,9 +3,11 @@
 HTTP with JSON bodies on a Unix socket (default /run/flannel/pyflanneld.sock, root only):
 
     GET    /v1/networks          every flannel network this host serves: {"networks": [{"name", "network", ...}]}
-    PUT    /v1/networks/NAME     join NAME (body {"Network": "10.60.0.0/16", "Backend": "wireguard"}, both optional);
-                                 the first host to use a name writes its config to etcd. Answers once the lease is
-                                 held and NAME's subnet.env is written: the network's description.
+    PUT    /v1/networks/NAME     join NAME (body {"Network": "10.60.0.0/16", "Backend": "wireguard", "IPv6": true},
+                                 each optional); the first host to use a name writes its config to etcd (dual stack
+                                 only with "IPv6"; "IPv6" on a network that has none adds it while this host alone
+                                 serves it). Answers once the lease is held and NAME's subnet.env is written: the
+                                 network's description.
     DELETE /v1/networks/NAME     leave NAME: the lease is deleted and the kernel state goes.
     PUT    /v1/names             this host's containers and their names per network (the whole set, each time)
     GET    /v1/names             every host's container names in the networks served: {"names": [...]}
@@ -89,9 +91,10 @@ class Client:
             raise DaemonError(f"pyflanneld: {reply.get('error') or f'HTTP {status}'}", status or 503)
         return reply
 
-    def join(self, name: str, network: str | None = None, backend: str | None = None) -> dict:
-        """Serve network `name`; a new one gets `network` (its Network) and `backend` (vxlan or wireguard)."""
-        body = {key: value for key, value in (("Network", network), ("Backend", backend)) if value}
+    def join(self, name: str, network: str | None = None, backend: str | None = None, ipv6: bool = False) -> dict:
+        """Serve network `name`; a new one gets `network` (its Network) and `backend` (vxlan or wireguard); `ipv6`:
+        the network must be dual stack (IPv4-only otherwise, when new)."""
+        body = {key: value for key, value in (("Network", network), ("Backend", backend), ("IPv6", ipv6)) if value}
         return self._call("PUT", _network_path(name), body)
 
     def leave(self, name: str) -> dict:

@@ -195,17 +195,20 @@ def network_request(network_id: str, pool: str = LEASE, gateway: str | None = GA
 
 class FakeDaemon:
     """pyflanneld's side of the local API (its real server, pyflannel/daemon/api.py) over a fake: a join writes the
-    named network's subnet.env, as pyflanneld does (with the IPv6 lease `lease6` too: a dual-stack network); leaves
-    are recorded."""
+    named network's subnet.env, as pyflanneld does (with the IPv6 lease `lease6` too once a join asked for IPv6: a
+    dual-stack network); joins' IPv6 asks and leaves are recorded."""
 
     def __init__(self, subnet_file, lease6: str | None = None):
         self.subnet_file, self.lease6 = str(subnet_file), lease6
         self.left: list[str] = []
         self.backends: list[str | None] = []
+        self.ipv6: list[bool] = []
 
-    def join(self, name: str, network: str | None, backend: str | None = None) -> dict:
+    def join(self, name: str, network: str | None, backend: str | None = None, ipv6: bool = False) -> dict:
         self.backends.append(backend)
-        write_subnet_env(paths.network_env_file(self.subnet_file, name), lease="10.60.3.0/24", lease6=self.lease6)
+        self.ipv6.append(ipv6)
+        write_subnet_env(paths.network_env_file(self.subnet_file, name), lease="10.60.3.0/24",
+                         lease6=self.lease6 if any(self.ipv6) else None)
         return {"name": name}
 
     def leave(self, name: str) -> dict:

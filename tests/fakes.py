@@ -83,6 +83,12 @@ class MemoryStore(Store):
         if self.keys.get(key) == expected:
             del self.keys[key]
 
+    def replace_key(self, key: str, value: str, expected: str) -> bool:
+        if self.keys.get(key) != expected:
+            return False
+        self.keys[key] = value
+        return True
+
     def list_folder(self, folder: str) -> tuple[dict[str, str], int]:
         top = folder + "/"
         return {key[len(top):]: value for key, value in self.keys.items() if key.startswith(top)}, self.revision
@@ -184,6 +190,9 @@ class FakeKernel:
 
     def set_mtu(self, index: int, mtu: int) -> None:
         self.links[index]["IFLA_MTU"] = mtu
+
+    def set_up(self, index: int) -> None:
+        self.links[index]["up"] = True
 
     def set_only_address(self, index: int, address) -> None:
         self.links[index]["addresses"] = [address]

@@ -201,13 +201,13 @@ class Host:
     def sh(self, *args, **kw) -> str:
         return sh(*args, ns=self.ns, **kw)
 
-    def start_daemon(self, *extra: str, wait_ready: bool = True) -> Process:
+    def start_daemon(self, *extra: str, wait_ready: bool = True, env: dict | None = None) -> Process:
         iface = [] if "-iface" in extra else ["-iface", "eth0"]
         args = ["-etcd-endpoints", self.lab.etcd_endpoints, *iface, "-subnet-file", str(self.subnet_file),
                 "--state-dir", str(self.state_dir), "-etcd-prefix", self.lab.prefix_key, "-api-socket",
                 str(self.api_sock), "-dns-upstream", OUTSIDE_DNS, *extra]
         self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", self.with_own_run_wireguard(
-            str(VENV_BIN / "pyflanneld"), *args), ns=self.ns)
+            str(VENV_BIN / "pyflanneld"), *args), ns=self.ns, env=env)
         if wait_ready:
             wait_until(f"{self.name}'s subnet.env", lambda: self.subnet_file.exists() or not self.daemon.alive(),
                        timeout=30)

@@ -269,11 +269,12 @@ def test_containerd_ctr_run_cni_across_hosts(lab, binary):
 
 def test_a_conflist_names_a_flannel_network(lab, binary):
     """"network": "shop": the first ADD on a host joins the named network through pyflanneld's API (the first host
-    writes its config to etcd), on a bridge of its own; containers of it reach each other across hosts. A named
-    network is dual stack: each container also gets an address of the host's IPv6 lease (over this IPv4 underlay)."""
+    writes its config to etcd), on a bridge of its own; containers of it reach each other across hosts. With "ipv6":
+    true the network is dual stack: each container also gets an address of the host's IPv6 lease (over this IPv4
+    underlay)."""
     ips = {}
     for host in lab.hosts:
-        conf = plugin_conf(host, network="shop", daemonSocket=str(host.api_sock))
+        conf = plugin_conf(host, network="shop", ipv6=True, daemonSocket=str(host.api_sock))
         container = lab.add_ns(f"{host.name}shop")
         done = host.run_cni(binary, "ADD", conf, f"shop-{host.name}", f"/run/netns/{container}")
         result = answer(done)
@@ -321,7 +322,8 @@ def test_cni_networks_are_walled_off_from_each_other(lab, binary):
     members = {}  # (network, host) -> (namespace, IPv4 address, IPv6 address or None, listener)
     for host in lab.hosts:
         for network in ("", "ca", "cb"):
-            conf = plugin_conf(host, name=f"walls-{network or 'default'}", **({"network": network} if network else {}))
+            conf = plugin_conf(host, name=f"walls-{network or 'default'}",
+                               **({"network": network, "ipv6": True} if network else {}))
             ns = lab.add_ns(f"{host.name}w{network or 'd'}")
             result = answer(done := host.run_cni(binary, "ADD", conf, f"walls-{network}-{host.name}", f"/run/netns/{ns}"))
             assert done.returncode == 0, result

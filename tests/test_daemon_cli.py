@@ -1,13 +1,20 @@
-"""pyflanneld as a user meets it: clear one-line errors (no tracebacks), -ip-masq, /healthz and /readyz."""
+"""pyflanneld as a user meets it: clear one-line errors (no tracebacks), -ip-masq, /healthz and /readyz, systemd's
+readiness (NOTIFY_SOCKET), -iface-can-reach."""
 import json
+import signal
+import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.lab import VENV_BIN, inside, ping, wait_until
+from pyflannel.daemon import iface
+from pyflannel.daemon.errors import UserError
+from pyflannel.kernel.netlink import Kernel
+from tests.lab import VENV_BIN, Lab, inside, ping, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -20,8 +27,8 @@ def exited(process, timeout=20):
 def test_bad_flag_names_the_flag():
     done = subprocess.run([str(VENV_BIN / "pyflanneld"), "-healthz-port", "http"], capture_output=True, text=True)
     assert done.returncode == 2 and "-healthz-port" in done.stderr and "'http'" in done.stderr
-    done = subprocess.run([str(VENV_BIN / "pyflanneld"), "-kube-subnet-mgr"], capture_output=True, text=True)
-    assert done.returncode == 2 and "unrecognized arguments: -kube-subnet-mgr" in done.stderr
+    done = subprocess.run([str(VENV_BIN / "pyflanneld"), "-no-such-flag"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unrecognized arguments: -no-such-flag" in done.stderr
 
 
 @pytest.mark.parametrize("config,message", [
@@ -74,7 +81,7 @@ def test_ip_masq_masquerades_only_traffic_leaving_the_network(make_lab):
     assert "FLANNEL_IPMASQ=true" in h1.subnet_file.read_text()
 
     def masq_packets():
-        out = h1.sh("iptables", "-t", "nat", "-L", "PYFLANNEL-POSTRTG", "-v", "-x", "-n")
+        out = h1.sh("iptables", "-t", "nat", "-L", "FLANNEL-POSTRTG", "-v", "-x", "-n")
         return sum(int(line.split()[0]) for line in out.splitlines() if "MASQUERADE" in line)
 
     before = masq_packets()
@@ -104,3 +111,92 @@ def test_healthz_and_readyz(make_lab):
     lab.etcd.kill()
     wait_until("readyz to fail without etcd", lambda: get("/readyz")[0] == 503, timeout=45)
     assert get("/healthz")[0] == 200  # alive, keeping the kernel as it is
+
+
+class NotifySocket:
+    """systemd's end of NOTIFY_SOCKET: each datagram, with whether `marker` existed when it arrived."""
+
+    def __init__(self, path, marker):
+        self.path, self.marker = str(path), marker
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.received: list[tuple[str, bool]] = []
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self):
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                return
+            self.received.append((data.decode(), self.marker.exists()))
+
+    def messages(self) -> list[str]:
+        return [m for m, _ in self.received]
+
+
+def test_ready_once_the_lease_is_held_then_watchdog_and_stopping(make_lab, tmp_path):
+    """Type=notify: READY=1 (with the lease as STATUS) only once subnet.env exists, which needs etcd; WATCHDOG=1 at
+    half WATCHDOG_USEC; STOPPING=1 on SIGTERM."""
+    lab = make_lab(1, etcd=False)
+    host = lab.hosts[0]
+    systemd = NotifySocket(tmp_path / "notify", host.subnet_file)
+    try:
+        daemon = host.start_daemon(wait_ready=False, env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "1000000"})
+        wait_until("a retry message", lambda: "retrying in" in daemon.log(), timeout=10)
+        time.sleep(1)
+        assert not [m for m in systemd.messages() if "READY" in m]  # no etcd, no lease: not ready
+        assert "WATCHDOG=1" in systemd.messages()  # starting is alive (systemd's start timeout bounds it)
+        lab.start_etcd()
+        lab.set_config()
+        wait_until("READY=1", lambda: any(m.startswith("READY=1") for m in systemd.messages()), timeout=30)
+        ready = [(m, existed) for m, existed in systemd.received if m.startswith("READY=1")]
+        (lease,) = lab.leases()
+        assert ready == [(f"READY=1\nSTATUS=lease {lease.replace('-', '/')}", True)]
+        count = systemd.messages().count("WATCHDOG=1")
+        wait_until("more WATCHDOG=1", lambda: systemd.messages().count("WATCHDOG=1") >= count + 2, timeout=5)
+        daemon.kill(signal.SIGTERM)
+        assert daemon.popen.returncode == 0 and "Traceback" not in daemon.log()
+        assert "STOPPING=1" in systemd.messages()
+    finally:
+        systemd.sock.close()
+
+
+@pytest.fixture
+def routed_host():
+    """A lab host with a second uplink: 198.51.100.0/24 on `uplink` (two addresses), 203.0.113.0/24 routed there
+    from the second one; eth0 keeps 192.0.2.0/24."""
+    lab = Lab(1, etcd=False)
+    try:
+        host = lab.hosts[0]
+        host.sh("ip", "link", "add", "uplink", "type", "veth", "peer", "name", "uplink-peer")
+        host.sh("ip", "addr", "add", "198.51.100.5/24", "dev", "uplink")
+        host.sh("ip", "addr", "add", "198.51.100.6/24", "dev", "uplink")
+        for name in ("uplink", "uplink-peer"):
+            host.sh("ip", "link", "set", name, "up")
+        host.sh("ip", "route", "add", "203.0.113.0/24", "via", "198.51.100.1", "src", "198.51.100.6")
+        yield host
+    finally:
+        lab.close()
+
+
+def test_iface_can_reach_takes_the_routed_interface_and_source(routed_host):
+    with inside(routed_host.ns):
+        kernel = Kernel()
+        try:
+            ext = iface.choose(kernel, [], [], None, None, "203.0.113.7")
+            assert (ext.name, ext.public_ip, str(ext.address)) == ("uplink", "198.51.100.6", "198.51.100.6/24")
+            assert iface.choose(kernel, [], [], None, None, "192.0.2.2").name == "eth0"
+            # flanneld's order: -iface, then -iface-regex, then -iface-can-reach; -public-ip wins for the address
+            assert iface.choose(kernel, ["eth0"], [], None, None, "203.0.113.7").name == "eth0"
+            assert iface.choose(kernel, ["eth9"], ["^nothing"], None, None, "203.0.113.7").name == "uplink"
+            assert iface.choose(kernel, ["eth9"], ["^eth"], None, None, "203.0.113.7").name == "eth0"
+            assert iface.choose(kernel, [], [], "192.0.2.99", None, "203.0.113.7").public_ip == "192.0.2.99"
+            with pytest.raises(UserError, match=r"^-iface-can-reach=8.8.8.8: no route to 8.8.8.8"):
+                iface.choose(kernel, [], [], None, None, "8.8.8.8")  # the namespace has no default route
+            with pytest.raises(UserError, match=r"^-iface-can-reach='eth0' is not an IP address"):
+                iface.choose(kernel, [], [], None, None, "eth0")
+            with pytest.raises(UserError, match=r"^-iface-can-reach=198.51.100.5: the route to it leaves through lo"):
+                iface.choose(kernel, [], [], None, None, "198.51.100.5")
+        finally:
+            kernel.close()

@@ -427,3 +427,51 @@ def test_a_named_dual_stack_network_and_docker_run_ip6(dual_lab):
         for host in dual_lab.hosts:
             host.docker_clear()
             host.docker("network", "rm", "shop", check=False)
+
+
+def create(host, name: str, *options: str, check: bool = True) -> str:
+    return host.docker("network", "create", *options, "-d", "pyflannel", "--ipam-driver", "pyflannel", "--ipam-opt",
+                       f"pyflannel.network={name}", name, check=check)
+
+
+@pytest.mark.lab
+@pytest.mark.docker
+def test_a_named_network_is_dual_stack_only_when_asked(dual_lab):
+    """Issue 28: a plain `docker network create` makes an IPv4-only flannel network in etcd (flanneld can serve it:
+    no IPv6 key in its config or leases); `--ipv6` makes it dual stack although Docker asks for the IPv4 pool first
+    (the IPv6 RequestPool adds IPv6 to the config, the IPv4 lease stays); `--ipv6` on a network other hosts serve
+    IPv4-only is refused, naming them."""
+    h1, h2, _ = dual_lab.hosts
+    try:
+        create(h1, "plain4")
+        assert dual_lab.network_config("plain4") == {"Network": "10.128.0.0/16",
+                                                     "Backend": {"Type": "vxlan", "VNI": 2}}
+        (key, node), = dual_lab.leases("plain4").items()
+        assert "&" not in key and list(node["attrs"]) == ["PublicIP", "BackendType", "BackendData"]
+        assert "FLANNEL_IPV6_SUBNET" not in h1.subnet_env("plain4")
+        with pytest.raises(RuntimeError) as refused:
+            create(h2, "plain4", "--ipv6")
+        assert "network plain4 is IPv4-only in etcd" in str(refused.value)
+        assert f"host(s) {h1.ip} serve it already" in str(refused.value)
+        assert h2.docker("network", "ls", "-q", "-f", "name=plain4").strip() == ""
+        assert "EnableIPv6" not in dual_lab.network_config("plain4")
+        wait_until("h2 left plain4", lambda: len(dual_lab.leases("plain4")) == 1)
+
+        for host in (h1, h2):
+            create(host, "shop6", "--ipv6")
+            env = host.subnet_env("shop6")
+            ipam = json.loads(host.docker("network", "inspect", "shop6"))[0]["IPAM"]["Config"]
+            assert [c["Subnet"] for c in ipam] == [str(ipaddress.ip_interface(env["FLANNEL_SUBNET"]).network),
+                                                   str(ipaddress.ip_interface(env["FLANNEL_IPV6_SUBNET"]).network)]
+        config = dual_lab.network_config("shop6")
+        assert config["EnableIPv6"] is True and config["IPv6Network"] == "fd00:f1a0::/48"
+        leases = dual_lab.leases("shop6")
+        assert len(leases) == 2 and all("&" in key and node["attrs"]["PublicIPv6"] for key, node in leases.items())
+        h2.docker("run", "-d", "--name", "s2", "--network", "shop6", IMAGE, "sleep", "300")
+        _, s2_v6 = addresses(h2, "s2", "shop6")
+        out = h1.docker("run", "--rm", "--network", "shop6", IMAGE, "ping", "-6", "-c", "2", "-W", "2", s2_v6)
+        assert "2 packets received" in out, out
+    finally:
+        for host in (h1, h2):
+            host.docker_clear("shop6")
+            host.docker("network", "rm", "plain4", check=False)

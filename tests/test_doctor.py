@@ -167,7 +167,7 @@ def test_ip_masq_daemon_turns_vxlan_checksum_offload_off(make_lab):
     h1 = lab.hosts[0]
     h1.start_daemon("-ip-masq")
     assert "tx-checksum-ip-generic: off" in h1.sh("ethtool", "-k", "flannel.1")
-    assert "--random-fully" in h1.sh("iptables", "-t", "nat", "-S", "PYFLANNEL-POSTRTG")
+    assert "--random-fully" in h1.sh("iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG")
     assert_clean(lab, h1)  # doctor's offload check agrees
 
 

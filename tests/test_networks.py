@@ -56,13 +56,12 @@ def test_named_networks_in_flannels_layout_joined_left_and_restarted(make_lab, e
     assert shop["network"] == SHOP and shop["vni"] == 2 and shop["device"] == "flannel.2" and shop["state"] == "ready"
     for host in (h2, h3):
         assert api(host).join("shop")["network"] == SHOP
-    crm = api(h2).join("crm")
+    crm = api(h2).join("crm", ipv6=True)
     assert crm["network"] == "10.128.0.0/16" and crm["vni"] == 3
     api(h1).join("crm")
-    # a new named network is dual stack: an IPv6Network of its own from fd00:f1a0::/32
-    assert lab.network_config("shop") == {"Network": SHOP, "EnableIPv6": True, "IPv6Network": "fd00:f1a0::/48",
-                                          "Backend": {"Type": "vxlan", "VNI": 2}}
-    assert lab.network_config("crm")["IPv6Network"] == "fd00:f1a0:1::/48"
+    # a new named network is IPv4-only (flanneld hosts can share it); asked for IPv6, its own IPv6Network
+    assert lab.network_config("shop") == {"Network": SHOP, "Backend": {"Type": "vxlan", "VNI": 2}}
+    assert lab.network_config("crm")["IPv6Network"] == "fd00:f1a0::/48"
     assert len(lab.leases("shop")) == 3 and len(lab.leases("crm")) == 2 and len(lab.leases()) == 3
     assert {"flannel.1", "flannel.2", "flannel.3"} <= links(h1) and "flannel.3" not in links(h3)
     print(f"joining a new network on a host took {join_seconds * 1000:.0f} ms")
@@ -162,7 +161,7 @@ def test_hosts_creating_networks_at_once_get_distinct_vnis_and_networks(make_lab
     names = [f"n{i}" for i in range(6)]
     jobs = [(host, name) for host in lab.hosts for name in names]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        joined = list(pool.map(lambda job: api(job[0]).join(job[1]), jobs))
+        joined = list(pool.map(lambda job: api(job[0]).join(job[1], ipv6=True), jobs))
     configs = {name: lab.network_config(name) for name in names}
     assert len({c["Backend"]["VNI"] for c in configs.values()}) == len(names)
     assert len({c["Network"] for c in configs.values()}) == len(names)
@@ -180,3 +179,37 @@ def test_hosts_creating_networks_at_once_get_distinct_vnis_and_networks(make_lab
         api(lab.hosts[0]).leave(f"n{i}")
     assert [n["name"] for n in api(lab.hosts[0]).networks()] == ["default"]
     assert "flannel.2" not in lab.hosts[0].sh("ip", "-o", "link")
+
+
+def test_ipv6_added_to_a_network_one_host_serves_keeps_its_ipv4_lease_and_mac(make_lab):
+    """Issue 28: a network joined IPv4-only (as Docker's first RequestPool joins it) gains IPv6 when the same host
+    asks for it (Docker's IPv6 RequestPool): the config gets an IPv6Network by compare-and-swap, the host keeps its
+    IPv4 subnet and flannel.<VNI> (its MAC), its key becomes a dual-stack one; over this IPv4 underlay the lease has
+    BackendV6Data and no PublicIPv6. A second host joins it dual stack; IPv6 flows between them. Asking again
+    under a second host's feet is refused, naming it."""
+    lab = make_lab(2, etcd_api="v3")
+    lab.set_config()
+    h1, h2 = lab.hosts
+    for host in lab.hosts:
+        host.start_daemon()
+    solo = api(h1).join("solo")
+    assert solo["ipv6_lease"] is None and "EnableIPv6" not in lab.network_config("solo")
+    mac = h1.sh("cat", "/sys/class/net/flannel.2/address").strip()
+    dual = api(h1).join("solo", ipv6=True)
+    assert dual["lease"] == solo["lease"] and dual["ipv6_lease"] and dual["state"] == "ready"
+    assert lab.network_config("solo")["IPv6Network"] == "fd00:f1a0::/48"
+    assert h1.sh("cat", "/sys/class/net/flannel.2/address").strip() == mac
+    (key, node), = lab.leases("solo").items()
+    assert key == f"{solo['lease'].replace('/', '-')}&{dual['ipv6_lease'].replace('/', '-')}"
+    assert list(node["attrs"]) == ["PublicIP", "BackendType", "BackendData", "BackendV6Data"]
+    assert api(h2).join("solo")["ipv6_lease"]
+    for host in lab.hosts:
+        host.add_bridge("solobr", "solo")
+        host.add_container("solobr", "solo")
+    c1, c2 = h1.containers[-1], h2.containers[-1]
+    assert ping(c1.ns, c2.ip6) and ping(c2.ns, c1.ip)
+
+    api(h2).join("crm")
+    with pytest.raises(DaemonError, match=f"network crm is IPv4-only in etcd .* host\\(s\\) {h2.ip} serve it"):
+        api(h1).join("crm", ipv6=True)
+    assert "EnableIPv6" not in lab.network_config("crm")

@@ -156,14 +156,15 @@ def test_settings_change_with_plugin_set(plugin_lab):
     the VTEP MAC survive the disable/enable (state kept in the plugin)."""
     h1 = plugin_lab.hosts[0]
     before, mac = lease(h1), h1.sh("cat", "/sys/class/net/flannel.1/address")
-    assert "PYFLANNEL-POSTRTG" not in h1.sh("iptables", "-t", "nat", "-S")  # dockerd has its own for docker0
+    assert "FLANNEL-POSTRTG" not in h1.sh("iptables", "-t", "nat", "-S")  # dockerd has its own for docker0
     h1.docker_clear()
     h1.docker("plugin", "disable", "pyflannel")
     h1.docker("plugin", "set", "pyflannel", "FLANNELD_IP_MASQ=true")
     enable(h1)
     nat = h1.sh("iptables", "-t", "nat", "-S")
-    assert "-A POSTROUTING -j PYFLANNEL-POSTRTG" in nat
-    assert f"-A PYFLANNEL-POSTRTG -s {subnet_env(h1)['FLANNEL_NETWORK']} ! -d 224.0.0.0/4 -j MASQUERADE" in nat
+    assert '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG' in nat
+    assert (f"-A FLANNEL-POSTRTG -s {subnet_env(h1)['FLANNEL_NETWORK']} ! -d 224.0.0.0/4 -m comment --comment "
+            '"flanneld masq" -j MASQUERADE') in nat
     assert subnet_env(h1)["FLANNEL_IPMASQ"] == "true"
     assert lease(h1) == before and h1.sh("cat", "/sys/class/net/flannel.1/address") == mac
 

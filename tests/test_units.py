@@ -46,6 +46,8 @@ def test_the_units_encode_the_boot_order(units):
     assert sock["Socket"]["ListenStream"] == "/run/docker/plugins/pyflannel.sock"
     assert sock["Socket"]["SocketMode"] == "0660" and sock["Install"]["WantedBy"] == "sockets.target"
     assert daemon["Service"]["CapabilityBoundingSet"] == "CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE"
+    # started once the lease is held (READY=1): the driver and dockerd, ordered after it, find subnet.env
+    assert (daemon["Service"]["Type"], daemon["Service"]["NotifyAccess"]) == ("notify", "main")
     assert driver["Service"]["CapabilityBoundingSet"] == "CAP_NET_ADMIN CAP_NET_RAW"
     for service in (daemon, driver):
         assert service["Service"]["ProtectSystem"] == "strict" and service["Service"]["Restart"] in ("always",

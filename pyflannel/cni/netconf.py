@@ -3,6 +3,7 @@
     {"type": "pyflannel", "name": "pfnet", "cniVersion": "1.0.0",
      "network": "shop",                            optional: a named flannel network (default: <prefix>/config's)
      "backend": "wireguard",                       optional: a new "network"'s backend (vxlan by default)
+     "ipv6": true,                                 optional: "network" is dual stack (IPv4-only by default)
      "daemonSocket": "/run/flannel/pyflanneld.sock",  optional: pyflanneld's local API, to join "network"
      "subnetFile": "/run/flannel/subnet.env",      optional, flannel's default
      "dataDir": "/var/lib/cni/flannel",            optional, where each container's delegate config is kept
@@ -18,7 +19,8 @@ also when subnet.env is gone or has changed.
 
 With "network", the lease is the host's lease in that named flannel network (its subnet.env is
 <subnetFile's folder>/networks/<network>.env); the first ADD on a host asks pyflanneld to join the network, which
-writes the network's config to etcd if no host did yet. Its bridge defaults to cni-<network> (not cni0: each flannel
+writes the network's config to etcd if no host did yet (dual stack with "ipv6": true; without it a new network is
+IPv4-only, as every flanneld can serve it). Its bridge defaults to cni-<network> (not cni0: each flannel
 network needs a bridge of its own).
 """
 from __future__ import annotations
@@ -48,6 +50,7 @@ class FlannelConf:
     version: str
     network: str          # "" for the default flannel network
     backend: str | None   # the named network's backend, when this host creates it
+    ipv6: bool            # the named network must be dual stack
     daemon_socket: str
     subnet_file: str
     data_dir: str
@@ -84,6 +87,10 @@ def parse(config: dict) -> FlannelConf:
         raise CniError(INVALID_CONFIG, f"network config: 'backend' {backend!r}: use "
                                        f"{' or '.join(localapi.BACKENDS)}, with 'network' (the default network's "
                                        f"backend is in its etcd config)")
+    ipv6 = _field(config, "ipv6", bool, False, "true or false")
+    if ipv6 and not network:
+        raise CniError(INVALID_CONFIG, "network config: 'ipv6' goes with 'network' (the default network's IPv6 is in "
+                                       "its etcd config)")
     subnet_file = _field(config, "subnetFile", str, paths.SUBNET_FILE, "a path")
     data_dir = _field(config, "dataDir", str, DEFAULT_DATA_DIR, "a path")
     daemon_socket = _field(config, "daemonSocket", str, paths.DAEMON_SOCKET, "a path")
@@ -92,7 +99,7 @@ def parse(config: dict) -> FlannelConf:
             raise CniError(INVALID_CONFIG, f"network config: {key!r} must be an absolute path, got {path!r}")
     if network:
         delegate.setdefault("bridge", bridge_for(network))
-    return FlannelConf(name=name, version=config["cniVersion"], network=network, backend=backend,
+    return FlannelConf(name=name, version=config["cniVersion"], network=network, backend=backend, ipv6=ipv6,
                        daemon_socket=daemon_socket,
                        subnet_file=subnet_file, data_dir=data_dir,
                        delegate=delegate, ipam=dict(_field(config, "ipam", dict, {}, "an object")),
@@ -112,7 +119,7 @@ def read_subnet_env(conf: FlannelConf) -> subnetenv.SubnetEnv:
     path = paths.network_env_file(conf.subnet_file, conf.network)
     if conf.network and not os.path.exists(path):
         try:
-            localapi.Client(conf.daemon_socket).join(conf.network, backend=conf.backend)
+            localapi.Client(conf.daemon_socket).join(conf.network, backend=conf.backend, ipv6=conf.ipv6)
         except localapi.DaemonError as e:
             raise CniError(TRY_AGAIN_LATER, f"cannot join flannel network {conf.network}: {e}") from None
     try:

@@ -58,7 +58,8 @@ def serve(daemon, path: str) -> _Server:
                     return self.reply(200, daemon.publish(self._body()["containers"]))
                 except (KeyError, TypeError, ValueError, AttributeError) as e:
                     return self.reply(400, {"error": f'the body must be {{"containers": [...]}} ({e})'})
-            self._network_call(lambda name, body: daemon.join(name, body.get("Network"), body.get("Backend")))
+            self._network_call(lambda name, body: daemon.join(name, body.get("Network"), body.get("Backend"),
+                                                              body.get("IPv6", False)))
 
         def cni(self):
             """The thin CNI client's call (cni/thin.py): environment in CNI-Env headers, config as the body."""
@@ -101,9 +102,10 @@ def serve(daemon, path: str) -> _Server:
             except ValueError as e:
                 return self.reply(400, {"error": f"the body is not JSON: {e}"})
             if not isinstance(body, dict) or not all(isinstance(body.get(key, ""), (str, type(None)))
-                                                     for key in ("Network", "Backend")):
-                return self.reply(400, {"error": 'the body must be {"Network": "CIDR", "Backend": "TYPE"} (both '
-                                                 'optional)'})
+                                                     for key in ("Network", "Backend")) \
+                    or not isinstance(body.get("IPv6", False), bool):
+                return self.reply(400, {"error": 'the body must be {"Network": "CIDR", "Backend": "TYPE", "IPv6": '
+                                                 'true} (each optional)'})
             try:
                 self.reply(200, call(name, body))
             except (UserError, ConfigNotFound, StoreError, KernelError, Unavailable) as e:

@@ -4,12 +4,17 @@ flannel's own multi-network layout: the default network is <prefix>/config + <pr
 <prefix>/<NAME>/config + <prefix>/<NAME>/subnets/, so `flanneld -etcd-prefix <prefix>/<NAME>` can join it.
 
 A new network gets the Network asked for (`--subnet`), or the first free /16 of AUTO_POOL, and the lowest VNI no
-other network uses (VNI 1 stays the default network's). A new vxlan or host-gw network is dual stack: it also gets
-the first free /48 of AUTO_POOL6 as its IPv6Network (Docker asks for a network's IPv4 pool before it says the
-network has IPv6, so the IPv6 subnet must be there already). Two hosts creating two networks at the same moment must
-not pick the same VNI or Network: each choice is claimed first with a create-only key, <prefix>/_pyflannel/vni/<VNI>,
-<prefix>/_pyflannel/network/<a.b.c.d-len> and <prefix>/_pyflannel/network6/<addr-len> (value: the network's name); a
-network name cannot start with "_", so the claims never look like a network.
+other network uses (VNI 1 stays the default network's). It is IPv4-only unless IPv6 is asked for: then (vxlan only)
+it also gets the first free /48 of AUTO_POOL6 as its IPv6Network. IPv4-only is what every flanneld can serve: a
+dual-stack network whose hosts have no IPv6 underlay carries IPv6 inside IPv4, in leases without PublicIPv6, which
+only pyflannel reads (flanneld v0.14+ dereferences the missing address). Docker asks for the IPv4 pool before it
+says the network has IPv6 (`--ipv6`: a second RequestPool), so IPv6 can also be added to a network's config later,
+with a compare-and-swap, while this host is the only one serving it (`add_ipv6`).
+
+Two hosts creating two networks at the same moment must not pick the same VNI or Network: each choice is claimed
+first with a create-only key, <prefix>/_pyflannel/vni/<VNI>, <prefix>/_pyflannel/network/<a.b.c.d-len> and
+<prefix>/_pyflannel/network6/<addr-len> (value: the network's name); a network name cannot start with "_", so the
+claims never look like a network.
 """
 from __future__ import annotations
 
@@ -80,16 +85,18 @@ class Catalog:
     def where(self, name: str) -> str:
         return f"{self.prefix}/{name}/config"
 
-    def config(self, name: str, wanted: IPv4Network | None, create: bool, backend: str | None = None) -> str:
-        """The raw config of network `name`, written first if absent and `create` (with `backend`, default vxlan);
-        NetworkConflict when `wanted` or `backend` contradicts it, ConfigNotFound when absent and not `create`."""
+    def config(self, name: str, wanted: IPv4Network | None, create: bool, backend: str | None = None,
+               ipv6: bool = False) -> str:
+        """The raw config of network `name`, written first if absent and `create` (with `backend`, default vxlan,
+        dual stack if `ipv6`); NetworkConflict when `wanted` or `backend` contradicts it, ConfigNotFound when absent
+        and not `create`."""
         try:
             text = self.root.child(name).network_config()
         except ConfigNotFound:
             if not create:
                 raise ConfigNotFound(f"network {name}: {self.where(name)} is not in etcd (deleted?); write it "
                                      f"again, or remove the Docker network and create it again") from None
-            text = self._create(name, wanted, backend or "vxlan")
+            text = self._create(name, wanted, backend or "vxlan", ipv6)
         found = netconfig.parse(text)
         if backend is not None and found.backend_type != backend:
             raise NetworkConflict(f"network {name} uses the {found.backend_type} backend in etcd ({self.where(name)}); "
@@ -109,14 +116,51 @@ class Catalog:
             pass
         return others
 
-    def _create(self, name: str, wanted: IPv4Network | None, backend: str) -> str:
+    def add_ipv6(self, name: str, public_ip: str) -> str:
+        """Network `name`'s config with IPv6 (`--ipv6` on a network created without it): an IPv6Network is claimed
+        and written into the config by compare-and-swap, while no host but `public_ip` serves the network. Hosts
+        already serving it would go on without IPv6 (they read the config at start), and a flanneld among them
+        could not start again without an IPv6 underlay: then NetworkConflict says how to get IPv6 instead."""
+        child = self.root.child(name)
+        text = child.network_config()
+        found = netconfig.parse(text)
+        if found.ipv6 is not None:
+            return text
+        if found.backend_type != "vxlan":
+            raise UserError(f"network {name} uses the {found.backend_type} backend, which pyflannel runs over IPv4 "
+                            f"only: create a vxlan network for IPv6")
+        others = sorted({lease.public_ip for lease in child.leases()[0] if lease.public_ip != public_ip})
+        if others:
+            raise NetworkConflict(
+                f"network {name} is IPv4-only in etcd ({self.where(name)}) and host(s) {', '.join(others)} serve it "
+                f"already: IPv6 is not added under them. Create another network with --ipv6 (or --ipam-opt "
+                f"pyflannel.ipv6=true) from the start, or add \"EnableIPv6\": true and an \"IPv6Network\" to "
+                f"{self.where(name)} and restart pyflanneld on each of its hosts")
+        claimed = []
+        try:
+            network6 = self._claim_network6(name, self._others(name), claimed)
+            config = json.loads(text)
+            backend = {"Backend": config.pop("Backend")} if "Backend" in config else {}  # stays last, as written
+            new = json.dumps({**config, "EnableIPv6": True, "IPv6Network": str(network6), **backend})
+            if child.replace_key("config", new, text):
+                log.info("network %s: IPv6 added in etcd: %s", name, new)
+                return new
+        except BaseException:
+            self._release(claimed, name)
+            raise
+        self._release(claimed, name)  # the config changed meanwhile: try again from what it is now
+        return self.add_ipv6(name, public_ip)
+
+    def _create(self, name: str, wanted: IPv4Network | None, backend: str, ipv6: bool) -> str:
+        if ipv6 and backend != "vxlan":
+            raise UserError(f"IPv6: the {backend} backend runs over IPv4 only in pyflannel: use vxlan for IPv6")
         others = self._others(name)
         claimed = []
         try:
             network = self._claim_network(name, wanted, others, claimed)
             vni = self._claim_vni(name, others, claimed)
             config = {"Network": str(network)}
-            if backend != "wireguard":  # pyflannel's wireguard carries IPv4 only
+            if ipv6:
                 config.update(EnableIPv6=True, IPv6Network=str(self._claim_network6(name, others, claimed)))
             text = json.dumps({**config, "Backend": backend_config(backend, vni)})
             if self.root.child(name).create_config(text):

@@ -1,11 +1,13 @@
-"""Choosing the external interface, PublicIP and PublicIPv6: -iface (name or IP, repeatable), -iface-regex,
--public-ip, -public-ipv6."""
+"""Choosing the external interface, PublicIP and PublicIPv6, in flanneld's order: -iface (name or IP, repeatable),
+then -iface-regex (repeatable), then -iface-can-reach, else the default route's interface; -public-ip and
+-public-ipv6 override the addresses."""
 from __future__ import annotations
 
 import ipaddress
 import re
 from dataclasses import dataclass
 
+from pyflannel.kernel.errors import KernelError
 from pyflannel.kernel.netlink import Interface, Kernel
 
 from .errors import UserError
@@ -58,19 +60,39 @@ def _default_route_interface(kernel: Kernel, interfaces: list[Interface]) -> Int
     return None
 
 
+def _underlay(iface: Interface) -> bool:
+    """Whether the interface can carry the overlay: neither lo nor one of the overlay's own devices."""
+    return iface.name != "lo" and not iface.name.startswith("flannel")
+
+
+def _reaching(kernel: Kernel, interfaces: list[Interface], target: str) -> tuple[Interface, ipaddress.IPv4Interface]:
+    """-iface-can-reach: the interface the kernel routes `target` through, with the route's source address (its
+    first IPv4 address when the source is another one, or IPv6)."""
+    try:
+        index, source = kernel.route_to(ipaddress.ip_address(target))
+    except ValueError:
+        raise UserError(f"-iface-can-reach={target!r} is not an IP address") from None
+    except KernelError as e:
+        raise UserError(f"-iface-can-reach={target}: {e}") from None
+    iface = next((i for i in interfaces if i.index == index), None)
+    if iface is None or not _underlay(iface) or not iface.addresses:
+        raise UserError(f"-iface-can-reach={target}: the route to it leaves through "
+                        f"{iface.name if iface else f'interface {index}'}, not an interface with an IPv4 address to "
+                        f"other hosts")
+    return iface, next((a for a in iface.addresses if str(a.ip) == source), iface.addresses[0])
+
+
 def choose(kernel: Kernel, ifaces: list[str], iface_regexes: list[str], public_ip: str | None,
-           public_ipv6: str | None = None) -> ExternalInterface:
-    interfaces = [i for i in kernel.interfaces() if i.name != "lo" and not i.name.startswith("flannel")]
+           public_ipv6: str | None = None, can_reach: str | None = None) -> ExternalInterface:
+    every = kernel.interfaces()
+    interfaces = [i for i in every if _underlay(i)]
     chosen = None
-    for spec in ifaces:
-        chosen = next(((i, a) for i in interfaces if (a := _matches(i, spec, False))), None)
+    for spec, regex in [(s, False) for s in ifaces] + [(s, True) for s in iface_regexes]:
+        chosen = next(((i, a) for i in interfaces if (a := _matches(i, spec, regex))), None)
         if chosen:
             break
-    if chosen is None and not ifaces:
-        for spec in iface_regexes:
-            chosen = next(((i, a) for i in interfaces if (a := _matches(i, spec, True))), None)
-            if chosen:
-                break
+    if chosen is None and can_reach:
+        chosen = _reaching(kernel, every, can_reach)
     if chosen is None:
         if ifaces or iface_regexes:
             given = ", ".join([f"-iface={s}" for s in ifaces] + [f"-iface-regex={s}" for s in iface_regexes])

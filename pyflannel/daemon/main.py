@@ -25,7 +25,7 @@ from pyflannel.localapi import DEFAULT_NETWORK, JOIN_SECONDS
 
 from . import config as netconfig
 from . import flags as cli_flags
-from . import dns, iface, memory
+from . import dns, iface, memory, notify
 from . import store as stores
 from .api import Unavailable, serve as serve_api
 from .catalog import Catalog, NetworkConflict, check_name
@@ -99,7 +99,7 @@ class Daemon:
             serve(self.health, f.healthz_ip, f.healthz_port, self.metrics.registry)
         kernel = Kernel()
         try:
-            self.ext = iface.choose(kernel, f.iface, f.iface_regex, f.public_ip, f.public_ipv6)
+            self.ext = iface.choose(kernel, f.iface, f.iface_regex, f.public_ip, f.public_ipv6, f.iface_can_reach)
         finally:
             kernel.close()
         log.info("external interface %s (%s), public IP %s, public IPv6 %s", self.ext.name, self.ext.address,
@@ -232,12 +232,14 @@ class Daemon:
                 raise NetworkConflict(f"network {name}'s IPv6Network {config.ipv6.network} overlaps network "
                                       f"{other_name}'s {c.ipv6.network}")
 
-    def join(self, name: str, network: str | None, backend: str | None = None) -> dict:
-        """Serve network `name` (written to etcd first if new); returns its description once its lease is held."""
+    def join(self, name: str, network: str | None, backend: str | None = None, ipv6: bool = False) -> dict:
+        """Serve network `name` (written to etcd first if new, dual stack with `ipv6`); returns its description once
+        its lease is held. `ipv6` on a network served IPv4-only: IPv6 is added to its config (catalog.add_ipv6), and
+        its overlay starts again with it, keeping the IPv4 subnet Docker was already given."""
         if name == DEFAULT_NETWORK:
-            if network or backend:
-                raise UserError(f"the default network's Network and Backend are in {self.flags.etcd_prefix}/config; "
-                                f"--subnet and a backend do not apply to it")
+            if network or backend or ipv6:
+                raise UserError(f"the default network's Network, Backend and IPv6 are in {self.flags.etcd_prefix}/"
+                                f"config; --subnet, a backend and IPv6 are not asked for it")
             return self._ready(self.default)
         check_name(name)
         try:
@@ -251,8 +253,16 @@ class Daemon:
             self.leave(name)
             overlay = None
         if overlay is None:
-            config = netconfig.parse(self.catalog.config(name, wanted, create=True, backend=backend))
+            config = netconfig.parse(self.catalog.config(name, wanted, create=True, backend=backend, ipv6=ipv6))
             overlay = self.overlays.get(name) or self._begin(name, config)
+        if ipv6 and overlay.config.ipv6 is None:
+            self._ready(overlay)
+            config = netconfig.parse(self.catalog.add_ipv6(name, self.ext.public_ip))
+            with self.lock:
+                if self.overlays.get(name) is overlay:
+                    del self.overlays[name]
+            overlay.halt()
+            overlay = self._begin(name, config)
         if wanted is not None and overlay.config.network != wanted:
             raise NetworkConflict(f"network {name} is {overlay.config.network} in etcd; --subnet {wanted} "
                                   f"contradicts it")
@@ -303,19 +313,45 @@ class Daemon:
                                                                    self.overlays.items()}}.items())]
 
 
+def set_verbosity(v: int) -> None:
+    """klog's -v, as detail on top of INFO: pyflannel's DEBUG messages from 1, every library's too from 5."""
+    if v >= 1:
+        for name in ("pyflannel", "pyflanneld"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
+    if v >= 5:
+        logging.getLogger().setLevel(logging.DEBUG)
+
+
+def watched_alive(daemon: Daemon) -> bool:
+    """What systemd's watchdog is told: starting (systemd's start timeout bounds that), or the main loop turning."""
+    return daemon.default is None or not daemon.default.ready.is_set() or daemon.health.healthy()[0]
+
+
 def main(argv: list[str] | None = None, cni=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    flags = cli_flags.parse(sys.argv[1:] if argv is None else argv)
+    try:
+        flags = cli_flags.parse(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        log.error("%s", e)
+        return 1
+    set_verbosity(flags.v)
     memory.limit_arenas()
     try:
         daemon = Daemon(flags, cni)
     except ValueError as e:
         log.error("%s", e)
         return 1
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=daemon.request_stop).start())
+
+    def stopping():
+        notify.notify("STOPPING=1")
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=stopping).start())
+    notify.start_watchdog(lambda: watched_alive(daemon), daemon.stop)
     try:
         daemon.start()
+        notify.notify(f"READY=1\nSTATUS=lease {daemon.default.lease_text}")
         daemon.run()
     except (UserError, KernelError) as e:
         log.error("%s", e)

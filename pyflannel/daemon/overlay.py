@@ -23,7 +23,7 @@ from pyflannel.localapi import DEFAULT_NETWORK
 
 from . import backend as backends
 from . import config as netconfig
-from . import masq
+from . import flannelrules
 from .errors import Stopped, UserError
 from .feed import Feed
 from .guard import TunnelGuard
@@ -88,10 +88,7 @@ class Overlay:
         self.thread: threading.Thread | None = None
         self.used_lease: str | None = None  # the lease the devices and subnet.env follow
         self.moved_from: str | None = None  # the lease held before pyflanneld had to take another one, in this run
-
-    @property
-    def masq_chain(self) -> str:
-        return masq.chain_for(self.config.vni if self.named else None)
+        self.iptables = flannelrules.FlannelRules(name)  # -ip-masq, --iptables-forward-rules
 
     # --- start-up --------------------------------------------------------------------------------------------
     def load_config(self) -> netconfig.NetworkConfig:
@@ -149,15 +146,13 @@ class Overlay:
         threading.Thread(target=self.audit_loop, name=f"audit-{self.name}", daemon=True).start()
 
     def use_lease(self) -> None:
-        """Our lease is new or changed: devices, masquerading and subnet.env follow it. subnet.env comes last: the
-        driver and the CNI plugin take its presence to mean the host is ready."""
+        """Our lease is new or changed: devices, flannel's iptables rules and subnet.env follow it. subnet.env comes
+        last: the driver and the CNI plugin take its presence to mean the host is ready."""
         lease, c = self.leases.lease, self.config
         self.backend.attach(lease)
+        self.keep_blackholes()
+        self.iptables.keep(*flannelrules.wanted(c, lease, self.flags, self.named))
         if self.flags.ip_masq:
-            if c.enable_ipv4:
-                masq.install(c.network, lease.subnet, self.masq_chain)
-            if c.ipv6 is not None:
-                masq.install(c.ipv6.network, lease.ipv6_subnet, self.masq_chain)
             self.backend.prepare_for_masquerade()
         env = subnetenv.for_lease(c.network, lease.subnet if c.enable_ipv4 else None, self.backend.mtu,
                                   self.flags.ip_masq, c.ipv6 and c.ipv6.network, lease.ipv6_subnet)
@@ -201,12 +196,21 @@ class Overlay:
         except Stopped:
             pass
 
-    def leave(self) -> None:
-        """This host leaves the network: the lease is deleted (its subnet returns to the pool) and the device,
-        routes, neighbours, FDB entries, masquerading, subnet.env and state dir go."""
+    def _finish(self) -> None:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=30)
+
+    def halt(self) -> None:
+        """Stop serving, leaving the lease, the kernel state and the files to the next Overlay of this network (one
+        with a new config: IPv6 added)."""
+        self._finish()
+        self.kernel.close()
+
+    def leave(self) -> None:
+        """This host leaves the network: the lease is deleted (its subnet returns to the pool) and the device,
+        routes, neighbours, FDB entries, masquerading, subnet.env and state dir go."""
+        self._finish()
         self.feed.unsubscribe(self.name)
         try:  # every lease of ours, also one from before a restart that this run had not taken back yet
             for lease in self.store.leases()[0]:
@@ -219,11 +223,8 @@ class Overlay:
         self.guard.leave(self.name)
         if self.backend is not None:
             self.backend.remove()
-        if self.flags.ip_masq and self.config is not None:
-            if self.config.enable_ipv4:
-                masq.uninstall(self.masq_chain)
-            if self.config.ipv6 is not None:
-                masq.uninstall(self.masq_chain, v6=True)
+            self.keep_blackholes(leaving=True)
+        self.iptables.remove()
         remove_file(self.subnet_file)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         self.kernel.close()
@@ -283,11 +284,12 @@ class Overlay:
 
     def run(self) -> None:
         next_reconcile = time.monotonic() + self.flags.reconcile_interval
+        next_resync = time.monotonic() + self.flags.iptables_resync
         self.next_renew = self.leases.renew_due(self.renew_margin)
         while not self.stop.is_set():
             self.health.tick()
             now = time.monotonic()
-            waits = [next_reconcile - now, 1.0]
+            waits = [next_reconcile - now, next_resync - now, 1.0]
             if self.next_renew is not None:
                 waits.append((self.next_renew - datetime.now(timezone.utc)).total_seconds())
             try:
@@ -306,6 +308,9 @@ class Overlay:
             if time.monotonic() >= next_reconcile:
                 self.reconcile()
                 next_reconcile = time.monotonic() + self.flags.reconcile_interval
+            if time.monotonic() >= next_resync:
+                self.iptables.resync()  # --iptables-resync
+                next_resync = time.monotonic() + self.flags.iptables_resync
 
     def in_loop(self, fn):
         """fn's result, run by this network's loop (which alone touches its lease and kernel state)."""
@@ -371,6 +376,17 @@ class Overlay:
     def reconcile(self) -> None:
         """A full reconciliation after start: what it fixes is drift, counted as repairs."""
         self.metrics.count_reconcile(self.reconciler.reconcile(self.peers()))
+        if self.flags.ip_blackhole_route:
+            self.keep_blackholes()  # flanneld adds it again at each resync too
+
+    def keep_blackholes(self, leaving: bool = False) -> None:
+        """--ip-blackhole-route: a blackhole route to each of our lease's subnets, beneath any other route to it
+        (kernel.netlink.BLACKHOLE_METRIC); none of this network's without the flag, or when leaving."""
+        wanted = () if leaving or not self.flags.ip_blackhole_route else self.backend.own_subnets(self.leases.lease)
+        try:
+            self.kernel.keep_blackholes(self.backend.networks(), wanted)
+        except KernelError as e:
+            log.warning("network %s: %s", self.name, e)
 
     def follow_own_expiration(self, expiration: datetime | None) -> None:
         """Our key was rewritten (by our renewal, or by an admin who shortened its TTL or made it a reservation):

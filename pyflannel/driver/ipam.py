@@ -21,9 +21,14 @@ A pool's leftover allocations are dropped by ReleasePool only when no pyflannel 
 IPv6 (`docker network create --ipv6`): Docker asks for a second pool (V6), answered with this host's IPv6 lease in
 the same flannel network (FLANNEL_IPV6_SUBNET; its config needs EnableIPv6 and IPv6Network), gateway its first
 address, PoolID "pyflannel/fd00:5:0:27::/64" ("pyflannel/shop/fd00:5:0:27::/64"). Addresses are handed out from it
-as from the IPv4 lease. A flannel network without IPv4 (EnableIPv4 false) cannot answer the IPv4 pool Docker < 28
-always asks for: that RequestPool is refused, saying so; a V6 RequestPool alone (Docker 28's --ipv4=false) is
-answered.
+as from the IPv4 lease. A named network is IPv4-only unless IPv6 is asked for (a flanneld cannot serve a dual-stack
+network with hosts that carry IPv6 over an IPv4 underlay): the V6 RequestPool, which comes after the IPv4 one, joins
+it with IPv6 (pyflanneld adds IPv6 to its config if this host alone serves it); `--ipam-opt pyflannel.ipv6=true`
+asks for it in the IPv4 RequestPool already (a dual-stack flannel network for a Docker network without --ipv6, e.g.
+for CNI containers on other hosts).
+
+A flannel network without IPv4 (EnableIPv4 false) cannot answer the IPv4 pool Docker < 28 always asks for: that
+RequestPool is refused, saying so; a V6 RequestPool alone (Docker 28's --ipv4=false) is answered.
 
 RequestPool refuses (instead of answering the same pool again) in the cases where dockerd would otherwise loop
 forever: for a local-scope network created without --subnet, Docker checks the pool against the host's routes and,
@@ -58,6 +63,7 @@ HOW_TO_ENABLE_IPV6 = ("set \"EnableIPv6\": true and an \"IPv6Network\" (e.g. \"f
                       "restart pyflanneld, or create the network without --ipv6")
 OPT_NETWORK = "pyflannel.network"  # --ipam-opt: the flannel network's name
 OPT_BACKEND = "pyflannel.backend"  # --ipam-opt: a new flannel network's backend (vxlan, wireguard)
+OPT_IPV6 = "pyflannel.ipv6"  # --ipam-opt: true: the flannel network is dual stack (IPv4-only otherwise)
 POOL_LOOP_LIMIT = 16
 POOL_LOOP_WINDOW = 10.0  # seconds
 
@@ -255,6 +261,10 @@ class Ipam:
             raise ValidationError(f"Options[{OPT_BACKEND!r}]", f"{backend!r}: use {' or '.join(localapi.BACKENDS)}, "
                                   f"with --ipam-opt {OPT_NETWORK}=NAME (the default network's backend is in its etcd "
                                   f"config)")
+        ipv6 = req.options.get(OPT_IPV6) or "false"
+        if ipv6 not in ("true", "false") or ipv6 == "true" and not name:
+            raise ValidationError(f"Options[{OPT_IPV6!r}]", f"{ipv6!r}: use true or false, with --ipam-opt "
+                                  f"{OPT_NETWORK}=NAME (the default network's IPv6 is in its etcd config)")
         with self.store.transaction() as st:  # before joining: a refused call must not leave a lease behind
             for nid, net in st["networks"].items():
                 if flannel_name(net) == name:
@@ -262,7 +272,7 @@ class Ipam:
             if name in st["leaving"]:  # joined again before the leave could be done: nothing to leave
                 st["leaving"].remove(name)
             leave_pending(st, self.daemon)
-        env = self._join(name, req, backend) if name else self._default_lease(req)
+        env = self._join(name, req, backend, ipv6 == "true" or req.v6) if name else self._default_lease(req)
         lease, gateway = family_lease(env, req.v6)
         problem = (no_ipv6_error(name) if req.v6 else ipv6_only_error(name)) if lease is None else None
         if problem is None and req.sub_pool is not None and req.sub_pool != lease:
@@ -297,14 +307,15 @@ class Ipam:
                 f"`{HOW_TO_CREATE}`")
         return env
 
-    def _join(self, name: str, req: v.RequestPool, backend: str | None) -> subnetenv.SubnetEnv:
+    def _join(self, name: str, req: v.RequestPool, backend: str | None, ipv6: bool) -> subnetenv.SubnetEnv:
         """This host's lease in the named network, joined first (the pool of the request: its cluster-wide Network,
-        --subnet, IPv4 or IPv6; `backend`: a new network's). Joining a network joined already changes nothing."""
+        --subnet, IPv4 or IPv6; `backend`: a new network's; `ipv6`: the network must have IPv6). Joining a network
+        joined already changes nothing, unless it lacks the IPv6 asked for."""
         if self.daemon is None:
             raise RefusedError(f"--ipam-opt {OPT_NETWORK}={name}: this driver has no pyflanneld API to join it")
         network = req.pool if not req.v6 else None  # a new network's config is written with an IPv4 Network
         try:
-            self.daemon.join(name, str(network) if network else None, backend)
+            self.daemon.join(name, str(network) if network else None, backend, ipv6)
         except localapi.DaemonError as e:
             error = RefusedError if e.status in (400, 409) else UnavailableError
             raise error(f"cannot join flannel network {name}: {e}") from None

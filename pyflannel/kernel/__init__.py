@@ -8,8 +8,8 @@ the CNI plugin and doctor share.
                    on a link
     namespaces.py  network namespaces: open one, netlink inside one
     ports.py       whether a host port is free
-    netlink.py     the overlay's entries: the VXLAN device, routes (proto 77), neighbours, FDB; batched changes,
-                   a monitor of deletions (pyflanneld's Kernel, also read by doctor and status)
+    netlink.py     the overlay's entries: the VXLAN device, routes (proto 77), blackholes, neighbours, FDB;
+                   batched changes, a monitor of deletions (pyflanneld's Kernel, also read by doctor and status)
     wireguard.py   WireGuard devices and peers: the kernel module, or wireguard-go over its UAPI socket
 
 pyroute2 is imported module by module (`pyroute2.iproute`, `pyroute2.netlink...`), never through its package

@@ -6,6 +6,8 @@ chains, same rule syntax.
 """
 from __future__ import annotations
 
+import functools
+import re
 import shlex
 import shutil
 import subprocess
@@ -26,6 +28,21 @@ def _program(v6: bool) -> str:
 
 def available(*, v6: bool = False) -> bool:
     return shutil.which(_program(v6)) is not None
+
+
+@functools.cache
+def has_random_fully(*, v6: bool = False) -> bool:
+    """Whether MASQUERADE takes --random-fully: iptables 1.6.2 or later (go-iptables' HasRandomFully, which flannel
+    asks)."""
+    path = shutil.which(_program(v6))
+    if path is None:
+        return False
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=TIMEOUT_SECONDS).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    found = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
+    return found is not None and tuple(map(int, found.groups())) >= (1, 6, 2)
 
 
 def run(table: str, *args: str, v6: bool = False) -> subprocess.CompletedProcess:

@@ -38,6 +38,11 @@ RTNH_F_ONLINK = 4
 NUD_PERMANENT = nud_states["permanent"]
 NTF_SELF = 2
 RTN_UNICAST = 1
+RTN_BLACKHOLE = 6
+# A blackhole route of ours (--ip-blackhole-route) has the worst metric there is, so any other route to the same
+# subnet wins: the connected route of the bridge holding the lease (metric 0 for IPv4, 256 for IPv6) carries what
+# goes to its containers, and only addresses no container holds reach the blackhole.
+BLACKHOLE_METRIC = 0xFFFFFFFF
 NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence number, port id
 ACK_TIMEOUT = 5.0  # seconds; the kernel answers in microseconds, this only keeps a lost ack from hanging us
 BATCH = 256  # requests sent before their acks are read (the acks must fit the socket's receive buffer)
@@ -222,6 +227,41 @@ class Kernel:
     def all_routes(self):
         return self.ipr.route("dump", family=socket.AF_INET, table=MAIN_TABLE)
 
+    def blackholes(self, family: int = socket.AF_INET) -> set[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The destinations of our blackhole routes of one family (our protocol number, main table)."""
+        return {ipaddress.ip_network(f"{r.get('RTA_DST')}/{r['dst_len']}")
+                for r in self.ipr.route("dump", family=family, table=MAIN_TABLE)
+                if r["proto"] == RTPROT_PYFLANNEL and r["type"] == RTN_BLACKHOLE}
+
+    def keep_blackholes(self, within: tuple, subnets: tuple) -> None:
+        """Our blackhole routes inside the networks `within` are those to `subnets` alone (none: they all go), each
+        with BLACKHOLE_METRIC: --ip-blackhole-route, flannel's blackhole for the lease (a Canal host's pods have
+        /32 routes and no bridge), so what no container holds is dropped instead of following the default route."""
+        for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+            ranges = [n for n in within if n.version == version]
+            if not ranges:
+                continue
+            have = {n for n in self.blackholes(family) if any(n.subnet_of(r) for r in ranges)}
+            wanted = {s for s in subnets if s.version == version}
+            for dst, verb in [(d, "del") for d in have - wanted] + [(d, "replace") for d in wanted - have]:
+                try:
+                    self.ipr.route(verb, dst=str(dst), table=MAIN_TABLE, proto=RTPROT_PYFLANNEL,
+                                   type=RTN_BLACKHOLE, priority=BLACKHOLE_METRIC, family=family)
+                except NetlinkError as e:
+                    if verb == "replace" or e.code not in (errno.ENOENT, errno.ESRCH):
+                        raise KernelError(f"cannot {'add' if verb == 'replace' else 'delete'} the blackhole route "
+                                          f"to {dst}: {os.strerror(e.code)}") from None
+
+    def route_to(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, str | None]:
+        """The output interface's index and the source address the kernel picks to reach `address` (`ip route
+        get`)."""
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        try:
+            found = self.ipr.route("get", dst=str(address), family=family)
+        except NetlinkError as e:
+            raise KernelError(f"no route to {address}: {os.strerror(e.code)}") from None
+        return found[0].get("RTA_OIF"), found[0].get("RTA_PREFSRC")
+
     # --- batched changes ------------------------------------------------------------------------------------
     def apply(self, changes: list[Change]) -> list[tuple[Change, OSError]]:
         """Make many changes with up to BATCH requests in flight, instead of one round trip each.
@@ -265,6 +305,21 @@ class Kernel:
                     yield seq - first, -struct.unpack_from("i", data, offset + NLMSG_HEADER.size)[0]
                     remaining -= 1
                 offset += (length + 3) & ~3
+
+
+def vxlan_misfits(attrs: dict, vni: int, port: int, local: str, link_index: int) -> list[str]:
+    """What of a device (its `Kernel.vxlan_attrs`) is not a VXLAN device with these attributes, which the kernel
+    cannot change in place (as "port 4789, not 8472"); empty when it fits. The others do not matter: the outer UDP
+    checksum, which flanneld's devices compute and ours do not (receivers accept either; nor can it be changed in
+    place), learning (our FDB entries are permanent), TTL and TOS (flanneld's are ours). GBP does: receivers without
+    it drop the frames it marks."""
+    if not attrs:
+        return ["not a VXLAN device"]
+    local_key = "IFLA_VXLAN_LOCAL6" if ":" in local else "IFLA_VXLAN_LOCAL"
+    compared = {"VNI": (attrs.get("IFLA_VXLAN_ID"), vni), "port": (attrs.get("IFLA_VXLAN_PORT"), port),
+                "local": (attrs.get(local_key), local), "underlay ifindex": (attrs.get("IFLA_VXLAN_LINK"), link_index),
+                "GBP": (bool(attrs.get("IFLA_VXLAN_GBP")), False)}
+    return [f"{what} {have}, not {want}" for what, (have, want) in compared.items() if have != want]
 
 
 def keep_only_address(ipr: IPRoute, index: int, address, family: int) -> None:

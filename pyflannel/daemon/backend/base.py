@@ -72,10 +72,16 @@ class Backend(abc.ABC):
 
     def tunnel(self) -> TunnelSpec:
         """What the tunnel guard needs of this network: its Networks and the UDP ports that carry it (none here)."""
-        return TunnelSpec(self._networks(), ())
+        return TunnelSpec(self.networks(), ())
 
-    def _networks(self) -> tuple:
+    def networks(self) -> tuple:
+        """The network's Network, and its IPv6Network on a dual-stack one."""
         return (self.config.network,) + ((self.config.ipv6.network,) if self.config.ipv6 is not None else ())
+
+    def own_subnets(self, lease: Lease) -> tuple:
+        """Our lease's subnets of the address families the network carries."""
+        return tuple(s for s in (lease.subnet if self.config.enable_ipv4 else None,
+                                 lease.ipv6_subnet if self.config.ipv6 is not None else None) if s is not None)
 
     @abc.abstractmethod
     def prepare(self) -> dict | None:

@@ -2,7 +2,8 @@
 neighbor entry, an FDB entry and an onlink route (flannel's order).
 
 Better than flannel: the VTEP MACs are kept in the state dir and reused after a restart, so the FDB entries that
-peers hold for us stay valid; IPv6 also works over an IPv4-only underlay.
+peers hold for us stay valid; IPv6 also works over an IPv4-only underlay. A device that flanneld left is adopted
+with its MAC (see `_ensure_device`), so replacing flanneld changes nothing that peers see.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pyflannel.files import write_atomically
 from pyflannel.firewall import TunnelSpec
 from pyflannel.kernel.links import random_mac
-from pyflannel.kernel.netlink import FdbEntry, Neighbor, Route
+from pyflannel.kernel.netlink import FdbEntry, Neighbor, Route, vxlan_misfits
 
 from ..store.base import Lease
 from .base import Backend, PeerEntries
@@ -30,18 +31,14 @@ def vxlan_overhead(ipv6_underlay: bool) -> int:
     return VXLAN_OVERHEAD + (20 if ipv6_underlay else 0)
 
 
-def load_or_create_mac(state_dir: str, name: str) -> str:
-    path = os.path.join(state_dir, name)
+def recorded_mac(state_dir: str, name: str) -> str | None:
+    """The VTEP MAC kept in the state dir; None before the first start (or the first after flanneld)."""
     try:
-        with open(path) as f:
+        with open(os.path.join(state_dir, name)) as f:
             mac = f.read().strip().lower()
-        if len(mac) == 17:
-            return mac
     except FileNotFoundError:
-        pass
-    mac = random_mac()
-    write_atomically(path, mac + "\n")
-    return mac
+        return None
+    return mac if len(mac) == 17 else None
 
 
 @dataclass
@@ -66,12 +63,15 @@ class VxlanBackend(Backend):
     def __init__(self, *args):
         super().__init__(*args)
         vni, ext, c = self.config.vni, self.ext, self.config
-        self.vtep = Vtep(f"flannel.{vni}", f"vtep-mac.{vni}", ext.public_ip) if c.enable_ipv4 else None
+        # the devices' local address is the interface's own, as flannel's (a -public-ip may be a NAT's address)
+        local = str(ext.address.ip)
+        local6 = str(ext.address6.ip) if ext.public_ipv6 and ext.address6 else ext.public_ipv6
+        self.vtep = Vtep(f"flannel.{vni}", f"vtep-mac.{vni}", local) if c.enable_ipv4 else None
         # IPv6 over the IPv6 underlay when the host has one (flannel's only way), else over IPv4 (better than flannel)
         self.vtep6 = None
         if c.ipv6 is not None:
-            self.vtep6 = (self.vtep if self.vtep and not ext.public_ipv6 else
-                          Vtep(f"flannel-v6.{vni}", f"vtep-mac-v6.{vni}", ext.public_ipv6 or ext.public_ip))
+            self.vtep6 = (self.vtep if self.vtep and not local6 else
+                          Vtep(f"flannel-v6.{vni}", f"vtep-mac-v6.{vni}", local6 or local))
         self.vteps = [self.vtep] if self.vtep else []  # the devices, each once
         if self.vtep6 is not None and self.vtep6 is not self.vtep:
             self.vteps.append(self.vtep6)
@@ -99,12 +99,14 @@ class VxlanBackend(Backend):
     def tunnel(self) -> TunnelSpec:
         """Frames arrive at the VXLAN port over each device's local address family."""
         versions = sorted({6 if ":" in v.local else 4 for v in self.vteps})
-        return TunnelSpec(self._networks(), (self.config.port,), self.config.vni, tuple(versions))
+        return TunnelSpec(self.networks(), (self.config.port,), self.config.vni, tuple(versions))
 
     def prepare(self) -> dict | None:
         for vtep in self.vteps:
-            vtep.mac = load_or_create_mac(self.state_dir, vtep.mac_file)
-            vtep.index = self._ensure_device(vtep)
+            recorded = recorded_mac(self.state_dir, vtep.mac_file)
+            vtep.index, vtep.mac = self._ensure_device(vtep, recorded)
+            if vtep.mac != recorded:
+                write_atomically(os.path.join(self.state_dir, vtep.mac_file), vtep.mac + "\n")
             self.kernel.disable_ipv6_ra(vtep.name)
         return {"VNI": self.config.vni, "VtepMAC": self.vtep.mac} if self.vtep else None
 
@@ -112,29 +114,40 @@ class VxlanBackend(Backend):
     def backend_v6_data(self) -> dict | None:
         return {"VNI": self.config.vni, "VtepMAC": self.vtep6.mac} if self.vtep6 else None
 
-    def _ensure_device(self, vtep: Vtep) -> int:
+    def _ensure_device(self, vtep: Vtep, recorded: str | None) -> tuple[int, str]:
+        """The device's ifindex and MAC. The MAC is the recorded one, else the one of the device found (flanneld's,
+        adopted: peers' FDB entries for it stay valid), else a new one. The device found is kept when its VNI, port,
+        local address and underlay fit (`vxlan_misfits`), its MAC and MTU set in place; otherwise it is made again,
+        with that MAC. A recorded MAC wins over the device's (changed by hand?): our lease publishes it."""
         k, c = self.kernel, self.config
         mtu = self.ext.mtu - vtep.overhead
         index = k.link_index(vtep.name)
+        mac = recorded
         if index is not None:
-            attrs = k.vxlan_attrs(index)
-            local = {"IFLA_VXLAN_LOCAL6": vtep.local} if ":" in vtep.local else {"IFLA_VXLAN_LOCAL": vtep.local,
-                                                                                 "IFLA_VXLAN_UDP_CSUM": 0}
-            wanted = {"IFLA_VXLAN_ID": c.vni, "IFLA_VXLAN_PORT": c.port, "IFLA_VXLAN_LINK": self.ext.index, **local}
-            if all(attrs.get(key) == value for key, value in wanted.items()):
-                link = k.link(index)
-                if link.get("IFLA_ADDRESS") != vtep.mac:
-                    k.set_mac(index, vtep.mac)
+            attrs, link = k.vxlan_attrs(index), k.link(index)
+            found_mac = link.get("IFLA_ADDRESS") if attrs else None
+            mac = recorded or found_mac
+            misfits = vxlan_misfits(attrs, c.vni, c.port, vtep.local, self.ext.index)
+            if not misfits:
+                if found_mac != mac:
+                    k.set_mac(index, mac)
                 if link.get("IFLA_MTU") != mtu:
                     k.set_mtu(index, mtu)
-                log.info("reusing %s (VTEP MAC %s)", vtep.name, vtep.mac)
-                return index
-            log.info("replacing %s: its attributes differ from the config", vtep.name)
+                k.set_up(index)
+                if recorded:
+                    log.info("reusing %s (VTEP MAC %s)", vtep.name, mac)
+                else:
+                    log.info("adopted %s left by flanneld: VNI %d, port %d, local %s, MAC %s", vtep.name, c.vni,
+                             c.port, vtep.local, mac)
+                return index, mac
+            log.info("replacing %s (%s)%s", vtep.name, "; ".join(misfits),
+                     f", keeping its MAC {mac}" if mac and mac == found_mac else "")
             k.delete_link(index)
-        index = k.create_vxlan(vtep.name, c.vni, c.port, vtep.local, self.ext.index, vtep.mac, mtu)
+        mac = mac or random_mac()
+        index = k.create_vxlan(vtep.name, c.vni, c.port, vtep.local, self.ext.index, mac, mtu)
         log.info("created %s (VNI %d, port %d, local %s, VTEP MAC %s, MTU %d)", vtep.name, c.vni, c.port, vtep.local,
-                 vtep.mac, mtu)
-        return index
+                 mac, mtu)
+        return index, mac
 
     def attach(self, lease: Lease) -> None:
         if self.vtep:

@@ -58,7 +58,7 @@ class WireGuardBackend(Backend):
         return self._device
 
     def tunnel(self) -> TunnelSpec:
-        return TunnelSpec(self._networks(), (self.settings.listen_port,))
+        return TunnelSpec(self.networks(), (self.settings.listen_port,))
 
     def details(self) -> dict:
         return {"public_key": self.public_key, "listen_port": self.settings.listen_port,

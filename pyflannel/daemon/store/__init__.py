@@ -147,6 +147,9 @@ class DetectedStore(Store):
     def delete_key(self, key: str, expected: str) -> None:
         self.store().delete_key(key, expected)
 
+    def replace_key(self, key: str, value: str, expected: str) -> bool:
+        return self.store().replace_key(key, value, expected)
+
     def list_folder(self, folder: str) -> tuple[dict[str, str], int]:
         return self.store().list_folder(folder)
 

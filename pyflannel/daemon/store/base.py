@@ -106,10 +106,13 @@ class Lease:
         return (self.backend_v6_data or {}).get("VtepMAC")
 
     def attrs_json(self) -> str:
-        """The value exactly as flannel writes it (key order, null PublicIPv6, BackendV6Data only when there is
-        one)."""
-        value = {"PublicIP": self.public_ip, "PublicIPv6": self.public_ipv6, "BackendType": self.backend_type,
-                 "BackendData": self.backend_data}
+        """The value in flannel's key order, PublicIPv6 and BackendV6Data only when there are some. (flannel's
+        LeaseAttrs writes a nil PublicIPv6 as null; Go reads an absent one as the same nil, and v0.13, which has no
+        such field, ignores it either way. A lease read with null is rewritten without it.)"""
+        value = {"PublicIP": self.public_ip}
+        if self.public_ipv6 is not None:
+            value["PublicIPv6"] = self.public_ipv6
+        value.update(BackendType=self.backend_type, BackendData=self.backend_data)
         if self.backend_v6_data is not None:
             value["BackendV6Data"] = self.backend_v6_data
         value.update({k: v for k, v in self.extra.items() if k not in value})
@@ -232,6 +235,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete_key(self, key: str, expected: str) -> None:
         """Delete <prefix>/<key> if it holds `expected`; nothing otherwise."""
+
+    @abc.abstractmethod
+    def replace_key(self, key: str, value: str, expected: str) -> bool:
+        """Write <prefix>/<key> if it holds `expected` (compare-and-swap); False when it holds another value."""
 
     # --- short-lived records of one host: container names (names.py) -------------------------------------------
     @abc.abstractmethod

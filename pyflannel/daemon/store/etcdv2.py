@@ -197,6 +197,13 @@ class EtcdV2Store(Store):
         except (LeaseNotFound, LeaseTaken):
             pass
 
+    def replace_key(self, key: str, value: str, expected: str) -> bool:
+        try:
+            self._call(self.client.write, f"{self.prefix}/{key}", value, prevValue=expected)
+            return True
+        except (LeaseNotFound, LeaseTaken):
+            return False
+
     # --- short-lived records: keys in a folder with a TTL, refreshed without a watch event -----------------------
     def list_folder(self, folder: str) -> tuple[dict[str, str], int]:
         top = f"{self.prefix}/{folder}/"

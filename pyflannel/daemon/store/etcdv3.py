@@ -269,6 +269,13 @@ class EtcdV3Store(Store):
         delete = {"request_delete_range": {"key": _b64(full)}}
         self._call(lambda client: client.transaction({"compare": [compare], "success": [delete]}))
 
+    def replace_key(self, key: str, value: str, expected: str) -> bool:
+        full = f"{self.prefix}/{key}"
+        compare = {"key": _b64(full), "target": "VALUE", "result": "EQUAL", "value": _b64(expected)}
+        put = {"request_put": {"key": _b64(full), "value": _b64(value)}}
+        return bool(self._call(lambda client: client.transaction({"compare": [compare], "success": [put]}))
+                    .get("succeeded"))
+
     # --- short-lived records: one etcd lease of this host for all its folders, kept alive -------------------------
     def list_folder(self, folder: str) -> tuple[dict[str, str], int]:
         top = f"{self.prefix}/{folder}/"
