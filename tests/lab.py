@@ -20,9 +20,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -148,6 +150,36 @@ class Process:
             except subprocess.TimeoutExpired:
                 os.kill(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(wait)
+
+
+class NotifySocket:
+    """systemd's end of NOTIFY_SOCKET: each datagram, with whether `marker` (a path, if given) existed when it
+    arrived."""
+
+    def __init__(self, path, marker=None):
+        self.path, self.marker = str(path), marker
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.received: list[tuple[str, bool]] = []
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self):
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                return
+            self.received.append((data.decode(), self.marker is not None and self.marker.exists()))
+
+    def messages(self) -> list[str]:
+        return [m for m, _ in self.received]
+
+    def states(self) -> list[str]:
+        """Every line of every datagram: READY=1, STATUS=…, STOPPING=1."""
+        return [line for m, _ in self.received for line in m.split("\n")]
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 @dataclass

@@ -2,9 +2,7 @@
 readiness (NOTIFY_SOCKET), -iface-can-reach."""
 import json
 import signal
-import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +12,7 @@ import pytest
 from pyflannel.daemon import iface
 from pyflannel.daemon.errors import UserError
 from pyflannel.kernel.netlink import Kernel
-from tests.lab import VENV_BIN, Lab, inside, ping, wait_until
+from tests.lab import VENV_BIN, Lab, NotifySocket, inside, ping, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -111,28 +109,6 @@ def test_healthz_and_readyz(make_lab):
     lab.etcd.kill()
     wait_until("readyz to fail without etcd", lambda: get("/readyz")[0] == 503, timeout=45)
     assert get("/healthz")[0] == 200  # alive, keeping the kernel as it is
-
-
-class NotifySocket:
-    """systemd's end of NOTIFY_SOCKET: each datagram, with whether `marker` existed when it arrived."""
-
-    def __init__(self, path, marker):
-        self.path, self.marker = str(path), marker
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.received: list[tuple[str, bool]] = []
-        threading.Thread(target=self._receive, daemon=True).start()
-
-    def _receive(self):
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except OSError:
-                return
-            self.received.append((data.decode(), self.marker.exists()))
-
-    def messages(self) -> list[str]:
-        return [m for m, _ in self.received]
 
 
 def test_ready_once_the_lease_is_held_then_watchdog_and_stopping(make_lab, tmp_path):

@@ -7,15 +7,13 @@ or v0.20.2, etcd v3); skipped without one, as in CI. The figures are printed (py
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from tests.lab import REPO, VENV_BIN, Host, ping, wait_until
+from tests.lab import REPO, VENV_BIN, Host, NotifySocket, ping, wait_until
 
 FLANNELD = os.environ.get("FLANNELD_BIN", "")
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(not os.access(FLANNELD, os.X_OK),
@@ -28,28 +26,6 @@ def speaks_v3(binary: str) -> bool:
     """flannel >= 0.18 talks to etcd v3 (and has -iface-can-reach); older ones talk v2."""
     usage = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=10)
     return "iface-can-reach" in usage.stdout + usage.stderr
-
-
-class NotifySocket:
-    """systemd's side of NOTIFY_SOCKET: every datagram the service sends, in order."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.messages: list[str] = []
-        threading.Thread(target=self._receive, daemon=True).start()
-
-    def _receive(self):
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except OSError:
-                return
-            self.messages += data.decode().split("\n")
-
-    def close(self):
-        self.sock.close()
 
 
 def flannel_command_line(lab, host: Host, v3: bool) -> list[str]:
@@ -135,10 +111,10 @@ def test_swap_flanneld_for_pyflanneld_and_back(make_lab, tmp_path):
         started = time.time()
         old.kill(signal.SIGTERM, wait=15)
         if old.kind == "pyflanneld":
-            assert "STOPPING=1" in notify[target.name].messages, notify[target.name].messages
-        notify[target.name].messages.clear()
+            assert "STOPPING=1" in notify[target.name].states(), notify[target.name].states()
+        notify[target.name].received.clear()
         daemons[target.name] = start(lab, target, to, flannel_command_line(lab, target, v3), notify[target.name])
-        wait_until(f"READY=1 from {to} on {target.name}", lambda: "READY=1" in notify[target.name].messages
+        wait_until(f"READY=1 from {to} on {target.name}", lambda: "READY=1" in notify[target.name].states()
                    or not daemons[target.name].alive(), timeout=30)
         assert daemons[target.name].alive(), daemons[target.name].log()
         ready = time.time()
