@@ -7,21 +7,18 @@ APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iptables ethtool \
                 containernetworking-plugins docker-compose python3-venv wireguard-go
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test test-unit test-lab demo demo-down bench bench-scale clean plugin images cni engines units install-host
+.PHONY: install system-deps test test-unit test-lab demo demo-down bench bench-scale clean plugin images cni engines units install-host uninstall-host
 
 # The managed Docker plugin (build/plugin/pyflannel: config.json + rootfs) and the same rootfs as a tar for the
 # compose image; rebuilt only when a source file changed.
 PLUGIN_OUT := build/plugin
-PLUGIN_SOURCES := $(shell find pyflannel plugin -name '*.py') config.json pyproject.toml
+PLUGIN_SOURCES := $(shell find pyflannel plugin -name '*.py') plugin/pyflannel-host config.json pyproject.toml
 DOCKER ?= /usr/bin/docker
 
-# apt packages the tests and the demo use; skipped when all are present already.
+# apt packages the tests and the demo use, each skipped when present: a Docker or containerd installed from
+# elsewhere (docker-ce, containerd.io) is used, never replaced (tests/system_deps.py says what it installs first).
 system-deps:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@python3 tests/system_deps.py $(APT_PACKAGES)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,12 +28,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The Docker engines the lab tests run on: Debian 12's dockerd 20.10 (the system's) and Debian 13's 26.1 (extracted).
+# The Docker engines the lab tests run on: Debian 12's dockerd 20.10 and Compose v1 (the system's), Debian 13's
+# dockerd 26.1 and Compose v2 (extracted).
 ENGINES := build/engines
-$(ENGINES)/docker-26.1/bin/dockerd: tests/engines/fetch-dockerd.sh
-	bash tests/engines/fetch-dockerd.sh $(ENGINES)/docker-26.1
+DEBIAN13_DOCKER := $(ENGINES)/docker-26.1/bin
+$(DEBIAN13_DOCKER)/dockerd $(DEBIAN13_DOCKER)/docker-compose &: tests/engines/fetch-debian13.sh
+	bash tests/engines/fetch-debian13.sh $(ENGINES)/docker-26.1
 
-engines: $(ENGINES)/docker-26.1/bin/dockerd
+$(ENGINES)/promtool/promtool: tests/engines/fetch-promtool.sh
+	bash tests/engines/fetch-promtool.sh $(ENGINES)/promtool
+
+engines: $(DEBIAN13_DOCKER)/dockerd $(DEBIAN13_DOCKER)/docker-compose $(ENGINES)/promtool/promtool
 
 test: system-deps install engines
 	$(VENV)/bin/pytest -ra -rP $(PYTEST_ARGS)
@@ -109,14 +111,36 @@ units:
 	for unit in systemd/*.service systemd/*.socket; do \
 		sed 's|@BINDIR@|$(BINDIR)|g' $$unit > $(UNITDIR)/$$(basename $$unit); done
 
+# The system tools the daemons run: iptables and ip6tables (masquerade, forwarding, the tunnel guard, the driver's
+# walls), wireguard-go (the wireguard backend on a kernel without its module), ping (pyflannel status).
+HOST_PACKAGES := iptables wireguard-go iputils-ping
+COMMANDS := pyflanneld pyflannel-driver pyflannel
+LINKDIR ?= /usr/local/bin
+
 install-host:
+	@python3 tests/system_deps.py $(HOST_PACKAGES)
 	python3 -m venv $(PREFIX)
 	$(PREFIX)/bin/pip install -q .
+	install -d $(LINKDIR)
+	for command in $(COMMANDS); do ln -sfn $(BINDIR)/$$command $(LINKDIR)/$$command; done
 	$(MAKE) -s units
 	@if [ -d /run/systemd/system ]; then \
-		systemctl daemon-reload && systemctl enable --now pyflanneld.service pyflannel-driver.socket; \
+		systemctl daemon-reload && systemctl enable --now pyflanneld-dns.socket pyflanneld.service pyflannel-driver.socket; \
 		echo "pyflanneld and pyflannel-driver.socket enabled; settings: /etc/default/pyflanneld (FLANNELD_*)"; \
 	else echo "systemd is not running here: units installed in $(UNITDIR), not started"; fi
+	@echo "$(COMMANDS) linked in $(LINKDIR); undo with: make uninstall-host"
+
+# Undoes install-host: the units stopped and removed, the links and PREFIX deleted. Kept, as after stopping
+# flanneld: the lease in etcd (it expires), flannel.<VNI> and its routes (a reboot clears them), /var/lib/pyflannel
+# (the VTEP MAC, the last lease, the driver's state: rm -rf it to start afresh) and /etc/default/pyflanneld.
+uninstall-host:
+	@if [ -d /run/systemd/system ]; then \
+		systemctl disable --now $$(cd systemd && ls *.service *.socket) 2>/dev/null || true; fi
+	for unit in systemd/*.service systemd/*.socket; do rm -f $(UNITDIR)/$$(basename $$unit); done
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	for command in $(COMMANDS); do \
+		if [ "$$(readlink $(LINKDIR)/$$command)" = "$(BINDIR)/$$command" ]; then rm -f $(LINKDIR)/$$command; fi; done
+	rm -rf $(PREFIX)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -6,7 +6,8 @@
    OUT/pyinstaller/dist/pyflannel: one multi-call binary.
 2. Assembles OUT/pyflannel/rootfs: the frozen binary in /opt/pyflannel with the command symlinks in /usr/bin,
    iptables (nft) with its extensions, wireguard-go, every shared library these need (ldd) plus the dynamic loader, and the few
-   /etc files and empty folders the processes and dockerd's bind mounts expect.
+   /etc files and empty folders the processes and dockerd's bind mounts expect; plugin/pyflannel-host, which runs
+   this rootfs's `pyflannel` on the plugin's host, in /usr/share/pyflannel.
 3. Copies config.json beside it (OUT/pyflannel is what `docker plugin create` takes) and writes
    OUT/pyflannel-rootfs.tar (what `docker import` takes for the compose image).
 Build-time only: it runs pyinstaller, ldd and tar on paths it computed itself.
@@ -31,6 +32,7 @@ IPTABLES_NAMES = ("iptables", "iptables-save", "iptables-restore", "ip6tables", 
                   "ip6tables-restore")
 XTABLES_DIR = Path("/usr/lib/x86_64-linux-gnu/xtables")
 WIREGUARD_GO = Path("/usr/bin/wireguard-go")  # the wireguard backend's device where the kernel has no module
+HOST_COMMAND = "usr/share/pyflannel/pyflannel-host"  # `pyflannel` for the plugin's host, copied out of the rootfs
 ETC_FILES = {
     "etc/passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\n",
     "etc/group": "root:x:0:\n",
@@ -39,7 +41,8 @@ ETC_FILES = {
     "etc/resolv.conf": "",
 }
 COPIED_FILES = ("/etc/protocols", "/etc/ssl/certs/ca-certificates.crt")
-EMPTY_DIRS = ("proc", "sys", "dev", "root", "host/run", "run/docker/plugins", "var/lib/pyflannel", "tmp")
+EMPTY_DIRS = ("proc", "sys", "dev", "root", "host/run", "host/var/lib", "etc/pyflannel/tls", "run/docker/plugins",
+              "var/lib/pyflannel", "tmp")
 LDD_LINE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
 
 
@@ -47,8 +50,7 @@ def freeze(out: Path) -> Path:
     work = out / "pyinstaller"
     argv = [sys.executable, "-m", "PyInstaller", "--noconfirm", "--onedir", "--strip", "--log-level", "WARN",
             "--name", "pyflannel", "--paths", str(REPO), "--distpath", str(work / "dist"),
-            "--workpath", str(work / "work"), "--specpath", str(work),
-            "--copy-metadata", "pyflannel"]  # pyflanneld --version reads it
+            "--workpath", str(work / "work"), "--specpath", str(work)]
     for module in HIDDEN_IMPORTS:
         argv += ["--hidden-import", module]
     for module in EXCLUDED_MODULES:
@@ -113,6 +115,8 @@ def assemble_rootfs(rootfs: Path, frozen: Path) -> None:
         install_file(rootfs, Path(name), name)
     for name in EMPTY_DIRS:
         (rootfs / name).mkdir(parents=True, exist_ok=True)
+    (rootfs / HOST_COMMAND).parent.mkdir(parents=True)
+    shutil.copy2(REPO / "plugin" / "pyflannel-host", rootfs / HOST_COMMAND)
     (rootfs / "tmp").chmod(0o1777)
 
 

@@ -12,7 +12,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
-from pyflannel import localapi, paths, subnetenv
+from pyflannel import localapi, paths, subnetenv, version_line
 from pyflannel.dockeropts import DOCKER_ENV
 from pyflannel.files import write_atomically
 
@@ -195,6 +195,7 @@ def docker_opts(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyflannel", description="Inspect a pyflannel host, or make it join or "
                                                                    "leave a named flannel network.")
+    parser.add_argument("--version", action="version", version=version_line("pyflannel"))
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="hosts, leases, reachability and this host's routes")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -202,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_store_flags(status)
     doctor = sub.add_parser("doctor", help="check this host for known flannel problems, each with its fix")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
-    doctor.add_argument("--driver-state-dir", default=paths.DRIVER_STATE_DIR,
-                        help="pyflannel-driver's --state-dir, for its networks (default %(default)s)")
+    doctor.add_argument("--driver-state-dir",
+                        default=paths.driver_state_dir(os.environ.get("FLANNELD_STATE_DIR", paths.STATE_DIR)),
+                        help="pyflannel-driver's --state-dir, for its networks (default: the driver folder of "
+                             "FLANNELD_STATE_DIR or %(default)s)")
     _add_store_flags(doctor)
     from pyflannel.daemon.flags import bool_flag, env_name
     doctor.add_argument("-allow-container-tunnels", "--allow-container-tunnels", nargs="?", const=True,

@@ -20,6 +20,10 @@ The driver's (and the CNI plugin's) rules: what each network and each published 
                                                                      NAT would give it an address of that network)
              --internal: nothing in or out but the flannel Network
              -i <bridge> ! -d <flannel Network> -j DROP ; -o <bridge> ! -s <flannel Network> -j DROP
+             -o com.docker.network.bridge.enable_icc=false: the bridge's containers do not reach one another (the
+             -i <bridge> -o <bridge> -m conntrack ! --ctstate DNAT -j DROP     bridge ports are isolated, so this
+                                                                  is the routed way round, through the gateway);
+                                                                  a port published on the host they do reach
     filter PYFLANNEL-INPUT      (first in INPUT)     the bridge gets route_localnet (for `curl localhost:PORT`);
              -i <bridge> -d 127.0.0.0/8 ! --ctstate RELATED,ESTABLISHED -j DROP    but its containers cannot open
                                                                   connections to the host's loopback
@@ -130,6 +134,7 @@ class NetworkSpec:
     internal: bool
     lease6: ipaddress.IPv6Network | None = None
     flannel_network6: ipaddress.IPv6Network | None = None
+    icc: bool = True  # its containers reach one another on this host
 
 
 @dataclass(frozen=True)
@@ -196,10 +201,13 @@ def cni_rules(bridge: str, lease: ipaddress.IPv4Network | None, network: ipaddre
 def _family_rules(net: NetworkSpec, lease, network, devices: tuple[str, ...], v6: bool) -> list[Rule]:
     """The rules of one address family (iptables or ip6tables) but PYFLANNEL-INPUT's."""
     lease, network = str(lease), str(network)
+    rules = [] if net.icc else [Rule("filter", ISOLATION, ("-i", net.bridge, "-o", net.bridge, "-m", "conntrack", "!",
+                                                           "--ctstate", "DNAT", "-j", "DROP"), v6)]
     if net.internal:
-        return [Rule("filter", ISOLATION, ("-i", net.bridge, "!", "-d", network, "-j", "DROP"), v6),
-                Rule("filter", ISOLATION, ("-o", net.bridge, "!", "-s", network, "-j", "DROP"), v6)]
-    rules = [Rule("nat", NAT_OUT, ("-s", lease, "!", "-d", network, "-j", "MASQUERADE"), v6)] if net.masquerade else []
+        return rules + [Rule("filter", ISOLATION, ("-i", net.bridge, "!", "-d", network, "-j", "DROP"), v6),
+                        Rule("filter", ISOLATION, ("-o", net.bridge, "!", "-s", network, "-j", "DROP"), v6)]
+    if net.masquerade:
+        rules.append(Rule("nat", NAT_OUT, ("-s", lease, "!", "-d", network, "-j", "MASQUERADE"), v6))
     return rules + isolation_rules(net.bridge, network, devices, v6) + [
         Rule("nat", NAT_OUT, ("-o", net.bridge, "-m", "addrtype", "--src-type", "LOCAL", "-j", "MASQUERADE"), v6),
         Rule("nat", NAT_OUT, ("-o", net.bridge, "-s", lease, "-m", "conntrack", "--ctstate", "DNAT", "-j",

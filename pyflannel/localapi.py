@@ -9,7 +9,9 @@ HTTP with JSON bodies on a Unix socket (default /run/flannel/pyflanneld.sock, ro
                                  serves it). Answers once the lease is held and NAME's subnet.env is written: the
                                  network's description.
     DELETE /v1/networks/NAME     leave NAME: the lease is deleted and the kernel state goes.
-    PUT    /v1/names             this host's containers and their names per network (the whole set, each time)
+    PUT    /v1/names             this host's containers and their names per network (the whole set, each time),
+                                 and which host they are on (body {"containers": [...], "host": host_identity()});
+                                 409 from a pyflanneld on another host
     GET    /v1/names             every host's container names in the networks served: {"names": [...]}
     GET    /v1/names/own         how many of this host's containers it holds: {"containers": N}
     POST   /v1/networks/NAME/rotate-key   a new WireGuard key for NAME on this host: the network's description
@@ -21,6 +23,7 @@ not reachable, still joining).
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from urllib.parse import quote
@@ -49,6 +52,16 @@ def name_problem(name: str) -> str | None:
     if name in RESERVED_NAMES:
         return f"network name {name!r} is reserved (<prefix>/{name} is part of the default network's layout)"
     return None
+
+
+def host_identity() -> str | None:
+    """This host as a name publish names it: its network namespace (`net:[4026531840]`), which the driver's bridges
+    and pyflanneld's routes share on every install (systemd, the managed plugin, compose: host networking), and
+    which tells apart two hosts of one machine that share a /run; None where /proc cannot tell."""
+    try:
+        return os.readlink("/proc/self/ns/net")
+    except OSError:
+        return None
 
 
 def _network_path(name: str) -> str:
@@ -107,10 +120,11 @@ class Client:
     def networks(self) -> list[dict]:
         return self._call("GET", "/v1/networks").get("networks", [])
 
-    def publish(self, containers: list[dict]) -> None:
+    def publish(self, containers: list[dict], host: str | None = None) -> None:
         """This host's containers on flannel networks, all of them: [{"id", "networks": {NAME or "": {"address",
-        "names"}}}]; their names are answered over DNS on every host."""
-        self._call("PUT", "/v1/names", {"containers": containers})
+        "names"}}}]; their names are answered over DNS on every host. `host` (host_identity()): pyflanneld refuses
+        the set (409) when it runs on another host."""
+        self._call("PUT", "/v1/names", {"containers": containers, **({"host": host} if host else {})})
 
     def names(self) -> list[dict]:
         return self._call("GET", "/v1/names").get("names", [])

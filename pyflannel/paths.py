@@ -3,9 +3,17 @@ import os
 
 SUBNET_FILE = "/run/flannel/subnet.env"            # pyflanneld writes it; the driver, CNI, status and doctor read it
 STATE_DIR = "/var/lib/pyflannel"                   # pyflanneld's state (the VTEP MAC)
-DRIVER_STATE_DIR = "/var/lib/pyflannel/driver"     # pyflannel-driver's networks, endpoints and allocations
 DRIVER_SOCKET = "/run/docker/plugins/pyflannel.sock"  # where dockerd finds the driver by name; pyflanneld scrapes it
 DAEMON_SOCKET = "/run/flannel/pyflanneld.sock"    # pyflanneld's local API: the driver and CNI join and leave networks
+
+
+def driver_state_dir(state_dir: str) -> str:
+    """pyflannel-driver's networks, endpoints and allocations: a folder of pyflanneld's -state-dir, so that
+    `pyflannel doctor` finds them from FLANNELD_STATE_DIR alone (the managed plugin keeps both on the host)."""
+    return os.path.join(state_dir, "driver")
+
+
+DRIVER_STATE_DIR = driver_state_dir(STATE_DIR)
 
 
 def network_env_file(subnet_file: str, name: str) -> str:

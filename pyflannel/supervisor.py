@@ -2,11 +2,15 @@
 
     pyflannel-plugin [--socket /run/docker/plugins/pyflannel.sock] [--subnet-wait 5]
 
-pyflanneld gets the FLANNELD_* environment (the plugin's settings); an empty one means "the flag's default", since
-`docker plugin set` cannot unset a variable. The driver starts once subnet.env exists, so that the network is
-usable when `docker plugin enable` returns, or after --subnet-wait seconds anyway (etcd down: enable still
-succeeds, and the driver's answers and the daemon's log say what is missing). dockerd looks for the socket 0.5 s
-after the start and then every 3 s, giving up after 9.5 s: 5 s leaves the driver time to start.
+pyflanneld gets the FLANNELD_* environment (the plugin's settings), the driver a flag for each DRIVER_* one; an
+empty one means "the flag's default", since `docker plugin set` cannot unset a variable. The two meet on the files
+pyflanneld's settings name (subnet.env, its local API's socket, its state folder), which config.json puts on the
+host's mounts, so that the host's own tools find them at their usual paths.
+
+The driver starts once subnet.env exists, so that the network is usable when `docker plugin enable` returns, or
+after --subnet-wait seconds anyway (etcd down: enable still succeeds, and the driver's answers and the daemon's log
+say what is missing). dockerd looks for the socket 0.5 s after the start and then every 3 s, giving up after 9.5 s:
+5 s leaves the driver time to start.
 
 As PID 1 of the plugin container it passes SIGTERM/SIGINT on to both, reaps orphans, and when one of the two
 ends on its own, stops the other and exits non-zero: dockerd then sees the plugin as stopped.
@@ -21,9 +25,10 @@ import subprocess
 import sys
 import time
 
-from pyflannel import paths
+from pyflannel import paths, version_line
 
 STOP_TIMEOUT = 10.0
+DRIVER_SETTING = "DRIVER_"  # the plugin's settings for pyflannel-driver's flags; FLANNELD_* are pyflanneld's
 
 log = logging.getLogger("pyflannel-plugin")
 
@@ -31,6 +36,7 @@ log = logging.getLogger("pyflannel-plugin")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pyflannel-plugin",
                                 description="Run pyflanneld and pyflannel-driver together (the managed plugin).")
+    p.add_argument("--version", action="version", version=version_line("pyflannel-plugin"))
     p.add_argument("--socket", default=paths.DRIVER_SOCKET, help="the driver's socket (default %(default)s)")
     p.add_argument("--subnet-wait", type=float, default=5.0,
                    help="seconds to wait for subnet.env before starting the driver anyway (default %(default)s)")
@@ -43,11 +49,16 @@ def daemon_environment(environ: dict) -> dict:
 
 
 def driver_argv(env: dict, socket_path: str) -> list[str]:
-    """pyflannel-driver reading pyflanneld's subnet file and keeping its state beside the daemon's."""
-    state_dir = env.get("FLANNELD_STATE_DIR", paths.STATE_DIR)
-    return ["pyflannel-driver", "--socket", socket_path, "--state-dir", os.path.join(state_dir, "driver"),
+    """pyflannel-driver on pyflanneld's files (subnet.env, the local API, its state folder in the daemon's), and a
+    flag for each non-empty DRIVER_<FLAG> setting (DRIVER_LOG_LEVEL=debug: --log-level debug)."""
+    argv = ["pyflannel-driver", "--socket", socket_path,
+            "--state-dir", paths.driver_state_dir(env.get("FLANNELD_STATE_DIR", paths.STATE_DIR)),
             "--subnet-file", env.get("FLANNELD_SUBNET_FILE", paths.SUBNET_FILE),
-            "--log-level", env.get("DRIVER_LOG_LEVEL") or "info"]
+            "--daemon-socket", env.get("FLANNELD_API_SOCKET", paths.DAEMON_SOCKET)]
+    for name, value in sorted(env.items()):
+        if name.startswith(DRIVER_SETTING) and value:
+            argv += ["--" + name[len(DRIVER_SETTING):].lower().replace("_", "-"), value]
+    return argv
 
 
 class Supervisor:

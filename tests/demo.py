@@ -6,6 +6,7 @@ same web server published on host B's address (-p 8080:80) for the world.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,11 @@ def up() -> int:
         say(f"HTTP from host A itself to host B's published port {b.ip}:8080: {'OK' if published_ok else 'FAILED'}")
         say(f"try: ip netns exec {a.ns} docker -H unix://{a.docker_sock} run --rm --network overlay0 {IMAGE} "
             f"ping -c1 {web_ip}")
+        for host in lab.hosts:
+            say(f"host {host.name.upper()}'s view: {shlex.join(host.pyflannel_argv('status'))}")
+            say(f"host {host.name.upper()}'s check: {shlex.join(host.pyflannel_argv('doctor'))}")
+        status = subprocess.run(a.pyflannel_argv("status"), capture_output=True, text=True).stdout
+        say(f"host A's view says: {status.splitlines()[0] if status else 'nothing'}")
         say("tear down with: make demo-down")
         return 0 if ok else 1
     except BaseException as e:

@@ -214,6 +214,7 @@ class FakePlumbing:
         self.rules: list = []              # firewall.Rule, in order
         self.busy_ports: set[tuple] = set()  # (proto, host_ip, port) held by "another process"
         self.refuse: set[str] = set()
+        self.isolated_ports: set[str] = set()  # host ends of veth pairs whose bridge port is isolated
 
     def _check(self, operation: str) -> None:
         if operation in self.refuse:
@@ -241,9 +242,10 @@ class FakePlumbing:
         found = self.bridges.pop(name, None) or self.veths.pop(name, None)
         return found is not None
 
-    def ensure_veth(self, host, container, bridge, mtu, mac) -> None:
+    def ensure_veth(self, host, container, bridge, mtu, mac, isolated=False) -> None:
         self._check("ensure_veth")
         self.veths[host] = (container, bridge, mtu, mac)
+        self.isolated_ports = (self.isolated_ports - {host}) | ({host} if isolated else set())
 
     def delete_veth(self, host, container) -> None:
         self.veths.pop(host, None)

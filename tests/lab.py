@@ -233,18 +233,30 @@ class Host:
     def sh(self, *args, **kw) -> str:
         return sh(*args, ns=self.ns, **kw)
 
-    def start_daemon(self, *extra: str, wait_ready: bool = True, env: dict | None = None) -> Process:
+    def start_daemon(self, *extra: str, wait_ready: bool = True, env: dict | None = None,
+                     wrapper: tuple[str, ...] = (), listen_socket: socket.socket | None = None) -> Process:
+        """`wrapper`: argv that execs its arguments (the daemon keeps its PID). `listen_socket`: handed over as
+        systemd hands a socket unit's (fd 3, LISTEN_FDS=1, LISTEN_PID the daemon's)."""
         iface = [] if "-iface" in extra else ["-iface", "eth0"]
         args = ["-etcd-endpoints", self.lab.etcd_endpoints, *iface, "-subnet-file", str(self.subnet_file),
                 "--state-dir", str(self.state_dir), "-etcd-prefix", self.lab.prefix_key, "-api-socket",
                 str(self.api_sock), "-dns-upstream", OUTSIDE_DNS, *extra]
-        self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", self.with_own_run_wireguard(
-            str(VENV_BIN / "pyflanneld"), *args), ns=self.ns, env=env)
+        if listen_socket is not None:
+            wrapper = ("sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "sh", *wrapper)
+        self.daemon = self.lab.spawn(f"{self.name}-pyflanneld", [*wrapper, *self.with_own_run_wireguard(
+            str(VENV_BIN / "pyflanneld"), *args)], ns=self.ns, env=env, fd3=listen_socket)
         if wait_ready:
             wait_until(f"{self.name}'s subnet.env", lambda: self.subnet_file.exists() or not self.daemon.alive(),
                        timeout=30)
             assert self.daemon.alive(), f"pyflanneld on {self.name} exited:\n{self.daemon.log()}"
         return self.daemon
+
+    def pyflannel_argv(self, command: str) -> list[str]:
+        """`pyflannel status` or `doctor` on this host, with the host's paths (the lab's are not the defaults)."""
+        argv = ["ip", "netns", "exec", self.ns, str(VENV_BIN / "pyflannel"), command, "-etcd-endpoints",
+                self.lab.etcd_endpoints, "-etcd-prefix", self.lab.prefix_key, "-subnet-file", str(self.subnet_file),
+                "-api-socket", str(self.api_sock)]
+        return argv + (["--driver-state-dir", str(self.workdir / "driver")] if command == "doctor" else [])
 
     # --- Docker on this host ---------------------------------------------------------------------------------
     @property
@@ -482,12 +494,15 @@ class Lab:
         self.hosts.append(host)
         return host
 
-    def spawn(self, name: str, argv: list[str], ns: str | None = None, env: dict | None = None) -> Process:
+    def spawn(self, name: str, argv: list[str], ns: str | None = None, env: dict | None = None,
+              fd3: socket.socket | None = None) -> Process:
+        """`fd3`: a socket the process gets as its fd 3."""
         log_path = self.workdir / f"{name}.log"
         cmd = (["ip", "netns", "exec", ns] if ns else []) + argv
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, pass_fds=(3,) if fd3 else (),
+                                     preexec_fn=(lambda: os.dup2(fd3.fileno(), 3)) if fd3 else None)
         process = Process(name, popen, log_path)
         self.processes.append(process)
         return process

@@ -233,7 +233,8 @@ def test_containerd_ctr_run_cni_across_hosts(lab, binary):
         ips[name] = out.split()[3].split("/")[0]
         assert ipaddress.IPv4Address(ips[name]) in ipaddress.IPv4Network(host.subnet_env()["FLANNEL_SUBNET"],
                                                                           strict=False)
-    assert ", 0% packet loss" in h1.ctr("tasks", "exec", "--exec-id", "p", "c1", "ping", "-c1", "-W2", ips["c2"])
+    wait_until("c1 pings c2", lambda: ", 0% packet loss" in h1.ctr(
+        "tasks", "exec", "--exec-id", "p", "c1", "ping", "-c1", "-W2", ips["c2"], check=False), timeout=20)
     for host, src, dst in ((h1, "c1", "c2"), (h2, "c2", "c1")):
         page = wait_until(f"HTTP {src} -> {dst}", lambda: HELLO in host.ctr(
             "tasks", "exec", "--exec-id", "w", src, "wget", "-O-", f"http://{ips[dst]}/", check=False, timeout=20),

@@ -1,6 +1,7 @@
 """Prometheus metrics on the lab: scraped over the underlay (as a Prometheus server would) from the daemons' healthz
-port, the numbers follow real events: leases, peers, lease removal, hand-deleted routes, an etcd outage, and the
-driver's calls from a real dockerd."""
+port, the numbers follow real events: leases, peers, lease removal, hand-deleted routes, an etcd outage, a network
+that failed, a lookup no upstream answered, and the driver's calls from a real dockerd; every metric the shipped
+dashboard and alert rules query is in a live scrape."""
 from __future__ import annotations
 
 import platform
@@ -9,11 +10,15 @@ import time
 import urllib.request
 
 import pytest
+from dnslib import RCODE, DNSRecord
 from prometheus_client.parser import text_string_to_metric_families
 
 from pyflannel import __version__
+from pyflannel.daemon.flags import DNS_ADDRESS
 from pyflannel.daemon.metrics import UnixHTTPConnection
+from pyflannel.localapi import Client
 from tests.lab import IMAGE, Lab, inside, wait_until
+from tests.test_monitoring import used_metric_names
 
 pytestmark = pytest.mark.lab
 PORT = 9471
@@ -61,6 +66,8 @@ def test_gauges_count_leases_and_peers(lab):
     assert value(m, "pyflannel_build_info", version=__version__, python=platform.python_version()) == 1
     assert value(m, "pyflannel_etcd_errors_total", operation="watch") == 0
     assert value(m, "process_resident_memory_bytes") > 0
+    assert value(m, "pyflannel_network_up", network="default") == 1 and value(m, "pyflannel_etcd_reachable") == 1
+    assert value(m, "pyflannel_reconcile_failures_total", kind="route") == 0
 
 
 def test_removed_lease_lowers_the_gauges_and_counts_the_event(lab):
@@ -105,6 +112,32 @@ def test_hand_deleted_entries_raise_repairs(lab):
     assert peer in h1.sh("ip", "route", "show", "proto", "77")
     assert value(m, "pyflannel_reconcile_runs_total") > value(before, "pyflannel_reconcile_runs_total")
     assert repairs(m, "route", "removed") == repairs(before, "route", "removed")
+
+
+def test_a_network_that_failed_is_down(lab):
+    """h2 joined shop; its config is deleted from etcd while h2 is down: served again at start, it fails."""
+    h2 = lab.hosts[1]
+    Client(str(h2.api_sock)).join("shop", "10.60.0.0/16")
+    assert value(scrape(lab, h2), "pyflannel_network_up", network="shop") == 1
+    h2.daemon.kill(signal.SIGKILL)
+    lab.etcd_request("DELETE", f"{lab.prefix_key}/shop/config")
+    h2.start_daemon("-healthz-port", str(PORT), "--driver-socket", str(h2.workdir / "nobody.sock"))
+    m = wait_until("shop failed on h2", lambda: (m := scrape(lab, h2)) and
+                   value(m, "pyflannel_network_up", network="shop") == 0 and m)
+    assert value(m, "pyflannel_network_up", network="default") == 1
+    assert [n["state"] for n in Client(str(h2.api_sock)).networks() if n["name"] == "shop"] == ["failed"]
+    Client(str(h2.api_sock)).leave("shop")
+    assert value(scrape(lab, h2), "pyflannel_network_up", network="shop") is None
+
+
+def test_a_lookup_no_upstream_answers_is_counted(lab):
+    """The lab has no route to its upstream resolver here (no outside network): the container gets SERVFAIL."""
+    h3 = lab.hosts[2]
+    before = value(scrape(lab, h3), "pyflannel_dns_upstream_failures_total")
+    with inside(h3.ns):
+        reply = DNSRecord.parse(DNSRecord.question("www.example.test").send(DNS_ADDRESS, 53, timeout=10))
+    assert reply.header.rcode == RCODE.SERVFAIL
+    assert value(scrape(lab, h3), "pyflannel_dns_upstream_failures_total") == before + 1
 
 
 def test_driver_absent_is_said_by_driver_up(lab):
@@ -155,6 +188,24 @@ def test_driver_calls_from_docker_are_counted_on_the_daemons_port(lab):
     h1.docker("network", "rm", "overlay0")
 
 
+def test_every_metric_the_dashboard_and_alerts_query_is_scraped(lab):
+    """Names parsed out of monitoring/'s PromQL, against h1's scrape with its driver serving and called once."""
+    h1 = lab.hosts[0]
+    if getattr(h1, "driver", None) is None or not h1.driver.alive():
+        h1.start_driver()
+    conn = UnixHTTPConnection(str(h1.driver_sock), 5)  # a call, so that the driver's labelled series exist
+    try:
+        conn.request("POST", "/NoSuch.Method", body=b"{}")
+        conn.getresponse().read()
+    finally:
+        conn.close()
+    m = wait_until("the driver's calls scraped", lambda: (m := scrape(lab, h1)) and value(m, "pyflannel_driver_up") == 1
+                   and m)
+    scraped = {name for name, _ in m}
+    used = used_metric_names()
+    assert len(used) >= 15 and not used - scraped, sorted(used - scraped)
+
+
 def test_etcd_outage_counts_etcd_errors(lab):
     h1 = lab.hosts[0]
     before = total(scrape(lab, h1), "pyflannel_etcd_errors_total")
@@ -165,7 +216,9 @@ def test_etcd_outage_counts_etcd_errors(lab):
         assert value(m, "pyflannel_etcd_errors_total", operation="watch") + value(
             m, "pyflannel_etcd_errors_total", operation="leases") > 0
         assert value(m, "pyflannel_peers_programmed", network="default", backend="vxlan") == 2  # the kernel is kept as it is
+        wait_until("etcd unreachable said", lambda: value(scrape(lab, h1), "pyflannel_etcd_reachable") == 0)
     finally:
         lab.start_etcd()
+    wait_until("etcd reachable again", lambda: value(scrape(lab, h1), "pyflannel_etcd_reachable") == 1, timeout=30)
     counted = {dict(labels)["operation"]: v for (name, labels), v in m.items() if name == "pyflannel_etcd_errors_total"}
     print(f"\netcd killed: the first scrape showing errors on h1: {counted}")

@@ -6,7 +6,7 @@ import threading
 import types
 
 import pytest
-from dnslib import RCODE, RR, DNSRecord
+from dnslib import EDNS0, RCODE, RR, DNSRecord
 
 from pyflannel.daemon.dns import Resolver
 from pyflannel.daemon.names import Container, NameBook
@@ -126,3 +126,87 @@ def test_names_are_written_once_kept_alive_without_rewrites_and_written_again_on
     assert book._write() and set(shop.list_folder("names")[0]) == {"192.0.2.11/10.60.1.2"}
     book.forget("shop", shop)  # the host leaves shop: its names there go at once
     assert shop.list_folder("names")[0] == {} and "shop" not in book.written
+
+
+def query_bytes(name: str, qtype: str = "A", id: int = 1, edns: bool = False) -> bytes:
+    query = DNSRecord.question(name, qtype)
+    query.header.id = id
+    if edns:
+        query.add_ar(EDNS0(udp_len=1232))
+    return bytes(query.pack())
+
+
+def test_an_answer_kept_is_the_bytes_dnslib_makes_with_the_askers_id():
+    shop = MemoryStore()
+    here, there = book_of({"shop": shop}), book_of({"shop": shop}, "192.0.2.12")
+    there.publish([Container("c", {"shop": ("10.60.2.2", ("web",))}, {"shop": "fd00:f1a0:0:2::2"}),
+                   Container("d", {"shop": ("10.60.2.3", ("web",))})])
+    there._write(), here._read()
+    resolver = Resolver(here, [])
+    for name, qtype, edns in (("web", "A", False), ("WEB.", "ANY", True), ("web", "AAAA", True), ("web", "MX", False)):
+        first, _ = resolver.answer(query_bytes(name, qtype, 1, edns), "10.60.1.2")
+        again, _ = resolver.answer(query_bytes(name, qtype, 0xBEEF, edns), "10.60.1.2")
+        made, _ = Resolver(here, []).answer(query_bytes(name, qtype, 0xBEEF, edns), "10.60.1.2")  # nothing kept
+        assert again == made and again[:2] == b"\xbe\xef" and first[2:] == again[2:]
+    assert len(resolver.kept) == 4  # each question once
+
+
+def test_kept_answers_follow_every_change_of_the_book_and_of_the_askers_networks():
+    shop, crm = MemoryStore(), MemoryStore()
+    networks = {"shop": shop, "crm": crm}
+    here, there = book_of(networks), book_of(networks, "192.0.2.12")
+    here.publish([Container("a", {"shop": ("10.60.1.2", ("client",))})])
+    there.publish([Container("c", {"shop": ("10.60.2.2", ("web",))}), Container("d", {"crm": ("10.61.2.2", ("web",))})])
+    here._write(), there._write(), here._read()
+    resolver = Resolver(here, [])
+
+    def web(asker: str = "10.60.1.2") -> list[str] | None:
+        reply, _ = resolver.answer(query_bytes("web"), asker)
+        return sorted(str(rr.rdata) for rr in DNSRecord.parse(reply).rr) if reply else None
+
+    assert web() == ["10.60.2.2"] and web() == ["10.60.2.2"]
+    there.publish([Container("c", {"shop": ("10.60.2.2", ("web",))}), Container("d", {"crm": ("10.61.2.2", ("web",))}),
+                   Container("e", {"shop": ("10.60.2.4", ("web",))})])  # a replica of web starts
+    there._write(), deliver(here, networks)
+    assert web() == ["10.60.2.2", "10.60.2.4"]
+    here.publish([Container("a", {"crm": ("10.60.1.2", ("client",))})])  # a's networks change: crm's web, not shop's
+    assert web() == ["10.61.2.2"]
+    here.publish([Container("a", {"shop": ("10.60.1.2", ("client",))})])
+    assert web() == ["10.60.2.2", "10.60.2.4"]
+    there.publish([Container("d", {"crm": ("10.61.2.2", ("web",))})])  # shop's web is gone
+    there._write(), deliver(here, networks)
+    assert web() is None
+    looked_up = here.records
+
+    def records_then_a_change(name, on):  # the feed changes the book while an answer is being made
+        found = looked_up(name, on)
+        there.publish([Container("c", {"shop": ("10.60.2.2", ("web",))}), Container("d", {"crm": ("10.61.2.2",
+                                                                                                  ("web",))})])
+        there._write(), deliver(here, networks)
+        here.records = looked_up
+        return found
+
+    here.records = records_then_a_change
+    assert web("192.0.2.11") == ["10.61.2.2"]  # made from the book as it was: not kept
+    assert web("192.0.2.11") == ["10.60.2.2", "10.61.2.2"]
+    here.forget("crm", crm)  # the host leaves crm: its copy of crm's names goes
+    assert web("192.0.2.11") == ["10.60.2.2"]
+
+
+def test_forwarded_queries_and_garbage_are_not_kept_and_the_kept_answers_are_bounded(monkeypatch):
+    shop = MemoryStore()
+    book = book_of({"shop": shop})
+    book.publish([Container("a", {"shop": ("10.60.1.2", ("web",))})])
+    book._write(), book._read()
+    resolver = Resolver(book, [])
+    assert resolver.answer(query_bytes("www.example.test"), "10.60.1.2")[1] is not None  # to forward
+    assert resolver.answer(b"\x00\x01 not DNS at all", "10.60.1.2") == (None, None)
+    assert resolver.answer(b"\x00\x01 not DNS at all", "10.60.1.2") == (None, None)
+    assert resolver.kept == {}
+    monkeypatch.setattr("pyflannel.daemon.dns.KEPT_ANSWERS", 3)
+    sizes = []
+    for id in range(10):  # 10 different queries (with or without EDNS, trailing bytes)
+        reply, _ = resolver.answer(query_bytes("web", "A", id, edns=id % 2 == 0) + bytes(id // 2), "10.60.1.2")
+        assert [str(rr.rdata) for rr in DNSRecord.parse(reply).rr] == ["10.60.1.2"]
+        sizes.append(len(resolver.kept))
+    assert max(sizes) == 3

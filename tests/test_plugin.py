@@ -1,6 +1,7 @@
 """The managed (v2) Docker plugin on real engines: `docker plugin create/set/enable` on two lab hosts gives one
-overlay across them; settings change with `docker plugin set`; a dying child restarts the plugin; disable + rm
-leave nothing behind. Prints the plugin's size and its enable → usable time."""
+overlay across them; settings change with `docker plugin set`; the host's `pyflannel` (copied out of the plugin)
+reaches the plugin's daemon and state; a dying child restarts the plugin; disable + rm leave nothing behind; etcd
+over TLS with the certificates on the etcd-tls mount. Prints the plugin's size and its enable → usable time."""
 from __future__ import annotations
 
 import gzip
@@ -8,11 +9,15 @@ import ipaddress
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
 
-from tests.lab import IMAGE, OUTSIDE_DNS, OUTSIDE_IP, Lab, wait_until
+from pyflannel import firewall
+from pyflannel.driver.state import STATE_FILE
+from tests.lab import IMAGE, OUTSIDE_DNS, OUTSIDE_IP, SWITCH_IP, Lab, wait_until
+from tests.test_faults import make_certs
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 PLUGIN = "pyflannel:latest"  # dockerd registers a managed driver under its full reference, tag included
@@ -45,6 +50,20 @@ def plugin_processes(host) -> dict[int, str]:
     return found
 
 
+def host_pyflannel(host, *args: str) -> subprocess.CompletedProcess:
+    """`pyflannel ARGS` on the plugin's host, installed as the README says: plugin/pyflannel-host copied out of the
+    plugin's rootfs; it finds the plugin through DOCKER_HOST, as docker does."""
+    command = host.workdir / "bin" / "pyflannel"
+    if not command.exists():
+        root = host.docker("info", "-f", "{{.DockerRootDir}}").strip()
+        plugin_id = host.docker("plugin", "inspect", "-f", "{{.Id}}", "pyflannel").strip()
+        command.parent.mkdir(exist_ok=True)
+        subprocess.run(["install", "-m", "0755", f"{root}/plugins/{plugin_id}/rootfs/usr/share/pyflannel/"
+                        "pyflannel-host", str(command)], check=True)
+    return subprocess.run(["ip", "netns", "exec", host.ns, "env", f"DOCKER_HOST=unix://{host.docker_sock}",
+                           str(command), *args], capture_output=True, text=True, timeout=60)
+
+
 def enable(host) -> float:
     """Enable the plugin and create overlay0; the seconds from `enable` until the network exists."""
     start = time.monotonic()
@@ -63,10 +82,12 @@ def plugin_lab(plugin_build, docker_engine):
         for host in lab.hosts:
             host.start_dockerd(docker_engine)
             (host.workdir / "run").mkdir()
+            (host.workdir / "var-lib").mkdir()
             host.docker("plugin", "create", "pyflannel", str(plugin_build / "pyflannel"), timeout=120)
             host.docker("plugin", "set", "pyflannel", f"FLANNELD_ETCD_ENDPOINTS={lab.etcd_url}",
                         "FLANNELD_IFACE=eth0", f"FLANNELD_DNS_UPSTREAM={OUTSIDE_DNS}",
-                        f"host-run.source={host.workdir / 'run'}", f"docker-sock.source={host.docker_sock}")
+                        f"host-run.source={host.workdir / 'run'}", f"host-var-lib.source={host.workdir / 'var-lib'}",
+                        f"docker-sock.source={host.docker_sock}")
             lab.enable_seconds.append(enable(host))
         yield lab
 
@@ -151,9 +172,44 @@ def test_plugin_masquerades_egress_and_publishes_ports(plugin_lab):
     assert "--dport 8080" not in h1.sh("iptables", "-t", "nat", "-S")
 
 
+def test_host_pyflannel_reaches_the_plugins_daemon_and_state(plugin_lab):
+    """The plugin's local API, subnet.env and state are on the host's mounts (the lab's stand-ins for /run and
+    /var/lib): `pyflannel` on the host, with no flags, lists a container of the other host by name, joins and leaves
+    a flannel network through the plugin's pyflanneld, and doctor reads the driver's state there."""
+    h1, h2 = plugin_lab.hosts
+    assert (h1.workdir / "run" / "flannel" / "pyflanneld.sock").is_socket()
+    state = json.loads((h1.workdir / "var-lib" / "pyflannel" / "driver" / STATE_FILE).read_text())
+    overlay0 = next(net for net in state["networks"].values() if net.get("pool"))
+    try:
+        h2.docker("run", "-d", "--name", "hostview", "--network", "overlay0", IMAGE, "sleep", "600")
+        wait_until("hostview in h1's pyflannel status --names", lambda: "hostview" in host_pyflannel(
+            h1, "status", "--names").stdout, timeout=20, interval=0.5)
+        status = json.loads(host_pyflannel(h1, "status", "--json").stdout)
+        assert status["host"]["etcd"] == "reachable" and status["host"]["subnet"] == str(lease(h1))
+        assert {h["public_ip"] for h in status["hosts"]} >= {h1.ip, h2.ip}
+        joined = host_pyflannel(h1, "join", "hostjoin")
+        assert joined.returncode == 0, joined.stderr
+        assert [lease["attrs"]["PublicIP"] for lease in plugin_lab.leases("hostjoin").values()] == [h1.ip]
+        assert (h1.workdir / "run" / "flannel" / "networks" / "hostjoin.env").exists()
+        assert host_pyflannel(h1, "leave", "hostjoin").returncode == 0
+        assert plugin_lab.leases("hostjoin") == {}
+        # doctor finds overlay0 in the driver's state: without its masquerade rule, it says so
+        rule = ["-s", overlay0["pool"], "!", "-d", overlay0["flannel_network"], "-j", "MASQUERADE"]
+        assert json.loads(host_pyflannel(h1, "doctor", "--json").stdout)["checks"]["masquerade"] == "ok"
+        h1.sh("iptables", "-t", "nat", "-D", firewall.NAT_OUT, *rule)
+        try:
+            doctor = json.loads(host_pyflannel(h1, "doctor", "--json").stdout)
+            assert [f["message"].split(" (")[0] for f in doctor["findings"] if f["check"] == "masquerade"] == [
+                f"no masquerade rule for {overlay0['pool']}"]
+        finally:
+            h1.sh("iptables", "-t", "nat", "-A", firewall.NAT_OUT, *rule)
+    finally:
+        h2.docker("rm", "-f", "hostview", check=False)
+
+
 def test_settings_change_with_plugin_set(plugin_lab):
     """-ip-masq through FLANNELD_IP_MASQ: iptables inside the plugin's rootfs programs the host; the lease and
-    the VTEP MAC survive the disable/enable (state kept in the plugin)."""
+    the VTEP MAC survive the disable/enable (state in the host's var-lib)."""
     h1 = plugin_lab.hosts[0]
     before, mac = lease(h1), h1.sh("cat", "/sys/class/net/flannel.1/address")
     assert "FLANNEL-POSTRTG" not in h1.sh("iptables", "-t", "nat", "-S")  # dockerd has its own for docker0
@@ -206,7 +262,8 @@ def test_enable_with_etcd_unreachable_succeeds_and_says_why(plugin_lab, plugin_b
     h1 = plugin_lab.hosts[0]
     h1.docker("plugin", "create", "pyflannel", str(plugin_build / "pyflannel"), timeout=120)
     h1.docker("plugin", "set", "pyflannel", "FLANNELD_ETCD_ENDPOINTS=http://192.0.2.2:2999", "FLANNELD_IFACE=eth0",
-              f"host-run.source={h1.workdir / 'run-no-etcd'}", f"docker-sock.source={h1.docker_sock}")
+              f"host-run.source={h1.workdir / 'run-no-etcd'}", f"host-var-lib.source={h1.workdir / 'var-lib'}",
+              f"docker-sock.source={h1.docker_sock}")
     (h1.workdir / "run-no-etcd").mkdir()
     h1.docker("plugin", "enable", "pyflannel", timeout=60)
     with pytest.raises(RuntimeError, match=r"subnet.env does not exist: is pyflanneld running"):
@@ -214,3 +271,45 @@ def test_enable_with_etcd_unreachable_succeeds_and_says_why(plugin_lab, plugin_b
     assert "retrying" in h1.dockerd.log()  # pyflanneld's own account, in dockerd's log
     h1.docker("plugin", "disable", "pyflannel")
     h1.docker("plugin", "rm", "pyflannel")
+
+
+def test_etcd_over_tls_with_the_certificates_on_the_etcd_tls_mount(plugin_lab, plugin_build):
+    """An etcd that wants client certificates: the plugin reads them from the etcd-tls mount and takes a lease, and
+    the host's `pyflannel status` reaches the same etcd with the same files, found through the mount's source."""
+    lab, h1 = plugin_lab, plugin_lab.hosts[0]
+    certs = make_certs(lab.workdir / "etcd-tls-files", SWITCH_IP)
+    url = f"https://{SWITCH_IP}:2479"
+    lab.spawn("etcd-tls", [
+        "etcd", "--name", "tls", "--data-dir", str(lab.workdir / "etcd-tls"), "--listen-client-urls", url,
+        "--advertise-client-urls", url, "--listen-peer-urls", f"http://{SWITCH_IP}:2480",
+        "--initial-advertise-peer-urls", f"http://{SWITCH_IP}:2480", "--initial-cluster",
+        f"tls=http://{SWITCH_IP}:2480", "--cert-file", certs["server.pem"], "--key-file", certs["server.key"],
+        "--client-cert-auth", "--trusted-ca-file", certs["ca.pem"]], ns=lab.switch)
+    etcdctl = ["ip", "netns", "exec", lab.switch, "etcdctl", "--endpoints", url, "--cacert", certs["ca.pem"],
+               "--cert", certs["client.pem"], "--key", certs["client.key"]]
+    wait_until("the TLS etcd", lambda: subprocess.run(
+        [*etcdctl, "put", "/coreos.com/network/config", json.dumps({"Network": "10.5.0.0/16"})],
+        capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}).returncode == 0, timeout=30, interval=0.3)
+    run = h1.workdir / "run-tls"
+    run.mkdir()
+    h1.docker("plugin", "create", "pyflannel", str(plugin_build / "pyflannel"), timeout=120)
+    h1.docker("plugin", "set", "pyflannel", f"FLANNELD_ETCD_ENDPOINTS={url}", "FLANNELD_ETCD_API=v3",
+              "FLANNELD_ETCD_CAFILE=/etc/pyflannel/tls/ca.pem", "FLANNELD_ETCD_CERTFILE=/etc/pyflannel/tls/client.pem",
+              "FLANNELD_ETCD_KEYFILE=/etc/pyflannel/tls/client.key", "FLANNELD_IFACE=eth0",
+              f"etcd-tls.source={lab.workdir / 'etcd-tls-files'}", f"host-run.source={run}",
+              f"host-var-lib.source={h1.workdir / 'var-lib'}", f"docker-sock.source={h1.docker_sock}")
+    try:
+        h1.docker("plugin", "enable", "pyflannel", timeout=60)
+        wait_until("subnet.env from the TLS etcd", (run / "flannel" / "subnet.env").exists, timeout=20)
+        keys = subprocess.run([*etcdctl, "get", "--prefix", "--keys-only", "/coreos.com/network/subnets/"],
+                              capture_output=True, text=True, check=True).stdout.split()
+        own = str(ipaddress.IPv4Interface(dict(
+            line.split("=", 1) for line in (run / "flannel" / "subnet.env").read_text().split())["FLANNEL_SUBNET"]
+        ).network).replace("/", "-")
+        assert keys == [f"/coreos.com/network/subnets/{own}"]
+        status = json.loads(host_pyflannel(h1, "status", "--json").stdout)
+        assert status["host"]["etcd"] == "reachable", status["problems"]
+        assert [h["public_ip"] for h in status["hosts"]] == [h1.ip]
+    finally:
+        h1.docker("plugin", "disable", "-f", "pyflannel", check=False)
+        h1.docker("plugin", "rm", "pyflannel", check=False)

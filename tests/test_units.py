@@ -1,7 +1,8 @@
 """The systemd units (systemd/, installed by `make install-host`): systemd's own checker accepts them as rendered,
 and the order they encode is the one a host needs at boot: network -> pyflanneld -> the driver (its socket from
-early boot) -> dockerd. Running them under a real systemd is left to the hosts; the driver's socket activation
-itself is tested in test_driver_restart.py."""
+early boot) -> dockerd; what they keep through a restart of pyflanneld: its DNS socket, and wireguard-go. Running
+them under a real systemd is left to the hosts; the sockets handed over as systemd does are tested in
+test_driver_restart.py and test_dns_restart.py, wireguard-go through a restart in test_wireguard.py."""
 import configparser
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import REPO, VENV_BIN
+from tests.lab import DNS_ADDRESS, REPO, VENV_BIN
 
 pytestmark = pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
 
@@ -29,7 +30,8 @@ def unit(folder: Path, name: str) -> configparser.ConfigParser:
 
 def test_systemd_accepts_the_units(units):
     names = sorted(p.name for p in units.iterdir())
-    assert names == ["pyflannel-driver.service", "pyflannel-driver.socket", "pyflanneld.service"]
+    assert names == ["pyflannel-driver.service", "pyflannel-driver.socket", "pyflanneld-dns.socket",
+                     "pyflanneld.service"]
     done = subprocess.run(["systemd-analyze", "verify", "--man=no", *(str(units / n) for n in names)],
                           capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
@@ -52,3 +54,14 @@ def test_the_units_encode_the_boot_order(units):
     for service in (daemon, driver):
         assert service["Service"]["ProtectSystem"] == "strict" and service["Service"]["Restart"] in ("always",
                                                                                                   "on-failure")
+
+
+def test_pyflanneld_restarts_keep_the_dns_socket_and_wireguard_go(units):
+    daemon, dns = unit(units, "pyflanneld.service"), unit(units, "pyflanneld-dns.socket")
+    # systemd holds the socket from boot (FreeBind: before the address is on lo) and hands it to each pyflanneld
+    assert dns["Socket"]["ListenDatagram"] == f"{DNS_ADDRESS}:53" and dns["Socket"]["FreeBind"] == "yes"
+    assert dns["Socket"]["Service"] == "pyflanneld.service" and dns["Install"]["WantedBy"] == "sockets.target"
+    assert daemon["Service"]["Sockets"] == "pyflanneld-dns.socket" and "PartOf" not in dns["Unit"]  # not restarted
+    # a stop signals pyflanneld only: wireguard-go, in the same cgroup, is left (test_wireguard.py restarts it so)
+    assert daemon["Service"]["KillMode"] == "process"
+    assert "pyflanneld-dns.socket" in (REPO / "Makefile").read_text().split("install-host:", 1)[1].split("\n\n")[0]

@@ -10,12 +10,13 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from pyflannel.kernel import wireguard as wg
 from pyflannel.localapi import Client, DaemonError
-from tests.lab import IMAGE, VENV_BIN, Lab, ping, sh, wait_until
+from tests.lab import IMAGE, REPO, VENV_BIN, Lab, exited, ping, sh, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -216,3 +217,72 @@ def test_docker_containers_reach_each_other_over_wireguard(docker_lab):
     with pytest.raises(DaemonError) as refused:
         Client(str(h1.api_sock)).join("vault", backend="vxlan")
     assert refused.value.status == 409 and "uses the wireguard backend" in str(refused.value)
+
+
+# --- a restart under systemd: wireguard-go stays ------------------------------------------------------------------
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")  # this machine's cgroup v2 hierarchy (where systemd puts its units)
+
+
+def cgroup_pids(cgroup: str) -> list[int]:
+    return [int(pid) for pid in (CGROUP_ROOT / cgroup / "cgroup.procs").read_text().split()]
+
+
+def systemd_stop(main_pid: int, cgroup: str, kill_mode: str) -> None:
+    """`systemctl stop` as systemd.kill(5) has it: SIGTERM to every process of the unit's cgroup (KillMode=
+    control-group), or to the main process only (process; mixed: the rest get SIGKILL once it is gone)."""
+    for pid in cgroup_pids(cgroup) if kill_mode == "control-group" else [main_pid]:
+        os.kill(pid, signal.SIGTERM)
+    wait_until("the main process gone", lambda: exited(main_pid), timeout=15)
+    if kill_mode == "mixed":
+        for pid in cgroup_pids(cgroup):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wireguard_go_in(cgroup: str) -> list[int]:
+    return [pid for pid in cgroup_pids(cgroup) if Path(f"/proc/{pid}/comm").read_text().strip() == "wireguard-go"]
+
+
+@pytest.mark.skipif(not (CGROUP_ROOT / "cgroup.procs").exists(), reason="no cgroup v2 hierarchy")
+def test_wireguard_go_outlives_a_restart_under_the_unit(make_lab, tmp_path):
+    """pyflanneld in a cgroup of its own, as its unit runs it, stopped as systemd stops it with the unit's KillMode
+    and started again: wireguard-go, started by the first pyflanneld into that cgroup, goes on and the next one
+    adopts it; container traffic does not stop."""
+    subprocess.run(["make", "-s", "units", f"UNITDIR={tmp_path}", f"BINDIR={VENV_BIN}"], cwd=REPO, check=True)
+    kill_mode = next((line.split("=", 1)[1] for line in (tmp_path / "pyflanneld.service").read_text().splitlines()
+                      if line.startswith("KillMode=")), "control-group")
+    lab = make_lab(2)
+    cgroup = f"{lab.tag}-pyflanneld.service"
+    (CGROUP_ROOT / cgroup).mkdir()
+    # `ip netns exec` mounts a /sys without cgroups: the wrapper mounts the hierarchy to join the unit's cgroup
+    into_unit = ("sh", "-c", 'mount -t cgroup2 none /sys/fs/cgroup && echo $$ > "/sys/fs/cgroup/$0/cgroup.procs" && '
+                 'exec "$@"', cgroup)
+    try:
+        lab.set_config(CONFIG)
+        h1, h2 = lab.hosts
+        h1.start_daemon(wrapper=into_unit)
+        h2.start_daemon()
+        for host in lab.hosts:
+            host.add_bridge()
+            host.add_container()
+        src, dst = h2.containers[0], h1.containers[0]
+        wait_until("h2 reaches h1", lambda: ping(src.ns, dst.ip, tries=1), timeout=20)
+        [wireguard_go] = wireguard_go_in(cgroup)
+        interval, count = 0.01, 600
+        pinger = subprocess.Popen(["ip", "netns", "exec", src.ns, "ping", "-q", "-i", str(interval), "-c",
+                                   str(count), "-W", "1", dst.ip], stdout=subprocess.PIPE, text=True)
+        time.sleep(1)
+        systemd_stop(h1.daemon.pid, cgroup, kill_mode)
+        survived = not exited(wireguard_go)
+        h1.start_daemon(wrapper=into_unit)  # the log goes on in the same file: the second start's line
+        wait_until("h1 serving again", lambda: h1.daemon.log().count(" flannel-wg (") == 2, timeout=20)
+        summary = pinger.communicate(timeout=60)[0]
+        sent, received = map(int, re.search(r"(\d+) packets transmitted, (\d+) received", summary).groups())
+        print(f"\nKillMode={kill_mode}: wireguard-go {'kept' if survived else 'killed'} through a restart, "
+              f"{sent - received} of {sent} pings lost ({(sent - received) * interval:.2f} s at {interval} s)")
+        assert kill_mode == "process" and survived and wireguard_go_in(cgroup) == [wireguard_go]
+        assert "reusing flannel-wg" in h1.daemon.log() and sent - received == 0
+    finally:
+        for pid in cgroup_pids(cgroup):
+            os.kill(pid, signal.SIGKILL)
+        # (EBUSY until the killed processes are gone)
+        wait_until("the unit's cgroup removed", lambda: (CGROUP_ROOT / cgroup).rmdir() is None, timeout=10)

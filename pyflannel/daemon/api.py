@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler
@@ -29,6 +30,10 @@ class Unavailable(Exception):
     """The call cannot be answered now (still starting, etcd unreachable): 503."""
 
 
+class WrongHost(Exception):
+    """A name publish from a driver on another host (its --daemon-socket reaches this pyflanneld): 409."""
+
+
 def status_of(error: Exception) -> int:
     if isinstance(error, (NetworkConflict, ConfigNotFound)):
         return 409
@@ -39,6 +44,24 @@ def status_of(error: Exception) -> int:
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+
+
+def take_over(path: str) -> None:
+    """Remove the socket a killed daemon left at `path`; refuse to start while a live one answers there, whose
+    clients (the driver's name publishes among them) would otherwise reach this daemon, and it none."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except TimeoutError:  # its backlog is full: it lives, busy
+            pass
+        except OSError:  # nothing there, or nobody listening (refused): a file left behind
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return
+    raise UserError(f"another pyflanneld answers on {path}: give this one another -api-socket")
 
 
 def serve(daemon, path: str) -> _Server:
@@ -55,9 +78,15 @@ def serve(daemon, path: str) -> _Server:
         def do_PUT(self):
             if self.path.rstrip("/") == NAMES:
                 try:
-                    return self.reply(200, daemon.publish(self._body()["containers"]))
+                    body = self._body()
+                    if not isinstance(body.get("host", ""), str):
+                        raise TypeError("host is not a string")
+                    return self.reply(200, daemon.publish(body["containers"], body.get("host")))
+                except WrongHost as e:
+                    return self.reply(409, {"error": str(e)})
                 except (KeyError, TypeError, ValueError, AttributeError) as e:
-                    return self.reply(400, {"error": f'the body must be {{"containers": [...]}} ({e})'})
+                    return self.reply(400, {"error": f'the body must be {{"containers": [...], "host": "..."}} '
+                                                     f'("host" optional) ({e})'})
             self._network_call(lambda name, body: daemon.join(name, body.get("Network"), body.get("Backend"),
                                                               body.get("IPv6", False)))
 
@@ -127,10 +156,7 @@ def serve(daemon, path: str) -> _Server:
             pass
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        os.unlink(path)  # a socket left by a killed daemon; the daemon is alone on the host (its lease says so)
-    except FileNotFoundError:
-        pass
+    take_over(path)
     umask = os.umask(0o177)
     try:
         server = _Server(path, Handler)

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from pyflannel import paths
+from pyflannel import paths, version_line
 
 from .errors import UserError
 
@@ -34,6 +34,15 @@ def _level(text: str) -> int:
     if not str(text).isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a verbosity level (0, 1, 2, ...)")
     return int(text)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(text: str) -> str:
+    if str(text).lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log level ({', '.join(LOG_LEVELS)})")
+    return str(text).lower()
 
 
 def _positive_int(text: str) -> int:
@@ -110,7 +119,9 @@ FLAGS = [
      "WireGuard): for container networks that run a tunnel of their own"),
     ("allow-container-etcd", bool_flag, False, False, "let containers open connections to the etcd endpoints "
      "pyflanneld uses: for clusters whose applications share that etcd"),
-    ("v", _level, 0, False, "log verbosity: 0 logs from INFO up; 1 to 4 add pyflannel's DEBUG messages; 5 and "
+    ("log-level", _log_level, "info", False, "the least severe messages logged: debug (pyflannel's DEBUG messages, "
+     "as -v=1), info, warning or error; a -v above 0 wins over it"),
+    ("v", _level, 0, False, "log verbosity: 0 logs from -log-level up; 1 to 4 add pyflannel's DEBUG messages; 5 and "
      "more the libraries' too (pyroute2, the etcd client, urllib3)"),
 ]
 
@@ -171,6 +182,7 @@ class Flags:
     iptables_forward_rules: bool
     iptables_resync: int
     ip_blackhole_route: bool
+    log_level: str
     v: int
 
 
@@ -243,20 +255,12 @@ def _is_boolean(word: str) -> bool:
         return False
 
 
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as installed
-    try:
-        return installed("pyflannel")
-    except PackageNotFoundError:  # run from a tree that was not installed
-        return "unknown"
-
-
 def parse(argv: list[str], env: dict | None = None) -> Flags:
     env = os.environ if env is None else env
     parser = build_parser(env)
     values = vars(parser.parse_args(go_booleans(parser, argv)))
     if values.pop("version"):
-        print(f"pyflanneld {version()}")
+        print(version_line("pyflanneld"))
         sys.exit(0)
     for name, *_ in LOGGING_FLAGS:
         del values[dest(name)]

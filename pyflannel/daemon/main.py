@@ -21,13 +21,13 @@ from pyflannel.files import remove_file, write_atomically
 from pyflannel.kernel import links
 from pyflannel.kernel.errors import KernelError
 from pyflannel.kernel.netlink import Kernel
-from pyflannel.localapi import DEFAULT_NETWORK, JOIN_SECONDS
+from pyflannel.localapi import DEFAULT_NETWORK, JOIN_SECONDS, host_identity
 
 from . import config as netconfig
 from . import flags as cli_flags
 from . import dns, iface, memory, notify
 from . import store as stores
-from .api import Unavailable, serve as serve_api
+from .api import Unavailable, WrongHost, serve as serve_api
 from .catalog import Catalog, NetworkConflict, check_name
 from .errors import Stopped, UserError
 from .feed import Feed
@@ -40,6 +40,7 @@ from .store.base import ConfigNotFound
 log = logging.getLogger("pyflanneld")
 
 JOINED = "networks.json"  # in --state-dir: the named networks this host has joined
+FIRST_NAMES_SECONDS = 5.0  # DNS starts once the default network's names are read, or after this long anyway
 
 
 class Unmeasured:
@@ -55,7 +56,8 @@ class Unmeasured:
         def observe(self, value: float) -> None:
             pass
 
-    lease_events = apply_seconds = lease_changes = lease_audit_repairs = etcd_errors = _Nothing()
+    lease_events = apply_seconds = lease_changes = lease_audit_repairs = etcd_errors = dns_upstream_failures = \
+        _Nothing()
     registry = None
 
     def count_reconcile(self, repairs) -> None:
@@ -72,6 +74,7 @@ class Daemon:
         calls (pyflannel/pyflanneld.py hands it in: the daemon and the CNI plugin never import each other)."""
         self.flags = flags
         self.cni_plugin = cni
+        self.host = host_identity()  # what a name publish from this host's driver says
         self.stop = threading.Event()
         self.health = Health()
         if flags.healthz_port:
@@ -125,6 +128,8 @@ class Daemon:
         return {name: overlay for name, overlay in list(self.overlays.items()) if overlay.ready.is_set()}
 
     def _serve_dns(self, address: str) -> None:
+        """On the socket systemd holds (pyflanneld-dns.socket: no lookup fails while we restart), else on our own.
+        The address stays on lo when we stop: lookups then wait in systemd's socket, or find nobody."""
         try:
             where = ipaddress.IPv4Address(address)
         except ValueError:
@@ -132,14 +137,26 @@ class Daemon:
         upstreams = self.flags.dns_upstream or dns.upstreams_from(exclude=address)
         try:
             links.ensure_address("lo", ipaddress.IPv4Interface(f"{where}/32"))
-            dns.serve(dns.Resolver(self.names, upstreams), address)
+            resolver = dns.Resolver(self.names, upstreams)
+            resolver.count_upstream_failure = self.metrics.dns_upstream_failures.inc
+            # answers start once the default network's names are read: before, a name of ours would be forwarded
+            # and answered "no such name" (the queries of a restart, waiting in systemd's socket, come at once)
+            deadline = time.monotonic() + FIRST_NAMES_SECONDS
+            while DEFAULT_NETWORK not in self.names.listed and time.monotonic() < deadline:
+                time.sleep(0.01)
+            dns.serve(resolver, address, sock=dns.held_socket(address), stop=self.stop)
         except (OSError, KernelError) as e:  # the overlay matters more: it is served without DNS (doctor says so)
             log.error("no DNS for container names: cannot answer on %s:53: %s", address,
                       getattr(e, "strerror", None) or e)
 
-    def publish(self, containers: list[dict]) -> dict:
+    def publish(self, containers: list[dict], host: str | None = None) -> dict:
         """The driver's view of this host's containers: [{"id", "networks": {network: {"address", "names",
-        optional "address6"}}}]."""
+        optional "address6"}}}]; refused when `host` (localapi.host_identity() on the driver's side) is not this
+        one's, as it would replace this host's containers with another's."""
+        if host and self.host and host != self.host:
+            raise WrongHost(f"names published from another host (network namespace {host}; this pyflanneld runs in "
+                            f"{self.host}): that host's driver reaches this pyflanneld on its --daemon-socket; give "
+                            f"each host's pyflanneld its own -api-socket")
         parsed = []
         for c in containers:
             networks = {(n or DEFAULT_NETWORK): (str(ipaddress.IPv4Address(e["address"])), tuple(map(str, e["names"])))
@@ -313,13 +330,16 @@ class Daemon:
                                                                    self.overlays.items()}}.items())]
 
 
-def set_verbosity(v: int) -> None:
-    """klog's -v, as detail on top of INFO: pyflannel's DEBUG messages from 1, every library's too from 5."""
-    if v >= 1:
+def set_verbosity(v: int, log_level: str = "info") -> None:
+    """-log-level: the least severe messages logged (debug: pyflannel's own DEBUG messages, the libraries' stay at
+    INFO). klog's -v above 0 wins over it, as detail on top of INFO: pyflannel's DEBUG messages from 1, every
+    library's too from 5."""
+    ours_debug = v >= 1 or log_level == "debug"
+    logging.getLogger().setLevel(logging.DEBUG if v >= 5 else logging.INFO if ours_debug
+                                 else getattr(logging, log_level.upper()))
+    if ours_debug:
         for name in ("pyflannel", "pyflanneld"):
             logging.getLogger(name).setLevel(logging.DEBUG)
-    if v >= 5:
-        logging.getLogger().setLevel(logging.DEBUG)
 
 
 def watched_alive(daemon: Daemon) -> bool:
@@ -335,7 +355,7 @@ def main(argv: list[str] | None = None, cni=None) -> int:
     except UserError as e:
         log.error("%s", e)
         return 1
-    set_verbosity(flags.v)
+    set_verbosity(flags.v, flags.log_level)
     memory.limit_arenas()
     try:
         daemon = Daemon(flags, cni)

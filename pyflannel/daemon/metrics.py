@@ -46,6 +46,10 @@ class Metrics:
         self.repairs = Counter("pyflannel_reconcile_repairs",
                                "Kernel entries a reconciliation pass found missing (added) or stale (removed)",
                                ["kind", "action"], registry=registry)
+        self.reconcile_failures = Counter("pyflannel_reconcile_failures",
+                                          "Kernel entries a reconciliation pass could not add or remove (the kernel "
+                                          "refused; logged, tried again at the next pass)", ["kind"],
+                                          registry=registry)
         self.lease_events = Counter("pyflannel_lease_events", "Lease events from the etcd watch handled, by type",
                                     ["type"], registry=registry)
         self.lease_audit_repairs = Counter("pyflannel_lease_audit_repairs",
@@ -56,6 +60,9 @@ class Metrics:
         self.lease_changes = Counter("pyflannel_lease_changes", "Times pyflanneld had to take another lease for this "
                                      "host while running (its lease expired or went to another host)",
                                      registry=registry)
+        self.dns_upstream_failures = Counter("pyflannel_dns_upstream_failures",
+                                             "Lookups forwarded to the upstream resolvers that none of them answered "
+                                             "(the container got SERVFAIL)", registry=registry)
         self.apply_seconds = Histogram("pyflannel_lease_event_apply_seconds",
                                        "Time from a peer's lease event read from etcd to its kernel entries changed",
                                        buckets=APPLY_BUCKETS, registry=registry)
@@ -65,6 +72,7 @@ class Metrics:
         for kind in REPAIR_KINDS:
             for action in ("added", "removed"):
                 self.repairs.labels(kind, action)
+            self.reconcile_failures.labels(kind)
         for kind in (LeaseEvent.ADDED, LeaseEvent.REMOVED):
             self.lease_events.labels(kind)
             self.lease_audit_repairs.labels(kind)
@@ -79,6 +87,8 @@ class Metrics:
         for action, counts in (("added", repairs.added), ("removed", repairs.removed)):
             for kind, count in counts.items():
                 self.repairs.labels(kind, action).inc(count)
+        for kind, count in repairs.failed.items():
+            self.reconcile_failures.labels(kind).inc(count)
 
     def counting(self, store: Store) -> "CountingStore":
         return CountingStore(store, self.etcd_errors)
@@ -113,7 +123,18 @@ class DaemonState:
         self.daemon = daemon
 
     def collect(self):
-        overlays = [o for o in list(self.daemon.overlays.values()) if o.ready.is_set()]  # started ones only
+        every = list(self.daemon.overlays.values())
+        network_up = GaugeMetricFamily("pyflannel_network_up", "1 when this host holds the network's lease and has "
+                                       "programmed its peers; 0 while it starts, or when it failed (pyflannel "
+                                       "status says why)", labels=["network"])
+        for o in every:
+            network_up.add_metric([o.name], 1 if o.ready.is_set() else 0)
+        for name in set(self.daemon.failed) - {o.name for o in every}:
+            network_up.add_metric([name], 0)
+        yield network_up
+        yield GaugeMetricFamily("pyflannel_etcd_reachable", "1 when pyflanneld's last call to etcd for the default "
+                                "network succeeded, else 0", value=1 if self.daemon.health.etcd_ok else 0)
+        overlays = [o for o in every if o.ready.is_set()]  # started ones only
         leases = GaugeMetricFamily("pyflannel_leases", "Subnet leases in etcd, ours included", labels=["network"])
         peers = GaugeMetricFamily("pyflannel_peers_programmed", "Peers whose entries this host has in the kernel",
                                   labels=["network", "backend"])

@@ -70,6 +70,7 @@ class NameBook:
         self.written: dict[str, dict[str, str]] = {}  # network -> {address: record JSON} of ours that etcd holds
         self.known: dict[str, dict[str, NameRecord]] = {}  # network -> key (<host>/<address>) -> record
         self.index: dict[str, tuple[NameRecord, ...]] = {}  # name -> every record with it, in a stable order
+        self.generation = 0  # the index's changes, each counted once done: DNS uses no answer kept from before
         self.listed: dict[str, int] = {}  # network -> the revision its folder was read at
         self.pending: dict[str, list[KeyChange]] = {}  # the feed's changes of a network not read yet
 
@@ -248,6 +249,7 @@ class NameBook:
         self.known[network][key] = record
         for name in record.names:
             self.index[name] = tuple(sorted(self.index.get(name, ()) + (record,), key=_order))
+        self.generation += 1
 
     def _remove(self, network: str, key: str) -> None:
         record = self.known.get(network, {}).pop(key, None)
@@ -259,6 +261,7 @@ class NameBook:
                 self.index[name] = entries
             else:
                 self.index.pop(name, None)
+        self.generation += 1
 
     # --- answers ------------------------------------------------------------------------------------------------
     def records(self, name: str, networks: set[str] | None) -> list[NameRecord]:

@@ -32,9 +32,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Repairs:
-    """Entries a full reconcile changed, by kind: "route", "neighbor", "fdb", "wireguard-peer"."""
+    """Entries a full reconcile changed, by kind: "route", "neighbor", "fdb", "wireguard-peer"; and those the kernel
+    refused to change (logged; the next pass tries again)."""
     added: Counter = field(default_factory=Counter)
     removed: Counter = field(default_factory=Counter)
+    failed: Counter = field(default_factory=Counter)
 
     def __bool__(self):
         return any(self.added.values()) or any(self.removed.values())
@@ -147,8 +149,10 @@ class Reconciler:
                                                       *(have_neigh - want_neigh), *(have_peers - want_peers))]
         changes += [Change(True, entry) for entry in (*(want_peers - have_peers), *(want_neigh - have_neigh),
                                                       *(want_fdb - have_fdb), *(want_routes - have_routes))]
-        for change in self._apply(changes):
-            (repairs.added if change.add else repairs.removed)[KINDS[type(change.entry)]] += 1
+        made = set(self._apply(changes))
+        for change in changes:
+            counts = (repairs.added if change.add else repairs.removed) if change in made else repairs.failed
+            counts[KINDS[type(change.entry)]] += 1
         if repairs:
             log.info("reconcile: %d entries added, %d removed", repairs.added.total(), repairs.removed.total())
         if self._last_full_diff is None:

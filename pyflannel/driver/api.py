@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from pyflannel import localapi, paths
 
-from . import validation as v
+from . import errors, validation as v
 from .errors import DriverError, ValidationError
 from .ipam import Ipam, LeaseSource
 from .metrics import instrument
@@ -67,9 +67,12 @@ def _body():
 
 def create_app(state_dir: str = paths.DRIVER_STATE_DIR, subnet_file: str = paths.SUBNET_FILE, *,
                plumbing: Plumbing | None = None, reconcile: bool = True, lock_timeout: float = 10.0,
-               lease_wait: float = 0.0, daemon_socket: str | None = paths.DAEMON_SOCKET) -> Flask:
+               lease_wait: float = 0.0, daemon_socket: str | None = paths.DAEMON_SOCKET,
+               plugin_name: str = "pyflannel") -> Flask:
     """Build the app. With reconcile=True (the default) the kernel is first brought in line with the saved state.
-    daemon_socket: pyflanneld's local API, for named flannel networks (None: the default network only)."""
+    daemon_socket: pyflanneld's local API, for named flannel networks (None: the default network only);
+    plugin_name: the name users give -d and --ipam-driver (errors.plugin_name)."""
+    errors.name_plugin(plugin_name)
     store = StateStore(state_dir, lock_timeout=lock_timeout)
     lease = LeaseSource(subnet_file, wait=lease_wait)
     plumbing = plumbing or Plumbing()

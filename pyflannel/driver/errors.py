@@ -13,6 +13,21 @@ this method" and silently ignores the failure for some calls.
 """
 from __future__ import annotations
 
+# The name users give `-d` and `--ipam-driver`, as Docker knows the plugin: a legacy plugin by its socket's (or spec
+# file's) name, `pyflannel`; the managed plugin by its reference, tag included, `pyflannel:latest` (dockerd 20.10
+# knows it by no shorter name). Set once at start (`pyflannel-driver --plugin-name`), before any call is served.
+plugin_name = "pyflannel"
+
+
+def name_plugin(name: str) -> None:
+    global plugin_name
+    plugin_name = name
+
+
+def create_command(*options: str) -> str:
+    """`docker network create` of a pyflannel network with `options`, as the user types it."""
+    return " ".join(("docker network create -d", plugin_name, "--ipam-driver", plugin_name, *options, "NAME"))
+
 
 class DriverError(Exception):
     status = 500

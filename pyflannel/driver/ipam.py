@@ -50,7 +50,7 @@ from pyflannel import localapi, paths, subnetenv
 from pyflannel.addresses import AddressRange, AddressStore, allocate
 
 from . import validation as v
-from .errors import RefusedError, UnavailableError, ValidationError
+from .errors import RefusedError, UnavailableError, ValidationError, create_command
 from .state import StateStore
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,8 @@ log = logging.getLogger(__name__)
 POOL_ID_PREFIX = "pyflannel/"
 LOCAL_ADDRESS_SPACE = "pyflannel-local"
 GLOBAL_ADDRESS_SPACE = "pyflannel-global"
-HOW_TO_CREATE = "docker network create -d pyflannel --ipam-driver pyflannel NAME"
 HOW_TO_ENABLE_IPV6 = ("set \"EnableIPv6\": true and an \"IPv6Network\" (e.g. \"fd00:5::/48\") in its etcd config and "
                       "restart pyflanneld, or create the network without --ipv6")
-OPT_NETWORK = "pyflannel.network"  # --ipam-opt: the flannel network's name
-OPT_BACKEND = "pyflannel.backend"  # --ipam-opt: a new flannel network's backend (vxlan, wireguard)
-OPT_IPV6 = "pyflannel.ipv6"  # --ipam-opt: true: the flannel network is dual stack (IPv4-only otherwise)
 POOL_LOOP_LIMIT = 16
 POOL_LOOP_WINDOW = 10.0  # seconds
 
@@ -96,8 +92,8 @@ def ipv6_only_error(name: str) -> RefusedError:
     return RefusedError(
         f"{describe_flannel(name)} is IPv6-only (its etcd config has \"EnableIPv4\": false; subnet.env has no "
         f"FLANNEL_SUBNET), but Docker asked for an IPv4 pool: Docker before 28 always does, even with --ipv6. Use "
-        f"Docker 28 or later with `docker network create --ipv4=false --ipv6 -d pyflannel --ipam-driver pyflannel "
-        f"NAME`, or enable IPv4 in the flannel network's config (\"EnableIPv4\": true and a \"Network\")")
+        f"Docker 28 or later with `{create_command('--ipv4=false', '--ipv6')}`, or enable"
+        f" IPv4 in the flannel network's config (\"EnableIPv4\": true and a \"Network\")")
 
 
 def lease_change(net: dict, lease, lease6) -> str:
@@ -113,12 +109,12 @@ def lease_changed_error(name: str, change: str, network_ids: list[str]) -> Refus
     host was cut off, and another host took the subnet): every step to make them again on the new lease."""
     refs = " ".join(nid[:12] for nid in network_ids) or "NETWORK"
     filters = " ".join(f"--filter network={nid[:12]}" for nid in network_ids) or "--filter network=NETWORK"
-    option = f" --ipam-opt {OPT_NETWORK}={name}" if name else ""
+    option = ("--ipam-opt", f"{v.OPT_NETWORK}={name}") if name else ()
     return RefusedError(
         f"this host's lease in {describe_flannel(name)} changed from {change} (pyflanneld had to take another one: "
         f"see its log); Docker network {refs} still uses the old one and must be made again on the new lease: "
         f"1. remove its containers: `docker rm -f $(docker ps -aq {filters})`; 2. `docker network rm {refs}`; "
-        f"3. `docker network create -d pyflannel --ipam-driver pyflannel{option} NAME` with its other options; "
+        f"3. `{create_command(*option)}` with its other options; "
         f"4. run the containers again")
 
 
@@ -127,7 +123,8 @@ def existing_network_error(network_id: str, net: dict) -> RefusedError:
     return RefusedError(
         f"this host already has a Docker network on {describe_flannel(name)} (id {network_id[:12]}, bridge "
         f"{net['bridge']}, subnet {net['pool']}): a host has one lease and one bridge per flannel network. Connect "
-        f"containers to that network, or create another flannel network with `--ipam-opt {OPT_NETWORK}=NAME`. (If "
+        f"containers to that network, or create one on another flannel network with "
+        f"`{create_command('--ipam-opt', f'{v.OPT_NETWORK}=NAME')}`. (If "
         f"`docker network ls --no-trunc` does not list it, the driver's state is stale: stop pyflannel-driver, delete "
         f"its state.json, start it again.)")
 
@@ -252,19 +249,19 @@ class Ipam:
         if req.address_space not in ("", LOCAL_ADDRESS_SPACE, GLOBAL_ADDRESS_SPACE):
             raise ValidationError("AddressSpace", f"unknown address space {req.address_space!r} (pyflannel has "
                                                   f"{LOCAL_ADDRESS_SPACE!r} and {GLOBAL_ADDRESS_SPACE!r})")
-        name = req.options.get(OPT_NETWORK, "")
+        name = req.options.get(v.OPT_NETWORK, "")
         name = "" if name == localapi.DEFAULT_NETWORK else name
         if name and localapi.name_problem(name):
-            raise ValidationError(f"Options[{OPT_NETWORK!r}]", localapi.name_problem(name))
-        backend = req.options.get(OPT_BACKEND) or None
+            raise ValidationError(f"Options[{v.OPT_NETWORK!r}]", localapi.name_problem(name))
+        backend = req.options.get(v.OPT_BACKEND) or None
         if backend is not None and (backend not in localapi.BACKENDS or not name):
-            raise ValidationError(f"Options[{OPT_BACKEND!r}]", f"{backend!r}: use {' or '.join(localapi.BACKENDS)}, "
-                                  f"with --ipam-opt {OPT_NETWORK}=NAME (the default network's backend is in its etcd "
+            raise ValidationError(f"Options[{v.OPT_BACKEND!r}]", f"{backend!r}: use {' or '.join(localapi.BACKENDS)}, "
+                                  f"with --ipam-opt {v.OPT_NETWORK}=NAME (the default network's backend is in its etcd "
                                   f"config)")
-        ipv6 = req.options.get(OPT_IPV6) or "false"
+        ipv6 = req.options.get(v.OPT_IPV6) or "false"
         if ipv6 not in ("true", "false") or ipv6 == "true" and not name:
-            raise ValidationError(f"Options[{OPT_IPV6!r}]", f"{ipv6!r}: use true or false, with --ipam-opt "
-                                  f"{OPT_NETWORK}=NAME (the default network's IPv6 is in its etcd config)")
+            raise ValidationError(f"Options[{v.OPT_IPV6!r}]", f"{ipv6!r}: use true or false, with --ipam-opt "
+                                  f"{v.OPT_NETWORK}=NAME (the default network's IPv6 is in its etcd config)")
         with self.store.transaction() as st:  # before joining: a refused call must not leave a lease behind
             for nid, net in st["networks"].items():
                 if flannel_name(net) == name:
@@ -277,13 +274,12 @@ class Ipam:
         problem = (no_ipv6_error(name) if req.v6 else ipv6_only_error(name)) if lease is None else None
         if problem is None and req.sub_pool is not None and req.sub_pool != lease:
             problem = RefusedError(f"SubPool {req.sub_pool} (--ip-range) is not supported: pyflannel hands out the "
-                                   f"whole lease {lease}. Create the network without --ip-range: `{HOW_TO_CREATE}`")
+                                   f"whole lease {lease}. Create the network without --ip-range: `{create_command()}`")
         # Docker's overlap check (and its RequestPool loop) concerns IPv4 pools it did not name
         overlaps = self.plumbing.routes_overlapping(lease) if (problem is None and req.pool is None and not req.v6
                                                                and self.plumbing) else []
         if overlaps:
-            advice = ("" if name else f", or name the pool explicitly with `docker network create -d pyflannel "
-                                      f"--ipam-driver pyflannel --subnet {lease} NAME`")
+            advice = "" if name else f", or name the pool explicitly with `{create_command('--subnet', str(lease))}`"
             problem = RefusedError(f"this host's lease {lease} overlaps the route(s) {', '.join(overlaps)}, so "
                                    f"Docker would refuse the pool: remove the overlapping route{advice}")
         if problem is not None:
@@ -304,7 +300,7 @@ class Ipam:
             raise RefusedError(
                 f"subnet {req.pool} is not this host's flannel {'IPv6 ' if req.v6 else ''}lease {lease}: pyflannel "
                 f"hands out only the lease pyflanneld got for this host. Create the network without --subnet: "
-                f"`{HOW_TO_CREATE}`")
+                f"`{create_command()}`")
         return env
 
     def _join(self, name: str, req: v.RequestPool, backend: str | None, ipv6: bool) -> subnetenv.SubnetEnv:
@@ -312,7 +308,7 @@ class Ipam:
         --subnet, IPv4 or IPv6; `backend`: a new network's; `ipv6`: the network must have IPv6). Joining a network
         joined already changes nothing, unless it lacks the IPv6 asked for."""
         if self.daemon is None:
-            raise RefusedError(f"--ipam-opt {OPT_NETWORK}={name}: this driver has no pyflanneld API to join it")
+            raise RefusedError(f"--ipam-opt {v.OPT_NETWORK}={name}: this driver has no pyflanneld API to join it")
         network = req.pool if not req.v6 else None  # a new network's config is written with an IPv4 Network
         try:
             self.daemon.join(name, str(network) if network else None, backend, ipv6)
@@ -337,7 +333,7 @@ class Ipam:
                 raise RefusedError(
                     f"Docker asked for the pool {lease} {POOL_LOOP_LIMIT} times in a row without using it: it rejects "
                     f"the pool, most likely because it overlaps a route or a nameserver of dockerd's host. Name the "
-                    f"pool explicitly: `docker network create -d pyflannel --ipam-driver pyflannel --subnet {lease} NAME`")
+                    f"pool explicitly: `{create_command('--subnet', str(lease))}`")
             self._recent.append(now)
 
     def release_pool(self, req: v.PoolRef) -> dict:
@@ -382,7 +378,7 @@ class Ipam:
             if req.address is not None and req.address != gateway:
                 raise RefusedError(f"gateway {req.address} is not possible: the gateway of a pyflannel network is the "
                                    f"first address of this host's lease, {gateway}. Create the network without "
-                                   f"--gateway: `{HOW_TO_CREATE}`")
+                                   f"--gateway: `{create_command()}`")
             return {"Address": f"{gateway}/{lease.prefixlen}", "Data": {}}
         with self.store.transaction() as st:
             pool = st["pools"].setdefault(req.pool_id, {"pool": str(lease), "allocated": [],

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from pyflannel import localapi, paths, subnetenv
+from pyflannel import localapi, paths, subnetenv, version_line
 
 from .errors import DriverError
 from .publisher import NamePublisher
@@ -48,7 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds a call waits for the state lock before failing (default %(default)s)")
     p.add_argument("--lease-wait", type=float, default=20.0,
                    help="seconds a Docker call waits for subnet.env while pyflanneld starts (default %(default)s)")
+    p.add_argument("--plugin-name", default="pyflannel",
+                   help="the plugin's name as users give it to `docker network create` (network and IPAM driver), "
+                        "for the commands the driver's errors suggest (default %(default)s; the managed plugin's: "
+                        "pyflannel:latest)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=version_line("pyflannel-driver"))
     args = p.parse_args(argv)
     for name in ("workers", "threads", "timeout"):
         if getattr(args, name) < 1:
@@ -68,7 +73,7 @@ def main(argv=None) -> int:
             prepare_socket_path(args.socket)
         from .api import create_app
         app = create_app(args.state_dir, args.subnet_file, lock_timeout=args.lock_timeout, lease_wait=args.lease_wait,
-                         daemon_socket=args.daemon_socket)
+                         daemon_socket=args.daemon_socket, plugin_name=args.plugin_name)
         try:
             env = subnetenv.read(args.subnet_file)
             log.info("this host's lease: %s (gateway %s), IPv6 %s (gateway %s), MTU %d", env.lease, env.gateway,

@@ -16,15 +16,21 @@ Decisions (see docs/driver.md):
 - Every handler is idempotent: a repeated Create/Join gives the same answer, Delete/Leave of an unknown id succeed.
 - CreateEndpoint only records the endpoint (and picks a MAC); Join creates the veth pair, Leave deletes it.
 - Like Docker's bridge: containers reach the world masqueraded (unless -o
-  com.docker.network.bridge.enable_ip_masquerade=false), and -p/-P publish ports on the host's addresses, with
-  hairpin and localhost access (firewall.py). An --internal network reaches the flannel Network only: no gateway,
-  no NAT, no published ports.
+  com.docker.network.bridge.enable_ip_masquerade=false), and -p/-P publish ports on the host's addresses (-o
+  com.docker.network.bridge.host_binding_ipv4=IP: on IP alone, where -p names no address), with hairpin and localhost
+  access (firewall.py). -o com.docker.network.bridge.enable_icc=false: the network's containers on this host do not
+  reach one another (isolated bridge ports, and a FORWARD rule for the way round through the gateway); those of
+  other hosts still do, arriving routed from the flannel device as every other host's containers do. An --internal
+  network reaches the flannel Network only: no gateway, no NAT, no published ports.
+- -o encrypted (Docker's overlay option): the flannel network must be a WireGuard one, else the network is refused.
+- Every -o and --ipam-opt key pyflannel does not know is refused (validation.py), naming the flag that takes it.
 - --ipv6: the same for the host's IPv6 lease in the flannel network (second pool, IPv6Data): the bridge holds both
   gateways, containers get both addresses and default routes (GatewayIPv6), the rules exist in ip6tables too.
   Docker 28's --ipv4=false --ipv6 makes an IPv6-only network: "pool", "gateway", "flannel_network" are null.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 
@@ -32,8 +38,8 @@ from pyflannel import firewall, localapi
 from pyflannel.kernel.links import mac_for, random_mac
 
 from . import validation as v
-from .errors import PlumbingError, RefusedError, UnavailableError, ValidationError
-from .ipam import (HOW_TO_CREATE, LeaseSource, describe_flannel, drop_pool, existing_network_error, flannel_name,
+from .errors import PlumbingError, RefusedError, UnavailableError, ValidationError, create_command
+from .ipam import (LeaseSource, describe_flannel, drop_pool, existing_network_error, flannel_name,
                    ipv6_only_error, lease_change, lease_changed_error, leave_pending, network_pools, no_ipv6_error)
 from .plumbing import BRIDGE_PREFIX, VETH_CONTAINER_PREFIX, VETH_HOST_PREFIX, Plumbing, bridge_name, veth_names
 from .state import StateStore
@@ -56,7 +62,8 @@ def network_spec(net: dict) -> firewall.NetworkSpec:
                                 ipaddress.IPv4Network(net["flannel_network"]) if net["pool"] else None,
                                 net.get("masquerade", True), net.get("internal", False),
                                 ipaddress.IPv6Network(net["pool6"]) if net.get("pool6") else None,
-                                ipaddress.IPv6Network(net["flannel_network6"]) if net.get("pool6") else None)
+                                ipaddress.IPv6Network(net["flannel_network6"]) if net.get("pool6") else None,
+                                net.get("icc", True))
 
 
 def gateways(net: dict) -> tuple[ipaddress.IPv4Interface | None, ipaddress.IPv6Interface | None]:
@@ -72,7 +79,7 @@ def check_pool(data: v.IPAMData, subnet: ipaddress.IPv4Interface | ipaddress.IPv
     if data.pool != subnet.network:
         raise RefusedError(
             f"subnet {data.pool} is not this host's flannel {family}lease {subnet.network}: a pyflannel network must "
-            f"use the lease pyflanneld got for this host. Create it with `{HOW_TO_CREATE}` (or, with another IPAM "
+            f"use the lease pyflanneld got for this host. Create it with `{create_command()}` (or, with another IPAM "
             f"driver, --subnet {subnet.network})")
     if data.gateway is not None and data.gateway.ip != subnet.ip:
         raise RefusedError(f"gateway {data.gateway.ip} is not the first address of this host's {family}lease "
@@ -128,7 +135,7 @@ class NetworkDriver:
         pools = req.ipv6 if req.ipv4_disabled else req.ipv4
         if len(pools) != 1:
             family, key = ("IPv6", "IPv6Data") if req.ipv4_disabled else ("IPv4", "IPv4Data")
-            raise ValidationError(key, f"exactly one {family} pool is needed, got {len(pools)}: `{HOW_TO_CREATE}`")
+            raise ValidationError(key, f"exactly one {family} pool is needed, got {len(pools)}: `{create_command()}`")
         name = next((flannel_name(p) for p in self.store.load()["pools"].values() if p["pool"] == str(pools[0].pool)),
                     "")
         env = self.lease.current(name)
@@ -141,12 +148,14 @@ class NetworkDriver:
                 raise no_ipv6_error(name)
             if len(req.ipv6) != 1:
                 raise ValidationError("IPv6Data", f"--ipv6 needs exactly one IPv6 pool, got {len(req.ipv6)}: "
-                                                  f"`{HOW_TO_CREATE} --ipv6`")
+                                                  f"`{create_command('--ipv6')}`")
             check_pool(req.ipv6[0], env.ipv6_subnet)
         if req.mtu_option and req.mtu_option > env.mtu:  # `docker network inspect` would show an MTU not in force
             raise RefusedError(f"-o {v.OPT_MTU}={req.mtu_option} is above this overlay's MTU {env.mtu} "
                                f"(FLANNEL_MTU: the underlay's MTU less the encapsulation): bigger packets would not "
                                f"cross it. Use at most {env.mtu}, or leave the option out")
+        if req.encrypted:
+            self._check_encrypted(name)
         with self.store.transaction() as st:
             known = st["networks"].get(req.network_id)
             if known is not None:  # repeated call: same answer, repair the bridge and rules if needed
@@ -157,7 +166,8 @@ class NetworkDriver:
                     raise existing_network_error(other_id, other)
             bridge = bridge_name(req.network_id)
             net = {"bridge": bridge, "pool": None, "gateway": None, "mtu_option": req.mtu_option,
-                   "flannel_network": None, "masquerade": req.masquerade, "internal": req.internal, "flannel": name}
+                   "flannel_network": None, "masquerade": req.masquerade, "internal": req.internal, "flannel": name,
+                   "icc": req.icc, "host_binding_ipv4": str(req.host_binding_ipv4 or "")}
             if not req.ipv4_disabled:
                 net.update(pool=str(env.lease), gateway=str(env.subnet), flannel_network=str(env.network))
             if req.ipv6_requested:
@@ -174,6 +184,34 @@ class NetworkDriver:
         log.info("network %s created on %s: bridge %s, %s", req.network_id[:12], describe_flannel(name), bridge,
                  ", ".join(str(gateway) for gateway in gateways(net) if gateway))
         return {}
+
+    def _check_encrypted(self, name: str) -> None:
+        """-o encrypted: the flannel network must carry its traffic between hosts in WireGuard, or the Docker network
+        is refused; never plaintext in silence. A flannel network's backend is chosen once, where it is created: the
+        default network's in its etcd config, a named one's by the first join (--ipam-opt pyflannel.backend), which
+        RequestPool made before this call, without the -o options (Docker gives IPAM none)."""
+        option = f"-o {v.OPT_ENCRYPTED}"
+        if self.daemon is None:
+            raise RefusedError(f"{option}: this driver has no pyflanneld API to ask for the flannel network's backend")
+        try:
+            served = {n["name"]: n.get("backend") for n in self.daemon.networks()}
+        except localapi.DaemonError as e:
+            raise UnavailableError(f"{option}: cannot ask pyflanneld for the backend of {describe_flannel(name)}: "
+                                   f"{e}") from None
+        backend = served.get(name or localapi.DEFAULT_NETWORK)
+        if backend == "wireguard":
+            return
+        if backend is None:
+            raise UnavailableError(f"{option}: pyflanneld does not serve {describe_flannel(name)} (yet): see its log")
+        how = create_command("--ipam-opt", f"{v.OPT_NETWORK}=NAME", "--ipam-opt", f"{v.OPT_BACKEND}=wireguard",
+                             option)
+        if name:
+            raise RefusedError(f"{option}: flannel network {name} uses the {backend} backend, which does not encrypt "
+                               f"(a flannel network's backend is chosen when it is first created): create the network "
+                               f"on a new flannel network with the wireguard backend: `{how}`")
+        raise RefusedError(f"{option}: the default flannel network uses the {backend} backend (its etcd config), which "
+                           f"does not encrypt: give the network a flannel network of its own with the wireguard "
+                           f"backend: `{how}`")
 
     def _plug_network(self, net: dict, flannel_mtu: int) -> None:
         """The network's bridge and its iptables rules."""
@@ -297,7 +335,8 @@ class NetworkDriver:
             mtu = effective_mtu(env.mtu, net["mtu_option"])
             self.plumbing.ensure_bridge(net["bridge"], gateway, gateway6, mtu)
             try:
-                self.plumbing.ensure_veth(ep["veth_host"], ep["veth_container"], net["bridge"], mtu, ep["mac"])
+                self.plumbing.ensure_veth(ep["veth_host"], ep["veth_container"], net["bridge"], mtu, ep["mac"],
+                                          isolated=not net.get("icc", True))
             except Exception:
                 if not ep["joined"]:
                     self._quietly(self.plumbing.delete_veth, ep["veth_host"], ep["veth_container"])
@@ -331,6 +370,9 @@ class NetworkDriver:
                 raise RefusedError("an --internal pyflannel network publishes no ports: remove -p/-P, or use a "
                                    "network without --internal")
             if not published(ep):  # a repeated call keeps the ports chosen the first time
+                if net.get("host_binding_ipv4"):  # -o ...host_binding_ipv4: where -p without an address binds
+                    default = ipaddress.IPv4Address(net["host_binding_ipv4"])
+                    bindings = [b if b.host_ip else dataclasses.replace(b, host_ip=default) for b in bindings]
                 ips = {version: str(ipaddress.ip_interface(address).ip) if address else ""
                        for version, address in ((4, ep["address"]), (6, ep.get("address6")))}
                 for b in bindings:  # a host address of one family needs a container address of that family

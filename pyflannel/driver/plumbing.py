@@ -77,10 +77,12 @@ class Plumbing:
 
     @staticmethod
     @_as_plumbing_error
-    def ensure_veth(host: str, container: str, bridge: str, mtu: int, mac: str) -> None:
+    def ensure_veth(host: str, container: str, bridge: str, mtu: int, mac: str, isolated: bool = False) -> None:
         """Hairpin mode on the port: a container reaching its own published port through the host's address comes
-        back out of the port it went in by (dockerd's br_netfilter bridges the DNATed frame)."""
-        links.ensure_veth(host, container, bridge, mtu, mac, hairpin=True)
+        back out of the port it went in by (dockerd's br_netfilter bridges the DNATed frame). `isolated` (-o
+        com.docker.network.bridge.enable_icc=false): the bridge forwards nothing between isolated ports, so the
+        network's containers cannot reach one another through it, whether br_netfilter is loaded or not."""
+        links.ensure_veth(host, container, bridge, mtu, mac, hairpin=True, isolated=isolated)
 
     @staticmethod
     @_as_plumbing_error

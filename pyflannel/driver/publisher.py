@@ -58,8 +58,10 @@ class NamePublisher:
         self.docker_url = docker_url
         self.state = state
         self.daemon = daemon
+        self.host = localapi.host_identity()  # said with each set: pyflanneld refuses a set from another host
         self.changed = threading.Event()
         self.sent: list | None = None
+        self.refused: str | None = None  # pyflanneld's last refusal, said once
 
     def start(self) -> None:
         threading.Thread(target=self._follow_events, name="docker-events", daemon=True).start()
@@ -103,12 +105,18 @@ class NamePublisher:
             self.changed.clear()
             try:
                 containers = containers_of(self._client(), self.state.load()["networks"])
-                self.daemon.publish(containers)
+                self.daemon.publish(containers, self.host)
             except (DockerException, RequestException, OSError, StateError, localapi.DaemonError) as e:
-                log.debug("names not published: %s", e)
+                if isinstance(e, localapi.DaemonError) and e.status == 409:  # another host's pyflanneld
+                    if str(e) != self.refused:
+                        log.error("names not published: %s", e)
+                    self.refused = str(e)
+                else:  # pyflanneld or dockerd restarting: the next try will do
+                    log.debug("names not published: %s", e)
                 time.sleep(RETRY_SECONDS)
                 self.changed.set()
                 continue
+            self.refused = None
             if containers != self.sent:
                 log.info("published the names of %d container(s)", len(containers))
                 self.sent = containers

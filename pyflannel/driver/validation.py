@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import errors
 from .errors import ValidationError
 
 MAX_BODY_BYTES = 1 << 20          # Docker's largest real request is a few kB
@@ -26,6 +27,28 @@ OPT_INTERNAL = "com.docker.network.internal"
 OPT_MTU = "com.docker.network.driver.mtu"
 OPT_PORTMAP = "com.docker.network.portmap"
 OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
+OPT_ICC = "com.docker.network.bridge.enable_icc"
+OPT_HOST_BINDING_IPV4 = "com.docker.network.bridge.host_binding_ipv4"
+OPT_ENCRYPTED = "encrypted"        # Docker's overlay option, a key alone (-o encrypted) or with true
+# --ipam-opt keys (RequestPool's Options)
+OPT_NETWORK = "pyflannel.network"  # the flannel network's name
+OPT_BACKEND = "pyflannel.backend"  # a new flannel network's backend (vxlan, wireguard)
+OPT_IPV6 = "pyflannel.ipv6"        # true: the flannel network is dual stack (IPv4-only otherwise)
+
+
+@dataclass(frozen=True)
+class OptionFlag:
+    """A flag of `docker network create` that hands options to pyflannel: `flag KEY=VALUE` reaches the driver given
+    to `driver_flag`."""
+    flag: str
+    keys: tuple[str, ...]
+    driver_flag: str
+
+
+# dockerd (20.10, 26.1) puts the -o map alone in CreateNetwork's generic options and the --ipam-opt map alone in
+# RequestPool's: every key there is the user's, and one pyflannel does not know is refused rather than ignored.
+DRIVER_OPTIONS = OptionFlag("-o", (OPT_MTU, OPT_MASQUERADE, OPT_ICC, OPT_HOST_BINDING_IPV4, OPT_ENCRYPTED), "-d")
+IPAM_OPTIONS = OptionFlag("--ipam-opt", (OPT_NETWORK, OPT_BACKEND, OPT_IPV6), "--ipam-driver")
 PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}   # Docker's PortBinding.Proto numbers
 REQUEST_ADDRESS_TYPE = "RequestAddressType"
 GATEWAY_TYPE = "com.docker.network.gateway"
@@ -81,6 +104,21 @@ def option_bool(obj: dict, key: str, path: str, default: bool) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "1", "false", "0"):
         return value.lower() in ("true", "1")
     raise ValidationError(path, f"must be true or false, got {str(value)[:80]!r}")
+
+
+def known_options(options: dict, given: OptionFlag, other: OptionFlag) -> None:
+    """Every key of `options` is one of the `given` flag's; a key of the `other` flag is refused saying so."""
+    for key, value in options.items():
+        if key in given.keys:
+            continue
+        option = key[:80] + (f"={str(value)[:80]}" if value not in (None, "") else "")  # as the user wrote it
+        if key in other.keys:
+            raise ValidationError(f"{given.flag} {option}", f"{key} is an option of {other.flag}, not of "
+                                  f"{given.flag}: give it as `{other.flag} {option}` (with {other.driver_flag} "
+                                  f"{errors.plugin_name})")
+        raise ValidationError(f"{given.flag} {option}", f"{errors.plugin_name} has no {given.flag} option "
+                              f"{key[:80]!r}; its {given.flag} options are {', '.join(given.keys)} (and its "
+                              f"{other.flag} options {', '.join(other.keys)})")
 
 
 def mapping(obj: dict, key: str, path: str) -> dict:
@@ -176,6 +214,9 @@ class CreateNetwork:
     mtu_option: int | None     # -o com.docker.network.driver.mtu=N
     generic: dict
     masquerade: bool = True    # -o com.docker.network.bridge.enable_ip_masquerade=false turns egress NAT off
+    icc: bool = True           # -o com.docker.network.bridge.enable_icc=false: containers on this host cut off
+    host_binding_ipv4: ipaddress.IPv4Address | None = None  # -o ...host_binding_ipv4=IP: where -p binds by default
+    encrypted: bool = False    # -o encrypted: the flannel network must carry its traffic in WireGuard
 
 
 def _ipam_data(item: Any, path: str, version: int) -> IPAMData:
@@ -222,10 +263,27 @@ def create_network(body: Any) -> CreateNetwork:
     enable_ipv6 = boolean(options, OPT_ENABLE_IPV6, f"Options[{OPT_ENABLE_IPV6!r}]")
     enable_ipv4 = boolean(options, OPT_ENABLE_IPV4, f"Options[{OPT_ENABLE_IPV4!r}]", default=True)
     internal = boolean(options, OPT_INTERNAL, f"Options[{OPT_INTERNAL!r}]")
+    known_options(generic, DRIVER_OPTIONS, IPAM_OPTIONS)
     masquerade = option_bool(generic, OPT_MASQUERADE, f"-o {OPT_MASQUERADE}", default=True)
+    icc = option_bool(generic, OPT_ICC, f"-o {OPT_ICC}", default=True)
+    encrypted = option_bool(generic, OPT_ENCRYPTED, f"-o {OPT_ENCRYPTED}", default=OPT_ENCRYPTED in generic)
     return CreateNetwork(network_id=network_id, ipv4=ipv4, ipv6=ipv6, ipv6_requested=bool(ipv6) or enable_ipv6,
                          ipv4_disabled=not enable_ipv4, internal=internal, mtu_option=mtu_option, generic=generic,
-                         masquerade=masquerade)
+                         masquerade=masquerade, icc=icc, host_binding_ipv4=host_binding(generic), encrypted=encrypted)
+
+
+def host_binding(generic: dict) -> ipaddress.IPv4Address | None:
+    """-o com.docker.network.bridge.host_binding_ipv4: the host address a port published without one is bound to;
+    None for every address of the host (0.0.0.0 is Docker's default)."""
+    path = f"-o {OPT_HOST_BINDING_IPV4}"
+    text = string(generic, OPT_HOST_BINDING_IPV4, path, required=False)
+    if not text:
+        return None
+    try:
+        address = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise ValidationError(path, f"must be an IPv4 address like 127.0.0.1, got {text[:80]!r}") from None
+    return None if address.is_unspecified else address
 
 
 @dataclass(frozen=True)
@@ -363,10 +421,12 @@ def request_pool(body: Any) -> RequestPool:
     sub_text = string(body, "SubPool", "SubPool", required=False)
     v6 = boolean(body, "V6", "V6")
     version = 6 if v6 else 4
-    return RequestPool(address_space=string(body, "AddressSpace", "AddressSpace", required=False),
-                       pool=ip_network(pool_text, "Pool", version) if pool_text else None,
-                       sub_pool=ip_network(sub_text, "SubPool", version) if sub_text else None,
-                       options=string_map(body, "Options", "Options"), v6=v6)
+    request = RequestPool(address_space=string(body, "AddressSpace", "AddressSpace", required=False),
+                          pool=ip_network(pool_text, "Pool", version) if pool_text else None,
+                          sub_pool=ip_network(sub_text, "SubPool", version) if sub_text else None,
+                          options=string_map(body, "Options", "Options"), v6=v6)
+    known_options(request.options, IPAM_OPTIONS, DRIVER_OPTIONS)
+    return request
 
 
 @dataclass(frozen=True)

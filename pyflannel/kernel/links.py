@@ -145,9 +145,11 @@ def delete(name: str, netns_fd: int | None = None) -> bool:
         raise netlink_error(f"cannot delete {name}", e) from None
 
 
-def ensure_veth(host: str, container: str, bridge: str, mtu: int, mac: str, hairpin: bool = False) -> None:
-    """Create or repair a veth pair: the host end on `bridge` and up (its port in hairpin mode if asked), both ends
-    at `mtu`, the other end's MAC.
+def ensure_veth(host: str, container: str, bridge: str, mtu: int, mac: str, hairpin: bool = False,
+                isolated: bool = False) -> None:
+    """Create or repair a veth pair: the host end on `bridge` and up (its port in hairpin mode if asked; isolated if
+    asked: the bridge forwards nothing between two isolated ports, with or without br_netfilter), both ends at
+    `mtu`, the other end's MAC.
 
     If the container end is already gone from this namespace, its runtime has moved it into the container (a
     repeated call): only the host end is repaired.
@@ -173,8 +175,7 @@ def ensure_veth(host: str, container: str, bridge: str, mtu: int, mac: str, hair
                                       f"remove it (ip link del {host})")
             ipr.link("set", index=idx, mtu=mtu, master=br)
             ipr.link("set", index=idx, state="up")
-            if hairpin:
-                ipr.brport("set", index=idx, mode=1)
+            ipr.brport("set", index=idx, mode=int(hairpin), isolated=int(isolated))
             peer = lookup(ipr, container)
             if peer is not None:
                 ipr.link("set", index=peer, mtu=mtu, address=mac)

@@ -1,0 +1,21 @@
+"""`make install-host` puts pyflannel's commands on PATH beside its units, and `make uninstall-host` takes all of it
+away again (issue 29), installed into folders of the test (no systemd runs here, so nothing is started)."""
+import os
+import subprocess
+
+from tests.lab import REPO
+
+
+def test_install_host_links_the_commands_and_uninstall_host_removes_them(tmp_path):
+    dirs = {"PREFIX": tmp_path / "opt", "UNITDIR": tmp_path / "units", "LINKDIR": tmp_path / "bin"}
+    make = ["make", "-s", *(f"{k}={v}" for k, v in dirs.items())]
+    subprocess.run([*make, "install-host"], cwd=REPO, check=True, capture_output=True, timeout=300)
+    for command in ("pyflanneld", "pyflannel-driver", "pyflannel"):
+        link = dirs["LINKDIR"] / command
+        assert os.readlink(link) == str(dirs["PREFIX"] / "bin" / command)
+    usage = subprocess.run(["pyflannel", "--help"], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PATH": f"{dirs['LINKDIR']}:{os.environ['PATH']}"}).stdout
+    assert "docker-opts" in usage
+    assert {"pyflanneld.service", "pyflannel-driver.socket"} <= set(os.listdir(dirs["UNITDIR"]))
+    subprocess.run([*make, "uninstall-host"], cwd=REPO, check=True, capture_output=True, timeout=60)
+    assert not dirs["PREFIX"].exists() and os.listdir(dirs["LINKDIR"]) == [] and os.listdir(dirs["UNITDIR"]) == []
