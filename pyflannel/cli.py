@@ -1,5 +1,5 @@
 """`pyflannel`: the operator's view of a host — `pyflannel status [--json]`, `pyflannel doctor [--json]`; `join`,
-`leave`, `rotate-key`; `docker-opts` for a docker0 on the lease."""
+`leave`, `rotate-key`; `docker-opts` for a docker0 on the lease; `swarm-network` for swarm services."""
 from __future__ import annotations
 
 import argparse
@@ -160,6 +160,86 @@ def names(args) -> int:
     return 0
 
 
+class DockerError(Exception):
+    """A `docker` command failed; the message is Docker's own."""
+
+
+def _docker(*args: str) -> str:
+    try:
+        done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise DockerError("the docker command is not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise DockerError(f"`docker {' '.join(args)}` did not answer within 60 s") from None
+    if done.returncode:
+        raise DockerError(done.stderr.strip() or f"`docker {' '.join(args)}` failed")
+    return done.stdout.strip()
+
+
+def _inspect(network: str) -> dict | None:
+    """`docker network inspect NETWORK`, or None when this engine has no such network."""
+    try:
+        return json.loads(_docker("network", "inspect", network))[0]
+    except DockerError as e:
+        if "not found" in str(e).lower() or "no such network" in str(e).lower():
+            return None
+        raise
+
+
+def swarm_network(args) -> int:
+    """`pyflannel swarm-network NAME`: Docker's way to a swarm network for a local-scope driver, in one command run
+    on every node (also on one that joins later): the config-only network NAME-config (pyflannel's IPAM on flannel
+    network --network) on this node, and on a manager the swarm network NAME made from it. Each step is skipped
+    when its network exists as asked."""
+    from pyflannel.driver.validation import OPT_BACKEND, OPT_NETWORK, swarm_commands
+    flannel = args.network or args.name
+    problem = localapi.name_problem(flannel)
+    if problem:
+        print(f"pyflannel swarm-network: --network: {problem}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            plugin, enabled = _docker("plugin", "inspect", "-f", "{{.Name}} {{.Enabled}}", args.plugin).split()
+        except DockerError as e:
+            raise DockerError(f"{e}: swarm takes only a managed plugin; name it with --plugin or PYFLANNEL_PLUGIN")
+        if enabled != "true":
+            raise DockerError(f"the plugin {plugin} is disabled: `docker plugin enable {plugin}`")
+        node, manager = _docker("info", "-f", "{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}").split()
+        config_only, swarm = swarm_commands(args.name, flannel, plugin,
+                                            (f"{OPT_BACKEND}={args.backend}",) if args.backend else (), tuple(args.opt))
+        config = config_only[-1]
+        found = _inspect(config)
+        if found is None:
+            _docker(*config_only[1:])
+            print(f"{config}: config-only network made (--ipam-driver {plugin}, flannel network {flannel})")
+        elif not found.get("ConfigOnly") or (found["IPAM"]["Driver"], (found["IPAM"]["Options"] or {}).get(
+                OPT_NETWORK)) != (plugin, flannel):
+            raise DockerError(f"this engine has a network {config} that is not the config-only network of {plugin} "
+                              f"for flannel network {flannel}: remove it (`docker network rm {config}`) and run "
+                              f"this again")
+        else:
+            print(f"{config}: config-only network already here")
+        if node != "active":
+            print(f"{args.name}: this engine is in no swarm; {config} is ready for when it joins one")
+        elif manager != "true":
+            print(f"{args.name}: this node is a worker: the swarm network is made on a manager, by the same command")
+        else:
+            found = _inspect(args.name)
+            if found is None:
+                _docker(*swarm[1:])
+                print(f"{args.name}: swarm network made (--config-from {config}); every node needs {config}: run "
+                      f"`pyflannel swarm-network {args.name}` on each, also on a node that joins later")
+            elif (found.get("Scope"), (found.get("ConfigFrom") or {}).get("Network")) != ("swarm", config):
+                raise DockerError(f"this swarm has a network {args.name} not made --config-from {config}: remove "
+                                  f"it (`docker network rm {args.name}`, once no service uses it) and run this again")
+            else:
+                print(f"{args.name}: swarm network already here")
+    except DockerError as e:
+        print(f"pyflannel swarm-network: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def docker_opts(args) -> int:
     """`pyflannel docker-opts`: flannel's mk-docker-opts.sh, with its switches."""
     from pyflannel import dockeropts
@@ -234,6 +314,16 @@ def main(argv: list[str] | None = None) -> int:
         action.add_argument("-api-socket", "--api-socket", default=os.environ.get("FLANNELD_API_SOCKET",
                                                                                  paths.DAEMON_SOCKET),
                             help="pyflanneld's -api-socket (default %(default)s)")
+    swarm = sub.add_parser("swarm-network", help="a swarm network on pyflannel: its config-only network on this "
+                                                 "node and, on a manager, the swarm network (run on every node)")
+    swarm.add_argument("name", help="the swarm network's name (its config-only network is NAME-config)")
+    swarm.add_argument("--network", help="the flannel network it uses (default: NAME)")
+    swarm.add_argument("--backend", choices=localapi.BACKENDS,
+                       help="the flannel network's backend, when this creates it (default vxlan)")
+    swarm.add_argument("-o", "--opt", action="append", default=[], metavar="KEY=VALUE",
+                       help="a driver option (as docker network create -o), kept in the config-only network")
+    swarm.add_argument("--plugin", default=os.environ.get("PYFLANNEL_PLUGIN", "pyflannel"),
+                       help="the managed plugin's name (default: $PYFLANNEL_PLUGIN or %(default)s)")
     opts = sub.add_parser("docker-opts", help="write dockerd's options for a docker0 on this host's lease, as "
                                               "flannel's mk-docker-opts.sh does")
     opts.add_argument("-f", default=paths.SUBNET_FILE, metavar="FLANNEL-ENV-FILE",
@@ -247,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "docker-opts":
         return docker_opts(args)
+    if args.command == "swarm-network":
+        return swarm_network(args)
     if args.command == "doctor":
         from pyflannel import doctor as doctor_module
         return doctor_module.run(args)

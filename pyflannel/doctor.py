@@ -38,9 +38,9 @@ from datetime import datetime, timedelta, timezone
 from pyflannel import firewall, localapi, subnetenv
 from pyflannel.daemon.backend.vxlan import vxlan_overhead
 from pyflannel.daemon.backend.wireguard import WIREGUARD_OVERHEAD
-from pyflannel.driver import ipam
+from pyflannel.driver import state as driver_state
+from pyflannel.driver.leases import lease_changed_error
 from pyflannel.driver.plumbing import BRIDGE_PREFIX
-from pyflannel.driver.state import STATE_FILE
 from pyflannel.kernel import iptables, wireguard
 from pyflannel.kernel.errors import KernelError
 from pyflannel.kernel.netlink import RTPROT_PYFLANNEL, TX_CHECKSUM, Kernel
@@ -76,7 +76,7 @@ class Facts:
     vni: int = 1
     port: int = 8472
     kernel: object = field(default=None, repr=False)
-    driver_networks: list | None = None  # pyflannel-driver's networks (its state file); None: unreadable
+    driver_networks: dict | None = None  # pyflannel-driver's networks by id (its state file); None: unreadable
     daemon_networks: list | None = None  # the flannel networks pyflanneld serves (local API); None: no answer
     dns_address: str = ""
     daemon_error: str = ""
@@ -130,12 +130,9 @@ def gather(args) -> Facts:
     except (StoreError, ValueError) as e:
         facts.etcd_error = str(e)
         facts.leases = None
-    try:
-        with open(os.path.join(args.driver_state_dir, STATE_FILE)) as f:
-            facts.driver_networks = [{**net, "id": nid} for nid, net in json.load(f).get("networks", {}).items()]
-    except FileNotFoundError:
-        facts.driver_networks = []  # no driver on this host
-    except (OSError, ValueError, AttributeError):
+    try:  # none without a driver on this host
+        facts.driver_networks = driver_state.read(os.path.join(args.driver_state_dir, driver_state.STATE_FILE)).networks
+    except driver_state.StateError:
         facts.driver_networks = None
     try:
         facts.daemon_networks = localapi.Client(args.api_socket, timeout=3.0).networks()
@@ -572,21 +569,20 @@ def check_masquerade(facts: Facts) -> list[Finding]:
     (ip6tables for a network with --ipv6)."""
     if facts.driver_networks is None:
         return [Finding("masquerade", UNKNOWN, "pyflannel-driver's state file is unreadable (--driver-state-dir)")]
-    wanted = [n for n in facts.driver_networks if n.get("masquerade", True) and not n.get("internal")
-              and (n.get("flannel_network") or n.get("flannel_network6"))]
+    wanted = [n for n in facts.driver_networks.values() if n.masquerade and not n.internal]
     findings = []
-    for v6, pool, network in ((False, "pool", "flannel_network"), (True, "pool6", "flannel_network6")):
-        nets = [n for n in wanted if n.get(pool) and n.get(network)]
+    for v6 in (False, True):
+        nets = [(n.bridge, *((n.pool6, n.flannel_network6) if v6 else (n.pool, n.flannel_network))) for n in wanted]
+        nets = [net for net in nets if all(net)]
         if not nets:
             continue
         rules = iptables_rules("nat", firewall.NAT_OUT, v6)
         rules = [] if isinstance(rules, str) else rules
-        for net in nets:
-            rule = ["-A", firewall.NAT_OUT, "-s", net[pool], "!", "-d", net[network], "-j", "MASQUERADE"]
+        for bridge, pool, network in nets:
+            rule = ["-A", firewall.NAT_OUT, "-s", pool, "!", "-d", network, "-j", "MASQUERADE"]
             if rule not in rules:
-                findings.append(Finding("masquerade", PROBLEM, f"no masquerade rule for {net[pool]} (bridge "
-                                                               f"{net['bridge']}): its containers reach nothing "
-                                                               f"outside {net[network]}",
+                findings.append(Finding("masquerade", PROBLEM, f"no masquerade rule for {pool} (bridge {bridge}): "
+                                                               f"its containers reach nothing outside {network}",
                                         "restart pyflannel-driver (it rewrites its rules at start)"))
     return findings
 
@@ -600,19 +596,19 @@ def check_networks(facts: Facts) -> list[Finding]:
         if n["state"] == "failed":
             findings.append(Finding("networks", PROBLEM, f"flannel network {n['name']} is not served: {n['error']}",
                                     "fix its config in etcd and restart pyflanneld, or remove its Docker network"))
-    for net in facts.driver_networks or ():
-        name = net.get("flannel")
+    for nid, net in (facts.driver_networks or {}).items():
+        name = net.flannel
         if name and name not in served:
-            findings.append(Finding("networks", PROBLEM, f"Docker network on bridge {net['bridge']} uses flannel "
+            findings.append(Finding("networks", PROBLEM, f"Docker network on bridge {net.bridge} uses flannel "
                                                          f"network {name}, which pyflanneld does not serve",
                                     f"remove the Docker network and create it again with --ipam-opt "
                                     f"pyflannel.network={name}"))
             continue
         now = served.get(name or localapi.DEFAULT_NETWORK, {})
-        change = ipam.lease_change(net, now.get("lease"), now.get("ipv6_lease"))
+        change = net.lease_change(now.get("lease"), now.get("ipv6_lease"))
         if now.get("state") == "ready" and change:
-            steps = ipam.lease_changed_error(name or "", change, [net["id"]])
-            findings.append(Finding("networks", PROBLEM, f"Docker network {net['id'][:12]} (bridge {net['bridge']}) "
+            steps = lease_changed_error(name, change, [nid])
+            findings.append(Finding("networks", PROBLEM, f"Docker network {nid[:12]} (bridge {net.bridge}) "
                                                          f"is on a lease this host no longer holds",
                                     str(steps)))
     return findings

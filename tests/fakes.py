@@ -6,8 +6,9 @@ import itertools
 import socket
 from datetime import datetime, timedelta, timezone
 
-from pyflannel.daemon.store.base import (ConfigNotFound, HistoryLost, KeyChange, Lease, LeaseDigest, LeaseEvent,
-                                         LeaseExists, LeaseNotFound, LeaseTaken, Store)
+from pyflannel.daemon.model.lease import Lease, LeaseEvent
+from pyflannel.daemon.store.base import (ConfigNotFound, HistoryLost, KeyChange, LeaseDigest, LeaseExists, LeaseNotFound,
+                                         LeaseTaken, Store)
 from pyflannel.kernel.netlink import Change, FdbEntry, Neighbor, Route
 
 

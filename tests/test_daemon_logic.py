@@ -15,10 +15,10 @@ from pyflannel.daemon.iface import ExternalInterface
 from pyflannel.daemon import lease as lease_module
 from pyflannel.daemon.feed import Feed
 from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
+from pyflannel.daemon.model.lease import Lease, LeaseEvent
 from pyflannel.daemon.store.base import HistoryLost
 from pyflannel.localapi import DEFAULT_NETWORK
 from pyflannel.daemon.reconciler import Reconciler
-from pyflannel.daemon.store.base import Lease, LeaseEvent
 from pyflannel.kernel.netlink import FdbEntry, Neighbor, Route
 from tests.fakes import FakeKernel, MemoryStore
 

@@ -91,7 +91,7 @@ def test_a_dual_stack_network_its_containers_and_their_rules(docker):
     for container in (ep, pinned):
         docker.stop_container(net, container)
     assert not [r for r in rules() if "-j DNAT" in r]
-    assert docker.app.extensions["pyflannel"]["store"].load()["pools"][net["pool_id6"]]["allocated"] == []
+    assert docker.app.extensions["pyflannel"]["store"].load().pools[net["pool_id6"]].allocated == []
     docker.ok("NetworkDriver.DeleteNetwork", {"NetworkID": net["id"]})
     assert rules() == [] and rules("iptables") == [] and our_links() == []
     assert net["bridge"] not in subprocess.run(["ip6tables", "-S", "FORWARD"], capture_output=True, text=True).stdout

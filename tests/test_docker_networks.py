@@ -26,7 +26,7 @@ NETWORKS = {
     "back": ["--ipam-opt", "pyflannel.network=back", "--subnet", BACK, "--internal"],
 }
 UDP_LISTENER = ("import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('',int(sys.argv[1]))); "
-                "s.settimeout(3); print(s.recvfrom(64)[0].decode())")
+                "print('ready', flush=True); s.settimeout(3); print(s.recvfrom(64)[0].decode())")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def reaches(src_pid: int, dst_pid: int, dst_ip: str, proto: str, port: int = 535
         return HELLO in in_netns(src_pid, "timeout", "2", "busybox", "wget", "-qO-", f"http://{dst_ip}/").stdout
     listener = subprocess.Popen(["nsenter", "-t", str(dst_pid), "-n", "python3", "-c", UDP_LISTENER, str(port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    time.sleep(0.5)
+    listener.stdout.readline()  # bound (a busy machine takes its time to start python)
     token = f"token-{port}"
     for _ in range(3):
         in_netns(src_pid, "python3", "-c", "import socket; socket.socket(socket.AF_INET,socket.SOCK_DGRAM)"
@@ -115,6 +115,24 @@ def test_networks_are_isolated_in_every_direction_and_protocol(nets):
     print(f"{len(probes)} probes in {time.monotonic() - started:.1f}s")
     wrong = [(src, dst, proto, ok) for (src, dst, proto), ok in zip(probes, results) if ok != (src[0] == dst[0])]
     assert wrong == [], f"expected: same network reaches, other networks do not; wrong: {wrong}"
+
+
+def test_flannels_forward_chain_stays_below_the_isolation_chains(nets):
+    """FLANNEL-FWD accepts everything to and from the default Network (flanneld's rules, for a docker0 on the lease).
+    Hooked above pyflannel's isolation chains, as flanneld inserts it, it lets another network's container in; the
+    resync (-iptables-resync, 5 s) moves it back below them. Control: the same network still connects."""
+    h1 = nets.hosts[0]
+    found = containers(nets)
+    front, overlay, front_h2 = found[("front", "h1")], found[("overlay0", "h1")], found[("front", "h2")]
+    hook = ["-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD"]
+    assert not reaches(front[0], overlay[0], overlay[1], "tcp")
+    h1.sh("iptables", "-D", "FORWARD", *hook)
+    h1.sh("iptables", "-I", "FORWARD", "1", *hook)
+    assert reaches(front[0], overlay[0], overlay[1], "tcp"), "the attack: FLANNEL-FWD first lets front in"
+    wait_until("FLANNEL-FWD moved back below the isolation chains",
+               lambda: not h1.sh("iptables", "-S", "FORWARD").splitlines()[1].endswith("-j FLANNEL-FWD"), timeout=15)
+    assert not reaches(front[0], overlay[0], overlay[1], "tcp")
+    assert reaches(front[0], front_h2[0], front_h2[1], "tcp")
 
 
 def sends(pid: int, source: str, dst_ip: str, port: int, token: str) -> None:

@@ -227,12 +227,14 @@ def test_doctor_names_every_step_for_a_docker_network_left_on_a_lost_lease():
     from datetime import timedelta
 
     from pyflannel.doctor import Facts, check_networks
+    from pyflannel.driver.records import NetworkRecord
     facts = Facts("/run/flannel/subnet.env", [], "/coreos.com/network", timedelta(minutes=60))
     facts.daemon_networks = [{"name": "default", "state": "ready", "lease": "10.5.77.0/24",
                               "ipv6_lease": "fd00:5:0:9::/64", "error": None}]
-    facts.driver_networks = [{"id": "ab" * 32, "bridge": "pfl-abababab", "pool": "10.5.34.0/24",
-                              "pool6": "fd00:5:0:27::/64", "flannel": ""},
-                             {"id": "cd" * 32, "bridge": "pfl-cdcdcdcd", "pool": "10.5.77.0/24", "flannel": ""}]
+    facts.driver_networks = {
+        "ab" * 32: NetworkRecord("pfl-abababab", "10.5.34.0/24", "10.5.34.1/24", "10.5.0.0/16", None, True, False, "",
+                                 pool6="fd00:5:0:27::/64", gateway6="fd00:5:0:27::1/64", flannel_network6="fd00:5::/48"),
+        "cd" * 32: NetworkRecord("pfl-cdcdcdcd", "10.5.77.0/24", "10.5.77.1/24", "10.5.0.0/16", None, True, False, "")}
     [finding] = check_networks(facts)
     assert "Docker network abababababab (bridge pfl-abababab) is on a lease this host no longer holds" in finding.message
     assert "10.5.34.0/24 to 10.5.77.0/24 and fd00:5:0:27::/64 to fd00:5:0:9::/64" in finding.fix

@@ -5,15 +5,20 @@ import json
 import os
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 from pyroute2 import IPRoute
 
+from pyflannel import firewall
 from pyflannel.driver.errors import UnavailableError
 from pyflannel.driver.api import create_app
+from pyflannel.driver.records import PoolRecord
 from pyflannel.driver.state import StateError, StateStore
 from tests.driver_support import (DockerSide, docker, link, netns_name, our_links, state_dir,  # noqa: F401
                                   subnet_file, write_subnet_env)
+
+STATE_V1 = Path(__file__).parent / "data" / "driver-state-v1.json"  # as the driver wrote it before its records
 
 
 def restart(docker, state_dir, subnet_file) -> DockerSide:
@@ -110,8 +115,8 @@ def test_state_is_written_atomically_and_only_on_change(tmp_path):
         pass
     assert not os.path.exists(store.path)  # nothing changed, nothing written
     with store.transaction() as st:
-        st["networks"]["n"] = {"bridge": "pfl-x"}
-    assert json.load(open(store.path))["networks"] == {"n": {"bridge": "pfl-x"}}
+        st.pools["p"] = PoolRecord("10.5.34.0/24", [], "")
+    assert json.load(open(store.path))["pools"] == {"p": {"pool": "10.5.34.0/24", "allocated": [], "flannel": ""}}
     assert sorted(os.listdir(tmp_path)) == ["state.json", "state.lock"]  # no temp files left
 
 
@@ -120,9 +125,9 @@ def test_failed_transaction_changes_nothing(tmp_path):
     store = StateStore(str(tmp_path))
     with pytest.raises(RuntimeError):
         with store.transaction() as st:
-            st["networks"]["n"] = {}
+            st.pools["p"] = PoolRecord("10.5.34.0/24", [], "")
             raise RuntimeError("half-way")
-    assert store.load()["networks"] == {}
+    assert store.load().pools == {}
 
 
 @pytest.mark.unit
@@ -148,7 +153,7 @@ def test_lock_is_shared_with_other_processes_and_times_out(tmp_path):
     finally:
         os.close(fd)
     with store.transaction() as st:
-        st["pools"]["p"] = {}
+        st.pools["p"] = PoolRecord("10.5.34.0/24", [], "")
 
 
 @pytest.mark.unit
@@ -158,11 +163,50 @@ def test_threads_do_not_lose_updates(tmp_path):
     def bump():
         for _ in range(20):
             with store.transaction() as st:
-                st["pools"]["n"] = {"count": st["pools"].get("n", {}).get("count", 0) + 1}
+                pool = st.pools.setdefault("n", PoolRecord("10.5.0.0/16", [], ""))
+                pool.allocated.append(f"10.5.0.{len(pool.allocated) + 1}")
 
     threads = [threading.Thread(target=bump) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert store.load()["pools"]["n"]["count"] == 80
+    assert len(store.load().pools["n"].allocated) == 80
+
+
+@pytest.mark.unit
+def test_a_state_file_as_the_driver_wrote_it_before_its_records_loads_and_is_written_back_alike(tmp_path):
+    """The on-disk format is unchanged: every value comes back, and the file written back is the same but for
+    "ports": [], written now for every endpoint (before, only after a Leave or a publish)."""
+    (tmp_path / "state.json").write_bytes(STATE_V1.read_bytes())
+    store = StateStore(str(tmp_path))
+    state = store.load()
+    expected = json.loads(STATE_V1.read_text())
+    for endpoint in expected["endpoints"].values():
+        endpoint.setdefault("ports", [])
+    assert state.to_json() == expected
+    with store.transaction() as st:
+        st.leaving.append("shop2")
+    expected["leaving"].append("shop2")
+    assert (tmp_path / "state.json").read_text() == json.dumps(expected, indent=1, sort_keys=True) + "\n"
+    assert store.load() == st
+    dual, only6, shop = (state.networks[c * 64] for c in "a7e")
+    assert [str(gateway) for gateway in dual.gateways] == ["10.5.34.1/24", "fd00:5:0:27::1/64"]
+    assert only6.gateways[0] is None and only6.pools == {"fd00:5:0:28::/64"} and "pool6" not in shop.to_json()
+    assert state.network_on("shop") == ("e" * 64, shop) and state.networks_using("10.5.34.0/24") == ["a" * 64]
+    assert state.endpoints["b" * 64].ports[1] == firewall.Published("udp", "127.0.0.1", 49153, "10.5.34.2", 53,
+                                                                    "fd00:5:0:27::2")
+
+
+@pytest.mark.unit
+def test_a_record_the_driver_never_wrote_is_a_clear_startup_error(tmp_path):
+    data = json.loads(STATE_V1.read_text())
+    del data["networks"]["e" * 64]["masquerade"]  # a record from before egress NAT: never released
+    (tmp_path / "state.json").write_text(json.dumps(data))
+    with pytest.raises(StateError, match=r"state file .*: networks 'eeeeeeeeeeee' lacks masquerade"):
+        StateStore(str(tmp_path))
+    data["networks"]["e" * 64]["masquerade"] = False
+    data["endpoints"]["b" * 64]["ports"] = [{"proto": "tcp"}]
+    (tmp_path / "state.json").write_text(json.dumps(data))
+    with pytest.raises(StateError, match=r"endpoints 'bbbbbbbbbbbb' has a port that is not one"):
+        StateStore(str(tmp_path))

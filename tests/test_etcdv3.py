@@ -20,8 +20,8 @@ from pyflannel.daemon import store as stores
 from pyflannel.daemon.config import parse
 from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
 from pyflannel.daemon.main import main as daemon_main
-from pyflannel.daemon.store.base import (EXPIRY_NOT_READ, ConfigNotFound, HistoryLost, Lease, LeaseEvent, LeaseExists,
-                                         LeaseNotFound, StoreError)
+from pyflannel.daemon.model.lease import EXPIRY_NOT_READ, Lease, LeaseEvent
+from pyflannel.daemon.store.base import ConfigNotFound, HistoryLost, LeaseExists, LeaseNotFound, StoreError
 from pyflannel.daemon.store.etcdv2 import EtcdV2Store
 from pyflannel.daemon.store.etcdv3 import EtcdV3Store
 from tests.lab import VENV_BIN, wait_until

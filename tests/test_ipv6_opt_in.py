@@ -12,7 +12,8 @@ from pyflannel import doctor
 from pyflannel.daemon.catalog import Catalog, NetworkConflict
 from pyflannel.daemon.config import parse
 from pyflannel.daemon.errors import UserError
-from pyflannel.daemon.store.base import ConfigNotFound, Lease
+from pyflannel.daemon.model.lease import Lease
+from pyflannel.daemon.store.base import ConfigNotFound
 from pyflannel.driver.api import create_app
 from tests.driver_support import DockerSide, FakeDaemon, write_subnet_env
 from tests.fakes import FakePlumbing, MemoryStore

@@ -11,7 +11,8 @@ from etcd3gw.client import Etcd3Client
 from pyflannel.daemon.config import parse
 from pyflannel.daemon.errors import NoFreeSubnet
 from pyflannel.daemon.lease import LeaseManager, LeaseWatcher
-from pyflannel.daemon.store.base import Lease, LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken, StoreError
+from pyflannel.daemon.model.lease import Lease, LeaseEvent
+from pyflannel.daemon.store.base import LeaseExists, LeaseNotFound, LeaseTaken, StoreError
 from pyflannel.daemon.store.etcdv2 import EtcdV2Store
 from pyflannel.daemon.store.etcdv3 import EtcdV3Store
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pyflannel import __version__
 from pyflannel.daemon.flags import DNS_ADDRESS
-from pyflannel.daemon.metrics import UnixHTTPConnection
+from pyflannel.daemon.metrics.prometheus import UnixHTTPConnection
 from pyflannel.localapi import Client
 from tests.lab import IMAGE, Lab, inside, wait_until
 from tests.test_monitoring import used_metric_names

@@ -20,6 +20,7 @@ from pyflannel.daemon import api, flags as cli_flags
 from pyflannel.daemon.errors import UserError
 from pyflannel.daemon.main import Daemon, set_verbosity
 from pyflannel.driver.publisher import NamePublisher
+from pyflannel.driver.state import DriverState
 
 pytestmark = pytest.mark.unit
 
@@ -212,7 +213,7 @@ def test_the_publisher_says_which_host_and_logs_a_refusal_once(caplog, monkeypat
     assert publisher.host == localapi.host_identity() and publisher.host.startswith("net:[")
     monkeypatch.setattr("pyflannel.driver.publisher.containers_of", lambda client, networks: [])
     monkeypatch.setattr(publisher, "_client", lambda: None)
-    publisher.state = SimpleNamespace(load=lambda: {"networks": {}})
+    publisher.state = SimpleNamespace(load=DriverState)
     monkeypatch.setattr("pyflannel.driver.publisher.RETRY_SECONDS", 0.0)
     monkeypatch.setattr("pyflannel.driver.publisher.SETTLE_SECONDS", 0.0)
     rounds = iter(range(3))

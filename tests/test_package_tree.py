@@ -3,6 +3,9 @@
     pyflannel.paths, subnetenv     leaves: imported by all, import nothing of ours
     pyflannel.kernel               the kernel (netlink, iptables, sysctls): imports only leaves
     pyflannel.daemon               pyflanneld: kernel + leaves
+      daemon.model                 its floor (a lease, a lease event, a peer's kernel entries): the stores, backends,
+                                   reconciler and overlay all import it, it none of them
+      daemon.backend, reconciler   kernel entries from leases: never a store (a lease is a value of the model)
     pyflannel.driver               the Docker driver: kernel + leaves
     pyflannel.cni                  the CNI plugin: kernel + leaves
     pyflannel.cli/doctor/status    operator tools: may read the daemon's pieces
@@ -23,6 +26,10 @@ FORBIDDEN = {
     "pyflannel.daemon": ("pyflannel.driver", "pyflannel.cni", "pyflannel.doctor", "pyflannel.cli"),
     "pyflannel.driver": ("pyflannel.daemon", "pyflannel.cni", "pyflannel.doctor", "pyflannel.cli"),
     "pyflannel.cni": ("pyflannel.daemon", "pyflannel.driver", "pyflannel.doctor", "pyflannel.cli"),
+    "pyflannel.daemon.model": ("pyflannel.daemon.store", "pyflannel.daemon.backend", "pyflannel.daemon.reconciler",
+                               "pyflannel.daemon.lease", "pyflannel.daemon.overlay"),
+    "pyflannel.daemon.backend": ("pyflannel.daemon.store", "pyflannel.daemon.reconciler", "pyflannel.daemon.overlay"),
+    "pyflannel.daemon.reconciler": ("pyflannel.daemon.store", "pyflannel.daemon.overlay"),
 }
 ONLY_KERNEL_IMPORTS = ("pyroute2",)
 

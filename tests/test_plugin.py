@@ -72,6 +72,18 @@ def enable(host) -> float:
     return time.monotonic() - start
 
 
+def install(host, plugin_build, engine: str) -> None:
+    """A dockerd of `engine` on `host`, with the plugin from `plugin_build` created and set (not enabled)."""
+    host.start_dockerd(engine)
+    (host.workdir / "run").mkdir()
+    (host.workdir / "var-lib").mkdir()
+    host.docker("plugin", "create", "pyflannel", str(plugin_build / "pyflannel"), timeout=120)
+    host.docker("plugin", "set", "pyflannel", f"FLANNELD_ETCD_ENDPOINTS={host.lab.etcd_url}",
+                "FLANNELD_IFACE=eth0", f"FLANNELD_DNS_UPSTREAM={OUTSIDE_DNS}",
+                f"host-run.source={host.workdir / 'run'}", f"host-var-lib.source={host.workdir / 'var-lib'}",
+                f"docker-sock.source={host.docker_sock}")
+
+
 @pytest.fixture(scope="module")
 def plugin_lab(plugin_build, docker_engine):
     """Two hosts with a dockerd each and the plugin installed from build/plugin/pyflannel, overlay0 on both."""
@@ -80,14 +92,7 @@ def plugin_lab(plugin_build, docker_engine):
         lab.add_outside()
         lab.enable_seconds = []
         for host in lab.hosts:
-            host.start_dockerd(docker_engine)
-            (host.workdir / "run").mkdir()
-            (host.workdir / "var-lib").mkdir()
-            host.docker("plugin", "create", "pyflannel", str(plugin_build / "pyflannel"), timeout=120)
-            host.docker("plugin", "set", "pyflannel", f"FLANNELD_ETCD_ENDPOINTS={lab.etcd_url}",
-                        "FLANNELD_IFACE=eth0", f"FLANNELD_DNS_UPSTREAM={OUTSIDE_DNS}",
-                        f"host-run.source={host.workdir / 'run'}", f"host-var-lib.source={host.workdir / 'var-lib'}",
-                        f"docker-sock.source={host.docker_sock}")
+            install(host, plugin_build, docker_engine)
             lab.enable_seconds.append(enable(host))
         yield lab
 

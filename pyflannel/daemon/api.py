@@ -1,17 +1,20 @@
-"""The local API's server side (the protocol is in pyflannel/localapi.py): a threaded HTTP server on a Unix socket,
-mode 0600, that hands each call to the daemon: join, leave and describe networks; publish and list names; rotate a
-WireGuard key; run a CNI call for the thin CNI client."""
+"""The local API's server side: a threaded HTTP server on a Unix socket, mode 0600, that hands each call of
+pyflannel/localapi.py to the daemon by the table ROUTES: join, leave and describe networks; publish and list names;
+rotate a WireGuard key; run a CNI call for the thin CNI client."""
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import socket
 import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler
+from typing import Callable
 from urllib.parse import unquote
 
+from pyflannel import localapi
 from pyflannel.kernel.errors import KernelError
 
 from .catalog import NetworkConflict
@@ -19,11 +22,6 @@ from .errors import Stopped, UserError
 from .store.base import ConfigNotFound, StoreError
 
 log = logging.getLogger(__name__)
-
-PREFIX = "/v1/networks"
-ROTATE_KEY = "/rotate-key"
-CNI = "/v1/cni"
-NAMES = "/v1/names"
 
 
 class Unavailable(Exception):
@@ -64,102 +62,120 @@ def take_over(path: str) -> None:
     raise UserError(f"another pyflanneld answers on {path}: give this one another -api-socket")
 
 
+class Request(BaseHTTPRequestHandler):
+    """One call: routed by ROUTES to its handler, which is given the daemon, the request and the network's name
+    when the path has one."""
+    daemon = None  # each server's own subclass says whose
+
+    def do_GET(self):
+        for call, paths, handler in ROUTES:
+            found = paths.fullmatch(self.path) if call.method == self.command else None
+            if found:
+                return handler(self.daemon, self, *map(unquote, found.groups()))
+        self.reply(404, {"error": f"no such resource {self.path}"})
+
+    do_PUT = do_POST = do_DELETE = do_GET
+
+    def body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length)) if length else {}
+
+    def reply(self, status: int, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def answer(call: localapi.Call, value) -> Callable:
+    """The handler of a call that only reads: 200 with `value(daemon)` under the call's answer key."""
+    return lambda daemon, request: request.reply(200, {call.answer: value(daemon)})
+
+
+def publish(daemon, request: Request):
+    try:
+        containers, host = localapi.read_names_body(request.body())
+        request.reply(200, daemon.publish(containers, host))
+    except WrongHost as e:
+        request.reply(409, {"error": str(e)})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        request.reply(400, {"error": f"the body must be {localapi.NAMES_BODY} ({e})"})
+
+
+def on_network(call: Callable) -> Callable:
+    """The handler of a call on one network: `call(daemon, name, (Network, Backend, IPv6))` answers it, its errors
+    are answered with their status."""
+    def handler(daemon, request: Request, name: str):
+        try:
+            body = request.body()
+        except ValueError as e:
+            return request.reply(400, {"error": f"the body is not JSON: {e}"})
+        try:
+            options = localapi.read_join_body(body)
+        except ValueError:
+            return request.reply(400, {"error": f"the body must be {localapi.JOIN_BODY}"})
+        try:
+            request.reply(200, call(daemon, name, options))
+        except (UserError, ConfigNotFound, StoreError, KernelError, Unavailable) as e:
+            request.reply(status_of(e), {"error": str(e)})
+        except TimeoutError:
+            request.reply(503, {"error": f"network {name} is busy: try again"})
+        except Stopped:
+            request.reply(503, {"error": "pyflanneld is stopping"})
+    return handler
+
+
+def cni(daemon, request: Request):
+    """The thin CNI client's call (cni/thin.py): environment in CNI-Env headers, config as the body."""
+    if daemon.cni_plugin is None:
+        return request.reply(404, {"error": "this pyflanneld runs no CNI calls (started without the plugin)"})
+    environ = {}
+    for header in request.headers.get_all("CNI-Env") or ():
+        name, _, value = header.encode("latin-1").decode("utf-8", errors="replace").partition("=")
+        environ[name] = value
+    stdin = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+    code, output = daemon.cni(environ, stdin)
+    data = output.encode()
+    request.send_response(200)
+    request.send_header("CNI-Exit-Code", str(code))
+    request.send_header("Content-Length", str(len(data)))
+    request.end_headers()
+    request.wfile.write(data)
+
+
+def paths_of(call: localapi.Call) -> re.Pattern:
+    """The paths that reach a call: "{name}" is any text (the name, percent-encoded); a JSON call's path without a
+    name may end in slashes, the thin CNI client's is exact."""
+    if "{name}" not in call.path:
+        return re.compile(re.escape(call.path) + ("" if call is localapi.CNI else "/*"))
+    before, after = call.path.split("{name}")
+    return re.compile(f"{re.escape(before)}(.*){re.escape(after)}")
+
+
+ROUTES = [(call, paths_of(call), handler) for call, handler in (
+    (localapi.NETWORKS, answer(localapi.NETWORKS, lambda daemon: daemon.describe())),
+    (localapi.NAMES, answer(localapi.NAMES, lambda daemon: daemon.names.listing())),
+    (localapi.OWN_NAMES, answer(localapi.OWN_NAMES, lambda daemon: daemon.names.published())),
+    (localapi.PUBLISH, publish),
+    (localapi.JOIN, on_network(lambda daemon, name, options: daemon.join(name, *options))),
+    (localapi.LEAVE, on_network(lambda daemon, name, options: daemon.leave(name))),
+    (localapi.ROTATE_KEY, on_network(lambda daemon, name, options: daemon.rotate_key(name))),
+    (localapi.CNI, cni),
+)]
+
+
 def serve(daemon, path: str) -> _Server:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path.rstrip("/") == NAMES:
-                return self.reply(200, {"names": daemon.names.listing()})
-            if self.path.rstrip("/") == NAMES + "/own":
-                return self.reply(200, {"containers": daemon.names.published()})
-            if self.path.rstrip("/") != PREFIX:
-                return self.reply(404, {"error": f"no such resource {self.path}"})
-            self.reply(200, {"networks": daemon.describe()})
-
-        def do_PUT(self):
-            if self.path.rstrip("/") == NAMES:
-                try:
-                    body = self._body()
-                    if not isinstance(body.get("host", ""), str):
-                        raise TypeError("host is not a string")
-                    return self.reply(200, daemon.publish(body["containers"], body.get("host")))
-                except WrongHost as e:
-                    return self.reply(409, {"error": str(e)})
-                except (KeyError, TypeError, ValueError, AttributeError) as e:
-                    return self.reply(400, {"error": f'the body must be {{"containers": [...], "host": "..."}} '
-                                                     f'("host" optional) ({e})'})
-            self._network_call(lambda name, body: daemon.join(name, body.get("Network"), body.get("Backend"),
-                                                              body.get("IPv6", False)))
-
-        def cni(self):
-            """The thin CNI client's call (cni/thin.py): environment in CNI-Env headers, config as the body."""
-            if daemon.cni_plugin is None:
-                return self.reply(404, {"error": "this pyflanneld runs no CNI calls (started without the plugin)"})
-            environ = {}
-            for header in self.headers.get_all("CNI-Env") or ():
-                name, _, value = header.encode("latin-1").decode("utf-8", errors="replace").partition("=")
-                environ[name] = value
-            stdin = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            code, output = daemon.cni(environ, stdin)
-            data = output.encode()
-            self.send_response(200)
-            self.send_header("CNI-Exit-Code", str(code))
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _body(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
-            return json.loads(self.rfile.read(length)) if length else {}
-
-        def do_POST(self):
-            if self.path == CNI:
-                return self.cni()
-            if not self.path.endswith(ROTATE_KEY):
-                return self.reply(404, {"error": f"no such resource {self.path}"})
-            self.path = self.path[:-len(ROTATE_KEY)]
-            self._network_call(lambda name, body: daemon.rotate_key(name))
-
-        def do_DELETE(self):
-            self._network_call(lambda name, body: daemon.leave(name))
-
-        def _network_call(self, call):
-            if not self.path.startswith(PREFIX + "/"):
-                return self.reply(404, {"error": f"no such resource {self.path}"})
-            name = unquote(self.path[len(PREFIX) + 1:])
-            try:
-                body = self._body()
-            except ValueError as e:
-                return self.reply(400, {"error": f"the body is not JSON: {e}"})
-            if not isinstance(body, dict) or not all(isinstance(body.get(key, ""), (str, type(None)))
-                                                     for key in ("Network", "Backend")) \
-                    or not isinstance(body.get("IPv6", False), bool):
-                return self.reply(400, {"error": 'the body must be {"Network": "CIDR", "Backend": "TYPE", "IPv6": '
-                                                 'true} (each optional)'})
-            try:
-                self.reply(200, call(name, body))
-            except (UserError, ConfigNotFound, StoreError, KernelError, Unavailable) as e:
-                self.reply(status_of(e), {"error": str(e)})
-            except TimeoutError:
-                self.reply(503, {"error": f"network {name} is busy: try again"})
-            except Stopped:
-                self.reply(503, {"error": "pyflanneld is stopping"})
-
-        def reply(self, status: int, body: dict):
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
+    handler = type("Handler", (Request,), {"daemon": daemon})
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     take_over(path)
     umask = os.umask(0o177)
     try:
-        server = _Server(path, Handler)
+        server = _Server(path, handler)
     finally:
         os.umask(umask)
     threading.Thread(target=server.serve_forever, name="api", daemon=True).start()

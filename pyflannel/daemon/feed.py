@@ -17,7 +17,8 @@ from typing import Callable
 
 from pyflannel.localapi import DEFAULT_NETWORK
 
-from .store.base import KeyChange, HistoryLost, LeaseEvent, Store, StoreError
+from .model.lease import LeaseEvent
+from .store.base import KeyChange, HistoryLost, Store, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from pyflannel import firewall
 from pyflannel.kernel import iptables, ipset
 from pyflannel.kernel.errors import KernelError
 
-from .store.base import Lease, parse_endpoints
+from .model.lease import Lease
+from .store.base import parse_endpoints
 from .subnets import IPv4Network
 
 log = logging.getLogger(__name__)

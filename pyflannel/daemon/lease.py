@@ -10,8 +10,8 @@ from typing import Callable
 
 from .config import NetworkConfig
 from .errors import NoFreeSubnet, Stopped
-from .store.base import (LEASE_TTL_SECONDS, HistoryLost, Lease, LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken,
-                         Store, StoreError)
+from .model.lease import Lease, LeaseEvent
+from .store.base import LEASE_TTL_SECONDS, HistoryLost, LeaseExists, LeaseNotFound, LeaseTaken, Store, StoreError
 from .subnets import IPv4Network, IPv6Network, lease_key, pick_free
 
 log = logging.getLogger(__name__)

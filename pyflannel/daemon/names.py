@@ -24,6 +24,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pyflannel.localapi import DEFAULT_NETWORK
+
 from . import memory
 from .store.base import KeyChange, StoreError
 
@@ -54,6 +56,16 @@ class Container:
     id: str
     networks: dict  # flannel network name -> (address, names)
     addresses6: dict = field(default_factory=dict)  # flannel network name -> IPv6 address, on dual-stack networks
+
+    @classmethod
+    def from_published(cls, item: dict) -> "Container":
+        """One container as the driver publishes it (an item of localapi.names_body's list; network "": the default
+        one); KeyError, TypeError, ValueError or AttributeError name what is malformed."""
+        networks = {(n or DEFAULT_NETWORK): (str(ipaddress.IPv4Address(e["address"])), tuple(map(str, e["names"])))
+                    for n, e in item["networks"].items()}
+        addresses6 = {(n or DEFAULT_NETWORK): str(ipaddress.IPv6Address(e["address6"]))
+                      for n, e in item["networks"].items() if e.get("address6")}
+        return cls(str(item["id"]), networks, addresses6)
 
 
 class NameBook:

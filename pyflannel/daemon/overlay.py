@@ -30,8 +30,9 @@ from .guard import TunnelGuard
 from .health import Health
 from .iface import ExternalInterface
 from .lease import WATCH_SECONDS, LeaseManager, LeaseWatcher
+from .model.lease import EXPIRY_NOT_READ, Lease, LeaseEvent
 from .reconciler import Reconciler
-from .store.base import EXPIRY_NOT_READ, ConfigNotFound, Lease, LeaseEvent, StoreError
+from .store.base import ConfigNotFound, StoreError
 from .subnets import IPv4Network, IPv6Network
 
 log = logging.getLogger("pyflanneld")

@@ -23,8 +23,9 @@ from pyflannel.kernel.errors import KernelError
 from pyflannel.kernel.netlink import Change, FdbEntry, Kernel, Neighbor, Route, watch_deletions
 from pyflannel.kernel.wireguard import WireGuardPeer
 
-from .backend import Backend, PeerEntries
-from .store.base import Lease
+from .backend import Backend
+from .model.lease import Lease
+from .model.peer import PeerEntries
 from .subnets import IPv4Network
 
 log = logging.getLogger(__name__)

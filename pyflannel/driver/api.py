@@ -20,7 +20,8 @@ from pyflannel import localapi, paths
 
 from . import errors, validation as v
 from .errors import DriverError, ValidationError
-from .ipam import Ipam, LeaseSource
+from .ipam import Ipam
+from .leases import LeaseSource
 from .metrics import instrument
 from .network import NetworkDriver
 from .plumbing import Plumbing

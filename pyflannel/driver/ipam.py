@@ -42,15 +42,17 @@ from __future__ import annotations
 import collections
 import ipaddress
 import logging
-import os
 import threading
 import time
 
-from pyflannel import localapi, paths, subnetenv
+from pyflannel import localapi, subnetenv
 from pyflannel.addresses import AddressRange, AddressStore, allocate
 
 from . import validation as v
 from .errors import RefusedError, UnavailableError, ValidationError, create_command
+from .leases import (LeaseSource, existing_network_error, family_lease, ipv6_only_error, lease_changed_error,
+                     no_ipv6_error)
+from .records import PoolRecord
 from .state import StateStore
 
 log = logging.getLogger(__name__)
@@ -58,133 +60,8 @@ log = logging.getLogger(__name__)
 POOL_ID_PREFIX = "pyflannel/"
 LOCAL_ADDRESS_SPACE = "pyflannel-local"
 GLOBAL_ADDRESS_SPACE = "pyflannel-global"
-HOW_TO_ENABLE_IPV6 = ("set \"EnableIPv6\": true and an \"IPv6Network\" (e.g. \"fd00:5::/48\") in its etcd config and "
-                      "restart pyflanneld, or create the network without --ipv6")
 POOL_LOOP_LIMIT = 16
 POOL_LOOP_WINDOW = 10.0  # seconds
-
-
-def flannel_name(net_or_pool: dict) -> str:
-    """The named flannel network of a network or pool record; "" for the default network."""
-    return net_or_pool.get("flannel", "")
-
-
-def describe_flannel(name: str) -> str:
-    return f"flannel network {name}" if name else "the default flannel network"
-
-
-def network_pools(net: dict) -> set[str]:
-    """The pools a network record uses: its IPv4 lease and, with --ipv6, its IPv6 lease."""
-    return {net["pool"], net.get("pool6")} - {None}
-
-
-def family_lease(env: subnetenv.SubnetEnv, v6: bool):
-    """(lease, gateway with the lease's prefix) of one family; (None, None) if the flannel network lacks it."""
-    return (env.lease6, env.ipv6_subnet) if v6 else (env.lease, env.subnet)
-
-
-def no_ipv6_error(name: str) -> RefusedError:
-    return RefusedError(f"--ipv6: {describe_flannel(name)} has no IPv6 on this host (its subnet.env has no "
-                        f"FLANNEL_IPV6_SUBNET): {HOW_TO_ENABLE_IPV6}")
-
-
-def ipv6_only_error(name: str) -> RefusedError:
-    return RefusedError(
-        f"{describe_flannel(name)} is IPv6-only (its etcd config has \"EnableIPv4\": false; subnet.env has no "
-        f"FLANNEL_SUBNET), but Docker asked for an IPv4 pool: Docker before 28 always does, even with --ipv6. Use "
-        f"Docker 28 or later with `{create_command('--ipv4=false', '--ipv6')}`, or enable"
-        f" IPv4 in the flannel network's config (\"EnableIPv4\": true and a \"Network\")")
-
-
-def lease_change(net: dict, lease, lease6) -> str:
-    """How this host's leases (IPv4, IPv6; None: none) differ from a network record's pools, as "A to B"; "" when
-    they do not."""
-    return " and ".join(f"{pool} to {now or 'none'}" for pool, now in ((net.get("pool"), lease),
-                                                                      (net.get("pool6"), lease6))
-                        if pool and pool != str(now))
-
-
-def lease_changed_error(name: str, change: str, network_ids: list[str]) -> RefusedError:
-    """This host's lease changed under Docker networks (pyflanneld had to take another: its lease expired while the
-    host was cut off, and another host took the subnet): every step to make them again on the new lease."""
-    refs = " ".join(nid[:12] for nid in network_ids) or "NETWORK"
-    filters = " ".join(f"--filter network={nid[:12]}" for nid in network_ids) or "--filter network=NETWORK"
-    option = ("--ipam-opt", f"{v.OPT_NETWORK}={name}") if name else ()
-    return RefusedError(
-        f"this host's lease in {describe_flannel(name)} changed from {change} (pyflanneld had to take another one: "
-        f"see its log); Docker network {refs} still uses the old one and must be made again on the new lease: "
-        f"1. remove its containers: `docker rm -f $(docker ps -aq {filters})`; 2. `docker network rm {refs}`; "
-        f"3. `{create_command(*option)}` with its other options; "
-        f"4. run the containers again")
-
-
-def existing_network_error(network_id: str, net: dict) -> RefusedError:
-    name = flannel_name(net)
-    return RefusedError(
-        f"this host already has a Docker network on {describe_flannel(name)} (id {network_id[:12]}, bridge "
-        f"{net['bridge']}, subnet {net['pool']}): a host has one lease and one bridge per flannel network. Connect "
-        f"containers to that network, or create one on another flannel network with "
-        f"`{create_command('--ipam-opt', f'{v.OPT_NETWORK}=NAME')}`. (If "
-        f"`docker network ls --no-trunc` does not list it, the driver's state is stale: stop pyflannel-driver, delete "
-        f"its state.json, start it again.)")
-
-
-def drop_pool(st: dict, pid: str, daemon: localapi.Client | None) -> None:
-    """Forget a pool no network uses; a named network's host leaves it (pyflanneld deletes its lease and devices).
-    Docker deletes its network whatever the driver answers, so when pyflanneld cannot be told now, the leave waits in
-    the state for `leave_pending`."""
-    name = flannel_name(st["pools"].pop(pid))
-    if name:
-        leave(st, name, daemon)
-
-
-def leave(st: dict, name: str, daemon: localapi.Client | None) -> None:
-    """Leave the flannel network `name` now, or at a later call if pyflanneld cannot be told now."""
-    if daemon is not None and name not in st["leaving"]:
-        st["leaving"].append(name)
-        leave_pending(st, daemon)
-
-
-def leave_pending(st: dict, daemon: localapi.Client | None) -> None:
-    """Leave the flannel networks that wait for it, unless a pool of theirs exists again. Called at start and by
-    the calls that add or drop pools or start containers: pyflanneld may have been down when their last network
-    went."""
-    in_use = {flannel_name(pool) for pool in st["pools"].values()}
-    for name in list(st["leaving"]):
-        if name not in in_use and daemon is not None:
-            try:
-                daemon.leave(name)
-            except localapi.DaemonError as e:
-                log.warning("cannot leave flannel network %s yet (tried again at the next call): %s", name, e)
-                continue
-            log.info("left flannel network %s", name)
-        st["leaving"].remove(name)
-
-
-class LeaseSource:
-    """Reads subnet.env at every call, so the driver follows pyflanneld without a restart. While it does not exist
-    (pyflanneld still starting: at boot dockerd may restart containers before it is up), a call waits up to `wait`
-    seconds for it rather than failing the container at once."""
-
-    def __init__(self, path: str = paths.SUBNET_FILE, wait: float = 0.0):
-        self.path = path
-        self.wait = wait
-
-    def current(self, name: str = "", patient: bool = True) -> subnetenv.SubnetEnv:
-        """This host's lease in the flannel network `name` ("" for the default one)."""
-        path = paths.network_env_file(self.path, name)
-        deadline = time.monotonic() + (self.wait if patient else 0.0)
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        try:
-            env = subnetenv.read(path)
-        except subnetenv.SubnetEnvError as e:
-            what = f"lease in flannel network {name}" if name else "flannel lease"
-            raise UnavailableError(f"no {what} on this host: {e}") from None
-        for lease in (env.lease, env.lease6):
-            if lease is not None and lease.num_addresses < 4:
-                raise UnavailableError(f"{path}: lease {lease} is too small to hold a gateway and containers")
-        return env
 
 
 def pool_id(lease: ipaddress.IPv4Network | ipaddress.IPv6Network, name: str = "") -> str:
@@ -263,12 +140,12 @@ class Ipam:
             raise ValidationError(f"Options[{v.OPT_IPV6!r}]", f"{ipv6!r}: use true or false, with --ipam-opt "
                                   f"{v.OPT_NETWORK}=NAME (the default network's IPv6 is in its etcd config)")
         with self.store.transaction() as st:  # before joining: a refused call must not leave a lease behind
-            for nid, net in st["networks"].items():
-                if flannel_name(net) == name:
-                    raise existing_network_error(nid, net)
-            if name in st["leaving"]:  # joined again before the leave could be done: nothing to leave
-                st["leaving"].remove(name)
-            leave_pending(st, self.daemon)
+            known = st.network_on(name)
+            if known is not None:
+                raise existing_network_error(*known)
+            if name in st.leaving:  # joined again before the leave could be done: nothing to leave
+                st.leaving.remove(name)
+            st.leave_pending(self.daemon)
         env = self._join(name, req, backend, ipv6 == "true" or req.v6) if name else self._default_lease(req)
         lease, gateway = family_lease(env, req.v6)
         problem = (no_ipv6_error(name) if req.v6 else ipv6_only_error(name)) if lease is None else None
@@ -285,12 +162,12 @@ class Ipam:
         if problem is not None:
             if name:  # joined for nothing: leave again (kept while a pool of the other family uses the network)
                 with self.store.transaction() as st:
-                    leave(st, name, self.daemon)
+                    st.leave(name, self.daemon)
             raise problem
         pid = pool_id(lease, name)
         with self.store.transaction() as st:
             self._note_request(lease)
-            st["pools"].setdefault(pid, {"pool": str(lease), "allocated": [], "flannel": name})
+            st.pools.setdefault(pid, PoolRecord(str(lease), [], name))
         return {"PoolID": pid, "Pool": str(lease), "Data": {v.GATEWAY_TYPE: str(gateway)}}
 
     def _default_lease(self, req: v.RequestPool) -> subnetenv.SubnetEnv:
@@ -318,7 +195,7 @@ class Ipam:
         env = self.lease.current(name)
         if req.v6 and req.pool is not None and env.ipv6_network is not None and req.pool != env.ipv6_network:
             with self.store.transaction() as st:
-                leave(st, name, self.daemon)
+                st.leave(name, self.daemon)
             raise RefusedError(f"cannot join flannel network {name}: its IPv6Network is {env.ipv6_network} in etcd; "
                                f"--subnet {req.pool} contradicts it")
         return env
@@ -340,18 +217,18 @@ class Ipam:
         with self._recent_lock:
             self._recent.clear()
         with self.store.transaction() as st:
-            pool = st["pools"].get(req.pool_id)
+            pool = st.pools.get(req.pool_id)
             if pool is None:
                 return {}
-            users = [nid for nid, n in st["networks"].items() if pool["pool"] in network_pools(n)]
+            users = st.networks_using(pool.pool)
             if users:
                 # Docker's rollback of a refused second network releases the pool the first one still uses; and
                 # dockerd 20.10 releases it before DeleteNetwork, which then drops it (network.delete_network).
                 log.info("ReleasePool %s: kept while network %s uses it", req.pool_id, users[0][:12])
                 return {}
-            if pool["allocated"]:
-                log.info("ReleasePool %s: dropping %d leftover address(es)", req.pool_id, len(pool["allocated"]))
-            drop_pool(st, req.pool_id, self.daemon)
+            if pool.allocated:
+                log.info("ReleasePool %s: dropping %d leftover address(es)", req.pool_id, len(pool.allocated))
+            st.drop_pool(req.pool_id, self.daemon)
         return {}
 
     # --- addresses --------------------------------------------------------------------------------------------------
@@ -366,7 +243,7 @@ class Ipam:
         now, gateway = family_lease(self.lease.current(name), lease.version == 6)
         if lease != now:
             with self.store.transaction() as st:
-                users = [nid for nid, net in st["networks"].items() if str(lease) in network_pools(net)]
+                users = st.networks_using(str(lease))
             raise lease_changed_error(name, f"{lease} to {now or 'none'}", users)
         return lease, gateway.ip
 
@@ -381,9 +258,8 @@ class Ipam:
                                    f"--gateway: `{create_command()}`")
             return {"Address": f"{gateway}/{lease.prefixlen}", "Data": {}}
         with self.store.transaction() as st:
-            pool = st["pools"].setdefault(req.pool_id, {"pool": str(lease), "allocated": [],
-                                                        "flannel": parse_pool_id(req.pool_id)[0]})
-            allocated = set(pool["allocated"])
+            pool = st.pools.setdefault(req.pool_id, PoolRecord(str(lease), [], parse_pool_id(req.pool_id)[0]))
+            allocated = set(pool.allocated)
             if req.address is not None:
                 ip = req.address
                 if ip not in lease or ip in (lease.network_address, lease.broadcast_address):
@@ -397,14 +273,14 @@ class Ipam:
                 if ip is None:
                     raise RefusedError(f"no free address left in this host's lease {lease} "
                                        f"({len(allocated)} containers hold addresses)")
-            pool["allocated"] = sorted(allocated | {str(ip)}, key=ipaddress.ip_address)
+            pool.allocated = sorted(allocated | {str(ip)}, key=ipaddress.ip_address)
         return {"Address": f"{ip}/{lease.prefixlen}", "Data": {}}
 
     def release_address(self, req: v.ReleaseAddress) -> dict:
         with self.store.transaction() as st:
-            pool = st["pools"].get(req.pool_id)
+            pool = st.pools.get(req.pool_id)
             if pool is None:
                 return {}
-            if str(req.address) in pool["allocated"]:
-                pool["allocated"].remove(str(req.address))
+            if str(req.address) in pool.allocated:
+                pool.allocated.remove(str(req.address))
         return {}

@@ -26,23 +26,25 @@ Decisions (see docs/driver.md):
 - Every -o and --ipam-opt key pyflannel does not know is refused (validation.py), naming the flag that takes it.
 - --ipv6: the same for the host's IPv6 lease in the flannel network (second pool, IPv6Data): the bridge holds both
   gateways, containers get both addresses and default routes (GatewayIPv6), the rules exist in ip6tables too.
-  Docker 28's --ipv4=false --ipv6 makes an IPv6-only network: "pool", "gateway", "flannel_network" are null.
+  Docker 28's --ipv4=false --ipv6 makes an IPv6-only network: its record's pool, gateway, flannel_network are None.
 """
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
 import logging
+import re
 
 from pyflannel import firewall, localapi
 from pyflannel.kernel.links import mac_for, random_mac
 
 from . import validation as v
 from .errors import PlumbingError, RefusedError, UnavailableError, ValidationError, create_command
-from .ipam import (LeaseSource, describe_flannel, drop_pool, existing_network_error, flannel_name,
-                   ipv6_only_error, lease_change, lease_changed_error, leave_pending, network_pools, no_ipv6_error)
+from .leases import (LeaseSource, describe_flannel, existing_network_error, ipv6_only_error, lease_changed_error,
+                     no_ipv6_error)
 from .plumbing import BRIDGE_PREFIX, VETH_CONTAINER_PREFIX, VETH_HOST_PREFIX, Plumbing, bridge_name, veth_names
-from .state import StateStore
+from .records import EndpointRecord, NetworkRecord
+from .state import DriverState, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +55,29 @@ def effective_mtu(flannel_mtu: int, option: int | None) -> int:
     return min(flannel_mtu, option) if option else flannel_mtu
 
 
-def network_spec(net: dict) -> firewall.NetworkSpec:
-    """A network's state record as its rules' input. Records written before egress NAT existed are masqueraded and
-    not internal; they get their flannel Network at the driver's start or their next create (see migrate). Records
-    without "pool6" (no --ipv6, or written before IPv6) have IPv4 rules only; an IPv6-only network's ("pool" null)
-    IPv6 rules only."""
-    return firewall.NetworkSpec(net["bridge"], ipaddress.IPv4Network(net["pool"]) if net["pool"] else None,
-                                ipaddress.IPv4Network(net["flannel_network"]) if net["pool"] else None,
-                                net.get("masquerade", True), net.get("internal", False),
-                                ipaddress.IPv6Network(net["pool6"]) if net.get("pool6") else None,
-                                ipaddress.IPv6Network(net["flannel_network6"]) if net.get("pool6") else None,
-                                net.get("icc", True))
+# A swarm network's ID is made by swarm's managers: 25 lower-case letters and digits (dockerd's own are 64 hex).
+SWARM_ID = re.compile(r"[0-9a-z]{25}")
+DOCKER_ADDRESS_SPACES = ("LocalDefault", "GlobalDefault")  # the pools of Docker's default IPAM
 
 
-def gateways(net: dict) -> tuple[ipaddress.IPv4Interface | None, ipaddress.IPv6Interface | None]:
-    """A network's gateways with their leases' prefixes: IPv4 (None on an IPv6-only network, made with Docker 28's
-    --ipv4=false), IPv6 (None without --ipv6)."""
-    return (ipaddress.IPv4Interface(net["gateway"]) if net["gateway"] else None,
-            ipaddress.IPv6Interface(net["gateway6"]) if net.get("gateway6") else None)
+def swarm_pool_error(pool) -> RefusedError:
+    """A swarm network made without a config-only network: swarm gave it a pool of Docker's default IPAM."""
+    config_only, swarm = (" ".join(argv) for argv in v.swarm_commands("NAME", "NAME"))
+    return RefusedError(
+        f"subnet {pool} comes from Docker's default IPAM: swarm gives a local-scope driver's network neither its "
+        f"IPAM driver nor its options; each node takes them from a config-only network of its own. Remove this "
+        f"network (`docker network rm NAME` on a manager, once no service uses it), then run `pyflannel "
+        f"swarm-network NAME` on every node, also on a node that joins later; by hand: `{config_only}` on every "
+        f"node, then `{swarm}` on a manager")
 
 
-def check_pool(data: v.IPAMData, subnet: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:
+def check_pool(data: v.IPAMData, subnet: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+               network_id: str = "") -> None:
     """A CreateNetwork pool must be this host's lease (`subnet`: its first address, the gateway, with its prefix)."""
     family = "" if subnet.version == 4 else "IPv6 "
     if data.pool != subnet.network:
+        if SWARM_ID.fullmatch(network_id) and data.address_space in DOCKER_ADDRESS_SPACES:
+            raise swarm_pool_error(data.pool)
         raise RefusedError(
             f"subnet {data.pool} is not this host's flannel {family}lease {subnet.network}: a pyflannel network must "
             f"use the lease pyflanneld got for this host. Create it with `{create_command()}` (or, with another IPAM "
@@ -100,16 +101,6 @@ def check_address(field: str, address, pool: str | None, gateway: str | None) ->
         raise RefusedError(f"{field} {address} is not in the network's subnet {pool}")
     if address.ip == ipaddress.ip_interface(gateway).ip:
         raise RefusedError(f"{field} {address} is the network's gateway")
-
-
-def migrate(net: dict, env) -> dict:
-    """A network record from before egress NAT: it learns the flannel Network from subnet.env."""
-    net.setdefault("flannel_network", str(env.network))
-    return net
-
-
-def published(ep: dict) -> list[firewall.Published]:
-    return [firewall.Published(**p) for p in ep.get("ports", [])]
 
 
 class NetworkDriver:
@@ -136,20 +127,19 @@ class NetworkDriver:
         if len(pools) != 1:
             family, key = ("IPv6", "IPv6Data") if req.ipv4_disabled else ("IPv4", "IPv4Data")
             raise ValidationError(key, f"exactly one {family} pool is needed, got {len(pools)}: `{create_command()}`")
-        name = next((flannel_name(p) for p in self.store.load()["pools"].values() if p["pool"] == str(pools[0].pool)),
-                    "")
+        name = next((p.flannel for p in self.store.load().pools.values() if p.pool == str(pools[0].pool)), "")
         env = self.lease.current(name)
         if not req.ipv4_disabled:
             if env.lease is None:
                 raise ipv6_only_error(name)
-            check_pool(req.ipv4[0], env.subnet)
+            check_pool(req.ipv4[0], env.subnet, req.network_id)
         if req.ipv6_requested:
             if env.lease6 is None:
                 raise no_ipv6_error(name)
             if len(req.ipv6) != 1:
                 raise ValidationError("IPv6Data", f"--ipv6 needs exactly one IPv6 pool, got {len(req.ipv6)}: "
                                                   f"`{create_command('--ipv6')}`")
-            check_pool(req.ipv6[0], env.ipv6_subnet)
+            check_pool(req.ipv6[0], env.ipv6_subnet, req.network_id)
         if req.mtu_option and req.mtu_option > env.mtu:  # `docker network inspect` would show an MTU not in force
             raise RefusedError(f"-o {v.OPT_MTU}={req.mtu_option} is above this overlay's MTU {env.mtu} "
                                f"(FLANNEL_MTU: the underlay's MTU less the encapsulation): bigger packets would not "
@@ -157,32 +147,33 @@ class NetworkDriver:
         if req.encrypted:
             self._check_encrypted(name)
         with self.store.transaction() as st:
-            known = st["networks"].get(req.network_id)
+            known = st.networks.get(req.network_id)
             if known is not None:  # repeated call: same answer, repair the bridge and rules if needed
-                self._plug_network(migrate(known, env), env.mtu)
+                self._plug_network(known, env.mtu)
                 return {}
-            for other_id, other in st["networks"].items():
-                if flannel_name(other) == name:
-                    raise existing_network_error(other_id, other)
+            other = st.network_on(name)
+            if other is not None:
+                raise existing_network_error(*other)
             bridge = bridge_name(req.network_id)
-            net = {"bridge": bridge, "pool": None, "gateway": None, "mtu_option": req.mtu_option,
-                   "flannel_network": None, "masquerade": req.masquerade, "internal": req.internal, "flannel": name,
-                   "icc": req.icc, "host_binding_ipv4": str(req.host_binding_ipv4 or "")}
+            net = NetworkRecord(bridge=bridge, pool=None, gateway=None, flannel_network=None,
+                                mtu_option=req.mtu_option, masquerade=req.masquerade, internal=req.internal,
+                                flannel=name, icc=req.icc, host_binding_ipv4=str(req.host_binding_ipv4 or ""))
             if not req.ipv4_disabled:
-                net.update(pool=str(env.lease), gateway=str(env.subnet), flannel_network=str(env.network))
+                net.pool, net.gateway, net.flannel_network = str(env.lease), str(env.subnet), str(env.network)
             if req.ipv6_requested:
-                net.update(pool6=str(env.lease6), gateway6=str(env.ipv6_subnet), flannel_network6=str(env.ipv6_network))
+                net.pool6, net.gateway6, net.flannel_network6 = (str(env.lease6), str(env.ipv6_subnet),
+                                                                 str(env.ipv6_network))
             existed = bridge in self.plumbing.links()  # e.g. a device in the way: reported, never deleted
             try:
                 self._plug_network(net, env.mtu)
             except Exception:  # nothing of a network Docker will not have stays behind
-                self._quietly(self.plumbing.remove_rules, firewall.network_rules(network_spec(net)))
+                self._quietly(self.plumbing.remove_rules, firewall.network_rules(net.spec()))
                 if not existed:
                     self._quietly(self.plumbing.delete_bridge, bridge)
                 raise
-            st["networks"][req.network_id] = net
+            st.networks[req.network_id] = net
         log.info("network %s created on %s: bridge %s, %s", req.network_id[:12], describe_flannel(name), bridge,
-                 ", ".join(str(gateway) for gateway in gateways(net) if gateway))
+                 ", ".join(str(gateway) for gateway in net.gateways if gateway))
         return {}
 
     def _check_encrypted(self, name: str) -> None:
@@ -213,73 +204,71 @@ class NetworkDriver:
                            f"does not encrypt: give the network a flannel network of its own with the wireguard "
                            f"backend: `{how}`")
 
-    def _plug_network(self, net: dict, flannel_mtu: int) -> None:
+    def _plug_network(self, net: NetworkRecord, flannel_mtu: int) -> None:
         """The network's bridge and its iptables rules."""
         self._bridge_up(net, flannel_mtu)
-        self.plumbing.add_rules(firewall.network_rules(network_spec(net)))
+        self.plumbing.add_rules(firewall.network_rules(net.spec()))
 
-    def _bridge_up(self, net: dict, flannel_mtu: int) -> None:
-        self.plumbing.ensure_bridge(net["bridge"], *gateways(net), effective_mtu(flannel_mtu, net["mtu_option"]))
-        if not net.get("internal") and net["gateway"]:
-            self.plumbing.route_localnet(net["bridge"])
+    def _bridge_up(self, net: NetworkRecord, flannel_mtu: int) -> None:
+        self.plumbing.ensure_bridge(net.bridge, *net.gateways, effective_mtu(flannel_mtu, net.mtu_option))
+        if not net.internal and net.gateway:
+            self.plumbing.route_localnet(net.bridge)
 
     def delete_network(self, req: v.NetworkRef) -> dict:
         with self.store.transaction() as st:
-            net = st["networks"].get(req.network_id)
+            net = st.networks.get(req.network_id)
             if net is None:
                 return {}
-            unused = [pid for pid, pool in st["pools"].items()  # no network left on it: its allocations are stale
-                      if not any(pool["pool"] in network_pools(n) for nid, n in st["networks"].items()
-                                 if nid != req.network_id)]
+            unused = [pid for pid, pool in st.pools.items()  # no network left on it: its allocations are stale
+                      if not set(st.networks_using(pool.pool)) - {req.network_id}]
             for pid in unused:
-                drop_pool(st, pid, self.daemon)
-            for eid, ep in list(st["endpoints"].items()):
-                if ep["network"] == req.network_id:  # Docker deletes endpoints first; these are leftovers
-                    self.plumbing.remove_rules(firewall.port_rules(published(ep)))
-                    self.plumbing.delete_veth(ep["veth_host"], ep["veth_container"])
-                    del st["endpoints"][eid]
-            if "flannel_network" in net:  # else a record from before egress NAT, never given rules
-                self.plumbing.remove_rules(firewall.network_rules(network_spec(net)))
-            self.plumbing.delete_bridge(net["bridge"])
-            del st["networks"][req.network_id]
+                st.drop_pool(pid, self.daemon)
+            for eid, ep in list(st.endpoints.items()):
+                if ep.network == req.network_id:  # Docker deletes endpoints first; these are leftovers
+                    self.plumbing.remove_rules(firewall.port_rules(ep.ports))
+                    self.plumbing.delete_veth(ep.veth_host, ep.veth_container)
+                    del st.endpoints[eid]
+            self.plumbing.remove_rules(firewall.network_rules(net.spec()))
+            self.plumbing.delete_bridge(net.bridge)
+            del st.networks[req.network_id]
         log.info("network %s deleted", req.network_id[:12])
         return {}
 
     # --- endpoints --------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _network(st: dict, network_id: str) -> dict:
-        net = st["networks"].get(network_id)
+    def _network(st: DriverState, network_id: str) -> NetworkRecord:
+        net = st.networks.get(network_id)
         if net is None:
             raise RefusedError(f"network {network_id[:12]} is not known to pyflannel (was the driver's state dir "
                                f"wiped?): remove the network and create it again")
         return net
 
     @staticmethod
-    def _endpoint_reply(ep: dict, req_interface: v.EndpointInterface | None) -> dict:
+    def _endpoint_reply(ep: EndpointRecord, req_interface: v.EndpointInterface | None) -> dict:
         # Only fields Docker left empty may be returned; nothing at all if Docker sent no Interface.
-        if req_interface is None or not ep["mac_generated"]:
+        if req_interface is None or not ep.mac_generated:
             return {"Interface": None}
-        return {"Interface": {"MacAddress": ep["mac"]}}
+        return {"Interface": {"MacAddress": ep.mac}}
 
     def create_endpoint(self, req: v.CreateEndpoint) -> dict:
         iface = req.interface
         with self.store.transaction() as st:
             net = self._network(st, req.network_id)
-            known = st["endpoints"].get(req.endpoint_id)
+            known = st.endpoints.get(req.endpoint_id)
             if known is not None:
-                if known["network"] != req.network_id:
+                if known.network != req.network_id:
                     raise RefusedError(f"endpoint {req.endpoint_id[:12]} already belongs to network "
-                                       f"{known['network'][:12]}")
+                                       f"{known.network[:12]}")
                 return self._endpoint_reply(known, iface)
             address = iface.address if iface else None
             if address is not None:
-                check_address("Interface.Address", address, net["pool"], net["gateway"])
+                check_address("Interface.Address", address, net.pool, net.gateway)
             address6 = iface.address6 if iface else None
             if address6 is not None:
-                check_address("Interface.AddressIPv6", address6, net.get("pool6"), net.get("gateway6"))
+                check_address("Interface.AddressIPv6", address6, net.pool6, net.gateway6)
             host, container = veth_names(req.endpoint_id)
-            clash = [e for e, ep in st["endpoints"].items() if ep["veth_host"] == host]
+            clash = [e for e, ep in st.endpoints.items() if ep.veth_host == host]
             if clash:
                 raise RefusedError(f"endpoint {req.endpoint_id[:12]} would reuse interface name {host} of endpoint "
                                    f"{clash[0][:12]}; retry")
@@ -289,71 +278,73 @@ class NetworkDriver:
                 known = address if address is not None else address6
                 mac = mac_for(known.ip) if known is not None else random_mac()
                 generated = True
-            st["endpoints"][req.endpoint_id] = {
-                "network": req.network_id, "address": str(address) if address else "", "mac": mac,
-                "mac_generated": generated, "veth_host": host, "veth_container": container,
-                "joined": False, "sandbox": "", "address6": str(address6) if address6 else ""}
-            return self._endpoint_reply(st["endpoints"][req.endpoint_id], iface)
+            ep = EndpointRecord(network=req.network_id, address=str(address) if address else "", mac=mac,
+                                mac_generated=generated, veth_host=host, veth_container=container, joined=False,
+                                sandbox="", address6=str(address6) if address6 else "")
+            st.endpoints[req.endpoint_id] = ep
+            return self._endpoint_reply(ep, iface)
 
     def endpoint_oper_info(self, req: v.EndpointRef) -> dict:
         st = self.store.load()
-        ep = st["endpoints"].get(req.endpoint_id)
+        ep = st.endpoints.get(req.endpoint_id)
         if ep is None:
             return {"Value": {}}
-        net = st["networks"].get(ep["network"], {})
-        return {"Value": {"bridge": net.get("bridge", ""), "veth_host": ep["veth_host"], "address": ep["address"],
-                          "address6": ep.get("address6", ""), "mac": ep["mac"], "joined": ep["joined"]}}
+        net = st.networks.get(ep.network)
+        return {"Value": {"bridge": net.bridge if net else "", "veth_host": ep.veth_host, "address": ep.address,
+                          "address6": ep.address6, "mac": ep.mac, "joined": ep.joined}}
 
     def _unplug(self, endpoint_id: str, then) -> dict:
         """Delete an endpoint's veth pair, then `then(state, endpoint)`; an unknown endpoint is no error."""
         with self.store.transaction() as st:
-            ep = st["endpoints"].get(endpoint_id)
+            ep = st.endpoints.get(endpoint_id)
             if ep is not None:
-                self.plumbing.remove_rules(firewall.port_rules(published(ep)))
-                self.plumbing.delete_veth(ep["veth_host"], ep["veth_container"])
+                self.plumbing.remove_rules(firewall.port_rules(ep.ports))
+                self.plumbing.delete_veth(ep.veth_host, ep.veth_container)
                 then(st, ep)
         return {}
 
     def delete_endpoint(self, req: v.EndpointRef) -> dict:
-        return self._unplug(req.endpoint_id, lambda st, ep: st["endpoints"].pop(req.endpoint_id))
+        return self._unplug(req.endpoint_id, lambda st, ep: st.endpoints.pop(req.endpoint_id))
 
     def join(self, req: v.Join) -> dict:
         if self.reconcile_pending:  # after a boot: the bridges and the rules of every network come back now
             self.reconcile()
         with self.store.transaction() as st:
             net = self._network(st, req.network_id)
-            env = self.lease.current(flannel_name(net))
-            leave_pending(st, self.daemon)
-            ep = st["endpoints"].get(req.endpoint_id)
-            if ep is None or ep["network"] != req.network_id:
+            env = self.lease.current(net.flannel)
+            st.leave_pending(self.daemon)
+            ep = st.endpoints.get(req.endpoint_id)
+            if ep is None or ep.network != req.network_id:
                 raise RefusedError(f"endpoint {req.endpoint_id[:12]} is not known to pyflannel on network "
                                    f"{req.network_id[:12]} (CreateEndpoint was not called, or the state was lost)")
-            change = lease_change(net, env.lease, env.lease6)
+            change = net.lease_change(env.lease, env.lease6)
             if change:
-                raise lease_changed_error(flannel_name(net), change, [req.network_id])
-            gateway, gateway6 = gateways(net)
-            mtu = effective_mtu(env.mtu, net["mtu_option"])
-            self.plumbing.ensure_bridge(net["bridge"], gateway, gateway6, mtu)
+                raise lease_changed_error(net.flannel, change, [req.network_id])
+            gateway, gateway6 = net.gateways
+            mtu = effective_mtu(env.mtu, net.mtu_option)
+            self.plumbing.ensure_bridge(net.bridge, gateway, gateway6, mtu)
             try:
-                self.plumbing.ensure_veth(ep["veth_host"], ep["veth_container"], net["bridge"], mtu, ep["mac"],
-                                          isolated=not net.get("icc", True))
+                self.plumbing.ensure_veth(ep.veth_host, ep.veth_container, net.bridge, mtu, ep.mac,
+                                          isolated=not net.icc)
             except Exception:
-                if not ep["joined"]:
-                    self._quietly(self.plumbing.delete_veth, ep["veth_host"], ep["veth_container"])
+                if not ep.joined:
+                    self._quietly(self.plumbing.delete_veth, ep.veth_host, ep.veth_container)
                 raise
-            ep["joined"] = True
-            ep["sandbox"] = req.sandbox_key
-        reply = {"InterfaceName": {"SrcName": ep["veth_container"], "DstPrefix": "eth"}}
-        if net.get("internal"):  # no default routes: the flannel Networks only, through the bridge
-            routes = [(net[key], hop.ip) for key, hop in (("flannel_network", gateway), ("flannel_network6", gateway6))
-                      if hop is not None]
+            ep.joined = True
+            ep.sandbox = req.sandbox_key
+        reply = {"InterfaceName": {"SrcName": ep.veth_container, "DstPrefix": "eth"}}
+        if net.internal:  # no default routes: the flannel Networks only, through the bridge
+            routes = [(network, hop.ip) for network, hop in ((net.flannel_network, gateway),
+                                                             (net.flannel_network6, gateway6)) if hop is not None]
             return {**reply, "Gateway": "", "GatewayIPv6": "", "DisableGatewayService": True, "StaticRoutes": [
                 {"Destination": network, "RouteType": 0, "NextHop": str(hop)} for network, hop in routes]}
         return {**reply, "Gateway": str(gateway.ip) if gateway else "", "GatewayIPv6": str(gateway6.ip) if gateway6
                 else "", "DisableGatewayService": False}
 
     def leave(self, req: v.EndpointRef) -> dict:
-        return self._unplug(req.endpoint_id, lambda st, ep: ep.update(joined=False, sandbox="", ports=[]))
+        def unjoined(st: DriverState, ep: EndpointRecord) -> None:
+            ep.joined, ep.sandbox, ep.ports = False, "", []
+        return self._unplug(req.endpoint_id, unjoined)
 
     def program_external_connectivity(self, req: v.EndpointRef) -> dict:
         """Publish the container's ports (-p, -P) on this host: a DNAT rule each; the host ports are chosen here."""
@@ -362,29 +353,29 @@ class NetworkDriver:
             return {}
         with self.store.transaction() as st:
             net = self._network(st, req.network_id)
-            ep = st["endpoints"].get(req.endpoint_id)
-            if ep is None or not (ep["address"] or ep.get("address6")):
+            ep = st.endpoints.get(req.endpoint_id)
+            if ep is None or not (ep.address or ep.address6):
                 raise RefusedError(f"endpoint {req.endpoint_id[:12]} is not known to pyflannel (or has no address): "
                                    f"cannot publish its ports")
-            if net.get("internal"):
+            if net.internal:
                 raise RefusedError("an --internal pyflannel network publishes no ports: remove -p/-P, or use a "
                                    "network without --internal")
-            if not published(ep):  # a repeated call keeps the ports chosen the first time
-                if net.get("host_binding_ipv4"):  # -o ...host_binding_ipv4: where -p without an address binds
-                    default = ipaddress.IPv4Address(net["host_binding_ipv4"])
+            if not ep.ports:  # a repeated call keeps the ports chosen the first time
+                if net.host_binding_ipv4:  # -o ...host_binding_ipv4: where -p without an address binds
+                    default = ipaddress.IPv4Address(net.host_binding_ipv4)
                     bindings = [b if b.host_ip else dataclasses.replace(b, host_ip=default) for b in bindings]
                 ips = {version: str(ipaddress.ip_interface(address).ip) if address else ""
-                       for version, address in ((4, ep["address"]), (6, ep.get("address6")))}
+                       for version, address in ((4, ep.address), (6, ep.address6))}
                 for b in bindings:  # a host address of one family needs a container address of that family
                     version = b.host_ip.version if b.host_ip is not None else None
                     if version is not None and not ips[version]:
                         raise RefusedError(f"cannot publish on the IPv{version} address {b.host_ip}: the container "
                                            f"has no IPv{version} address (its network was {without_family(version)})")
-                taken = {(p.proto, p.host_ip, p.host_port): eid for eid, other in st["endpoints"].items()
-                         for p in published(other)}
-                ep["ports"] = [vars(self._choose(b, ips, taken, req.endpoint_id)) for b in bindings]
-            self.plumbing.add_rules(firewall.port_rules(published(ep)))
-        log.info("endpoint %s publishes %s", req.endpoint_id[:12], ", ".join(p.describe() for p in published(ep)))
+                taken = {(p.proto, p.host_ip, p.host_port): eid for eid, other in st.endpoints.items()
+                         for p in other.ports}
+                ep.ports = [self._choose(b, ips, taken, req.endpoint_id) for b in bindings]
+            self.plumbing.add_rules(firewall.port_rules(ep.ports))
+        log.info("endpoint %s publishes %s", req.endpoint_id[:12], ", ".join(p.describe() for p in ep.ports))
         return {}
 
     def _choose(self, b: v.PortBinding, container_ips: dict[int, str], taken: dict,
@@ -415,10 +406,10 @@ class NetworkDriver:
 
     def revoke_external_connectivity(self, req: v.EndpointRef) -> dict:
         with self.store.transaction() as st:
-            ep = st["endpoints"].get(req.endpoint_id)
-            if ep is not None and published(ep):
-                self.plumbing.remove_rules(firewall.port_rules(published(ep)))
-                ep["ports"] = []
+            ep = st.endpoints.get(req.endpoint_id)
+            if ep is not None and ep.ports:
+                self.plumbing.remove_rules(firewall.port_rules(ep.ports))
+                ep.ports = []
         return {}
 
     # --- startup reconciliation -------------------------------------------------------------------------------------
@@ -431,7 +422,7 @@ class NetworkDriver:
         still run); the pair of an endpoint that is not joined should not exist and is removed.
         """
         with self.store.transaction() as st:
-            envs, names = {}, {flannel_name(net) for net in st["networks"].values()} or {""}
+            envs, names = {}, {net.flannel for net in st.networks.values()} or {""}
             for name in names:
                 try:
                     envs[name] = self.lease.current(name, patient=False)
@@ -439,27 +430,27 @@ class NetworkDriver:
                     log.warning("%s; bridges and rules are restored at the first Join", e)
             complete = names <= envs.keys()
             self.reconcile_pending = not complete
-            bridges = {net["bridge"] for net in st["networks"].values()}
+            bridges = {net.bridge for net in st.networks.values()}
             veths = set()
-            for ep in st["endpoints"].values():
-                if ep["joined"] and ep["network"] in st["networks"]:
-                    veths.update((ep["veth_host"], ep["veth_container"]))
+            for ep in st.endpoints.values():
+                if ep.joined and ep.network in st.networks:
+                    veths.update((ep.veth_host, ep.veth_container))
             rules = []
-            for nid, net in st["networks"].items():
-                env = envs.get(flannel_name(net))
+            for nid, net in st.networks.items():
+                env = envs.get(net.flannel)
                 if env is None:
                     continue
-                change = lease_change(net, env.lease, env.lease6)
+                change = net.lease_change(env.lease, env.lease6)
                 if change:
-                    log.warning("%s", lease_changed_error(flannel_name(net), change, [nid]))
+                    log.warning("%s", lease_changed_error(net.flannel, change, [nid]))
                     continue
-                self._quietly(self._bridge_up, migrate(net, env), env.mtu)
-                rules += firewall.network_rules(network_spec(net))
-                rules += firewall.port_rules([p for ep in st["endpoints"].values()
-                                              if ep["network"] == nid and ep["joined"] for p in published(ep)])
+                self._quietly(self._bridge_up, net, env.mtu)
+                rules += firewall.network_rules(net.spec())
+                rules += firewall.port_rules([p for ep in st.endpoints.values()
+                                              if ep.network == nid and ep.joined for p in ep.ports])
             if complete:  # else the rules of a network without its lease would be lost
                 self._quietly(self.plumbing.reset_rules, rules)
-            leave_pending(st, self.daemon)
+            st.leave_pending(self.daemon)
             for name, link in sorted(self.plumbing.links().items()):
                 keep = name in bridges if name.startswith(BRIDGE_PREFIX) else name in veths
                 if not keep and name.startswith((BRIDGE_PREFIX, VETH_HOST_PREFIX, VETH_CONTAINER_PREFIX)):

@@ -22,7 +22,7 @@ from requests.exceptions import RequestException
 
 from pyflannel import localapi
 
-from .ipam import flannel_name
+from .records import NetworkRecord
 from .state import StateError, StateStore
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ SETTLE_SECONDS = 0.05  # events come in bursts (a container's die, disconnect, s
 ACTIONS = {"start", "die", "stop", "kill", "destroy", "connect", "disconnect", "rename", "restart", "unpause"}
 
 
-def containers_of(client: docker.DockerClient, networks: dict) -> list[dict]:
+def containers_of(client: docker.DockerClient, networks: dict[str, NetworkRecord]) -> list[dict]:
     """[{"id", "networks": {flannel network ("" = default): {"address", "names"[, "address6"]}}}] of the running
     containers on `networks` (the driver's state: Docker network id -> record); "address6" on --ipv6 networks."""
     found = []
@@ -45,9 +45,9 @@ def containers_of(client: docker.DockerClient, networks: dict) -> list[dict]:
             if record is None or not endpoint.get("IPAddress"):
                 continue
             names = {container.name, *(endpoint.get("Aliases") or ()), *(endpoint.get("DNSNames") or ())}
-            on[flannel_name(record)] = {"address": endpoint["IPAddress"], "names": sorted(names)}
+            on[record.flannel] = {"address": endpoint["IPAddress"], "names": sorted(names)}
             if endpoint.get("GlobalIPv6Address"):
-                on[flannel_name(record)]["address6"] = endpoint["GlobalIPv6Address"]
+                on[record.flannel]["address6"] = endpoint["GlobalIPv6Address"]
         if on:
             found.append({"id": container.id, "networks": on})
     return found
@@ -104,7 +104,7 @@ class NamePublisher:
             time.sleep(SETTLE_SECONDS)
             self.changed.clear()
             try:
-                containers = containers_of(self._client(), self.state.load()["networks"])
+                containers = containers_of(self._client(), self.state.load().networks)
                 self.daemon.publish(containers, self.host)
             except (DockerException, RequestException, OSError, StateError, localapi.DaemonError) as e:
                 if isinstance(e, localapi.DaemonError) and e.status == 409:  # another host's pyflanneld

@@ -20,25 +20,30 @@ answer later calls and to clean up lives here:
       "leaving":   ["shop", ...]    named flannel networks to leave, once pyflanneld answers
     }
 
-A transaction holds a thread lock (gunicorn threads) and an flock on state.lock (gunicorn worker processes), reads
-the file, lets the caller change the dict, and writes it back only if it changed and the block raised nothing —
-so a handler that fails half-way never leaves half a change on disk.
+The records are records.py's (a network, an endpoint, a pool), gathered in a DriverState. A transaction holds a
+thread lock (gunicorn threads) and an flock on state.lock (gunicorn worker processes), reads the file, lets the
+caller change the state, and writes it back only if it changed and the block raised nothing — so a handler that
+fails half-way never leaves half a change on disk. pyflannel doctor reads the file with `read`.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import errno
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
 
-from pyflannel import paths
+from pyflannel import localapi, paths
 from pyflannel.files import write_atomically
 
 from .errors import DriverError, UnavailableError
+from .records import EndpointRecord, NetworkRecord, PoolRecord
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
@@ -49,8 +54,96 @@ class StateError(DriverError):
     """The state file cannot be read or written; the message names the file."""
 
 
-def empty_state() -> dict:
-    return {"version": STATE_VERSION, "networks": {}, "endpoints": {}, "pools": {}, "leaving": []}
+@dataclasses.dataclass
+class DriverState:
+    """The state file's content: the records by id, and the named flannel networks to leave."""
+    networks: dict[str, NetworkRecord] = dataclasses.field(default_factory=dict)
+    endpoints: dict[str, EndpointRecord] = dataclasses.field(default_factory=dict)
+    pools: dict[str, PoolRecord] = dataclasses.field(default_factory=dict)
+    leaving: list[str] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict) -> DriverState:
+        """The state from the file's object, its version and shape checked (`read`); ValueError naming a record that
+        is not one."""
+        state = cls(leaving=data["leaving"])
+        for key, record in (("networks", NetworkRecord), ("endpoints", EndpointRecord), ("pools", PoolRecord)):
+            for rid, item in data[key].items():
+                try:
+                    getattr(state, key)[rid] = record.from_json(item)
+                except ValueError as e:
+                    raise ValueError(f"{key} {rid[:12]!r} {e}") from None
+        return state
+
+    def to_json(self) -> dict:
+        return {"version": STATE_VERSION, "leaving": list(self.leaving),
+                **{key: {rid: record.to_json() for rid, record in getattr(self, key).items()}
+                   for key in ("networks", "endpoints", "pools")}}
+
+    def network_on(self, name: str) -> tuple[str, NetworkRecord] | None:
+        """(id, record) of the Docker network on the flannel network `name` ("" for the default one); a host has
+        one at most."""
+        return next(((nid, net) for nid, net in self.networks.items() if net.flannel == name), None)
+
+    def networks_using(self, pool: str) -> list[str]:
+        """The ids of the Docker networks on the lease `pool`."""
+        return [nid for nid, net in self.networks.items() if pool in net.pools]
+
+    def drop_pool(self, pid: str, daemon: localapi.Client | None) -> None:
+        """Forget a pool no network uses; a named network's host leaves it (pyflanneld deletes its lease and
+        devices). Docker deletes its network whatever the driver answers, so when pyflanneld cannot be told now,
+        the leave waits in the state for `leave_pending`."""
+        name = self.pools.pop(pid).flannel
+        if name:
+            self.leave(name, daemon)
+
+    def leave(self, name: str, daemon: localapi.Client | None) -> None:
+        """Leave the flannel network `name` now, or at a later call if pyflanneld cannot be told now."""
+        if daemon is not None and name not in self.leaving:
+            self.leaving.append(name)
+            self.leave_pending(daemon)
+
+    def leave_pending(self, daemon: localapi.Client | None) -> None:
+        """Leave the flannel networks that wait for it, unless a pool of theirs exists again. Called at start and by
+        the calls that add or drop pools or start containers: pyflanneld may have been down when their last network
+        went."""
+        in_use = {pool.flannel for pool in self.pools.values()}
+        for name in list(self.leaving):
+            if name not in in_use and daemon is not None:
+                try:
+                    daemon.leave(name)
+                except localapi.DaemonError as e:
+                    log.warning("cannot leave flannel network %s yet (tried again at the next call): %s", name, e)
+                    continue
+                log.info("left flannel network %s", name)
+            self.leaving.remove(name)
+
+
+def read(path: str) -> DriverState:
+    """The state file at `path` (no lock; for reads that tolerate a concurrent writer); absent, an empty state."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return DriverState()
+    except OSError as e:
+        raise StateError(f"cannot read state file {path}: {e.strerror}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise StateError(f"state file {path} is not valid JSON ({e}); move it away to start with an empty "
+                         f"state (the driver then forgets its networks: remove and recreate them in Docker)") from None
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        raise StateError(f"state file {path} has an unknown format (expected version {STATE_VERSION})")
+    shape = {"networks": {}, "endpoints": {}, "pools": {}, "leaving": []}
+    for key, empty in shape.items():
+        if not isinstance(data.setdefault(key, empty), type(empty)):
+            kind = "an object" if isinstance(empty, dict) else "a list"
+            raise StateError(f"state file {path}: {key!r} must be {kind}")
+    try:
+        return DriverState.from_json(data)
+    except ValueError as e:
+        raise StateError(f"state file {path}: {e}") from None
 
 
 class StateStore:
@@ -66,31 +159,12 @@ class StateStore:
             raise StateError(f"cannot create state dir {self.dir}: {e.strerror}") from None
         self.load()  # fail at startup, not at the first Docker call, if the file is unreadable
 
-    def load(self) -> dict:
+    def load(self) -> DriverState:
         """A snapshot of the state (no lock; for reads that tolerate a concurrent writer)."""
-        try:
-            with open(self.path) as f:
-                text = f.read()
-        except FileNotFoundError:
-            return empty_state()
-        except OSError as e:
-            raise StateError(f"cannot read state file {self.path}: {e.strerror}") from None
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise StateError(f"state file {self.path} is not valid JSON ({e}); move it away to start with an empty "
-                             f"state (the driver then forgets its networks: remove and recreate them in Docker)") from None
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-            raise StateError(f"state file {self.path} has an unknown format (expected version {STATE_VERSION})")
-        state = empty_state()
-        for key, kind in (("networks", dict), ("endpoints", dict), ("pools", dict), ("leaving", list)):
-            if not isinstance(data.get(key, kind()), kind):
-                raise StateError(f"state file {self.path}: {key!r} must be {'an object' if kind is dict else 'a list'}")
-            state[key] = data.get(key, kind())
-        return state
+        return read(self.path)
 
-    def _save(self, state: dict) -> None:
-        write_atomically(self.path, json.dumps(state, indent=1, sort_keys=True) + "\n", mode=0o600,
+    def _save(self, data: dict) -> None:
+        write_atomically(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n", mode=0o600,
                          folder_mode=0o700)
 
     @contextlib.contextmanager
@@ -111,11 +185,12 @@ class StateStore:
                                                    f"for more than {self.lock_timeout:.0f}s; retry") from None
                         time.sleep(0.01)
                 state = self.load()
-                before = copy.deepcopy(state)
+                before = state.to_json()  # a copy
                 yield state
-                if state != before:
+                after = state.to_json()
+                if after != before:
                     try:
-                        self._save(state)
+                        self._save(after)
                     except OSError as e:
                         raise StateError(f"cannot write state file {self.path}: {e.strerror}") from None
             finally:

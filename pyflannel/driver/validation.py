@@ -49,6 +49,24 @@ class OptionFlag:
 # RequestPool's: every key there is the user's, and one pyflannel does not know is refused rather than ignored.
 DRIVER_OPTIONS = OptionFlag("-o", (OPT_MTU, OPT_MASQUERADE, OPT_ICC, OPT_HOST_BINDING_IPV4, OPT_ENCRYPTED), "-d")
 IPAM_OPTIONS = OptionFlag("--ipam-opt", (OPT_NETWORK, OPT_BACKEND, OPT_IPV6), "--ipam-driver")
+
+
+def swarm_commands(network: str, flannel: str, plugin: str = "", ipam_options: tuple[str, ...] = (),
+                   options: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Docker's way to a swarm network for a local-scope driver, as two argv: on every node the config-only network
+    `NETWORK-config` that holds pyflannel's IPAM on flannel network `flannel` (with `--ipam-opt` and `-o` KEY=VALUE
+    `ipam_options` and `options`), on a manager the swarm network `network` made from it. Swarm's managers give a
+    local-scope driver's network neither IPAM driver nor options: each node takes them from its config-only network.
+    `pyflannel swarm-network` runs them; the driver's refusal of a swarm network made without them shows them."""
+    plugin = plugin or errors.plugin_name
+    config = f"{network}-config"
+    return (["docker", "network", "create", "--config-only", "--ipam-driver", plugin, "--ipam-opt",
+             f"{OPT_NETWORK}={flannel}", *(a for o in ipam_options for a in ("--ipam-opt", o)),
+             *(a for o in options for a in ("-o", o)), config],
+            ["docker", "network", "create", "-d", plugin, "--scope", "swarm", "--attachable", "--config-from", config,
+             network])
+
+
 PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}   # Docker's PortBinding.Proto numbers
 REQUEST_ADDRESS_TYPE = "RequestAddressType"
 GATEWAY_TYPE = "com.docker.network.gateway"

@@ -1,7 +1,7 @@
 """Data-plane backends behind one small interface; `for_config` picks the one the network config names."""
 from __future__ import annotations
 
-from .base import Backend, PeerEntries
+from .base import Backend
 from .hostgw import HostGwBackend
 from .vxlan import VxlanBackend
 from .wireguard import WireGuardBackend
@@ -13,4 +13,4 @@ def for_config(config, ext, kernel, state_dir) -> Backend:
     return BACKENDS[config.backend_type](config, ext, kernel, state_dir)
 
 
-__all__ = ["Backend", "PeerEntries", "for_config", "BACKENDS"]
+__all__ = ["Backend", "for_config", "BACKENDS"]

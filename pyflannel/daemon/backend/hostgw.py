@@ -2,8 +2,9 @@
 share an L2 segment."""
 from __future__ import annotations
 
-from ..store.base import Lease
-from .base import Backend, PeerEntries
+from ..model.lease import Lease
+from ..model.peer import PeerEntries
+from .base import Backend
 
 
 class HostGwBackend(Backend):

@@ -18,8 +18,9 @@ from pyflannel.firewall import TunnelSpec
 from pyflannel.kernel.links import random_mac
 from pyflannel.kernel.netlink import FdbEntry, Neighbor, Route, vxlan_misfits
 
-from ..store.base import Lease
-from .base import Backend, PeerEntries
+from ..model.lease import Lease
+from ..model.peer import PeerEntries
+from .base import Backend
 
 log = logging.getLogger(__name__)
 

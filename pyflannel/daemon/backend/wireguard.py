@@ -15,8 +15,9 @@ from pyflannel.firewall import TunnelSpec
 from pyflannel.kernel import wireguard as wg
 from pyflannel.kernel.netlink import Route
 
-from ..store.base import Lease
-from .base import Backend, PeerEntries
+from ..model.lease import Lease
+from ..model.peer import PeerEntries
+from .base import Backend
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pyflannel.imports import deferred, standing_in
 with standing_in("importlib.metadata", deferred("importlib.metadata", calls=("version",))):
     import urllib3  # its optional HTTP/2 support checks h2's version with importlib.metadata at import: 0.8 MB
 
-from .base import (PROBE_SECONDS, ConfigNotFound, KeyChange, Lease, LeaseDigest, Store, StoreError,
-                   parse_endpoints)
+from ..model.lease import Lease
+from .base import PROBE_SECONDS, ConfigNotFound, KeyChange, LeaseDigest, Store, StoreError, parse_endpoints
 
 log = logging.getLogger(__name__)
 

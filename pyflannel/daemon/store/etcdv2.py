@@ -16,8 +16,9 @@ with standing_in("dns.resolver", deferred("dns.resolver")):
     import etcd  # it imports dnspython's resolver for SRV discovery (`srv_domain`), never asked for: 2.1 MB, 70 ms
 
 from ..subnets import parse_lease_key
-from .base import (ConfigNotFound, HistoryLost, KeyChange, Lease, LeaseDigest, LeaseEvent, LeaseExists,
-                   LeaseNotFound, LeaseTaken, Store, StoreError, answering_first, answers, parse_endpoints)
+from ..model.lease import Lease, LeaseEvent
+from .base import (ConfigNotFound, HistoryLost, KeyChange, LeaseDigest, LeaseExists, LeaseNotFound, LeaseTaken, Store,
+                   StoreError, answering_first, answers, parse_endpoints)
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Et
 from etcd3gw.lease import Lease as EtcdLease
 
 from ..subnets import parse_lease_key
-from .base import (EXPIRY_NOT_READ, PROBE_SECONDS, ConfigNotFound, HistoryLost, KeyChange, Lease, LeaseDigest,
-                   LeaseEvent, LeaseExists, LeaseNotFound, LeaseTaken, Store, StoreError, answering_first,
-                   parse_endpoints)
+from ..model.lease import EXPIRY_NOT_READ, Lease, LeaseEvent
+from .base import (PROBE_SECONDS, ConfigNotFound, HistoryLost, KeyChange, LeaseDigest, LeaseExists, LeaseNotFound,
+                   LeaseTaken, Store, StoreError, answering_first, parse_endpoints)
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """pyflanneld's Prometheus metrics, served at /metrics on the healthz port (without one, nothing is counted: the
-daemon holds an `Unmeasured` instead, and this module and prometheus_client are not imported).
+daemon holds the package's `Unmeasured` instead, and this module and prometheus_client are not imported).
 
 Counters are bumped where things happen; gauges are read from the running daemon at each scrape; the driver's own
 metrics are fetched from its plugin socket at each scrape and served alongside, so one scrape covers the host.
@@ -20,8 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pyflannel import __version__
 
-from .reconciler import Repairs
-from .store.base import LeaseEvent, Store, StoreError
+from ..model.lease import LeaseEvent
+from ..reconciler import Repairs
+from ..store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +124,14 @@ class DaemonState:
         self.daemon = daemon
 
     def collect(self):
-        every = list(self.daemon.overlays.values())
+        networks = self.daemon.networks
+        every = list(networks.overlays.values())
         network_up = GaugeMetricFamily("pyflannel_network_up", "1 when this host holds the network's lease and has "
                                        "programmed its peers; 0 while it starts, or when it failed (pyflannel "
                                        "status says why)", labels=["network"])
         for o in every:
             network_up.add_metric([o.name], 1 if o.ready.is_set() else 0)
-        for name in set(self.daemon.failed) - {o.name for o in every}:
+        for name in set(networks.failed) - {o.name for o in every}:
             network_up.add_metric([name], 0)
         yield network_up
         yield GaugeMetricFamily("pyflannel_etcd_reachable", "1 when pyflanneld's last call to etcd for the default "
