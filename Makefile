@@ -16,9 +16,9 @@ PLUGIN_SOURCES := $(shell find pyflannel plugin -name '*.py') plugin/pyflannel-h
 DOCKER ?= /usr/bin/docker
 
 # apt packages the tests and the demo use, each skipped when present: a Docker or containerd installed from
-# elsewhere (docker-ce, containerd.io) is used, never replaced (tests/system_deps.py says what it installs first).
+# elsewhere (docker-ce, containerd.io) is used, never replaced (lab/system_deps.py says what it installs first).
 system-deps:
-	@python3 tests/system_deps.py $(APT_PACKAGES)
+	@python3 lab/system_deps.py $(APT_PACKAGES)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,26 +32,34 @@ install: $(VENV)/.installed
 # dockerd 26.1 and Compose v2 (extracted).
 ENGINES := build/engines
 DEBIAN13_DOCKER := $(ENGINES)/docker-26.1/bin
-$(DEBIAN13_DOCKER)/dockerd $(DEBIAN13_DOCKER)/docker-compose &: tests/engines/fetch-debian13.sh
-	bash tests/engines/fetch-debian13.sh $(ENGINES)/docker-26.1
+$(DEBIAN13_DOCKER)/dockerd $(DEBIAN13_DOCKER)/docker-compose &: lab/engines/fetch-debian13.sh
+	bash lab/engines/fetch-debian13.sh $(ENGINES)/docker-26.1
 
-$(ENGINES)/promtool/promtool: tests/engines/fetch-promtool.sh
-	bash tests/engines/fetch-promtool.sh $(ENGINES)/promtool
+$(ENGINES)/promtool/promtool: lab/engines/fetch-promtool.sh
+	bash lab/engines/fetch-promtool.sh $(ENGINES)/promtool
 
 engines: $(DEBIAN13_DOCKER)/dockerd $(DEBIAN13_DOCKER)/docker-compose $(ENGINES)/promtool/promtool
 
 test: system-deps install engines
 	$(VENV)/bin/pytest -ra -rP $(PYTEST_ARGS)
 
-# The fast tests: pure logic on in-memory fakes; no root, etcd or namespaces needed.
-test-unit: install
+# The fast tests: pure logic on in-memory fakes; no root, etcd or namespaces needed. pip runs only when the venv has
+# no pytest yet (a changed pyproject.toml waits for `make install`), so any user can run them offline.
+$(VENV)/bin/pytest:
+	$(MAKE) -s install
+
+test-unit: $(VENV)/bin/pytest
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m unit $(PYTEST_ARGS)
 
+# The lab tests: root, a real etcd, namespaces and dockerd (every test is unit or lab: tests/test_kinds.py).
+test-lab: system-deps install engines
+	$(VENV)/bin/pytest -ra -rP -m lab $(PYTEST_ARGS)
+
 demo: system-deps install
-	$(PY) -m tests.demo up
+	$(PY) -m lab.demo up
 
 demo-down: install
-	$(PY) -m tests.demo down
+	$(PY) -m lab.demo down
 
 bench: system-deps install
 	$(PY) -m bench.run
@@ -118,7 +126,7 @@ COMMANDS := pyflanneld pyflannel-driver pyflannel
 LINKDIR ?= /usr/local/bin
 
 install-host:
-	@python3 tests/system_deps.py $(HOST_PACKAGES)
+	@python3 lab/system_deps.py $(HOST_PACKAGES)
 	python3 -m venv $(PREFIX)
 	$(PREFIX)/bin/pip install -q .
 	install -d $(LINKDIR)

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.lab import REPO, VENV_BIN, Lab, inside, sh
+from lab import REPO, VENV_BIN, Lab, inside, sh
 
 THIN = REPO / "dist" / "cni" / "pyflannel"
 BINARY = REPO / "dist" / "cni" / "pyflannel-inprocess"

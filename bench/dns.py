@@ -14,7 +14,7 @@ import json
 import statistics
 import subprocess
 
-from tests.lab import IMAGE, REPO, VENV_BIN, Lab, wait_until
+from lab import IMAGE, REPO, VENV_BIN, Lab, wait_until
 
 from pyflannel.daemon.flags import DNS_ADDRESS
 

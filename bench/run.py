@@ -21,7 +21,7 @@ from pyroute2 import IPRoute
 
 from bench import cni, dns
 from pyflannel import localapi
-from tests.lab import DOCKER, IMAGE, Lab, inside, sh, wait_until
+from lab import DOCKER, IMAGE, Lab, inside, sh, wait_until
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECONDS = int(os.environ.get("BENCH_IPERF_SECONDS", "4"))

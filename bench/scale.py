@@ -37,7 +37,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pyflannel.localapi import Client
-from tests.lab import DNS_ADDRESS, Lab, inside, wait_until
+from lab import DNS_ADDRESS, Lab, inside, wait_until
 
 SECOND_OCTET = {"default": 5, "n1": 128, "n2": 129}  # their Networks: 10.5.0.0/16, 10.128.0.0/16, 10.129.0.0/16
 CONTAINERS = int(os.environ.get("BENCH_SCALE_CONTAINERS", "10"))

@@ -43,7 +43,8 @@ from pyflannel.driver.leases import lease_changed_error
 from pyflannel.driver.plumbing import BRIDGE_PREFIX
 from pyflannel.kernel import iptables, wireguard
 from pyflannel.kernel.errors import KernelError
-from pyflannel.kernel.netlink import RTPROT_PYFLANNEL, TX_CHECKSUM, Kernel
+from pyflannel.kernel.links import TX_CHECKSUM
+from pyflannel.kernel.netlink import RTPROT_PYFLANNEL, Kernel
 
 PROBLEM, UNKNOWN = "problem", "unknown"
 RTPROT_KERNEL = 2

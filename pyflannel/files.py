@@ -10,7 +10,7 @@ import tempfile
 def write_atomically(path: str, text: str, mode: int = 0o644, folder_mode: int = 0o755, durable: bool = True) -> None:
     """Replace `path` with `text`; OSError (strerror names the problem) if that cannot be done. Readers see the old
     text or the new, never a part. `durable` also syncs the file and its folder to disk before returning, so a crash
-    does not lose the change; an fsync takes up to 12 ms at the tail on a busy disk."""
+    does not lose the change; an fsync can take milliseconds on a busy disk."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, mode=folder_mode, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")

@@ -6,8 +6,8 @@ from pyflannel.daemon.main import main as run_daemon
 
 
 def run_cni(environ: dict, stdin: bytes) -> tuple[int, str]:
-    """The CNI plugin's `run`, imported at the first thin-client call (4 ms then): a host that only runs Docker
-    never needs its 0.5 MB."""
+    """The CNI plugin's `run`, imported at the first thin-client call: a host that only runs Docker never loads
+    it (what that saves: docs/benchmarks.md)."""
     from pyflannel.cni.main import run
     return run(environ, stdin)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import CREATED_NAMESPACES, DOCKER_ENGINES, REPO, Lab, wait_until
+from lab import CREATED_NAMESPACES, DOCKER_ENGINES, REPO, Lab, wait_until
 
 
 def _free_port() -> int:

@@ -5,7 +5,7 @@ import signal
 import pytest
 
 from pyflannel.localapi import Client
-from tests.lab import VENV_BIN, wait_until
+from lab import VENV_BIN, wait_until
 
 pytestmark = pytest.mark.lab
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import REPO, VENV_BIN, Container, Lab, ping, sh, wait_until
+from lab import REPO, VENV_BIN, Container, Lab, ping, sh, wait_until
 from tests.test_ipv6 import DUAL, pairs, tcp_echo
 
 pytestmark = pytest.mark.lab
@@ -329,7 +329,7 @@ def test_cni_networks_are_walled_off_from_each_other(lab, binary):
             result = answer(done := host.run_cni(binary, "ADD", conf, f"walls-{network}-{host.name}", f"/run/netns/{ns}"))
             assert done.returncode == 0, result
             ips = [str(ipaddress.ip_interface(ip["address"]).ip) for ip in result["ips"]]
-            listener = lab.spawn(f"listen-{ns}", [str(VENV_BIN / "python"), str(REPO / "tests" / "listener.py"),
+            listener = lab.spawn(f"listen-{ns}", [str(VENV_BIN / "python"), str(REPO / "lab" / "listener.py"),
                                                   "7100"], ns=ns)
             members[(network, host.name)] = (ns, ips[0], ips[1] if len(ips) > 1 else None, listener)
     time.sleep(0.5)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import DOCKER_ENGINES, IMAGE, OUTSIDE_DNS, REPO, SWITCH_IP, Lab, inside, wait_until
+from lab import DOCKER_ENGINES, IMAGE, OUTSIDE_DNS, REPO, SWITCH_IP, Lab, inside, wait_until
 from tests.test_faults import make_certs
 from tests.test_plugin import PLUGIN, plugin_lab  # noqa: F401 (plugin_lab: the managed plugin's hosts, a fixture)
 

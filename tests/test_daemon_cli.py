@@ -12,7 +12,7 @@ import pytest
 from pyflannel.daemon import iface
 from pyflannel.daemon.errors import UserError
 from pyflannel.kernel.netlink import Kernel
-from tests.lab import VENV_BIN, Lab, NotifySocket, inside, ping, wait_until
+from lab import VENV_BIN, Lab, NotifySocket, inside, ping, wait_until
 
 pytestmark = pytest.mark.lab
 

@@ -19,9 +19,8 @@ import pytest
 from dnslib import DNSRecord
 
 from pyflannel.localapi import DEFAULT_NETWORK, Client
-from tests.lab import DNS_ADDRESS, OUTSIDE_IP, OUTSIDE_NAMES, inside, wait_until
+from lab import DNS_ADDRESS, OUTSIDE_IP, OUTSIDE_NAMES, inside, wait_until
 
-pytestmark = pytest.mark.lab
 RESTARTS = 5
 QUERY_EVERY = 0.02   # s between two lookups of the load
 GIVE_UP_AFTER = 4.0  # s: how long dockerd's embedded resolver waits for a query it forwards (no retry)
@@ -106,6 +105,7 @@ def restarts(host, listen_socket: socket.socket | None) -> None:
         time.sleep(BETWEEN_RESTARTS)
 
 
+@pytest.mark.lab
 def test_no_lookup_is_lost_while_pyflanneld_restarts(make_lab):
     lab = make_lab(2)
     lab.add_outside()

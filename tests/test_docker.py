@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.lab import IMAGE, Lab, child_pids, exited, wait_until
+from lab import IMAGE, Lab, child_pids, exited, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 HELLO = "hello from pyflannel"

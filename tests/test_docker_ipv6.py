@@ -15,10 +15,10 @@ import pytest
 
 from pyflannel.daemon.api import serve as serve_api
 from pyflannel.driver.api import create_app
+from lab import IMAGE, OUTSIDE_IP6, VENV_BIN, Lab, wait_until
 from tests.driver_support import (GATEWAY6, LEASE, LEASE6, NETWORK6, DockerSide, FakeDaemon, link,  # noqa: F401
                                   netns_name, network_request, new_id, our_links, state_dir, write_subnet_env)
 from tests.fakes import FakePlumbing
-from tests.lab import IMAGE, OUTSIDE_IP6, VENV_BIN, Lab, wait_until
 
 HELLO = "hello from pyflannel"
 HTTPD = ("httpd", "-f", "-p", "80", "-h", "/www")
@@ -54,6 +54,7 @@ def docker(netns_name, dual_env, state_dir):
 
 # --- the driver on the real kernel ---------------------------------------------------------------------------------
 
+@pytest.mark.lab
 def test_a_dual_stack_network_its_containers_and_their_rules(docker):
     subprocess.run(["ip6tables", "-w", "5", "-P", "FORWARD", "DROP"], check=True)  # as dockerd 27+ sets it
     pool6, gateway6 = docker.request_pool(v6=True)
@@ -97,6 +98,7 @@ def test_a_dual_stack_network_its_containers_and_their_rules(docker):
     assert net["bridge"] not in subprocess.run(["ip6tables", "-S", "FORWARD"], capture_output=True, text=True).stdout
 
 
+@pytest.mark.lab
 def test_an_internal_dual_stack_network_gets_routes_to_both_flannel_networks(docker):
     net = docker.create_network(ipv6=True, **{"com.docker.network.internal": True})
     joined = docker.run_container(net)["joined"]
@@ -107,6 +109,7 @@ def test_an_internal_dual_stack_network_gets_routes_to_both_flannel_networks(doc
                                       f"-A PYFLANNEL-ISOLATION ! -s {NETWORK6} -o {net['bridge']} -j DROP"])
 
 
+@pytest.mark.lab
 def test_ipv6_mistakes_are_refused_naming_what_is_wrong_and_change_nothing(netns_name, tmp_path, state_dir):
     v4_only = write_subnet_env(tmp_path / "v4.env")
     docker = DockerSide(create_app(state_dir, v4_only))
@@ -145,6 +148,7 @@ def test_ipv6_mistakes_are_refused_naming_what_is_wrong_and_change_nothing(netns
     assert our_links() == [] and rules() == []  # (the second driver's start removed the first one's network)
 
 
+@pytest.mark.lab
 def test_an_ipv6_only_flannel_network_refuses_the_ipv4_pool_docker_asks_for(netns_name, tmp_path, state_dir):
     docker = DockerSide(create_app(state_dir, write_subnet_env(tmp_path / "subnet.env", lease=None, lease6=LEASE6)))
     err = docker.fails("IpamDriver.RequestPool", {"Pool": "", "V6": False}, 409)
@@ -157,6 +161,7 @@ def test_an_ipv6_only_flannel_network_refuses_the_ipv4_pool_docker_asks_for(netn
     assert our_links() == [] and rules() == []
 
 
+@pytest.mark.lab
 def test_docker_28_makes_an_ipv6_only_network_that_carries_packets(netns_name, tmp_path, state_dir):
     """`docker network create --ipv4=false --ipv6` (Docker 28) on an IPv6-only flannel network: the bridge has the
     IPv6 gateway only, a container (its sandbox made here as dockerd makes it) pings it, its ports are published
@@ -203,6 +208,7 @@ def test_docker_28_makes_an_ipv6_only_network_that_carries_packets(netns_name, t
     assert our_links() == [] and rules() == []
 
 
+@pytest.mark.lab
 def test_ipv6_pools_and_addresses_survive_a_restart_and_old_state_still_loads(netns_name, dual_env, state_dir):
     docker = DockerSide(create_app(state_dir, dual_env))
     net = docker.create_network(ipv6=True)
@@ -216,6 +222,7 @@ def test_ipv6_pools_and_addresses_survive_a_restart_and_old_state_still_loads(ne
     assert restarted.run_container(net)["address6"] == "fd00:5:0:27::2/64"  # the lowest free, as Docker's IPAM
 
 
+@pytest.mark.lab
 def test_a_state_file_from_before_ipv6_loads_and_its_network_works(netns_name, dual_env, state_dir):
     """A network made by a driver without IPv6 (its records have no pool6/address6/container_ip6) keeps working
     as an IPv4 network when subnet.env gains IPv6."""

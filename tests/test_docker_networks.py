@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pyflannel.localapi import Client
-from tests.lab import IMAGE, OUTSIDE_IP, REPO, VENV_BIN, Lab, wait_until
+from lab import IMAGE, OUTSIDE_IP, REPO, VENV_BIN, Lab, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 HELLO = "hello from pyflannel"
@@ -148,7 +148,7 @@ def sends(pid: int, source: str, dst_ip: str, port: int, token: str) -> None:
 
 def listening(pid: int, port: int) -> subprocess.Popen:
     listener = subprocess.Popen(["nsenter", "-t", str(pid), "-n", str(VENV_BIN / "python"),
-                                 str(REPO / "tests" / "listener.py"), str(port)],
+                                 str(REPO / "lab" / "listener.py"), str(port)],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     time.sleep(0.5)
     return listener
@@ -170,7 +170,7 @@ def test_a_container_neither_spoofs_nor_injects_vxlan(nets):
     own_lease = ipaddress.IPv4Interface(h1.subnet_env("front")["FLANNEL_SUBNET"]).network
     spoofed = str(ipaddress.IPv4Interface(h1.subnet_env()["FLANNEL_SUBNET"]).network.network_address + 99)
     mac = next(n["attrs"]["BackendData"]["VtepMAC"] for n in nets.leases().values() if n["attrs"]["PublicIP"] == h2.ip)
-    frame = [str(VENV_BIN / "python"), str(REPO / "tests" / "vxlan_frame.py"), h2.ip, "8472", "1", mac, spoofed,
+    frame = [str(VENV_BIN / "python"), str(REPO / "lab" / "vxlan_frame.py"), h2.ip, "8472", "1", mac, spoofed,
              remote[1], "7001"]
 
     def attempt(tag: str) -> dict[str, bool]:

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from pyflannel import firewall
-from tests.lab import IMAGE, Lab, wait_until
+from lab import IMAGE, Lab, wait_until
 from tests.test_docker_networks import HELLO, in_netns, inspect, reaches
 from tests.test_plugin import PLUGIN, plugin_lab  # noqa: F401 (a fixture: two hosts running the managed plugin)
 

@@ -1,7 +1,7 @@
 """Containers that reach the world and can be reached, on real dockerd (20.10 and 26.1) managing its own iptables:
 egress masquerade by default (never between flannel addresses), published ports (-p, /udp, ranges, -P) from
 other machines, from the host itself and by hairpin, their survival across driver and dockerd restarts, and
---internal networks that get neither. The lab's "internet" is a namespace at 203.0.113.1 (tests/lab.py)."""
+--internal networks that get neither. The lab's "internet" is a namespace at 203.0.113.1 (lab/__init__.py)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.lab import IMAGE, OUTSIDE_IP, Lab, inside, wait_until
+from lab import IMAGE, OUTSIDE_IP, Lab, inside, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 HELLO = "hello from pyflannel"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.lab import VENV_BIN, wait_until
+from lab import VENV_BIN, wait_until
 
 pytestmark = pytest.mark.lab
 

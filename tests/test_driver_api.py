@@ -12,6 +12,8 @@ from tests.driver_support import (FLANNEL_MTU, GATEWAY, LEASE, DockerSide, docke
                                   netns_name, network_request, new_id, our_links, state_dir, subnet_file,
                                   write_subnet_env)
 
+pytestmark = pytest.mark.lab
+
 HOW_TO = "docker network create -d pyflannel --ipam-driver pyflannel NAME"
 
 

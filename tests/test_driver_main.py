@@ -16,8 +16,10 @@ import uuid
 import pytest
 from pyroute2 import netns as pr_netns
 
+from lab import inside
 from tests.driver_support import LEASE, link, network_request, write_subnet_env
-from tests.lab import inside
+
+pytestmark = pytest.mark.lab
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

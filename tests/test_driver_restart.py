@@ -21,9 +21,11 @@ import uuid
 
 import pytest
 
+from lab import child_pids, exited
 from tests.driver_support import network_request, write_subnet_env
-from tests.lab import child_pids, exited
 from tests.test_driver_main import UnixHTTPConnection, answers, driver_argv, ns, post  # noqa: F401 (ns: fixture)
+
+pytestmark = pytest.mark.lab
 
 ACCEPT = {"Accept": "application/vnd.docker.plugins.v1.2+json"}
 

@@ -26,6 +26,7 @@ def restart(docker, state_dir, subnet_file) -> DockerSide:
     return DockerSide(create_app(state_dir, subnet_file))
 
 
+@pytest.mark.lab
 def test_everything_survives_a_driver_restart(docker, state_dir, subnet_file):
     net = docker.create_network()
     running = docker.run_container(net)
@@ -39,6 +40,7 @@ def test_everything_survives_a_driver_restart(docker, state_dir, subnet_file):
     assert our_links() == [net["bridge"]]
 
 
+@pytest.mark.lab
 def test_reconcile_removes_what_nobody_owns(docker, state_dir, subnet_file):
     net = docker.create_network()
     joined = docker.run_container(net)
@@ -55,6 +57,7 @@ def test_reconcile_removes_what_nobody_owns(docker, state_dir, subnet_file):
     assert link("keep-me") is not None
 
 
+@pytest.mark.lab
 def test_reconcile_removes_leftover_firewall_rules(docker, state_dir, subnet_file):
     if subprocess.run(["iptables", "-w", "5", "-P", "FORWARD", "DROP"]).returncode != 0:
         pytest.skip("iptables not usable")
@@ -66,6 +69,7 @@ def test_reconcile_removes_leftover_firewall_rules(docker, state_dir, subnet_fil
     assert "pfl-deadbeef" not in rules and f"-i {net['bridge']} -j ACCEPT" in rules
 
 
+@pytest.mark.lab
 def test_reconcile_repairs_a_lost_bridge(docker, state_dir, subnet_file):
     net = docker.create_network()
     with IPRoute() as ipr:  # as after a reboot
@@ -74,6 +78,7 @@ def test_reconcile_repairs_a_lost_bridge(docker, state_dir, subnet_file):
     assert link(net["bridge"])["ipv4"] == ["10.5.34.1/24"]
 
 
+@pytest.mark.lab
 def test_join_repairs_a_damaged_bridge(docker):
     net = docker.create_network()
     with IPRoute() as ipr:
@@ -86,6 +91,7 @@ def test_join_repairs_a_damaged_bridge(docker):
     assert br["ipv4"] == ["10.5.34.1/24"] and br["up"]
 
 
+@pytest.mark.lab
 def test_a_non_bridge_in_the_way_is_reported(docker):
     net_id = "abcdef0123" * 6 + "abcd"
     with IPRoute() as ipr:
@@ -96,6 +102,7 @@ def test_a_non_bridge_in_the_way_is_reported(docker):
     assert link("pfl-" + net_id[:8])["kind"] == "veth"  # reported, not destroyed
 
 
+@pytest.mark.lab
 def test_lease_change_refuses_join_with_advice(docker, subnet_file):
     net = docker.create_network()
     write_subnet_env(subnet_file, lease="10.5.77.0/24")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.lab import wait_until
+from lab import wait_until
 
 pytestmark = pytest.mark.lab
 

@@ -24,8 +24,10 @@ from pyflannel.daemon.model.lease import EXPIRY_NOT_READ, Lease, LeaseEvent
 from pyflannel.daemon.store.base import ConfigNotFound, HistoryLost, LeaseExists, LeaseNotFound, StoreError
 from pyflannel.daemon.store.etcdv2 import EtcdV2Store
 from pyflannel.daemon.store.etcdv3 import EtcdV3Store
-from tests.lab import VENV_BIN, wait_until
+from lab import VENV_BIN, wait_until
 from tests.test_faults import make_certs
+
+pytestmark = pytest.mark.lab
 
 N = ipaddress.IPv4Network
 DATA = {"VNI": 1, "VtepMAC": "0e:00:00:00:00:01"}
@@ -248,7 +250,6 @@ def etcdctl(lab, *args: str, check: bool = True) -> str:
     return done.stdout + done.stderr
 
 
-@pytest.mark.lab
 def test_v3_only_etcd_with_tls_client_certificates(make_lab):
     lab = make_lab(2, etcd=False, etcd_api="v3")
     certs = make_certs(lab.workdir / "pki", "192.0.2.2")
@@ -276,7 +277,6 @@ def test_v3_only_etcd_with_tls_client_certificates(make_lab):
     print(f"\netcd v3 only, TLS client certificates: lease {lease}; without a certificate: refused")
 
 
-@pytest.mark.lab
 def test_v3_auth_with_expiring_tokens_and_a_wrong_password(make_lab):
     lab = make_lab(2, etcd=False, etcd_api="v3")
     lab.start_etcd("--auth-token-ttl", "1")  # simple tokens die after 1 s unused: the daemon must log in again

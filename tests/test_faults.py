@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.lab import VENV_BIN, wait_until
+from lab import VENV_BIN, wait_until
 
 pytestmark = pytest.mark.lab
 

@@ -17,7 +17,7 @@ import pytest
 from pyflannel import firewall
 from pyflannel.daemon import flannelrules
 from pyflannel.localapi import Client
-from tests.lab import REPO, VENV_BIN, wait_until
+from lab import REPO, VENV_BIN, wait_until
 
 NETWORK, NETWORK6 = "10.5.0.0/16", "fd00:5::/48"
 DUAL = {"Network": NETWORK, "EnableIPv6": True, "IPv6Network": NETWORK6, "Backend": {"Type": "vxlan"}}
@@ -119,7 +119,7 @@ def restart(host, *flags: str) -> None:
 
 
 def connects(src_ns: str, dst_ip: str, tag: str) -> bool:
-    """A TCP connection from a container's namespace, carrying `tag` (tests/listener.py prints it)."""
+    """A TCP connection from a container's namespace, carrying `tag` (lab/listener.py prints it)."""
     client = ("import socket,sys; s=socket.create_connection((sys.argv[1], 8080), timeout=2); "
               "s.sendall(sys.argv[2].encode() + b'\\n'); s.close()")
     return subprocess.run(["ip", "netns", "exec", src_ns, sys.executable, "-c", client, dst_ip, tag],
@@ -138,7 +138,7 @@ def test_forward_rules_open_a_docker0_on_the_lease_under_forward_drop(make_lab):
         host.add_bridge("docker0")
         host.add_container("docker0")
     h1, h2 = lab.hosts
-    listener = lab.spawn("h1-listener", [str(VENV_BIN / "python"), str(REPO / "tests" / "listener.py"), "8080"],
+    listener = lab.spawn("h1-listener", [str(VENV_BIN / "python"), str(REPO / "lab" / "listener.py"), "8080"],
                          ns=h1.containers[0].ns)
     time.sleep(0.5)
     assert "FLANNEL-FWD" not in h1.sh("iptables", "-S")

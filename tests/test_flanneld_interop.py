@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.lab import REPO, VENV_BIN, Host, NotifySocket, ping, wait_until
+from lab import REPO, VENV_BIN, Host, NotifySocket, ping, wait_until
 
 FLANNELD = os.environ.get("FLANNELD_BIN", "")
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(not os.access(FLANNELD, os.X_OK),
@@ -86,7 +86,7 @@ def test_swap_flanneld_for_pyflanneld_and_back(make_lab, tmp_path):
         host.add_container("docker0")
     target = lab.hosts[1]
     others = [h for h in lab.hosts if h is not target]
-    lab.spawn(f"{target.name}c1-listener", [sys.executable, str(REPO / "tests" / "listener.py"), str(PORT)],
+    lab.spawn(f"{target.name}c1-listener", [sys.executable, str(REPO / "lab" / "listener.py"), str(PORT)],
               ns=target.containers[0].ns)
     for other in others:
         try:
@@ -99,7 +99,7 @@ def test_swap_flanneld_for_pyflanneld_and_back(make_lab, tmp_path):
                       h.sh("ip", "-d", "link", "show", "flannel.1"), lab.leases())
             raise
     probers = {other.name: lab.spawn(f"{other.name}c1-prober", [
-        sys.executable, str(REPO / "tests" / "prober.py"), target.containers[0].ip, str(PORT), str(PROBE_SECONDS)],
+        sys.executable, str(REPO / "lab" / "prober.py"), target.containers[0].ip, str(PORT), str(PROBE_SECONDS)],
         ns=other.containers[0].ns) for other in others}
     time.sleep(2)
     before = vtep(target)

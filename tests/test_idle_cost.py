@@ -12,7 +12,7 @@ import pytest
 from dnslib import DNSRecord
 
 from pyflannel.localapi import Client
-from tests.lab import DNS_ADDRESS, inside, wait_until
+from lab import DNS_ADDRESS, inside, wait_until
 
 pytestmark = pytest.mark.lab
 IDLE_SECONDS = 30

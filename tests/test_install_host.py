@@ -3,7 +3,11 @@ away again (issue 29), installed into folders of the test (no systemd runs here,
 import os
 import subprocess
 
-from tests.lab import REPO
+import pytest
+
+from lab import REPO
+
+pytestmark = pytest.mark.lab
 
 
 def test_install_host_links_the_commands_and_uninstall_host_removes_them(tmp_path):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.lab import VENV_BIN, ping, sh, wait_until
+from lab import VENV_BIN, ping, sh, wait_until
 
 pytestmark = pytest.mark.lab
 

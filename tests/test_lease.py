@@ -16,6 +16,8 @@ from pyflannel.daemon.store.base import LeaseExists, LeaseNotFound, LeaseTaken, 
 from pyflannel.daemon.store.etcdv2 import EtcdV2Store
 from pyflannel.daemon.store.etcdv3 import EtcdV3Store
 
+pytestmark = pytest.mark.lab
+
 N = ipaddress.IPv4Network
 DATA = {"VNI": 1, "VtepMAC": "0e:00:00:00:00:01"}
 

@@ -17,7 +17,7 @@ from pyflannel import __version__
 from pyflannel.daemon.flags import DNS_ADDRESS
 from pyflannel.daemon.metrics.prometheus import UnixHTTPConnection
 from pyflannel.localapi import Client
-from tests.lab import IMAGE, Lab, inside, wait_until
+from lab import IMAGE, Lab, inside, wait_until
 from tests.test_monitoring import used_metric_names
 
 pytestmark = pytest.mark.lab

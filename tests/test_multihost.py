@@ -10,7 +10,7 @@ import urllib.error
 
 import pytest
 
-from tests.lab import ping, wait_until
+from lab import ping, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -139,7 +139,7 @@ def test_sigkill_restart_keeps_subnet_and_vtep_mac(make_lab, etcd_api):
     lab = start_hosts(make_lab, {"Type": "vxlan"}, hosts=2, etcd_api=etcd_api)
     host = lab.hosts[0]
     before_env = host.subnet_env()["FLANNEL_SUBNET"]
-    before_mac = host.sh("cat", f"/sys/class/net/flannel.1/address").strip()
+    before_mac = host.sh("cat", "/sys/class/net/flannel.1/address").strip()
     before_lease = {k: v["attrs"] for k, v in lab.leases().items()}
     host.daemon.kill(signal.SIGKILL)
     host.start_daemon()

@@ -13,7 +13,7 @@ import pytest
 from dnslib import DNSRecord
 
 from pyflannel.localapi import Client
-from tests.lab import DNS_ADDRESS, IMAGE, OUTSIDE_IP, VENV_BIN, Lab, inside, wait_until
+from lab import DNS_ADDRESS, IMAGE, OUTSIDE_IP, VENV_BIN, Lab, inside, wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]
 HELLO = "hello from pyflannel"

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from pyflannel.kernel.netlink import BATCH, Change, Kernel, Neighbor, Route
-from tests.lab import Lab, inside
+from lab import Lab, inside
 
 
 @pytest.fixture
@@ -27,6 +27,7 @@ def routes(count: int, oif: int) -> list[Route]:
             for i in range(count)]
 
 
+@pytest.mark.lab
 def test_batches_apply_in_order_and_report_only_real_refusals(host):
     with inside(host.ns):
         kernel = Kernel()
@@ -49,9 +50,11 @@ def test_batches_apply_in_order_and_report_only_real_refusals(host):
     assert "10.80.0.0" not in host.sh("ip", "route", "show", "proto", "77")
 
 
+@pytest.mark.unit
 def test_patched_requests_are_byte_for_byte_pyroute2s():
     """Requests copied from a shape's template and patched equal pyroute2's whole encoding, for every shape."""
-    from pyflannel.kernel.netlink import FdbEntry, Requests, _encode
+    from pyflannel.kernel.encoding import Requests, _encode
+    from pyflannel.kernel.entries import FdbEntry
     rng = random.Random(7)
 
     def ip4():

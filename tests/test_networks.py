@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pyflannel.localapi import Client, DaemonError
-from tests.lab import VENV_BIN, ping, wait_until
+from lab import VENV_BIN, ping, wait_until
 from tests.test_metrics import PORT, scrape, value
 
 pytestmark = pytest.mark.lab

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import REPO
+from lab import REPO
 
 pytestmark = pytest.mark.unit
 
 # package -> packages of ours it must never import
 FORBIDDEN = {
+    "pyflannel": ("lab", "tests", "bench"),  # the lab and what uses it are no product (not in the wheel)
     "pyflannel.kernel": ("pyflannel.daemon", "pyflannel.driver", "pyflannel.cni", "pyflannel.doctor",
                          "pyflannel.cli", "pyflannel.supervisor"),
     "pyflannel.daemon": ("pyflannel.driver", "pyflannel.cni", "pyflannel.doctor", "pyflannel.cli"),

@@ -16,7 +16,7 @@ import pytest
 
 from pyflannel import firewall
 from pyflannel.driver.state import STATE_FILE
-from tests.lab import IMAGE, OUTSIDE_DNS, OUTSIDE_IP, SWITCH_IP, Lab, wait_until
+from lab import IMAGE, OUTSIDE_DNS, OUTSIDE_IP, SWITCH_IP, Lab, wait_until
 from tests.test_faults import make_certs
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]

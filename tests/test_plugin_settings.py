@@ -12,7 +12,7 @@ from pyflannel import paths, supervisor
 from pyflannel.cni import thin
 from pyflannel.daemon import flags
 from pyflannel.driver import main as driver_main
-from tests.lab import REPO
+from lab import REPO
 
 pytestmark = pytest.mark.unit
 

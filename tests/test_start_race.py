@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.lab import REPO, SWITCH_IP, VENV_BIN, _b64, inside, wait_until
+from lab import REPO, SWITCH_IP, VENV_BIN, _b64, inside, wait_until
 
 pytestmark = pytest.mark.lab
 ROUNDS = 20
@@ -61,7 +61,7 @@ def audit_repairs(lab, host) -> float:
 def test_hosts_that_start_together_route_to_each_other_at_once(make_lab, etcd_api):
     lab = make_lab(3, etcd_api=etcd_api)
     lab.set_config()
-    lab.spawn("etcd-relay", [str(VENV_BIN / "python"), str(REPO / "tests" / "slow_relay.py"), RELAY,
+    lab.spawn("etcd-relay", [str(VENV_BIN / "python"), str(REPO / "lab" / "slow_relay.py"), RELAY,
                              f"{SWITCH_IP}:2379", str(RELAY_DELAY)], ns=lab.switch)
     lab.etcd_endpoints = f"http://{RELAY}"
     waits = []

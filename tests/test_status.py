@@ -4,7 +4,7 @@ import json
 import pytest
 
 from pyflannel.localapi import Client
-from tests.lab import VENV_BIN
+from lab import VENV_BIN
 
 pytestmark = pytest.mark.lab
 

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.lab import IMAGE, Lab, wait_until
+from lab import IMAGE, Lab, wait_until
 from tests.test_plugin import PLUGIN, host_pyflannel, install
 
 pytestmark = [pytest.mark.lab, pytest.mark.docker]

@@ -2,7 +2,7 @@
 machine simulated by what dpkg knows and what is on PATH."""
 import pytest
 
-from tests.system_deps import TooOld, missing
+from lab.system_deps import TooOld, missing
 
 pytestmark = pytest.mark.unit
 

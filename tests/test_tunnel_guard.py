@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pyflannel.localapi import Client
-from tests.lab import REPO, SWITCH_IP, VENV_BIN, sh, wait_until
+from lab import REPO, SWITCH_IP, VENV_BIN, sh, wait_until
 
 pytestmark = pytest.mark.lab
 VICTIM_PORT = 7000
@@ -47,7 +47,7 @@ class Attack:
 
     def send(self, ns: str, to: str) -> str:
         token = f"token-{next(TOKENS)}"
-        sh(str(VENV_BIN / "python"), str(REPO / "tests" / "vxlan_frame.py"), to, "8472", str(self.vni), self.mac,
+        sh(str(VENV_BIN / "python"), str(REPO / "lab" / "vxlan_frame.py"), to, "8472", str(self.vni), self.mac,
            self.spoofed, self.victim.ip, str(VICTIM_PORT), token, ns=ns)
         return token
 
@@ -67,7 +67,7 @@ def test_vxlan_frames_come_only_from_cluster_hosts(make_lab):
         host.add_bridge("cbrb", network="b")
     attacker, local_attacker = h1.add_container("cbr0"), h2.add_container("cbr0")
     victim = h2.add_container("cbrb", network="b")
-    listener = lab.spawn("victim", [str(VENV_BIN / "python"), str(REPO / "tests" / "listener.py"),
+    listener = lab.spawn("victim", [str(VENV_BIN / "python"), str(REPO / "lab" / "listener.py"),
                                     str(VICTIM_PORT)], ns=victim.ns)
     attack = Attack(lab, victim, listener)
     time.sleep(0.5)

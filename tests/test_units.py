@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import DNS_ADDRESS, REPO, VENV_BIN
+from lab import DNS_ADDRESS, REPO, VENV_BIN
 
-pytestmark = pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
+pytestmark = [pytest.mark.lab,
+              pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")]
 
 
 @pytest.fixture

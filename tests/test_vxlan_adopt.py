@@ -14,8 +14,8 @@ from pyflannel.daemon.config import parse
 from pyflannel.kernel import namespaces
 from pyflannel.kernel.links import random_mac
 from pyflannel.localapi import Client
+from lab import ping, wait_until
 from tests.fakes import FakeKernel
-from tests.lab import ping, wait_until
 from tests.test_daemon_logic import CONFIG, EXT
 
 DUAL = {"Network": "10.5.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:5::/48", "Backend": {"Type": "vxlan"}}

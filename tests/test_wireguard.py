@@ -16,7 +16,7 @@ import pytest
 
 from pyflannel.kernel import wireguard as wg
 from pyflannel.localapi import Client, DaemonError
-from tests.lab import IMAGE, REPO, VENV_BIN, Lab, exited, ping, sh, wait_until
+from lab import IMAGE, REPO, VENV_BIN, Lab, exited, ping, sh, wait_until
 
 pytestmark = pytest.mark.lab
 

@@ -153,8 +153,8 @@ _masquerade_seen: dict[tuple, float] = {}  # rule -> when it was last found or m
 def _ensure_masquerade(lease: ipaddress.IPv4Network | ipaddress.IPv6Network,
                        network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
     """The lease's MASQUERADE rule, checked at most every MASQUERADE_RECHECK_SECONDS by one process: pyflanneld
-    runs the thin client's ADDs one after another, and running iptables on each (5-10 ms, an exec) was most of an
-    ADD's work. A rule deleted by hand is back at the first ADD after that."""
+    runs the thin client's ADDs one after another, and running iptables on each (an exec) was most of an ADD's
+    work. A rule deleted by hand is back at the first ADD after that."""
     v6 = lease.version == 6
     rule = ["-s", str(lease), "!", "-d", str(network), "-m", "comment", "--comment", f"pyflannel-cni {lease}",
             "-j", "MASQUERADE"]

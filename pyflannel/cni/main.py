@@ -4,7 +4,7 @@ ADD builds flannel's delegate config from the conflist and subnet.env, saves it 
 attaches natively (bridge + host-local, see bridge.py) or runs the delegate plugin. DEL and CHECK use the saved
 config, so they work with what ADD did even when subnet.env is gone. Every failure is a CNI error on stdout, exit 1.
 
-bridge.py (and with it pyroute2, about 100 ms of imports) is imported only when netlink work is due, so VERSION,
+bridge.py (and with it pyroute2, most of the plugin's imports) is imported only when netlink work is due, so VERSION,
 config errors and a DEL with nothing to do answer at once. Usually none of this starts for a call: the thin client
 (thin.py) hands it to pyflanneld, which runs `run` with everything loaded already.
 """

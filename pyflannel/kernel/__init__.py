@@ -3,18 +3,21 @@ the CNI plugin and doctor share.
 
     errors.py      KernelError: what the kernel or iptables refused, named; each program maps it to its own errors
     iptables.py    the one iptables runner (argv lists, -w, one timeout) and rule helpers
-    links.py       links by name: bridges, veth pairs, deletion, MACs
+    links.py       links by name, the one home of link operations: bridges, veth pairs, VXLAN devices, addresses,
+                   deletion, checksum offload, MACs (on pyflanneld's socket, or on one of their own)
     forwarding.py  forwarding through a bridge: IPv4/IPv6 forwarding, FORWARD accept rules, route_localnet, IPv6
                    on a link
     namespaces.py  network namespaces: open one, netlink inside one
     ports.py       whether a host port is free
-    netlink.py     the overlay's entries: the VXLAN device, routes (proto 77), blackholes, neighbours, FDB;
-                   batched changes, a monitor of deletions (pyflanneld's Kernel, also read by doctor and status)
+    entries.py     the overlay's entries as values (Neighbor, FdbEntry, Route, Change) and their marks (proto 77)
+    netlink.py     the overlay's entries in the kernel: routes, blackholes, neighbours, FDB; batched changes, a
+                   monitor of deletions (pyflanneld's Kernel, its link methods `links`'; read by doctor and status)
+    encoding.py    the batches' requests: one pyroute2 encoding per shape, copied and patched
     wireguard.py   WireGuard devices and peers: the kernel module, or wireguard-go over its UAPI socket
 
 pyroute2 is imported module by module (`pyroute2.iproute`, `pyroute2.netlink...`), never through its package
-`__init__`, which loads every subsystem it has (NDB, IPDB, conntrack, nl80211, ...: 56 more modules, a third of its
-import time and 5 MB of memory that none of pyflannel's programs use); see `_light_pyroute2`. Importing this package
+`__init__`, which loads every subsystem it has (NDB, IPDB, conntrack, nl80211, ...: import time and memory that
+none of pyflannel's programs use, docs/benchmarks.md); see `_light_pyroute2`. Importing this package
 imports pyroute2.iproute, without the unittest package that it would load (`_pyroute2_without_unittest`).
 """
 import importlib
@@ -52,7 +55,7 @@ _light_pyroute2()
 def _pyroute2_without_unittest() -> None:
     """pyroute2's iprsocket module does `from unittest import mock` and makes a `mock.Mock()` at class definition,
     for its select-based IPRSocket, which pyflannel never uses: the unittest package would cost every program
-    1.5 MB. pyroute2.iproute is imported with stand-ins for both (pyflannel.imports)."""
+    memory. pyroute2.iproute is imported with stand-ins for both (pyflannel.imports)."""
     if "unittest" in sys.modules:
         return
     with (standing_in("unittest", deferred("unittest")),

@@ -1,6 +1,10 @@
-"""Links by name, through netlink (pyroute2): bridges, veth pairs (also with one end in another namespace), their
-addresses and routes, their state for checks, deletion; and the MAC addresses pyflannel gives them. Calls work in
-the calling thread's namespace unless given a namespace fd; each opens its own netlink socket."""
+"""Links by name, the one home of link operations: through netlink (pyroute2), bridges, veth pairs (also with one
+end in another namespace), VXLAN devices, their addresses and routes, their state for checks, deletion; through
+ethtool and /proc, a device's checksum offload and router advertisements; and the MAC addresses pyflannel gives
+them.
+
+The operations on an open netlink socket (an IPRoute) are pyflanneld's, through its Kernel's socket; the others,
+the driver's and the CNI plugin's, open their own, in the calling thread's namespace unless given a namespace fd."""
 from __future__ import annotations
 
 import errno
@@ -10,14 +14,19 @@ import os
 import socket
 from dataclasses import dataclass
 
+from pyroute2.ethtool.ioctl import IoctlEthtool
 from pyroute2.iproute import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from . import namespaces
+from .entries import MAIN_TABLE
 from .errors import KernelError
-from .netlink import IFA_F_NODAD, MAIN_TABLE, keep_only_address
 
 log = logging.getLogger(__name__)
+
+RT_SCOPE_UNIVERSE = 0
+TX_CHECKSUM = "tx-checksum-ip-generic"
 
 
 def mac_for(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
@@ -33,25 +42,133 @@ def random_mac() -> str:
     return ":".join(f"{x:02x}" for x in b)
 
 
+# --- on an open netlink socket --------------------------------------------------------------------------------
 def lookup(ipr: IPRoute, name: str) -> int | None:
     link = get(ipr, name)
     return link["index"] if link else None
 
 
 def get(ipr: IPRoute, name: str):
-    """The link `name` (one RTM_GETLINK by name), None if there is none."""
+    """The link `name` (one RTM_GETLINK by name), None if there is none (or the name is longer than a link's can
+    be, as flannel-v6.<VNI> of a large VNI)."""
     try:
         return ipr.link("get", ifname=name)[0]
     except NetlinkError as e:
-        if e.code == errno.ENODEV:
+        if e.code in (errno.ENODEV, errno.ERANGE):
             return None
         raise
+
+
+def by_index(ipr: IPRoute, index: int):
+    return ipr.get_links(index)[0]
 
 
 def kind(link) -> str | None:
     return link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
 
 
+def vxlan_attrs(link) -> dict:
+    """A VXLAN device's IFLA_VXLAN_* attributes; empty for any other kind of link."""
+    if kind(link) != "vxlan":
+        return {}
+    return dict((k, v) for k, v in link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")["attrs"]
+                if k.startswith("IFLA_VXLAN"))
+
+
+def add_vxlan(ipr: IPRoute, name: str, vni: int, port: int, local: str, link_index: int, mac: str, mtu: int) -> int:
+    """A VXLAN device, up; its index. Over IPv4 without the outer UDP checksum the kernel adds by default (IPv4
+    allows a zero one, and every receiver, flannel's too, accepts it): more TCP throughput (docs/benchmarks.md).
+    IPv6 needs the checksum."""
+    local_attrs = ({"vxlan_local6": local} if ":" in local else {"vxlan_local": local, "vxlan_udp_csum": 0})
+    try:
+        ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_port=port, vxlan_link=link_index,
+                 vxlan_learning=0, address=mac, mtu=mtu, **local_attrs)
+    except NetlinkError as e:
+        if e.code in (errno.EOPNOTSUPP, errno.EAFNOSUPPORT):
+            raise KernelError("the kernel has no VXLAN support: load the vxlan module (`modprobe vxlan`) "
+                              "or use the host-gw backend") from None
+        if e.code == errno.EEXIST:
+            raise KernelError(f"cannot create {name}: a device with VNI {vni} on UDP port {port} exists "
+                              f"already (another flanneld?)") from None
+        raise
+    index = lookup(ipr, name)
+    set_up(ipr, index)
+    return index
+
+
+def set_up(ipr: IPRoute, index: int) -> None:
+    ipr.link("set", index=index, state="up")
+
+
+def set_mtu(ipr: IPRoute, index: int, mtu: int) -> None:
+    ipr.link("set", index=index, mtu=mtu)
+
+
+def set_mac(ipr: IPRoute, index: int, mac: str) -> None:
+    ipr.link("set", index=index, address=mac)
+
+
+def remove(ipr: IPRoute, index: int) -> None:
+    """Delete the link `index`; one already gone is no error."""
+    try:
+        ipr.link("del", index=index)
+    except NetlinkError as e:
+        if e.code != errno.ENODEV:
+            raise
+
+
+def keep_only_address(ipr: IPRoute, index: int, address, family: int) -> None:
+    """The link's addresses of `family` are `address` alone (none if None); IPv6 link-local addresses stay, and an
+    IPv6 address is added without duplicate address detection (usable at once)."""
+    want = {(str(address.ip), address.network.prefixlen)} if address is not None else set()
+    have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=family)
+            if family == socket.AF_INET or a["scope"] == RT_SCOPE_UNIVERSE}
+    for addr, plen in have - want:  # e.g. the gateway of a former lease
+        ipr.addr("del", index=index, address=addr, prefixlen=plen)
+    for addr, plen in want - have:
+        try:
+            ipr.addr("add", index=index, address=addr, prefixlen=plen,
+                     **({"flags": IFA_F_NODAD} if family == socket.AF_INET6 else {}))
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+
+
+# --- by name, outside netlink -----------------------------------------------------------------------------------
+def disable_ipv6_ra(name: str) -> None:
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "w") as f:
+            f.write("0")
+    except OSError:
+        pass  # IPv6 disabled on the host: nothing to turn off
+
+
+def tx_checksum_offload(name: str) -> bool | None:
+    """tx-checksum-ip-generic of a device (the SIOCETHTOOL ioctl, through pyroute2); None when unreadable."""
+    try:
+        ethtool = IoctlEthtool(name)
+        try:
+            features = ethtool.get_features()
+            return bool(features[TX_CHECKSUM]) if TX_CHECKSUM in features else None
+        finally:
+            ethtool.close()
+    except (OSError, KeyError):
+        return None
+
+
+def disable_tx_checksum_offload(name: str) -> None:
+    """`ethtool -K <name> tx-checksum-ip-generic off`, as flannel does under -ip-masq (flannel #1279)."""
+    ethtool = IoctlEthtool(name)
+    try:
+        features = ethtool.get_features()
+        if TX_CHECKSUM in features and features[TX_CHECKSUM]:
+            features[TX_CHECKSUM] = False
+            ethtool.set_features(features)
+    finally:
+        ethtool.close()
+
+
+# --- each on a socket of its own ---------------------------------------------------------------------------------
 def netlink_error(what: str, e: Exception) -> KernelError:
     text = e.args[1] if isinstance(e, NetlinkError) and len(e.args) > 1 else str(e)
     return KernelError(f"{what}: {text}")
@@ -98,13 +215,13 @@ def ensure_bridge(name: str, gateway: ipaddress.IPv4Interface | None, mtu: int, 
                 idx = lookup(ipr, name)
                 log.info("created bridge %s", name)
             else:
-                found = kind(ipr.get_links(idx)[0])
+                found = kind(by_index(ipr, idx))
                 if found != "bridge":
                     raise KernelError(f"interface {name} exists but is a {found or 'device'} and not a bridge: "
                                       f"remove it (ip link del {name})")
-            ipr.link("set", index=idx, mtu=mtu)
+            set_mtu(ipr, idx, mtu)
             keep_only_address(ipr, idx, gateway, socket.AF_INET)
-            ipr.link("set", index=idx, state="up")
+            set_up(ipr, idx)
     except NetlinkError as e:
         if created:  # do not leave half a bridge behind; never delete one we did not make here
             try:
@@ -134,11 +251,7 @@ def delete(name: str, netns_fd: int | None = None) -> bool:
             idx = lookup(ipr, name)
             if idx is None:
                 return False
-            try:
-                ipr.link("del", index=idx)
-            except NetlinkError as e:
-                if e.code != errno.ENODEV:
-                    raise
+            remove(ipr, idx)
             log.info("deleted %s", name)
             return True
     except NetlinkError as e:
@@ -169,12 +282,12 @@ def ensure_veth(host: str, container: str, bridge: str, mtu: int, mac: str, hair
                 idx = lookup(ipr, host)
                 log.info("created veth pair %s/%s on %s", host, container, bridge)
             else:
-                found = kind(ipr.get_links(idx)[0])
+                found = kind(by_index(ipr, idx))
                 if found != "veth":
                     raise KernelError(f"interface {host} exists but is a {found or 'device'} and not a veth: "
                                       f"remove it (ip link del {host})")
             ipr.link("set", index=idx, mtu=mtu, master=br)
-            ipr.link("set", index=idx, state="up")
+            set_up(ipr, idx)
             ipr.brport("set", index=idx, mode=int(hairpin), isolated=int(isolated))
             peer = lookup(ipr, container)
             if peer is not None:
@@ -223,7 +336,7 @@ def state(name: str, netns_fd: int | None = None, routes: bool = False, v6: bool
                                 for r in ipr.route("dump", family=family, oif=idx)
                                 if r["family"] in DEFAULT_DST) if routes else frozenset()
             return LinkState(name, kind(link), link.get("mtu"), bool(link["flags"] & 1),
-                             ipr.get_links(master)[0].get("ifname") if master else None, link.get("address"),
+                             by_index(ipr, master).get("ifname") if master else None, link.get("address"),
                              addresses, through)
     except NetlinkError as e:
         raise netlink_error(f"cannot read {name}", e) from None
@@ -267,7 +380,7 @@ def configure(name: str, address: ipaddress.IPv4Interface | ipaddress.IPv6Interf
             for each in (address, *more_addresses):
                 ipr.addr("add", index=idx, address=str(each.ip), prefixlen=each.network.prefixlen,
                          **({"flags": IFA_F_NODAD} if each.version == 6 else {}))
-            ipr.link("set", index=idx, state="up")
+            set_up(ipr, idx)
             for dst, gateway in routes:
                 ipr.route("add", dst=dst, gateway=gateway)
     except NetlinkError as e:

@@ -1,7 +1,7 @@
 """Lease stores: one implementation per etcd API behind the Store interface, and the -etcd-api choice.
 
-Each API's client is imported only when that API is used (etcd3gw brings requests: 4.4 MB and 60 ms of pyflanneld's
-start); -etcd-api auto asks v3 about the config with urllib3 before it imports v3's client."""
+Each API's client is imported only when that API is used (etcd3gw brings requests, memory and start-up time that
+docs/benchmarks.md counts); -etcd-api auto asks v3 about the config with urllib3 before it imports v3's client."""
 from __future__ import annotations
 
 import base64
@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 from pyflannel.imports import deferred, standing_in
 
 with standing_in("importlib.metadata", deferred("importlib.metadata", calls=("version",))):
-    import urllib3  # its optional HTTP/2 support checks h2's version with importlib.metadata at import: 0.8 MB
+    import urllib3  # its optional HTTP/2 support checks h2's version with importlib.metadata at import
 
 from ..model.lease import Lease
 from .base import PROBE_SECONDS, ConfigNotFound, KeyChange, LeaseDigest, Store, StoreError, parse_endpoints
@@ -48,8 +48,8 @@ def from_flags(flags, timeout: float = 5.0, peer_expiry: bool = True) -> Store:
 def v3_says_no_config(endpoints: list[str], prefix: str, *, certfile=None, keyfile=None, cafile=None, timeout=5.0,
                       **_credentials) -> bool:
     """Whether etcd's v3 API plainly answers that <prefix>/config does not exist, asked with urllib3 alone (one
-    POST /v3/kv/range). Then -etcd-api auto goes on to v2 without importing the v3 client: etcd3gw and requests
-    cost 4.4 MB and 60 ms of pyflanneld's start. Any other answer (the key exists, authentication is on, an older
+    POST /v3/kv/range). Then -etcd-api auto goes on to v2 without importing the v3 client (etcd3gw and requests,
+    a cost in memory and start-up time). Any other answer (the key exists, authentication is on, an older
     gateway path, an error) is left to the v3 store. A member that does not answer within PROBE_SECONDS is passed
     over, as the stores pass over a hung member."""
     http = urllib3.PoolManager(cert_file=certfile, key_file=keyfile, ca_certs=cafile, retries=False,

@@ -1,7 +1,7 @@
 """`make demo`: the product's main job on one machine — two hosts, overlay0, HTTP from host A to host B, and the
 same web server published on host B's address (-p 8080:80) for the world.
 
-`python -m tests.demo up` builds the lab and leaves it running; `python -m tests.demo down` removes it.
+`python -m lab.demo up` builds the lab and leaves it running; `python -m lab.demo down` removes it.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.lab import IMAGE, Lab, teardown
+from lab import IMAGE, Lab, teardown
 
 RECORD = Path("/run/pyflannel-demo.json")
 
@@ -88,6 +88,6 @@ def down() -> int:
 if __name__ == "__main__":
     commands = {"up": up, "down": down}
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        print("usage: python -m tests.demo up|down", file=sys.stderr)
+        print("usage: python -m lab.demo up|down", file=sys.stderr)
         sys.exit(2)
     sys.exit(commands[sys.argv[1]]())

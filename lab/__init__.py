@@ -8,6 +8,10 @@ Layout (prefix P is unique per lab):
 
 Everything created is recorded and removed by close(), also after a failure (the pytest fixture calls it).
 Test tooling may use `ip`; product code never does.
+
+The package also holds what the lab's namespaces run (listener.py, prober.py, slow_relay.py, upstream_dns.py,
+vxlan_frame.py), the demo (`python -m lab.demo up|down`), system_deps.py (`make system-deps`) and engines/ (`make
+engines`). tests/, bench/ and `make demo` import it; the wheel does not ship it (it holds pyflannel/ only).
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ ROUTER_IP = "192.0.2.254"          # the lab's "internet" router, on the underla
 OUTSIDE_IP = "203.0.113.1"         # a documentation address behind it: the "internet"
 ROUTER_IP6 = str(UNDERLAY6.network_address + 254)  # the router's IPv6 address, in an IPv6 underlay lab
 OUTSIDE_IP6 = "2001:db8:ffff::1"   # the "internet" over IPv6 (a documentation address too)
-OUTSIDE_DNS = OUTSIDE_IP           # its DNS server (tests/upstream_dns.py): every lab pyflanneld's -dns-upstream
+OUTSIDE_DNS = OUTSIDE_IP           # its DNS server (lab/upstream_dns.py): every lab pyflanneld's -dns-upstream
 OUTSIDE_NAMES = {"www.example.test": OUTSIDE_IP}
 # GET /cgi-bin/ip of a busybox httpd with this script answers with the caller's address as the server sees it.
 WHOAMI_CGI = '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n%s\\n" "$REMOTE_ADDR"\n'
@@ -532,7 +536,7 @@ class Lab:
                 host.sh("ip", "-6", "route", "add", "2001:db8:ffff::/48", "via", ROUTER_IP6)
             self.spawn("outside-httpd6", ["busybox", "httpd", "-f", "-p", f"[{OUTSIDE_IP6}]:80", "-h", str(www)],
                        ns=ns)
-        self.spawn("outside-dns", [str(VENV_BIN / "python"), str(REPO / "tests" / "upstream_dns.py"), OUTSIDE_DNS,
+        self.spawn("outside-dns", [str(VENV_BIN / "python"), str(REPO / "lab" / "upstream_dns.py"), OUTSIDE_DNS,
                                    *(f"{name}={ip}" for name, ip in OUTSIDE_NAMES.items())], ns=ns)
         return ns
 

@@ -2,7 +2,7 @@
 provides them yet. A Docker or containerd from elsewhere (Docker's own docker-ce and containerd.io, a static
 build) is used as it is when new enough, never replaced by Debian's, which conflict with it.
 
-    python3 tests/system_deps.py [--print] PACKAGE...     (system python3: runs before the venv exists)
+    python3 lab/system_deps.py [--print] PACKAGE...     (system python3: runs before the venv exists)
 """
 from __future__ import annotations
 
