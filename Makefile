@@ -40,8 +40,10 @@ $(ENGINES)/promtool/promtool: lab/engines/fetch-promtool.sh
 
 engines: $(DEBIAN13_DOCKER)/dockerd $(DEBIAN13_DOCKER)/docker-compose $(ENGINES)/promtool/promtool
 
+# Three workers, each taking whole files (a file's lab fixtures are built once): the lab tests mostly wait.
+TEST_WORKERS ?= 3
 test: system-deps install engines
-	$(VENV)/bin/pytest -ra -rP $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -ra -rP -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # The fast tests: pure logic on in-memory fakes; no root, etcd or namespaces needed. pip runs only when the venv has
 # no pytest yet (a changed pyproject.toml waits for `make install`), so any user can run them offline.

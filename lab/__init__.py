@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -86,6 +87,15 @@ exec ctr "$@"
 CTR_IMAGE = "docker.io/library/pfbox:latest"
 WATCH_MISSED = "the watch missed the lease"  # pyflanneld's warning when its safety net repairs a lease
 CREATED_NAMESPACES: set[str] = set()  # every namespace any lab of this process made (the safety check reads it)
+
+
+def make(*args: str, env: dict | None = None) -> None:
+    """`make -s ARGS` in the repository, one at a time across pytest's workers: their builds share build/ and dist/."""
+    lock = REPO / "build" / ".make.lock"
+    lock.parent.mkdir(exist_ok=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        subprocess.run(["make", "-s", *args], cwd=REPO, check=True, capture_output=True, env=env)
 
 
 def sh(*args: str, ns: str | None = None, check: bool = True, timeout: float = 30) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import CREATED_NAMESPACES, DOCKER_ENGINES, REPO, Lab, wait_until
+from lab import CREATED_NAMESPACES, DOCKER_ENGINES, REPO, Lab, make, wait_until
 
 
 def _free_port() -> int:
@@ -45,7 +45,7 @@ def etcd_url():
 def plugin_build() -> Path:
     """`make plugin` once per session (incremental): build/plugin/pyflannel is the managed plugin's folder,
     build/plugin/pyflannel-rootfs.tar the compose image's root filesystem."""
-    subprocess.run(["make", "-s", "plugin"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    make("plugin")
     return REPO / "build" / "plugin"
 
 

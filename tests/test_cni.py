@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import REPO, VENV_BIN, Container, Lab, ping, sh, wait_until
+from lab import REPO, VENV_BIN, Container, Lab, make, ping, sh, wait_until
 from tests.test_ipv6 import DUAL, pairs, tcp_echo
 
 pytestmark = pytest.mark.lab
@@ -26,7 +26,7 @@ HELLO = "hello from pyflannel"
 @pytest.fixture(scope="session")
 def binary() -> Path:
     """`make cni` (incremental): the thin client dist/cni/pyflannel, beside it dist/cni/pyflannel-inprocess."""
-    subprocess.run(["make", "-s", "cni"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    make("cni")
     return REPO / "dist" / "cni" / "pyflannel"
 
 

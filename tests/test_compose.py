@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import DOCKER_ENGINES, IMAGE, OUTSIDE_DNS, REPO, SWITCH_IP, Lab, inside, wait_until
+from lab import DOCKER_ENGINES, IMAGE, OUTSIDE_DNS, REPO, SWITCH_IP, Lab, inside, make, wait_until
 from tests.test_faults import make_certs
 from tests.test_plugin import PLUGIN, plugin_lab  # noqa: F401 (plugin_lab: the managed plugin's hosts, a fixture)
 
@@ -131,8 +131,7 @@ def compose_lab(plugin_build, docker_engine):
         lab.compose = binary
         for host in lab.hosts:
             host.start_dockerd(docker_engine)
-            subprocess.run(["make", "-s", "images"], cwd=REPO, check=True, capture_output=True,
-                           env={**os.environ, "DOCKER_HOST": f"unix://{host.docker_sock}"})
+            make("images", env={**os.environ, "DOCKER_HOST": f"unix://{host.docker_sock}"})
             socket = host.workdir / "plugins" / "pyflannel.sock"
             (Path("/etc/netns") / host.ns / "docker" / "plugins" / "pyflannel.spec").write_text(f"unix://{socket}\n")
             # the TLS flags were never among the variables docker-compose.yml used to list: the env file alone

@@ -5,15 +5,15 @@ import subprocess
 
 import pytest
 
-from lab import REPO
+from lab import make
 
 pytestmark = pytest.mark.lab
 
 
 def test_install_host_links_the_commands_and_uninstall_host_removes_them(tmp_path):
     dirs = {"PREFIX": tmp_path / "opt", "UNITDIR": tmp_path / "units", "LINKDIR": tmp_path / "bin"}
-    make = ["make", "-s", *(f"{k}={v}" for k, v in dirs.items())]
-    subprocess.run([*make, "install-host"], cwd=REPO, check=True, capture_output=True, timeout=300)
+    folders = [f"{k}={v}" for k, v in dirs.items()]
+    make(*folders, "install-host")  # its pip builds in the tree, as `make cni` does
     for command in ("pyflanneld", "pyflannel-driver", "pyflannel"):
         link = dirs["LINKDIR"] / command
         assert os.readlink(link) == str(dirs["PREFIX"] / "bin" / command)
@@ -21,5 +21,5 @@ def test_install_host_links_the_commands_and_uninstall_host_removes_them(tmp_pat
                            env={**os.environ, "PATH": f"{dirs['LINKDIR']}:{os.environ['PATH']}"}).stdout
     assert "docker-opts" in usage
     assert {"pyflanneld.service", "pyflannel-driver.socket"} <= set(os.listdir(dirs["UNITDIR"]))
-    subprocess.run([*make, "uninstall-host"], cwd=REPO, check=True, capture_output=True, timeout=60)
+    make(*folders, "uninstall-host")
     assert not dirs["PREFIX"].exists() and os.listdir(dirs["LINKDIR"]) == [] and os.listdir(dirs["UNITDIR"]) == []
