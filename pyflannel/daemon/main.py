@@ -100,7 +100,8 @@ class Daemon:
             # and answered "no such name" (the queries of a restart, waiting in systemd's socket, come at once)
             deadline = time.monotonic() + FIRST_NAMES_SECONDS
             while DEFAULT_NETWORK not in self.names.listed and time.monotonic() < deadline:
-                time.sleep(0.01)
+                if self.stop.wait(0.01):  # SIGTERM while starting: the names may never be read
+                    return
             dns.serve(resolver, address, sock=dns.held_socket(address), stop=self.stop)
         except (OSError, KernelError) as e:  # the overlay matters more: it is served without DNS (doctor says so)
             log.error("no DNS for container names: cannot answer on %s:53: %s", address,
