@@ -219,6 +219,23 @@ def test_a_full_diff_removes_stale_entries_and_restores_deleted_ones(reconciler)
     assert not reconciler.reconcile([a]) and len(k.applied) == batches  # nothing touched since: no dump, no change
 
 
+def test_the_idle_pass_works_nothing_out_again_while_the_leases_are_those_programmed(reconciler):
+    k = reconciler.kernel
+    a, b = peer("10.5.3.0/24", "192.0.2.13"), peer("10.5.4.0/24", "192.0.2.14", "0e:00:00:00:00:04")
+    unreachable = Lease(N("10.5.5.0/24"), "192.0.2.15", "host-gw")
+    reconciler.reconcile([a, b, unreachable])
+    worked_out = []
+    entries_for = reconciler.backend.entries_for
+    reconciler.backend.entries_for = lambda lease: worked_out.append(lease) or entries_for(lease)
+    assert not reconciler.reconcile([a, b, unreachable]) and worked_out == []
+    moved = peer("10.5.4.0/24", "192.0.2.24", "0e:00:00:00:00:24")  # b's subnet, now another host's: a new lease
+    assert reconciler.reconcile([a, moved, unreachable]).added == {"neighbor": 1, "fdb": 1} and len(worked_out) == 3
+    assert {f.dst for f in k.fdb_} == {"192.0.2.13", "192.0.2.24"}
+    worked_out.clear()
+    reconciler.remove_peer(a.subnet)  # an event: the next pass is a look-up again
+    assert not reconciler.reconcile([moved, unreachable]) and worked_out == []
+
+
 def test_a_refused_change_forces_the_next_full_diff(reconciler):
     k = reconciler.kernel
     a = peer("10.5.3.0/24", "192.0.2.13")

@@ -242,6 +242,32 @@ def test_list_of_many_leases_with_etcd_lease_lookups(store):
           f"{warm * 1000:.0f} ms again (cached)")
 
 
+def test_a_listing_larger_than_a_page_is_read_page_by_page_at_one_revision(store, etcd, monkeypatch):
+    """Leases and names folders are read PAGE keys at a time, every page at the first page's revision: a key
+    written while the pages are read is left to the watch, which starts after that revision."""
+    import pyflannel.daemon.store.etcdv3 as etcdv3
+    monkeypatch.setattr(etcdv3, "PAGE", 7)
+    for i in range(30):
+        store.create_lease(Lease(N(f"10.5.{i + 20}.0/24"), "192.0.2.20", "vxlan", DATA), None)
+    store.put_keys("names/192.0.2.20", {f"10.5.20.{i}": f'{{"names": ["c{i}"]}}' for i in range(2, 25)}, 60)
+    posts = []
+    post = Etcd3Client.post
+
+    def counting(client, url, *args, **kwargs):  # (the test's own client's calls too: only ranges are counted)
+        posts.extend([url] if url.endswith("/kv/range") else [])
+        if len(posts) == 2 and url.endswith("/kv/range"):  # before the second page: a key the listing must not see
+            etcd.put(f"{store.prefix}/subnets/10.5.99.0-24", json.dumps({"PublicIP": "192.0.2.99"}))
+        return post(client, url, *args, **kwargs)
+    monkeypatch.setattr(Etcd3Client, "post", counting)
+    leases, revision = store.leases()
+    assert sorted(str(lease.subnet) for lease in leases) == sorted(f"10.5.{i + 20}.0/24" for i in range(30))
+    assert len(posts) == 5 and revision < int(etcd.get(f"{store.prefix}/subnets/10.5.99.0-24", metadata=True)[0][1][
+        "mod_revision"])
+    posts.clear()
+    folder, _ = store.list_folder("names")
+    assert folder == {f"192.0.2.20/10.5.20.{i}": f'{{"names": ["c{i}"]}}' for i in range(2, 25)} and len(posts) == 4
+
+
 # --- on the lab: etcd without the v2 API, with TLS client certificates and with username/password ------------------
 def etcdctl(lab, *args: str, check: bool = True) -> str:
     done = subprocess.run(["ip", "netns", "exec", lab.switch, "etcdctl", "--endpoints", lab.etcd_url, *args],

@@ -4,9 +4,10 @@ Events take the fast path (`apply_peer` / `remove_peer` touch one peer's entries
 that diffs everything the backend wants against everything of ours in the kernel and applies the difference:
 it removes entries of peers that vanished while we were down and restores entries deleted by hand.
 
-Dumping and decoding every entry is the costly part (about 0.2 s of CPU for 1000 peers), so after the first full
-diff a netlink monitor watches for deletions of our entries, and `reconcile` dumps only when one was seen, when the
-wanted entries differ from those programmed, or every FULL_DIFF_SECONDS in any case.
+Dumping and decoding every entry is the costly part, so after the first full diff a netlink monitor watches for
+deletions of our entries, and `reconcile` dumps only when one was seen, when the wanted entries differ from those
+programmed, or every FULL_DIFF_SECONDS in any case. Even the wanted entries are not worked out again while the
+leases are the very ones last programmed (the periodic pass at idle then costs a look-up per peer).
 """
 from __future__ import annotations
 
@@ -56,13 +57,23 @@ class Reconciler:
         self.watch = watch
         self.stop = stop or threading.Event()
         self.programmed: dict[IPv4Network, PeerEntries] = {}
+        self.programmed_from: dict[IPv4Network, Lease] = {}  # every peer's lease it was worked out from, reachable or not
         self.kernel_touched = threading.Event()  # set by the deletion monitor, which starts after the first diff
         self._last_full_diff: float | None = None
+
+    def _as_programmed(self, peers: list[Lease]) -> bool:
+        """Whether the kernel is as we left it and `peers` are the very lease objects `programmed` came from (the
+        backend's devices do not change under a reconciler: its entries for them are the same)."""
+        return (not self.kernel_touched.is_set() and self._last_full_diff is not None
+                and time.monotonic() - self._last_full_diff < FULL_DIFF_SECONDS
+                and len(peers) == len(self.programmed_from)
+                and all(self.programmed_from.get(lease.subnet) is lease for lease in peers))
 
     # --- fast path -------------------------------------------------------------------------------------------
     def apply_peer(self, lease: Lease) -> None:
         entries = self.backend.entries_for(lease)
         old = self.programmed.get(lease.subnet)
+        self.programmed_from[lease.subnet] = lease
         if old == entries:
             return
         changes = self._removals(old, keep=entries) if old is not None else []
@@ -78,6 +89,7 @@ class Reconciler:
 
     def remove_peer(self, subnet: IPv4Network) -> None:
         old = self.programmed.pop(subnet, None)
+        self.programmed_from.pop(subnet, None)
         if old is not None:
             self._apply(self._removals(old))
             log.info("peer %s removed", subnet)
@@ -116,20 +128,24 @@ class Reconciler:
 
     # --- full diff -------------------------------------------------------------------------------------------
     def reconcile(self, peers: Iterable[Lease]) -> Repairs:
-        wanted = {}
+        peers, repairs = list(peers), Repairs()
+        device = self.backend.peer_device
+        if self._as_programmed(peers) and not device:
+            return repairs
+        wanted, programmed_from = {}, {}
         for lease in peers:
             entries = self.backend.entries_for(lease)
+            programmed_from[lease.subnet] = lease
             if entries is not None:
                 wanted[lease.subnet] = entries
-        k, repairs = self.kernel, Repairs()
+        k = self.kernel
         # a WireGuard device's peers are read each time: no monitor tells of their removal, and reading them is cheap
-        device = self.backend.peer_device
         want_peers = {e.peer for e in wanted.values() if e.peer}
         have_peers = self._device_peers(device) if device else set()
         if (wanted == self.programmed and not self.kernel_touched.is_set() and self._last_full_diff is not None
                 and time.monotonic() - self._last_full_diff < FULL_DIFF_SECONDS and have_peers == want_peers):
             return repairs  # nothing of ours was deleted and nothing new is wanted: the kernel is as we left it
-        self.programmed = wanted
+        self.programmed, self.programmed_from = wanted, programmed_from
         self.kernel_touched.clear()  # before the dumps: a deletion from now on is seen now or next time
 
         entries = [entry for e in wanted.values() for entry in e.in_order()]

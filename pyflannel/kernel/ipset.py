@@ -10,8 +10,7 @@ import errno
 import ipaddress
 import socket
 
-from pyroute2 import IPSet
-from pyroute2.ipset import IPSetError
+from pyroute2.ipset import IPSet, IPSetError
 
 from .errors import KernelError
 

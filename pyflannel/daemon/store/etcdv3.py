@@ -31,6 +31,7 @@ from .base import (PROBE_SECONDS, ConfigNotFound, HistoryLost, KeyChange, LeaseD
 log = logging.getLogger(__name__)
 
 _UNREACHABLE = (ConnectionFailedError, ConnectionTimeoutError)
+PAGE = 500  # keys per range request of a listing
 _ERRNO = re.compile(r"\[Errno -?\d+\] [^\"')(]+|certificate verify failed[^\"')(]*|Read timed out")
 
 
@@ -147,11 +148,22 @@ class EtcdV3Store(Store):
         return f"{self.prefix}/subnets/{lease.key}"
 
     @staticmethod
-    def _range(client: Etcd3Client, key: str, prefix: bool = False) -> dict:
-        body = {"key": _b64(key)}
-        if prefix:
-            body["range_end"] = _b64(key[:-1] + chr(ord(key[-1]) + 1))
-        return client.post(client.get_url("/kv/range"), json=body)
+    def _range(client: Etcd3Client, key: str, **options) -> dict:
+        return client.post(client.get_url("/kv/range"), json={"key": _b64(key), **options})
+
+    def _listing(self, top: str) -> Iterator[tuple[list[dict], int]]:
+        """Every key below `top`, PAGE keys at a time, all at the revision of the first page: each page and that
+        revision. A large folder read in one reply would be decoded whole at once, and the heap it took would stay
+        with the daemon."""
+        start, options = top, {"range_end": _b64(top[:-1] + chr(ord(top[-1]) + 1)), "limit": PAGE}
+        while True:
+            reply = self._call(lambda client: self._range(client, start, **options))
+            page = reply.get("kvs", [])
+            options["revision"] = int(options.get("revision") or reply["header"]["revision"])
+            yield page, options["revision"]
+            if not reply.get("more") or not page:
+                return
+            start = _text(page[-1]["key"]) + "\0"
 
     def network_config(self) -> str:
         key = f"{self.prefix}/config"
@@ -183,12 +195,12 @@ class EtcdV3Store(Store):
             return None
 
     def leases(self) -> tuple[list[Lease], int]:
-        reply = self._call(lambda client: self._range(client, f"{self.prefix}/subnets/", prefix=True))
-        kvs = reply.get("kvs", [])
-        in_use = {int(kv.get("lease", 0)) for kv in kvs}
+        leases, in_use, revision = [], set(), 0
+        for kvs, revision in self._listing(f"{self.prefix}/subnets/"):
+            in_use |= {int(kv.get("lease", 0)) for kv in kvs}
+            leases += [lease for lease in map(self._lease_from, kvs) if lease]
         self._expirations = {i: t for i, t in self._expirations.items() if i in in_use}
-        leases = [lease for lease in map(self._lease_from, kvs) if lease]
-        return leases, int(reply["header"]["revision"])
+        return leases, revision
 
     def lease_digest(self) -> LeaseDigest:
         """One range that returns no value: the count, and the key changed last (sorted by mod revision)."""
@@ -279,9 +291,10 @@ class EtcdV3Store(Store):
     # --- short-lived records: one etcd lease of this host for all its folders, kept alive -------------------------
     def list_folder(self, folder: str) -> tuple[dict[str, str], int]:
         top = f"{self.prefix}/{folder}/"
-        reply = self._call(lambda client: self._range(client, top, prefix=True))
-        return ({_text(kv["key"])[len(top):]: _text(kv.get("value")) for kv in reply.get("kvs", [])},
-                int(reply["header"]["revision"]))
+        found, revision = {}, 0
+        for kvs, revision in self._listing(top):
+            found |= {_text(kv["key"])[len(top):]: _text(kv.get("value")) for kv in kvs}
+        return found, revision
 
     def put_keys(self, folder: str, items: dict[str, str | None], ttl: int) -> None:
         """One transaction, the puts on the host's etcd lease (granted when there is none alive)."""
