@@ -111,15 +111,17 @@ def test_docker_runs_never_fail_across_driver_restarts(overlay):
     results, done = [], threading.Event()
 
     def run_once() -> str:
+        """The run's output; RuntimeError with docker's stderr when it failed (ping exits 1 without a reply). Its
+        exit status, not the output, is the verdict: dockerd 26.1 now and then loses a short-lived container's
+        output."""
         return h1.docker("run", "--rm", "--network", "overlay0", IMAGE, "ping", "-c", "1", "-W", "2", target,
-                         check=False, timeout=90)
+                         timeout=90)
 
     def client():
         while not done.is_set():
             started = time.monotonic()
             try:
-                out = run_once()
-                results.append(("1 packets received" in out, out, time.monotonic() - started))
+                results.append((True, run_once(), time.monotonic() - started))
             except Exception as e:  # noqa: BLE001 - a hung or failed `docker run` is a failed run
                 results.append((False, repr(e), time.monotonic() - started))
 
@@ -143,8 +145,7 @@ def test_docker_runs_never_fail_across_driver_restarts(overlay):
     for gap in (1.0, 4.8, 5.2):
         time.sleep(gap)
         started = time.monotonic()
-        out = run_once()
-        results.append(("1 packets received" in out, out, time.monotonic() - started))
+        results.append((True, run_once(), time.monotonic() - started))
     failed = [out for ok, out, _ in results if not ok]
     slowest = max(seconds for _, _, seconds in results)
     print(f"\n{len(results)} docker runs across 3 driver SIGKILL restarts and idle gaps: {len(failed)} failed, "

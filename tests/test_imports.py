@@ -9,7 +9,7 @@ pytestmark = pytest.mark.unit
 
 CHECK = """
 import sys
-import pyflannel.pyflanneld, pyflannel.daemon.store.etcdv2
+import pyflannel.pyflanneld, pyflannel.daemon.store.etcdv2, pyflannel.daemon.store.etcdv3
 left_out = ("unittest", "unittest.mock", "importlib.metadata", "dns.resolver", "etcd3gw", "requests",
             "pyflannel.cni.main")
 print("loaded:", sorted(m for m in left_out if m in sys.modules))

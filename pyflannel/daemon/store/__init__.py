@@ -1,22 +1,20 @@
 """Lease stores: one implementation per etcd API behind the Store interface, and the -etcd-api choice.
 
-Each API's client is imported only when that API is used (etcd3gw brings requests, memory and start-up time that
-docs/benchmarks.md counts); -etcd-api auto asks v3 about the config with urllib3 before it imports v3's client."""
+Each API's client is imported only when that API is used; -etcd-api auto tries v3 first."""
 from __future__ import annotations
 
-import base64
 import functools
-import json
 import logging
 from typing import Callable, Iterator
 
 from pyflannel.imports import deferred, standing_in
 
 with standing_in("importlib.metadata", deferred("importlib.metadata", calls=("version",))):
-    import urllib3  # its optional HTTP/2 support checks h2's version with importlib.metadata at import
+    import urllib3  # noqa: F401 (both APIs' clients use it; its optional HTTP/2 support checks h2's version with
+    # importlib.metadata at import, which this leaves out)
 
 from ..model.lease import Lease
-from .base import PROBE_SECONDS, ConfigNotFound, KeyChange, LeaseDigest, Store, StoreError, parse_endpoints
+from .base import ConfigNotFound, KeyChange, LeaseDigest, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -42,40 +40,17 @@ def from_flags(flags, timeout: float = 5.0, peer_expiry: bool = True) -> Store:
         return EtcdV3Store(flags.etcd_endpoints, flags.etcd_prefix, read_expiry=peer_expiry, **kw)
     if api != "auto":
         return v2() if api == "v2" else v3()
-    return DetectedStore(v2, v3, lambda: v3_says_no_config(flags.etcd_endpoints, flags.etcd_prefix, **kw))
-
-
-def v3_says_no_config(endpoints: list[str], prefix: str, *, certfile=None, keyfile=None, cafile=None, timeout=5.0,
-                      **_credentials) -> bool:
-    """Whether etcd's v3 API plainly answers that <prefix>/config does not exist, asked with urllib3 alone (one
-    POST /v3/kv/range). Then -etcd-api auto goes on to v2 without importing the v3 client (etcd3gw and requests,
-    a cost in memory and start-up time). Any other answer (the key exists, authentication is on, an older
-    gateway path, an error) is left to the v3 store. A member that does not answer within PROBE_SECONDS is passed
-    over, as the stores pass over a hung member."""
-    http = urllib3.PoolManager(cert_file=certfile, key_file=keyfile, ca_certs=cafile, retries=False,
-                               timeout=min(timeout, PROBE_SECONDS))
-    body = json.dumps({"key": base64.b64encode(f"{prefix.rstrip('/')}/config".encode()).decode(),
-                       "count_only": True})
-    for scheme, host, port in parse_endpoints(endpoints):
-        try:
-            answer = http.request("POST", f"{scheme}://{host}:{port}/v3/kv/range", body=body,
-                                  headers={"Content-Type": "application/json"})
-            return answer.status == 200 and int(json.loads(answer.data).get("count", 0)) == 0
-        except (urllib3.exceptions.HTTPError, OSError, ValueError):
-            continue
-    return False
+    return DetectedStore(v2, v3)
 
 
 class DetectedStore(Store):
     """-etcd-api auto: the API in which <prefix>/config exists, v3 first; while neither has it, v3 (as flannel >= 0.18).
 
     The choice is made by the first call that finds the config, and then kept. Each API's store is made (and its
-    client imported) when it is first asked; `v3_says_no_config` lets v3 be passed over without its client."""
+    client imported) when it is first asked."""
 
-    def __init__(self, make_v2: Callable[[], Store], make_v3: Callable[[], Store],
-                 v3_says_no_config: Callable[[], bool] = lambda: False):
+    def __init__(self, make_v2: Callable[[], Store], make_v3: Callable[[], Store]):
         self._make = {"v2": make_v2, "v3": make_v3}
-        self._v3_says_no_config = v3_says_no_config
         self.chosen: Store | None = None
 
     @functools.cached_property
@@ -91,8 +66,6 @@ class DetectedStore(Store):
             return self.chosen
         v3_error = None
         for api in ("v3", "v2"):
-            if api == "v3" and "v3" not in self.__dict__ and self._v3_says_no_config():
-                continue
             candidate = getattr(self, api)
             try:
                 candidate.network_config()
