@@ -44,7 +44,8 @@ from pyflannel.driver.plumbing import BRIDGE_PREFIX
 from pyflannel.kernel import iptables, wireguard
 from pyflannel.kernel.errors import KernelError
 from pyflannel.kernel.links import TX_CHECKSUM
-from pyflannel.kernel.netlink import RTPROT_PYFLANNEL, Kernel
+from pyflannel.kernel.entries import RTPROT_PYFLANNEL
+from pyflannel.kernel.netlink import Kernel
 
 PROBLEM, UNKNOWN = "problem", "unknown"
 RTPROT_KERNEL = 2

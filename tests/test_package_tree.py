@@ -4,7 +4,8 @@
     pyflannel.kernel               the kernel (netlink, iptables, sysctls): imports only leaves
     pyflannel.daemon               pyflanneld: kernel + leaves
       daemon.model                 its floor (a lease, a lease event, a peer's kernel entries): the stores, backends,
-                                   reconciler and overlay all import it, it none of them
+                                   reconciler and overlay all import it, it none of them, and of the kernel only
+                                   its entries as values (kernel.entries), never a netlink socket
       daemon.backend, reconciler   kernel entries from leases: never a store (a lease is a value of the model)
     pyflannel.driver               the Docker driver: kernel + leaves
     pyflannel.cni                  the CNI plugin: kernel + leaves
@@ -28,7 +29,8 @@ FORBIDDEN = {
     "pyflannel.driver": ("pyflannel.daemon", "pyflannel.cni", "pyflannel.doctor", "pyflannel.cli"),
     "pyflannel.cni": ("pyflannel.daemon", "pyflannel.driver", "pyflannel.doctor", "pyflannel.cli"),
     "pyflannel.daemon.model": ("pyflannel.daemon.store", "pyflannel.daemon.backend", "pyflannel.daemon.reconciler",
-                               "pyflannel.daemon.lease", "pyflannel.daemon.overlay"),
+                               "pyflannel.daemon.lease", "pyflannel.daemon.overlay", "pyflannel.kernel.netlink",
+                               "pyflannel.kernel.links"),
     "pyflannel.daemon.backend": ("pyflannel.daemon.store", "pyflannel.daemon.reconciler", "pyflannel.daemon.overlay"),
     "pyflannel.daemon.reconciler": ("pyflannel.daemon.store", "pyflannel.daemon.overlay"),
 }

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from pyflannel.kernel.errors import KernelError
-from pyflannel.kernel.netlink import Change, FdbEntry, Kernel, Neighbor, Route, watch_deletions
+from pyflannel.kernel.entries import Change, FdbEntry, Neighbor, Route
+from pyflannel.kernel.netlink import Kernel, watch_deletions
 from pyflannel.kernel.wireguard import WireGuardPeer
 
 from .backend import Backend

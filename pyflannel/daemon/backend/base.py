@@ -5,7 +5,8 @@ import abc
 from typing import ClassVar
 
 from pyflannel.firewall import TunnelSpec
-from pyflannel.kernel.netlink import Kernel, Route
+from pyflannel.kernel.entries import Route
+from pyflannel.kernel.netlink import Kernel
 from pyflannel.kernel.wireguard import Device
 
 from ..config import NetworkConfig

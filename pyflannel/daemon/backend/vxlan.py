@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pyflannel.files import write_atomically
 from pyflannel.firewall import TunnelSpec
 from pyflannel.kernel.links import random_mac
-from pyflannel.kernel.netlink import FdbEntry, Neighbor, Route, vxlan_misfits
+from pyflannel.kernel.entries import FdbEntry, Neighbor, Route
+from pyflannel.kernel.netlink import vxlan_misfits
 
 from ..model.lease import Lease
 from ..model.peer import PeerEntries

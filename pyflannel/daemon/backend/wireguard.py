@@ -13,7 +13,7 @@ import os
 from pyflannel.files import write_atomically
 from pyflannel.firewall import TunnelSpec
 from pyflannel.kernel import wireguard as wg
-from pyflannel.kernel.netlink import Route
+from pyflannel.kernel.entries import Route
 
 from ..model.lease import Lease
 from ..model.peer import PeerEntries

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyflannel.kernel.netlink import FdbEntry, Neighbor, Route
+from pyflannel.kernel.entries import FdbEntry, Neighbor, Route
 from pyflannel.kernel.wireguard import WireGuardPeer
 
 
