@@ -9,7 +9,7 @@ on the same keyspace (leases only: flanneld has no names). The real daemons star
 watch can miss leases made while it starts).
 
 Per real host at idle it prints etcd requests/s and bytes/s (etcd's own metrics), daemon CPU (its own and the
-processes it ran, iptables among them; mean and max of the hosts) and RSS (max). The idle window opens once every
+processes it ran, iptables among them) and RSS, each the mean and max of the hosts. The idle window opens once every
 real daemon has every peer's route and its CPU time has stopped growing (below SETTLED_CPU over SETTLE_WINDOW), so
 start-up work is not counted as idle. Then how long a new name and a new lease take to reach every real host (DNS
 answer; the kernel route `<subnet> via <subnet>.0 dev flannel.1 onlink`), p50 and p99; and etcd's CPU beside it.
@@ -313,7 +313,8 @@ def row(r: dict) -> str:
         f"{r['lease_propagation_s'][0]:.3f}/{r['lease_propagation_s'][1]:.3f}"
     return (f"{r['setup']:31} {r['real']:>4} + {r['simulated']:<5} {r['idle_requests_per_s_per_host']:10.3f} "
             f"{r['idle_bytes_per_s_per_host']:9.0f} {r['idle_daemon_cpu_percent_mean']:6.2f}/"
-            f"{r['idle_daemon_cpu_percent_max']:<6.2f} {r['daemon_rss_mb_max']:7.1f} {r['idle_etcd_cpu_percent']:8.1f} "
+            f"{r['idle_daemon_cpu_percent_max']:<6.2f} {r['daemon_rss_mb_mean']:5.1f}/{r['daemon_rss_mb_max']:<5.1f} "
+            f"{r['idle_etcd_cpu_percent']:8.1f} "
             f"{names:>13} {leases:>15}"
             f"{'' if r['settled'] else '  (did not settle in %ds)' % SETTLE_TIMEOUT}"
             f"{'  (%d routes missing at idle)' % r['routes_missing'] if r['routes_missing'] else ''}"
@@ -322,7 +323,7 @@ def row(r: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'setup':31} {'real + sim':12} {'req/s/host':>10} {'B/s/host':>9} {'CPU % mean/max':>14} "
-             f"{'RSS MB':>7} {'etcd CPU':>8} {'name p50/p99':>13} {'lease p50/p99 s':>15}"]
+             f"{'RSS MB mean/max':>15} {'etcd CPU':>8} {'name p50/p99':>13} {'lease p50/p99 s':>15}"]
     lines += [row(r) for r in rows]
     lines.append("targets: <= 0.1 req/s and <= 1000 B/s per host at idle, daemon CPU <= 0.5 %, RSS <= 50 MB, "
                  "propagation p99 <= 1 s")
