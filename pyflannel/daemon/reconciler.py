@@ -58,7 +58,7 @@ class Reconciler:
         self.watch = watch
         self.stop = stop or threading.Event()
         self.programmed: dict[IPv4Network, PeerEntries] = {}
-        self.programmed_from: dict[IPv4Network, Lease] = {}  # every peer's lease it was worked out from, reachable or not
+        self.programmed_from: dict[IPv4Network, Lease] = {}  # the peers' leases it came from, reachable or not
         self.kernel_touched = threading.Event()  # set by the deletion monitor, which starts after the first diff
         self._last_full_diff: float | None = None
 

@@ -63,7 +63,8 @@ class EtcdV3Store(Store):
         self._auth_enabled = True  # until etcd says otherwise
         self._headers: dict[str, str] = {}  # the Authorization token, shared by every member's gateway
         self._clients = [Gateway(scheme, host, port, timeout=timeout, headers=self._headers, cafile=cafile,
-                                 certfile=certfile, keyfile=keyfile) for scheme, host, port in parse_endpoints(endpoints)]
+                                 certfile=certfile, keyfile=keyfile)
+                         for scheme, host, port in parse_endpoints(endpoints)]
         self._current = 0
         self._ordered = len(self._clients) < 2  # endpoints that answer come first, decided at the first call
         self._read_expiry = read_expiry
