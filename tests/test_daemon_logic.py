@@ -1,6 +1,7 @@
 """pyflanneld's logic on in-memory fakes (tests/fakes.py): lease acquisition, renewal and watching, the
 reconciler's diff, and the VXLAN backend's device and entries. No root, no etcd, no namespaces: milliseconds.
 The same behaviours are proven against a real etcd (test_lease.py, test_etcdv3.py) and kernel (test_multihost.py)."""
+import dataclasses
 import ipaddress
 import random
 import threading
@@ -234,6 +235,9 @@ def test_the_idle_pass_works_nothing_out_again_while_the_leases_are_those_progra
     worked_out.clear()
     reconciler.remove_peer(a.subnet)  # an event: the next pass is a look-up again
     assert not reconciler.reconcile([moved, unreachable]) and worked_out == []
+    relisted = [dataclasses.replace(moved), dataclasses.replace(unreachable)]  # equal leases, new objects
+    assert not reconciler.reconcile(relisted) and len(worked_out) == 2
+    assert not reconciler.reconcile(relisted) and len(worked_out) == 2  # and then a look-up again
 
 
 def test_a_refused_change_forces_the_next_full_diff(reconciler):

@@ -145,6 +145,7 @@ class Reconciler:
         have_peers = self._device_peers(device) if device else set()
         if (wanted == self.programmed and not self.kernel_touched.is_set() and self._last_full_diff is not None
                 and time.monotonic() - self._last_full_diff < FULL_DIFF_SECONDS and have_peers == want_peers):
+            self.programmed_from = programmed_from  # (new lease objects of the same leases, after a re-listing)
             return repairs  # nothing of ours was deleted and nothing new is wanted: the kernel is as we left it
         self.programmed, self.programmed_from = wanted, programmed_from
         self.kernel_touched.clear()  # before the dumps: a deletion from now on is seen now or next time
