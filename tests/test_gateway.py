@@ -3,6 +3,7 @@ path per etcd version, errors sorted into "try the next member" and "etcd said n
 The store itself is tested against a real etcd (test_etcdv3, test_etcd_cluster)."""
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -23,6 +24,15 @@ class Member(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.seen.append((self.path, json.loads(body), self.headers.get("Authorization")))
+        if self.path.endswith("/held"):  # a watch that stays open after its first message
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = b'{"result": {"created": true}}\n'
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.flush()
+            time.sleep(3)
+            return
         if self.path.endswith("/watch"):  # chunks that split messages anywhere
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -88,3 +98,16 @@ def test_errors_say_whether_another_member_may_answer(member):
 def test_a_watch_streams_each_message_whole_however_it_is_chunked(member):
     messages = gateway(member).stream("watch", {"create_request": {}}, idle=2)
     assert list(messages) == [{"result": {"created": True}}, {"result": {"events": []}}, {"result": {}}]
+
+
+def test_a_watch_left_open_takes_its_connection_with_it(member):
+    """A watch ended by the reader (idle, or the daemon stopping) while the member still streams: the next request
+    goes out on a connection of its own, not on the one still carrying the stream."""
+    Member.version = "3.4.23"
+    g = gateway(member)
+    messages = g.stream("held", {"create_request": {}}, idle=2)
+    assert next(messages) == {"result": {"created": True}}
+    messages.close()
+    started = time.monotonic()
+    assert g.post("kv/range", {"key": "YQ=="}) == {"header": {"revision": "7"}}
+    assert time.monotonic() - started < 1

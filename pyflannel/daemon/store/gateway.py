@@ -66,8 +66,8 @@ class Gateway:
                     if line.strip():
                         yield json.loads(line)
         finally:
+            reply.close()  # the connection too: a watch's stream may still be open, it must not serve another request
             reply.release_conn()
-            reply.close()
 
     def answers(self) -> bool:
         return answers(self.base_url, self.pool)
