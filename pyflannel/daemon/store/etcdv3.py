@@ -35,6 +35,16 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+def _prefix_end(prefix: str) -> str:
+    """The range_end that makes a range every key starting with `prefix` (its last byte plus one)."""
+    return _b64(prefix[:-1] + chr(ord(prefix[-1]) + 1))
+
+
+def _grant(client: Gateway, ttl: int) -> int:
+    """A new etcd lease of `ttl` seconds: its ID."""
+    return int(client.post("lease/grant", {"TTL": ttl, "ID": 0})["ID"])
+
+
 def _text(b64: str | None) -> str:
     return base64.b64decode(b64 or "").decode()
 
@@ -138,7 +148,7 @@ class EtcdV3Store(Store):
         """Every key below `top`, PAGE keys at a time, all at the revision of the first page: each page and that
         revision. A large folder read in one reply would be decoded whole at once, and the heap it took would stay
         with the daemon."""
-        start, options = top, {"range_end": _b64(top[:-1] + chr(ord(top[-1]) + 1)), "limit": PAGE}
+        start, options = top, {"range_end": _prefix_end(top), "limit": PAGE}
         while True:
             reply = self._call(lambda client: self._range(client, start, **options))
             page = reply.get("kvs", [])
@@ -188,7 +198,7 @@ class EtcdV3Store(Store):
     def lease_digest(self) -> LeaseDigest:
         """One range that returns no value: the count, and the key changed last (sorted by mod revision)."""
         prefix = f"{self.prefix}/subnets/"
-        body = {"key": _b64(prefix), "range_end": _b64(prefix[:-1] + "0"), "keys_only": True, "limit": 1,
+        body = {"key": _b64(prefix), "range_end": _prefix_end(prefix), "keys_only": True, "limit": 1,
                 "sort_order": "DESCEND", "sort_target": "MOD"}
         reply = self._call(lambda client: client.post("kv/range", body))
         kvs = reply.get("kvs", [])
@@ -198,7 +208,7 @@ class EtcdV3Store(Store):
         key = self._key(lease)
 
         def write(client: Gateway) -> int:
-            granted = int(client.post("lease/grant", {"TTL": ttl, "ID": 0})["ID"]) if ttl else 0
+            granted = _grant(client, ttl) if ttl else 0
             put = {"key": _b64(key), "value": _b64(lease.attrs_json())}
             if granted:
                 put["lease"] = granted
@@ -236,7 +246,7 @@ class EtcdV3Store(Store):
         top = f"{self.prefix}/"
 
         def keys(client: Gateway) -> list[dict]:
-            body = {"key": _b64(top), "range_end": _b64(top[:-1] + "0"), "keys_only": True}
+            body = {"key": _b64(top), "range_end": _prefix_end(top), "keys_only": True}
             return client.post("kv/range", body).get("kvs", [])
 
         names = set()
@@ -284,7 +294,7 @@ class EtcdV3Store(Store):
         top = f"{self.prefix}/{folder}/"
         with self._liveness["lock"]:
             if self._liveness["id"] is None:
-                granted = int(self._call(lambda client: client.post("lease/grant", {"TTL": ttl, "ID": 0}))["ID"])
+                granted = self._call(lambda client: _grant(client, ttl))
                 self._liveness.update(id=granted, kept=time.monotonic())
             lease_id = self._liveness["id"]
         ops = [{"request_put": {"key": _b64(top + key), "value": _b64(value), "lease": lease_id}}
@@ -317,7 +327,7 @@ class EtcdV3Store(Store):
     # --- watch -------------------------------------------------------------------------------------------------
     def current_position(self) -> int:
         key = f"{self.prefix}/"
-        body = {"key": _b64(key), "range_end": _b64(key[:-1] + "0"), "count_only": True}
+        body = {"key": _b64(key), "range_end": _prefix_end(key), "count_only": True}
         return int(self._call(lambda client: client.post("kv/range", body))["header"]["revision"])
 
     def watch_views(self) -> list["EtcdV3Store"]:
@@ -330,7 +340,7 @@ class EtcdV3Store(Store):
         the stream, or stays quiet for `idle` s and does not answer GET /version either, is left for the next one
         (StoreError)."""
         top = f"{self.prefix}/"
-        create = {"key": _b64(top), "range_end": _b64(top[:-1] + "0"), "start_revision": position + 1}
+        create = {"key": _b64(top), "range_end": _prefix_end(top), "start_revision": position + 1}
         client = self._clients[self._current]
 
         def open_stream(c: Gateway) -> Iterator[dict]:
