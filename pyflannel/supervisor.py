@@ -1,16 +1,17 @@
 """pyflannel-plugin: the managed Docker plugin's entrypoint, running pyflanneld and pyflannel-driver side by side.
 
-    pyflannel-plugin [--socket /run/docker/plugins/pyflannel.sock] [--subnet-wait 5]
+    pyflannel-plugin [--socket /run/docker/plugins/pyflannel.sock]
 
 pyflanneld gets the FLANNELD_* environment (the plugin's settings), the driver a flag for each DRIVER_* one; an
 empty one means "the flag's default", since `docker plugin set` cannot unset a variable. The two meet on the files
 pyflanneld's settings name (subnet.env, its local API's socket, its state folder), which config.json puts on the
 host's mounts, so that the host's own tools find them at their usual paths.
 
-The driver starts once subnet.env exists, so that the network is usable when `docker plugin enable` returns, or
-after --subnet-wait seconds anyway (etcd down: enable still succeeds, and the driver's answers and the daemon's log
-say what is missing). dockerd looks for the socket 0.5 s after the start and then every 3 s, giving up after 9.5 s:
-5 s leaves the driver time to start.
+Both start at once: dockerd looks for the driver's socket 0.5 s after the start and then every 3 s, giving up after
+9.5 s, and on a busy host the driver alone can take seconds to come up. A Docker call that needs the lease before
+pyflanneld has written subnet.env waits for it (the driver's --lease-wait), so a network created right after
+`docker plugin enable` returns still gets it; with etcd down, enable still succeeds, and the driver's answers and the
+daemon's log say what is missing.
 
 As PID 1 of the plugin container it passes SIGTERM/SIGINT on to both, reaps orphans, and when one of the two
 ends on its own, stops the other and exits non-zero: dockerd then sees the plugin as stopped.
@@ -23,7 +24,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from pyflannel import paths, version_line
 
@@ -38,8 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 description="Run pyflanneld and pyflannel-driver together (the managed plugin).")
     p.add_argument("--version", action="version", version=version_line("pyflannel-plugin"))
     p.add_argument("--socket", default=paths.DRIVER_SOCKET, help="the driver's socket (default %(default)s)")
-    p.add_argument("--subnet-wait", type=float, default=5.0,
-                   help="seconds to wait for subnet.env before starting the driver anyway (default %(default)s)")
     return p.parse_args(argv)
 
 
@@ -78,17 +76,6 @@ class Supervisor:
         log.info("starting %s", " ".join(argv))
         self.children[argv[0]] = subprocess.Popen(argv, env=self.env)
 
-    def wait_for_subnet_env(self) -> None:
-        path = self.env.get("FLANNELD_SUBNET_FILE", paths.SUBNET_FILE)
-        deadline = time.monotonic() + self.args.subnet_wait
-        daemon = self.children["pyflanneld"]
-        while not os.path.exists(path) and daemon.poll() is None and not self.stopping:
-            if time.monotonic() > deadline:
-                log.warning("no %s after %.0fs: starting the driver anyway (see pyflanneld's messages)", path,
-                            self.args.subnet_wait)
-                return
-            time.sleep(0.05)
-
     def wait_first_exit(self) -> tuple[str, int]:
         """Block until one child ends; other processes that end meanwhile are orphans we reap as PID 1."""
         while True:
@@ -114,8 +101,7 @@ class Supervisor:
 
     def run(self) -> int:
         self.start(["pyflanneld"])
-        self.wait_for_subnet_env()
-        if self.children["pyflanneld"].poll() is None and not self.stopping:
+        if not self.stopping:
             self.start(driver_argv(self.env, self.args.socket))
         name, code = self.wait_first_exit()
         self.stop_all()

@@ -262,20 +262,22 @@ def test_disable_and_rm_leave_nothing_behind(plugin_lab):
 
 
 def test_enable_with_etcd_unreachable_succeeds_and_says_why(plugin_lab, plugin_build):
-    """The supervisor starts the driver after --subnet-wait even without a lease, so that `enable` succeeds within
-    dockerd's socket deadline, and a network create then names the missing subnet.env."""
+    """The supervisor starts the driver beside pyflanneld, lease or not, so that `enable` succeeds within dockerd's
+    socket deadline; a network create then waits --lease-wait for subnet.env and names it as missing."""
     h1 = plugin_lab.hosts[0]
     h1.docker("plugin", "create", "pyflannel", str(plugin_build / "pyflannel"), timeout=120)
-    h1.docker("plugin", "set", "pyflannel", "FLANNELD_ETCD_ENDPOINTS=http://192.0.2.2:2999", "FLANNELD_IFACE=eth0",
-              f"host-run.source={h1.workdir / 'run-no-etcd'}", f"host-var-lib.source={h1.workdir / 'var-lib'}",
-              f"docker-sock.source={h1.docker_sock}")
-    (h1.workdir / "run-no-etcd").mkdir()
-    h1.docker("plugin", "enable", "pyflannel", timeout=60)
-    with pytest.raises(RuntimeError, match=r"subnet.env does not exist: is pyflanneld running"):
-        h1.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "overlay0")
-    assert "retrying" in h1.dockerd.log()  # pyflanneld's own account, in dockerd's log
-    h1.docker("plugin", "disable", "pyflannel")
-    h1.docker("plugin", "rm", "pyflannel")
+    try:
+        h1.docker("plugin", "set", "pyflannel", "FLANNELD_ETCD_ENDPOINTS=http://192.0.2.2:2999",
+                  "FLANNELD_IFACE=eth0", "DRIVER_LEASE_WAIT=2", f"host-run.source={h1.workdir / 'run-no-etcd'}",
+                  f"host-var-lib.source={h1.workdir / 'var-lib'}", f"docker-sock.source={h1.docker_sock}")
+        (h1.workdir / "run-no-etcd").mkdir()
+        h1.docker("plugin", "enable", "pyflannel", timeout=60)
+        with pytest.raises(RuntimeError, match=r"subnet.env does not exist: is pyflanneld running"):
+            h1.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "overlay0")
+        assert "retrying" in h1.dockerd.log()  # pyflanneld's own account, in dockerd's log
+    finally:
+        h1.docker("plugin", "disable", "-f", "pyflannel", check=False)
+        h1.docker("plugin", "rm", "pyflannel", check=False)
 
 
 def test_etcd_over_tls_with_the_certificates_on_the_etcd_tls_mount(plugin_lab, plugin_build):
