@@ -50,8 +50,9 @@ test: system-deps install engines
 $(VENV)/bin/pytest:
 	$(MAKE) -s install
 
+UNIT_WORKERS ?= 2
 test-unit: $(VENV)/bin/pytest
-	$(VENV)/bin/pytest -q -p no:cacheprovider -m unit $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m unit -n $(UNIT_WORKERS) $(PYTEST_ARGS)
 
 # The lab tests: root, a real etcd, namespaces and dockerd (every test is unit or lab: tests/test_kinds.py).
 test-lab: system-deps install engines

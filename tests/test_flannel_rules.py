@@ -68,8 +68,15 @@ def test_the_default_networks_chains_are_flanneld_v0_20s(network, lease):
     assert forward.below == (("-j", "PYFLANNEL-ISOLATION"), ("-j", "PYFLANNEL-CNI-ISOLATION"))
 
 
+@pytest.fixture
+def iptables_installed(monkeypatch):
+    """The rules as data, whatever this machine has (a user's PATH may lack /usr/sbin)."""
+    monkeypatch.setattr(flannelrules.iptables, "available", lambda v6=False: True)
+    monkeypatch.setattr(flannelrules.iptables, "has_random_fully", lambda v6=False: True)
+
+
 @pytest.mark.unit
-def test_a_named_network_keeps_a_chain_of_its_own_and_gets_no_forward_chain():
+def test_a_named_network_keeps_a_chain_of_its_own_and_gets_no_forward_chain(iptables_installed):
     config = SimpleNamespace(enable_ipv4=True, network=ipaddress.ip_network("10.60.0.0/16"), ipv6=None, vni=7)
     lease = SimpleNamespace(subnet=ipaddress.ip_network("10.60.3.0/24"), ipv6_subnet=None)
     flags = SimpleNamespace(ip_masq=True, ip_masq_fully_random_disable=True, iptables_forward_rules=True)
@@ -80,7 +87,7 @@ def test_a_named_network_keeps_a_chain_of_its_own_and_gets_no_forward_chain():
 
 
 @pytest.mark.unit
-def test_the_default_network_replaces_flannel_v0_13s_rules_and_the_old_chain():
+def test_the_default_network_replaces_flannel_v0_13s_rules_and_the_old_chain(iptables_installed):
     config = SimpleNamespace(enable_ipv4=True, network=ipaddress.ip_network(NETWORK), vni=1,
                              ipv6=SimpleNamespace(network=ipaddress.ip_network(NETWORK6)))
     lease = SimpleNamespace(subnet=ipaddress.ip_network("10.5.34.0/24"),

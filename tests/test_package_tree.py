@@ -71,3 +71,12 @@ def test_packages_import_only_downwards():
             if name.split(".")[0] in ONLY_KERNEL_IMPORTS and not module.startswith("pyflannel.kernel"):
                 problems.append(f"{module} imports {name}: only pyflannel.kernel talks netlink")
     assert not problems, "\n".join(problems)
+
+
+def test_every_file_has_one_path():
+    """No link in the source tree: a module is found and edited at one path (pyflannel/daemon, not a top-level
+    daemon/ too)."""
+    generated = {".git", ".venv", "build", "dist"}
+    links = [str(path.relative_to(REPO)) for top in REPO.iterdir() if top.name not in generated
+             for path in ([top] if top.is_symlink() else top.rglob("*") if top.is_dir() else []) if path.is_symlink()]
+    assert links == []
