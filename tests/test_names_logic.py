@@ -210,3 +210,26 @@ def test_forwarded_queries_and_garbage_are_not_kept_and_the_kept_answers_are_bou
         assert [str(rr.rdata) for rr in DNSRecord.parse(reply).rr] == ["10.60.1.2"]
         sizes.append(len(resolver.kept))
     assert max(sizes) == 3
+
+
+def test_the_copy_follows_puts_deletions_and_an_expired_hosts_folder():
+    """Every host's names as the feed hands them after the first read: a put, a put again (renamed), a key deleted,
+    and a v2 host folder whose TTL ran out take records out of the answers; the listing stays in key order."""
+    shop = MemoryStore()
+    book = book_of({"shop": shop})
+    book._read()
+
+    def record(names, address):
+        return f'{{"names": {names}, "address": "{address}"}}'
+    book.on_names("shop", [KeyChange("192.0.2.12/10.60.2.2", record('["web"]', "10.60.2.2"), 10),
+                           KeyChange("192.0.2.12/10.60.2.3", record('["api"]', "10.60.2.3"), 11),
+                           KeyChange("192.0.2.13/10.60.3.2", record('["web"]', "10.60.3.2"), 12),
+                           KeyChange("192.0.2.13/10.60.3.3", "not a record", 13)])
+    assert [r.address for r in book.records("web", None)] == ["10.60.2.2", "10.60.3.2"]
+    book.on_names("shop", [KeyChange("192.0.2.12/10.60.2.2", record('["www"]', "10.60.2.2"), 14),
+                           KeyChange("192.0.2.12/10.60.2.3", None, 15)])
+    assert [r.address for r in book.records("web", None)] == ["10.60.3.2"]
+    assert book.records("api", None) == [] and [r.host for r in book.records("WWW", {"shop"})] == ["192.0.2.12"]
+    assert [(r["host"], r["names"]) for r in book.listing()] == [("192.0.2.12", ["www"]), ("192.0.2.13", ["web"])]
+    book.on_names("shop", [KeyChange("192.0.2.13", None, 16, folder=True)])
+    assert book.records("web", None) == [] and [r["address"] for r in book.listing()] == ["10.60.2.2"]

@@ -80,7 +80,7 @@ class NameBook:
         self.containers: list[Container] = []
         self.host_addresses: set[str] = {public_ip}  # and the DNS address, given when DNS starts
         self.written: dict[str, dict[str, str]] = {}  # network -> {address: record JSON} of ours that etcd holds
-        self.known: dict[str, dict[str, NameRecord]] = {}  # network -> key (<host>/<address>) -> record
+        self.known: dict[str, dict[str, dict[str, NameRecord]]] = {}  # network -> host -> key's address -> record
         self.index: dict[str, tuple[NameRecord, ...]] = {}  # name -> every record with it, in a stable order
         self.generation = 0  # the index's changes, each counted once done: DNS uses no answer kept from before
         self.listed: dict[str, int] = {}  # network -> the revision its folder was read at
@@ -190,9 +190,7 @@ class NameBook:
         with self.lock:
             self.listed.pop(network, None)
             self.pending.pop(network, None)
-            for key in list(self.known.get(network, {})):
-                self._remove(network, key)
-            self.known.pop(network, None)
+            self._drop(network)
 
     # --- every host's names: one read per network, then the feed's changes -------------------------------------
     def on_names(self, network: str, changes: list[KeyChange] | None) -> None:
@@ -219,8 +217,7 @@ class NameBook:
                 ok = False
                 continue
             with self.lock:
-                for key in list(self.known.get(network, {})):
-                    self._remove(network, key)
+                self._drop(network)
                 self.known[network] = {}
                 for key, text in folder.items():
                     self._put(network, key, text)
@@ -230,9 +227,7 @@ class NameBook:
             memory.release_freed()
         with self.lock:
             for network in set(self.known) - set(served):
-                for key in list(self.known[network]):
-                    self._remove(network, key)
-                del self.known[network]
+                self._drop(network)
                 self.listed.pop(network, None)
         return ok
 
@@ -242,29 +237,44 @@ class NameBook:
             if change.revision <= self.listed[network]:
                 continue
             if change.folder:  # a host's folder expired (v2): every key below it went
-                for key in [k for k in self.known[network] if k.startswith(change.key + "/")]:
-                    self._remove(network, key)
+                for at in list(self.known[network].get(change.key, {})):
+                    self._remove(network, change.key, at)
             elif change.value is None:
-                self._remove(network, change.key)
+                host, _, at = change.key.partition("/")
+                self._remove(network, host, at)
             else:
                 self._put(network, change.key, change.value)
 
     def _put(self, network: str, key: str, text: str) -> None:
+        """A record under names/<host>/<address>; the copy keeps no key, and one string for the address."""
+        host, _, at = key.partition("/")
         try:
             raw = json.loads(text)
-            record = NameRecord(network, sys.intern(key.split("/", 1)[0]),
-                                tuple(sys.intern(str(n).lower()) for n in raw["names"]), str(raw["address"]),
+            record = NameRecord(sys.intern(network), sys.intern(host),
+                                tuple(sys.intern(str(n).lower()) for n in raw["names"]),
+                                at if raw["address"] == at else str(raw["address"]),
                                 str(raw["address6"]) if raw.get("address6") else None)
         except (ValueError, KeyError, TypeError):
             return  # not a record of ours
-        self._remove(network, key)
-        self.known[network][key] = record
+        self._remove(network, record.host, at)
+        self.known[network].setdefault(record.host, {})[at] = record
         for name in record.names:
             self.index[name] = tuple(sorted(self.index.get(name, ()) + (record,), key=_order))
         self.generation += 1
 
-    def _remove(self, network: str, key: str) -> None:
-        record = self.known.get(network, {}).pop(key, None)
+    def _drop(self, network: str) -> None:
+        """Every record of `network` out of the copy and the index (under the lock)."""
+        for host in list(self.known.get(network, {})):
+            for at in list(self.known[network][host]):
+                self._remove(network, host, at)
+        self.known.pop(network, None)
+
+    def _remove(self, network: str, host: str, at: str) -> None:
+        """The record under names/<host>/<at>, if any, out of the copy and the index (under the lock)."""
+        records = self.known.get(network, {}).get(host, {})
+        record = records.pop(at, None)
+        if not records:
+            self.known.get(network, {}).pop(host, None)
         if record is None:
             return
         for name in record.names:
@@ -284,8 +294,8 @@ class NameBook:
 
     def listing(self) -> list[dict]:
         with self.lock:
-            return [record.described() for _, records in sorted(self.known.items())
-                    for _, record in sorted(records.items())]
+            return [record.described() for _, hosts in sorted(self.known.items())
+                    for _, records in sorted(hosts.items()) for _, record in sorted(records.items())]
 
 
 def _order(record: NameRecord) -> tuple[str, str, str]:
