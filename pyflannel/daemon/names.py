@@ -250,8 +250,8 @@ class NameBook:
         host, _, at = key.partition("/")
         try:
             raw = json.loads(text)
-            record = NameRecord(sys.intern(network), sys.intern(host),
-                                tuple(sys.intern(str(n).lower()) for n in raw["names"]),
+            names = tuple(sys.intern(str(n).lower()) for n in raw["names"])
+            record = NameRecord(sys.intern(network), sys.intern(host), self._shared(names),
                                 at if raw["address"] == at else str(raw["address"]),
                                 str(raw["address6"]) if raw.get("address6") else None)
         except (ValueError, KeyError, TypeError):
@@ -261,6 +261,13 @@ class NameBook:
         for name in record.names:
             self.index[name] = tuple(sorted(self.index.get(name, ()) + (record,), key=_order))
         self.generation += 1
+
+    def _shared(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The tuple of a record with these very names, if the index has one (a container on several networks)."""
+        for other in self.index.get(names[0], ()) if names else ():
+            if other.names == names:
+                return other.names
+        return names
 
     def _drop(self, network: str) -> None:
         """Every record of `network` out of the copy and the index (under the lock)."""
