@@ -111,6 +111,30 @@ def test_the_default_network_replaces_flannel_v0_13s_rules_and_the_old_chain(ipt
         ("FORWARD", "-s fd00:5::/48 -j ACCEPT", True), ("FORWARD", "-d fd00:5::/48 -j ACCEPT", True)}
 
 
+@pytest.mark.unit
+def test_the_chains_go_in_before_the_rules_they_replace_go_out(iptables_installed, monkeypatch):
+    """Taking over from flannel v0.13 under FORWARD DROP: FLANNEL-FWD is hooked before v0.13's accepts are deleted,
+    so no connection falls between them; the masquerade likewise."""
+    network, lease = ipaddress.ip_network(NETWORK), ipaddress.ip_network("10.5.34.0/24")
+    config = SimpleNamespace(enable_ipv4=True, network=network, vni=1, ipv6=None)
+    flags = SimpleNamespace(ip_masq=True, ip_masq_fully_random_disable=False, iptables_forward_rules=True)
+    v013 = {"filter": [["-A", "FORWARD", "-s", NETWORK, "-j", "ACCEPT"],
+                       ["-A", "FORWARD", "-d", NETWORK, "-j", "ACCEPT"]],
+            "nat": [["-A", "POSTROUTING", "-s", NETWORK, "-d", NETWORK, "-j", "RETURN"]]}
+    calls = []
+    monkeypatch.setattr(flannelrules.iptables, "listing", lambda table, v6=False: v013[table])
+    monkeypatch.setattr(flannelrules.iptables, "replace_chain", lambda table, chain, rules, v6=False: calls.append(
+        ("write", table, chain)))
+    monkeypatch.setattr(flannelrules.iptables, "must", lambda table, *args, v6=False: calls.append((args[0], table,
+                                                                                                   args[1])))
+    kept = flannelrules.FlannelRules("default")
+    kept.keep(*flannelrules.wanted(config, SimpleNamespace(subnet=lease, ipv6_subnet=None), flags, named=False))
+    for table, builtin in (("filter", "FORWARD"), ("nat", "POSTROUTING")):
+        ours = [c for c in calls if c[1] == table]
+        assert [c[0] for c in ours] == ["write", "-I"] + ["-D"] * (len(ours) - 2), ours
+        assert all(c[2] == builtin for c in ours[1:])
+
+
 # --- in the lab -----------------------------------------------------------------------------------------------------
 
 def rules(host, table: str, chain: str, v6: bool = False) -> list[str]:

@@ -100,7 +100,9 @@ class FlannelRules:
         self.chains = []
 
     def _ensure(self) -> list[str]:
-        """Each chain holding its rules and hooked once in the right place, nothing replaced left: what it changed."""
+        """Each chain holding its rules and hooked once in the right place, nothing replaced left: what it changed.
+        The chains go in before the rules they replace go out (flannel v0.13's FORWARD accepts under a DROP policy:
+        a connection made in between would be dropped)."""
         done = []
         for table, v6 in dict.fromkeys([(c.table, c.v6) for c in self.chains] + [(r.table, r.v6) for r in
                                                                                    self.replaced]):
@@ -108,17 +110,17 @@ class FlannelRules:
             for line in iptables.listing(table, v6=v6):  # ["-A", chain, *args]
                 rules.setdefault(line[1], []).append(tuple(line[2:]))
             changed = []
-            for rule in self.replaced:
-                if (rule.table, rule.v6) == (table, v6):
-                    for _ in range(rules.get(rule.chain, []).count(rule.args)):
-                        iptables.must(table, "-D", rule.chain, *rule.args, v6=v6)
-                        changed.append(f"deleted `{' '.join(rule.args)}` from {rule.chain} (replaced)")
             for chain in self.chains:
                 if (chain.table, chain.v6) == (table, v6):
                     if rules.get(chain.chain) != list(chain.rules):
                         iptables.replace_chain(table, chain.chain, [list(r) for r in chain.rules], v6=v6)
                         changed.append(f"wrote {chain.chain}")
                     changed += _hook(chain, rules.get(chain.builtin, []))
+            for rule in self.replaced:
+                if (rule.table, rule.v6) == (table, v6):
+                    for _ in range(rules.get(rule.chain, []).count(rule.args)):
+                        iptables.must(table, "-D", rule.chain, *rule.args, v6=v6)
+                        changed.append(f"deleted `{' '.join(rule.args)}` from {rule.chain} (replaced)")
             done += [f"ip6tables: {what}" if v6 else what for what in changed]
         return done
 
