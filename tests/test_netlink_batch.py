@@ -1,12 +1,15 @@
-"""Kernel.apply: many changes per netlink send, each answered on its own (real kernel, a lab namespace)."""
+"""Kernel.apply: many changes per netlink send, each answered on its own; the deletion monitor (real kernel, a lab
+namespace)."""
 import errno
 import ipaddress
 import random
+import threading
+import time
 
 import pytest
 
-from pyflannel.kernel.netlink import BATCH, Change, Kernel, Neighbor, Route
-from lab import Lab, inside
+from pyflannel.kernel.netlink import BATCH, Change, Kernel, Neighbor, Route, watch_deletions
+from lab import Lab, inside, wait_until
 
 
 @pytest.fixture
@@ -79,3 +82,33 @@ def test_patched_requests_are_byte_for_byte_pyroute2s():
             change = Change(rng.random() < 0.7, entry)
             assert requests.encode(change, seq) == _encode(change, seq), change
     assert all(requests._templates.values()), "every shape is patched, none falls back to whole encoding"
+
+
+@pytest.mark.lab
+def test_the_deletion_monitor_sees_ours_and_not_the_kernels_own_entries(host):
+    """The kernel puts IPv6 multicast neighbours (ff02::…, NOARP) on every new device and its neighbour GC deletes
+    them a minute later, in every namespace at once: that is no cause for a full diff. Deleting one of ours is."""
+    host.sh("ip", "link", "add", "flannel.9", "type", "vxlan", "id", "9", "dstport", "8472", "nolearning")
+    host.sh("ip", "link", "set", "flannel.9", "up")
+    wait_until("the kernel's own neighbours on flannel.9", lambda: "ff02::" in host.sh(
+        "ip", "-6", "neigh", "show", "nud", "all", "dev", "flannel.9"), timeout=10, interval=0.2)
+    own = host.sh("ip", "-6", "neigh", "show", "nud", "all", "dev", "flannel.9").split()[0]
+    host.sh("ip", "neigh", "add", "10.5.3.0", "lladdr", "0e:00:00:00:00:03", "dev", "flannel.9", "nud", "permanent")
+    index = int(host.sh("cat", "/sys/class/net/flannel.9/ifindex"))
+    touched, stop = threading.Event(), threading.Event()
+    watcher = threading.Thread(target=lambda: _in(host.ns, watch_deletions, touched, (index,), stop), daemon=True)
+    watcher.start()
+    time.sleep(0.5)  # subscribed
+    host.sh("ip", "-6", "neigh", "del", own, "dev", "flannel.9")
+    time.sleep(0.5)
+    assert not touched.is_set(), f"the kernel's own {own} read as one of ours"
+    host.sh("ip", "neigh", "del", "10.5.3.0", "dev", "flannel.9")
+    wait_until("the deletion of ours seen", touched.is_set, timeout=5, interval=0.05)
+    stop.set()
+    host.sh("ip", "neigh", "add", "10.5.4.0", "lladdr", "0e:00:00:00:00:04", "dev", "flannel.9", "nud", "permanent")
+    watcher.join(5)
+
+
+def _in(ns: str, fn, *args):
+    with inside(ns):
+        fn(*args)

@@ -253,5 +253,17 @@ def _watch(monitor: IPRoute, touched: threading.Event, overlay_ifindexes: tuple[
         for msg in messages:
             event = msg.get("event")
             if (event == "RTM_DELROUTE" and msg.get("proto") == RTPROT_PYFLANNEL
-                    or event == "RTM_DELNEIGH" and msg.get("ifindex") in overlay_ifindexes):
+                    or event == "RTM_DELNEIGH" and msg.get("ifindex") in overlay_ifindexes
+                    and not _kernels_own(msg.get("NDA_DST"))):
                 touched.set()
+
+
+def _kernels_own(destination: str | None) -> bool:
+    """A neighbour entry the kernel makes itself on any IPv6 device (ff02::1:ff…, ff02::2: multicast, NOARP), which
+    its neighbour GC deletes a minute later, at the same moment in every namespace: never one of ours (a peer
+    subnet's gateway, or a VTEP behind an FDB entry), so its deletion is no cause for a full diff."""
+    try:
+        address = ipaddress.ip_address(destination)
+    except ValueError:
+        return False
+    return address.is_multicast or address.is_link_local
