@@ -218,6 +218,9 @@ def test_a_full_diff_removes_stale_entries_and_restores_deleted_ones(reconciler)
     assert {r.dst for r in k.routes_} == {a.subnet}
     batches = len(k.applied)
     assert not reconciler.reconcile([a]) and len(k.applied) == batches  # nothing touched since: no dump, no change
+    kept = reconciler.programmed[a.subnet]
+    reconciler.kernel_touched.set()  # a deletion seen: a full diff, which keeps the entries it already holds
+    assert not reconciler.reconcile([dataclasses.replace(a)]) and reconciler.programmed[a.subnet] is kept
 
 
 def test_the_idle_pass_works_nothing_out_again_while_the_leases_are_those_programmed(reconciler):

@@ -25,6 +25,7 @@ from pyflannel.kernel.entries import Change, FdbEntry, Neighbor, Route
 from pyflannel.kernel.netlink import Kernel, watch_deletions
 from pyflannel.kernel.wireguard import WireGuardPeer
 
+from . import memory
 from .backend import Backend
 from .model.lease import Lease
 from .model.peer import PeerEntries
@@ -135,10 +136,10 @@ class Reconciler:
             return repairs
         wanted, programmed_from = {}, {}
         for lease in peers:
-            entries = self.backend.entries_for(lease)
+            entries, old = self.backend.entries_for(lease), self.programmed.get(lease.subnet)
             programmed_from[lease.subnet] = lease
             if entries is not None:
-                wanted[lease.subnet] = entries
+                wanted[lease.subnet] = old if old == entries else entries  # the kept ones: no new long-lived copy
         k = self.kernel
         # a WireGuard device's peers are read each time: no monitor tells of their removal, and reading them is cheap
         want_peers = {e.peer for e in wanted.values() if e.peer}
@@ -174,6 +175,7 @@ class Reconciler:
             counts[KINDS[type(change.entry)]] += 1
         if repairs:
             log.info("reconcile: %d entries added, %d removed", repairs.added.total(), repairs.removed.total())
+        memory.release_freed()  # the dumps' decoded messages: the daemon's largest temporaries
         if self._last_full_diff is None:
             indexes = tuple(index for index, _ in self.backend.overlay_devices)
             threading.Thread(target=self.watch, args=(self.kernel_touched, indexes, self.stop), name="kernel-watch",
