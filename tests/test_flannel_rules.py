@@ -127,10 +127,13 @@ def test_the_chains_go_in_before_the_rules_they_replace_go_out(iptables_installe
         ("write", table, chain)))
     monkeypatch.setattr(flannelrules.iptables, "must", lambda table, *args, v6=False: calls.append((args[0], table,
                                                                                                    args[1])))
+    monkeypatch.setattr(flannelrules.iptables, "delete_chain", lambda table, chain, v6=False: calls.append(
+        ("-X", table, chain)))
     kept = flannelrules.FlannelRules("default")
     kept.keep(*flannelrules.wanted(config, SimpleNamespace(subnet=lease, ipv6_subnet=None), flags, named=False))
+    assert calls[-1] == ("-X", "nat", "PYFLANNEL-POSTRTG")  # pyflannel's earlier chain goes last, with its hook
     for table, builtin in (("filter", "FORWARD"), ("nat", "POSTROUTING")):
-        ours = [c for c in calls if c[1] == table]
+        ours = [c for c in calls[:-1] if c[1] == table]
         assert [c[0] for c in ours] == ["write", "-I"] + ["-D"] * (len(ours) - 2), ours
         assert all(c[2] == builtin for c in ours[1:])
 
