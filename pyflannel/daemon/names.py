@@ -278,10 +278,11 @@ class NameBook:
 
     def _remove(self, network: str, host: str, at: str) -> None:
         """The record under names/<host>/<at>, if any, out of the copy and the index (under the lock)."""
-        records = self.known.get(network, {}).get(host, {})
+        hosts = self.known.get(network, {})
+        records = hosts.get(host, {})
         record = records.pop(at, None)
         if not records:
-            self.known.get(network, {}).pop(host, None)
+            hosts.pop(host, None)
         if record is None:
             return
         for name in record.names:
